@@ -1,0 +1,108 @@
+"""Converters: raw dataset releases -> image shards + manifest.json.
+
+One module per source. Each module defines
+
+    DESCRIPTION                  one line for --help
+    add_arguments(parser)        its own command-line options (most take only --src)
+    read_splits(args) -> dict    split name -> iterable of shards.Row / shards.Skip, read lazily
+    IMAGE_DEFAULTS (optional)    ImageOptions fields it prefers (e.g. PNG for synthetic images)
+
+and `convert` runs any of them through the one shard writer. Command line:
+
+    python -m t2i.data.convert muge --src RAW_DIR --out data/muge
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from t2i.data.shards import ImageOptions, write_manifest, write_split, warn_skips
+
+SOURCES = {
+    "shapes": "built-in synthetic shapes dataset (no download)",
+    "muge": "MUGE ECommerce-T2I (T2I_{split}.img.tsv + T2I_{split}.text.tsv/.txt.tsv)",
+    "chinese_clip": "Chinese-CLIP layout ({split}_imgs.tsv + {split}_texts.jsonl)",
+    "easynlp": "EasyNLP TSV (idx<TAB>text<TAB>imgbase64), one file per split",
+    "coco_cn": "COCO-CN id lists + human-written captions + an MS-COCO image folder",
+    "flickr8k_cn": "Flickr8k-CN captions (zhc/zhb/zhg) + the Flickr8k image folder",
+    "flickr30k_cn": "Flickr30k-CN segmented captions + the Flickr30k image folder",
+    "folder": "a folder of images with same-stem .txt captions (one subfolder per split, or all train)",
+    "img2dataset": "existing img2dataset shards: re-shard them, or --reuse them as they are",
+}
+
+
+def source_module(name: str):
+    if name not in SOURCES:
+        raise ValueError(f"unknown source {name!r}; choose one of: {', '.join(SOURCES)}")
+    return importlib.import_module(f"t2i.data.convert.{name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m t2i.data.convert",
+        description="Convert a raw image-caption release into webdataset shards with a manifest.",
+    )
+    subparsers = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    for name, description in SOURCES.items():
+        module = source_module(name)
+        sub = subparsers.add_parser(name, help=description, description=description)
+        sub.add_argument("--out", required=True, type=Path, help="output folder for shards + manifest.json")
+        module.add_arguments(sub)
+        defaults = {**ImageOptions().__dict__, **getattr(module, "IMAGE_DEFAULTS", {})}
+        image = sub.add_argument_group("stored images")
+        image.add_argument("--size", type=int, default=defaults["size"],
+                           help="square side: shorter side resized, centre crop (0 keeps the size)")
+        image.add_argument("--format", choices=("jpg", "png"), default=defaults["format"])
+        image.add_argument("--quality", type=int, default=defaults["quality"], help="JPEG quality")
+        image.add_argument("--min-size", type=int, default=defaults["min_size"],
+                           help="skip images whose shorter side is smaller (counted as too_small)")
+        sub.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+        sub.add_argument("--workers", type=int, default=0, help="image-processing processes (0: in this one)")
+        sub.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def convert(args: argparse.Namespace) -> dict:
+    """Run one conversion described by parsed arguments; returns the manifest."""
+    module = source_module(args.source)
+    if hasattr(module, "convert"):  # a source that writes no shards of its own (img2dataset --reuse)
+        manifest = module.convert(args)
+        if manifest is not None:
+            return manifest
+    opts = ImageOptions(size=args.size, format=args.format, quality=args.quality, min_size=args.min_size)
+    splits = module.read_splits(args)
+    if not splits:
+        raise FileNotFoundError(f"{args.source}: no split found under {getattr(args, 'src', '?')}")
+    written = {}
+    for split, items in splits.items():
+        written[split] = write_split(items, args.out, split, opts, source=args.source,
+                                     shard_size=args.shard_size, workers=args.workers, progress=not args.quiet)
+    manifest = write_manifest(args.out, written, source=args.source, image_size=opts.size,
+                              image_format=opts.format, args=_jsonable(vars(args)))
+    for split, summary in manifest["splits"].items():
+        warn_skips(args.source, split, summary)
+    return manifest
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Parse a command line (as `python -m t2i.data.convert` does) and convert."""
+    return convert(build_parser().parse_args(argv))
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    manifest = run(argv)
+    for split, summary in manifest["splits"].items():
+        print(f"{split:>6}: {summary['samples']:>8} samples in {len(summary['shards'])} shards, "
+              f"{sum(summary['skipped'].values())} rows skipped {summary['skipped'] or ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

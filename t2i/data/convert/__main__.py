@@ -1,0 +1,5 @@
+import sys
+
+from t2i.data.convert import main
+
+sys.exit(main())
