@@ -1,0 +1,194 @@
+"""The LightningDataModule over image shards: config, shard lists, decoding, loaders.
+
+Batches are dicts: `image` float [B, 3, S, S] in [-1, 1], `text` long [B, text_len] (token ids,
+0 = padding), `caption` list of str, `key` list of str, `meta` list of dict (the sample JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import lightning as L
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+from t2i.data.shards import IMAGE_EXTENSIONS, read_manifest
+from t2i.data.stream import Shard, ShardStream, decode_image
+from t2i.data.tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+ROLES = ("train", "val", "test")
+
+
+@dataclass
+class TokenizerConfig:
+    path: str | None = None  # SentencePiece model; default <root>/tokenizer.model
+    vocab_size: int = 16000  # ceiling used when `train.py stage=tokenizer` trains it
+    model_type: str = "unigram"
+
+
+@dataclass
+class DataConfig:
+    name: str = "shapes"
+    root: str | None = None  # folder with manifest.json written by a converter
+    source: str | None = None  # converter that builds `root` (for error messages)
+    splits: dict = field(default_factory=lambda: {"train": "train", "val": "val", "test": "test"})
+    urls: dict = field(default_factory=dict)  # role -> brace pattern / URL list, bypassing the manifest
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    text_len: int = 32
+    image_size: int = 256
+    batch_size: int = 32
+    eval_batch_size: int | None = None  # default: batch_size
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    resampled: bool = False  # endless random shards (needs epoch_samples with urls)
+    epoch_samples: int | None = None  # samples per epoch; default: the manifest's count
+    crop: str = "center"  # or "random"
+    crop_scale: float = 0.8  # random crops take this..1 of the shorter side
+    hflip: bool = False  # off: captions say 左/右
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown data config key(s) {sorted(unknown)}; known keys: {sorted(known)}")
+        d = dict(d)
+        if isinstance(d.get("tokenizer"), dict):
+            d["tokenizer"] = TokenizerConfig(**d["tokenizer"])
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.crop not in ("center", "random"):
+            raise ValueError(f"data.crop must be 'center' or 'random', got {self.crop!r}")
+        if not 0 < self.crop_scale <= 1:
+            raise ValueError(f"data.crop_scale must be in (0, 1], got {self.crop_scale}")
+        for key in ("text_len", "image_size", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"data.{key} must be >= 1, got {getattr(self, key)}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+
+    @property
+    def tokenizer_path(self) -> Path:
+        if self.tokenizer.path:
+            return Path(self.tokenizer.path)
+        return self.root_dir() / "tokenizer.model"
+
+    def root_dir(self) -> Path:
+        if self.root is None:
+            raise ValueError(f"data.root is not set for dataset {self.name!r}: set data.root=PATH (the converter's --out)")
+        root = Path(self.root)
+        if not root.is_dir():
+            hint = (f"convert it with `python -m t2i.data.convert {self.source or self.name} --src RAW --out {root}`, or "
+                    if self.source else "")
+            raise FileNotFoundError(
+                f"data.root={root} does not exist ({self.name}): {hint}set data.root=PATH or paths.data_dir=DIR")
+        return root
+
+    def shards(self, role: str) -> list[Shard]:
+        """Shards (with sample counts) for a role: from `urls` if given, else the manifest."""
+        if self.urls.get(role):
+            if not self.resampled or role != "train":
+                raise ValueError(
+                    f"data.urls.{role} has no per-shard counts: URL lists work for training with "
+                    f"data.resampled=true and data.epoch_samples=N; give evaluation splits a manifest "
+                    "(python -m t2i.data.convert img2dataset --reuse makes one)")
+            if not self.epoch_samples:
+                raise ValueError("data.urls.train needs data.epoch_samples=N (samples per epoch)")
+            return [Shard(url, 0) for url in wds.shardlists.expand_urls(self.urls[role])]
+        split = self.splits.get(role)
+        if split is None:
+            raise ValueError(f"dataset {self.name!r} has no {role} split (data.splits.{role} is null)")
+        manifest = read_manifest(self.root_dir())
+        if split not in manifest["splits"]:
+            raise ValueError(f"data.splits.{role}={split!r} is not in {self.root}/manifest.json "
+                             f"(it has: {', '.join(manifest['splits'])})")
+        shards = [Shard(s["path"], s["samples"]) for s in manifest["splits"][split]["shards"]]
+        if not shards:
+            raise ValueError(f"split {split!r} of {self.root} has no samples")
+        return shards
+
+
+class ImageTextDecoder:
+    """Raw webdataset sample -> {image, text, caption, key, meta}. Picklable for worker processes."""
+
+    def __init__(self, tokenizer: TextTokenizer, image_size: int, crop: str = "center",
+                 crop_scale: float = 0.8, hflip: bool = False):
+        self.tokenizer = tokenizer
+        self.image_size, self.crop, self.crop_scale, self.hflip = image_size, crop, crop_scale, hflip
+
+    def __call__(self, sample: dict, rng: random.Random) -> dict:
+        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        if ext is None:
+            raise ValueError("sample has no image")
+        caption = sample["txt"].decode("utf-8")
+        return {
+            "image": decode_image(sample[ext], self.image_size, self.crop, self.crop_scale, self.hflip, rng),
+            "text": self.tokenizer(caption),
+            "caption": caption,
+            "key": sample["__key__"],
+            "meta": json.loads(sample["json"]) if "json" in sample else {},
+        }
+
+
+class ShardDataModule(L.LightningDataModule):
+    def __init__(self, cfg: DataConfig | dict):
+        super().__init__()
+        self.cfg = cfg if isinstance(cfg, DataConfig) else DataConfig.from_dict(cfg)
+        self.save_hyperparameters({"data": asdict(self.cfg)})
+        self._tokenizer: TextTokenizer | None = None
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = TextTokenizer.from_file(self.cfg.tokenizer_path, self.cfg.text_len)
+        return self._tokenizer
+
+    def dataset(self, role: str, rank: int | None = None, world_size: int | None = None) -> ShardStream:
+        """The stream for `role` (train/val/test); rank and world default to the trainer's."""
+        if rank is None and self._trainer is not None:
+            rank, world_size = self.trainer.global_rank, self.trainer.world_size
+        cfg = self.cfg
+        training = role == "train"
+        decoder = ImageTextDecoder(self.tokenizer, cfg.image_size,
+                                   crop=cfg.crop if training else "center", crop_scale=cfg.crop_scale,
+                                   hflip=cfg.hflip and training)
+        mode = ("resampled" if cfg.resampled else "train") if training else "eval"
+        return ShardStream(
+            self.cfg.shards(role), decoder,
+            batch_size=cfg.batch_size if training else (cfg.eval_batch_size or cfg.batch_size),
+            mode=mode, shuffle_buffer=cfg.shuffle_buffer if training else 0, seed=cfg.seed,
+            epoch_samples=cfg.epoch_samples if training else None, rank=rank, world_size=world_size,
+        )
+
+    def _loader(self, dataset: ShardStream) -> DataLoader:
+        workers = self.cfg.num_workers
+        return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                          prefetch_factor=4 if workers else None)
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.dataset("train")
+        # Trainer(reload_dataloaders_every_n_epochs=1) calls this every epoch: a new shuffle
+        # order per epoch, and the right one when a run resumes mid-training.
+        if self._trainer is not None:
+            dataset.set_epoch(self.trainer.current_epoch)
+        if dataset.epoch == 0:
+            log.info("train: %d batches per rank per epoch, %d samples left out to keep ranks equal",
+                     len(dataset), dataset.left_out())
+        return self._loader(dataset)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("val"))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"))
