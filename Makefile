@@ -27,7 +27,7 @@ test-fast: $(STAMP)
 quickstart: $(STAMP)
 	$(PY) -m t2i.data.convert shapes --out $(DATA)/shapes
 	$(PY) train.py stage=tokenizer data=shapes paths.data_dir=$(DATA)
-	$(PY) -m t2i.data.manifest $(DATA)/shapes
+	$(PY) -m t2i.data.shards $(DATA)/shapes
 
 bench: $(STAMP)
 	$(PY) experiments/bench_data.py

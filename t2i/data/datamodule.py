@@ -11,6 +11,7 @@ import logging
 import random
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Iterator
 
 import lightning as L
 import torch
@@ -18,7 +19,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from t2i.data.shards import IMAGE_EXTENSIONS, read_manifest
-from t2i.data.stream import Shard, ShardStream, decode_image
+from t2i.data.stream import Shard, ShardStream, complete_samples, decode_image
 from t2i.data.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,12 @@ class DataConfig:
         if not shards:
             raise ValueError(f"split {split!r} of {self.root} has no samples")
         return shards
+
+    def captions(self, role: str) -> Iterator[str]:
+        """The captions of a role's shards, read without decoding images."""
+        for shard in self.shards(role):
+            for sample in complete_samples(shard.url):
+                yield sample["txt"].decode("utf-8")
 
 
 class ImageTextDecoder:

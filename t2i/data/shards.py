@@ -428,7 +428,26 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
+def describe(manifest: dict) -> str:
+    """A table of a manifest: samples, shards, rows read and skips per split."""
+    lines = [f"{manifest.get('source', '?')} ({manifest['kind']} shards, image size {manifest.get('image_size')}, "
+             f"{manifest.get('image_format')})",
+             f"{'split':<8}{'samples':>10}{'shards':>8}{'rows read':>11}  skipped"]
+    for name, split in manifest["splits"].items():
+        skipped = ", ".join(f"{k}={v}" for k, v in split["skipped"].items()) or "-"
+        lines.append(f"{name:<8}{split['samples']:>10}{len(split['shards']):>8}{split['rows_read']:>11}  {skipped}")
+    return "\n".join(lines)
+
+
 def warn_skips(source: str, split: str, summary: dict) -> None:
     if summary["skipped"]:
         details = ", ".join(f"{k}={v}" for k, v in summary["skipped"].items())
         warnings.warn(f"{source}/{split}: skipped {sum(summary['skipped'].values())} rows ({details})", stacklevel=2)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m t2i.data.shards DATASET_DIR  (prints its manifest)")
+    print(describe(read_manifest(sys.argv[1])))

@@ -67,6 +67,29 @@ def train_sentencepiece(
     return model.getvalue()
 
 
+def fit_tokenizer(captions: Iterable[str], path: str | Path, vocab_size: int, model_type: str = "unigram",
+                  text_len: int = 32, **train_options) -> dict:
+    """Train on `captions`, save the model to `path`; returns statistics about the fit."""
+    captions = list(captions)
+    model = train_sentencepiece(captions, vocab_size, model_type, **train_options)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model)
+    tokenizer = TextTokenizer(model, text_len)
+    lengths = [len(ids) for ids in tokenizer._sp.EncodeAsIds(captions)]
+    byte_pieces = sum(tokenizer._sp.IsByte(i) for i in range(tokenizer.vocab_size))
+    return {
+        "path": str(path),
+        "captions": len(captions),
+        "vocab_size": tokenizer.vocab_size,
+        "byte_pieces": byte_pieces,
+        "mean_tokens": sum(lengths) / max(len(lengths), 1),
+        "max_tokens": max(lengths, default=0),
+        "text_len": text_len,
+        "truncated_at_text_len": sum(n > text_len for n in lengths),
+    }
+
+
 class TextTokenizer:
     """SentencePiece encode/decode with fixed-length `text_len` output padded with id 0."""
 
