@@ -68,8 +68,11 @@ def test_finite_epoch_two_ranks_two_workers(dataset_dir):
     assert 0 <= left_out < global_batch
     assert dm.dataset("train", rank=0, world_size=world).left_out() == left_out
     batch = per_rank[0][0]
-    assert batch["image"].shape == (8, 3, 32, 32) and batch["image"].dtype == torch.float32
-    assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+    assert batch["image"].shape == (8, 3, 32, 32) and batch["image"].dtype == torch.uint8
+    pixels = batch["image"].clone()
+    images = dm.on_after_batch_transfer(batch)["image"]  # what Lightning hands the model
+    assert images.dtype == torch.float32 and -1.0 <= images.min() and images.max() <= 1.0
+    assert torch.allclose((images + 1) * 127.5, pixels.float(), atol=1e-4)
     assert batch["text"].shape == (8, 32) and batch["text"].dtype == torch.long
     # the text ids decode back to the captions (NFKC folds the full-width comma)
     tokenizer = dm.tokenizer
@@ -148,4 +151,4 @@ def test_random_crop_and_flip_change_pixels_but_not_shape(dataset_dir):
     b = _epoch(centre, "train", 0, 1)[0]
     assert a["image"].shape == b["image"].shape
     assert a["key"] == b["key"]
-    assert not torch.allclose(a["image"], b["image"])
+    assert not torch.equal(a["image"], b["image"])

@@ -48,7 +48,8 @@ def test_unseen_characters_use_bytes_not_unk(tokenizer):
 
 def test_fixed_length_padding_and_truncation(tokenizer):
     tokenizer = TextTokenizer(tokenizer.model, text_len=16)
-    batch = tokenizer(["红色", "红色的小圆形" * 10])
+    with pytest.warns(UserWarning, match="cut to text_len=16"):
+        batch = tokenizer(["红色", "红色的小圆形" * 10])
     assert batch.shape == (2, 16) and batch.dtype == torch.long
     n = len(tokenizer.encode("红色"))
     assert (batch[0, n:] == PAD_ID).all() and (batch[0, :n] != PAD_ID).all()

@@ -1,7 +1,10 @@
 """The LightningDataModule over image shards: config, shard lists, decoding, loaders.
 
-Batches are dicts: `image` float [B, 3, S, S] in [-1, 1], `text` long [B, text_len] (token ids,
-0 = padding), `caption` list of str, `key` list of str, `meta` list of dict (the sample JSON).
+Batches are dicts: `image` [B, 3, S, S], `text` long [B, text_len] (token ids, 0 = padding),
+`caption` list of str, `key` list of str, `meta` list of dict (the sample JSON). Images leave the
+loader as uint8 and become float in [-1, 1] once on the training device
+(`on_after_batch_transfer`, which Lightning calls; call it yourself when you iterate a loader
+without a Trainer).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from t2i.data.shards import IMAGE_EXTENSIONS, read_manifest
-from t2i.data.stream import Shard, ShardStream, complete_samples, decode_image
+from t2i.data.stream import Shard, ShardStream, complete_samples, decode_image, to_unit_range
 from t2i.data.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -163,7 +166,7 @@ class ShardDataModule(L.LightningDataModule):
 
     def dataset(self, role: str, rank: int | None = None, world_size: int | None = None) -> ShardStream:
         """The stream for `role` (train/val/test); rank and world default to the trainer's."""
-        if rank is None and self._trainer is not None:
+        if rank is None and self.trainer is not None:
             rank, world_size = self.trainer.global_rank, self.trainer.world_size
         cfg = self.cfg
         training = role == "train"
@@ -187,7 +190,7 @@ class ShardDataModule(L.LightningDataModule):
         dataset = self.dataset("train")
         # Trainer(reload_dataloaders_every_n_epochs=1) calls this every epoch: a new shuffle
         # order per epoch, and the right one when a run resumes mid-training.
-        if self._trainer is not None:
+        if self.trainer is not None:
             dataset.set_epoch(self.trainer.current_epoch)
         if dataset.epoch == 0:
             log.info("train: %d batches per rank per epoch, %d samples left out to keep ranks equal",
@@ -199,3 +202,8 @@ class ShardDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("test"))
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int = 0) -> dict:
+        if batch["image"].dtype == torch.uint8:
+            batch["image"] = to_unit_range(batch["image"])
+        return batch
