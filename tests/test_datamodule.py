@@ -152,3 +152,31 @@ def test_random_crop_and_flip_change_pixels_but_not_shape(dataset_dir):
     assert a["image"].shape == b["image"].shape
     assert a["key"] == b["key"]
     assert not torch.equal(a["image"], b["image"])
+
+
+def test_real_trainer_gets_float_images_and_new_order_each_epoch(dataset_dir, tmp_path):
+    import lightning as L
+
+    class Probe(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.keys = collections.defaultdict(list)
+
+        def training_step(self, batch, batch_idx):
+            assert batch["image"].dtype == torch.float32 and batch["image"].min() >= -1
+            self.keys[self.current_epoch] += batch["key"]
+            return (self.weight * batch["image"].mean()).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = _module(dataset_dir, num_workers=1)
+    probe = Probe()
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, reload_dataloaders_every_n_epochs=1,
+                        default_root_dir=tmp_path)
+    trainer.fit(probe, datamodule=dm)
+    assert len(probe.keys[0]) == len(probe.keys[1]) == (N_TRAIN // 8) * 8
+    assert probe.keys[0] != probe.keys[1]  # the epoch reached the stream: a new order
+    assert len(set(probe.keys[0])) == len(probe.keys[0])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterator
@@ -26,6 +27,10 @@ from t2i.data.stream import Shard, ShardStream, complete_samples, decode_image, 
 from t2i.data.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
+
+# Lightning warns that an IterableDataset's __len__ may be wrong with several workers; ours is
+# exact because ShardStream plans every worker's slice.
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
 ROLES = ("train", "val", "test")
 
