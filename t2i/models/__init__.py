@@ -1,0 +1,1 @@
+"""Plain nn.Module models with dataclass configs; no Lightning here."""

@@ -1,0 +1,265 @@
+"""VQGAN image tokenizer with taming-transformers' architecture and parameter names.
+
+A taming checkpoint (e.g. the ImageNet f16_16384 model EasyNLP uses) loads into `VQModel` with
+strict key and shape checks and encodes/decodes as taming does. Layout, top to bottom:
+
+    image -> Encoder -> quant_conv -> VectorQuantizer -> codes [B, h, w]
+    codes -> embedding -> post_quant_conv -> Decoder -> image
+
+Everything here is a plain nn.Module; training (losses, optimizers) lives in stages/.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class VQGANConfig:
+    resolution: int = 256
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: list = field(default_factory=lambda: [1, 1, 2, 2, 4])
+    num_res_blocks: int = 2
+    attn_resolutions: list = field(default_factory=lambda: [16])
+    dropout: float = 0.0
+    z_channels: int = 256
+    embed_dim: int = 256  # codebook vector size (LlamaGen: 8, with l2_normalize)
+    n_embed: int = 16384  # codebook entries
+    beta: float = 0.25  # commitment weight
+    legacy_beta: bool = True  # taming's placement of beta (on the codebook term), for checkpoint fidelity
+    l2_normalize: bool = False  # cosine-similarity codebook lookup (LlamaGen)
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def grid(self) -> int:
+        return self.resolution // self.downsample
+
+
+def Normalize(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32 if channels % 32 == 0 else math.gcd(channels, 32), channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = Normalize(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, 1, 1)
+        self.norm2 = Normalize(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1, 1, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        shortcut = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
+        return shortcut + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all positions, with 1x1 convolutions as projections."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = Normalize(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        y = self.norm(x)
+        # [B, C, H, W] -> [B, 1, HW, C]: one head over the flattened grid
+        q, k, v = (t(y).flatten(2).transpose(1, 2).unsqueeze(1) for t in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj_out(y.squeeze(1).transpose(1, 2).reshape(b, c, h, w))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, 2, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad: taming's convention
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VQGANConfig):
+        super().__init__()
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, 1, 1)
+        res, channels = cfg.resolution, cfg.ch
+        self.down = nn.ModuleList()
+        for level, mult in enumerate(cfg.ch_mult):
+            stage = nn.Module()
+            stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
+            for _ in range(cfg.num_res_blocks):
+                stage.block.append(ResnetBlock(channels, cfg.ch * mult, cfg.dropout))
+                channels = cfg.ch * mult
+                if res in cfg.attn_resolutions:
+                    stage.attn.append(AttnBlock(channels))
+            if level != len(cfg.ch_mult) - 1:
+                stage.downsample = Downsample(channels)
+                res //= 2
+            self.down.append(stage)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(channels, channels, cfg.dropout)
+        self.mid.attn_1 = AttnBlock(channels)
+        self.mid.block_2 = ResnetBlock(channels, channels, cfg.dropout)
+        self.norm_out = Normalize(channels)
+        self.conv_out = nn.Conv2d(channels, cfg.z_channels, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for stage in self.down:
+            for i, block in enumerate(stage.block):
+                h = block(h)
+                if len(stage.attn) > 0:
+                    h = stage.attn[i](h)
+            if hasattr(stage, "downsample"):
+                h = stage.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VQGANConfig):
+        super().__init__()
+        channels = cfg.ch * cfg.ch_mult[-1]
+        res = cfg.grid
+        self.conv_in = nn.Conv2d(cfg.z_channels, channels, 3, 1, 1)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(channels, channels, cfg.dropout)
+        self.mid.attn_1 = AttnBlock(channels)
+        self.mid.block_2 = ResnetBlock(channels, channels, cfg.dropout)
+        # built from the lowest resolution up, stored highest-resolution first (taming's indexing)
+        up = []
+        for level in reversed(range(len(cfg.ch_mult))):
+            stage = nn.Module()
+            stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
+            for _ in range(cfg.num_res_blocks + 1):
+                stage.block.append(ResnetBlock(channels, cfg.ch * cfg.ch_mult[level], cfg.dropout))
+                channels = cfg.ch * cfg.ch_mult[level]
+                if res in cfg.attn_resolutions:
+                    stage.attn.append(AttnBlock(channels))
+            if level != 0:
+                stage.upsample = Upsample(channels)
+                res *= 2
+            up.insert(0, stage)
+        self.up = nn.ModuleList(up)
+        self.norm_out = Normalize(channels)
+        self.conv_out = nn.Conv2d(channels, cfg.out_ch, 3, 1, 1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(z)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        for stage in reversed(self.up):
+            for i, block in enumerate(stage.block):
+                h = block(h)
+                if len(stage.attn) > 0:
+                    h = stage.attn[i](h)
+            if hasattr(stage, "upsample"):
+                h = stage.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The weight the GAN loss's adaptive weight is measured at."""
+        return self.conv_out.weight
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-codebook-entry quantisation with a straight-through gradient.
+
+    Loss: `codebook + beta * commitment` (standard), or taming's legacy placement
+    `commitment + beta * codebook` that its checkpoints were trained with.
+    """
+
+    def __init__(self, n_embed: int, embed_dim: int, beta: float = 0.25, legacy_beta: bool = True,
+                 l2_normalize: bool = False):
+        super().__init__()
+        self.n_embed, self.embed_dim = n_embed, embed_dim
+        self.beta, self.legacy_beta, self.l2_normalize = beta, legacy_beta, l2_normalize
+        self.embedding = nn.Embedding(n_embed, embed_dim)
+        self.embedding.weight.data.uniform_(-1.0 / n_embed, 1.0 / n_embed)
+
+    def codebook(self) -> torch.Tensor:
+        w = self.embedding.weight
+        return F.normalize(w, dim=1) if self.l2_normalize else w
+
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        """Code index for each vector of z [..., embed_dim]."""
+        flat = z.reshape(-1, self.embed_dim)
+        codebook = self.codebook()
+        if self.l2_normalize:
+            distance = -flat @ codebook.t()  # unit vectors: nearest = most similar
+        else:
+            distance = flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * flat @ codebook.t()
+        return distance.argmin(1).view(z.shape[:-1])
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [B, h, w] -> quantised vectors [B, embed_dim, h, w]."""
+        return F.embedding(codes, self.codebook()).permute(0, 3, 1, 2).contiguous()
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """z [B, C, h, w] -> (straight-through quantised z, codebook loss, codes [B, h, w])."""
+        z = z.permute(0, 2, 3, 1)
+        if self.l2_normalize:
+            z = F.normalize(z, dim=-1)
+        codes = self.nearest(z.detach())
+        z_q = F.embedding(codes, self.codebook())
+        commitment = F.mse_loss(z, z_q.detach())
+        codebook = F.mse_loss(z_q, z.detach())
+        loss = commitment + self.beta * codebook if self.legacy_beta else codebook + self.beta * commitment
+        z_q = z + (z_q - z).detach()  # straight-through: the decoder's gradient flows to the encoder
+        return z_q.permute(0, 3, 1, 2).contiguous(), loss, codes
+
+
+class VQModel(nn.Module):
+    def __init__(self, cfg: VQGANConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quantize = VectorQuantizer(cfg.n_embed, cfg.embed_dim, cfg.beta, cfg.legacy_beta, cfg.l2_normalize)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images in [-1, 1] -> (reconstruction, codebook loss, codes)."""
+        z_q, codebook_loss, codes = self.quantize(self.quant_conv(self.encoder(x)))
+        return self.decoder(self.post_quant_conv(z_q)), codebook_loss, codes
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> codes [B, h, w] (long)."""
+        z = self.quant_conv(self.encoder(images)).permute(0, 2, 3, 1)
+        if self.cfg.l2_normalize:
+            z = F.normalize(z, dim=-1)
+        return self.quantize.nearest(z)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [B, h, w] -> images [B, 3, H, W], roughly in [-1, 1]."""
+        return self.decoder(self.post_quant_conv(self.quantize.lookup(codes)))
