@@ -123,7 +123,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         arr = np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
-    if img.mode == "P" and "transparency" in img.info:
+    if img.mode in ("P", "L", "RGB") and "transparency" in img.info:  # a PNG tRNS colour / index
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")

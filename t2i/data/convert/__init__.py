@@ -97,7 +97,11 @@ def _jsonable(d: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    manifest = run(argv)
+    try:
+        manifest = run(argv)
+    except (FileNotFoundError, ValueError) as e:  # a wrong option or release: say which, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for split, summary in manifest["splits"].items():
         print(f"{split:>6}: {summary['samples']:>8} samples in {len(summary['shards'])} shards, "
               f"{sum(summary['skipped'].values())} rows skipped {summary['skipped'] or ''}")
