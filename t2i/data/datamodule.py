@@ -23,7 +23,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from t2i.data.shards import IMAGE_EXTENSIONS, read_manifest
-from t2i.data.stream import Shard, ShardStream, complete_samples, decode_image, to_unit_range
+from t2i.data.stream import Shard, ShardStream, collate, complete_samples, decode_image, to_unit_range
 from t2i.data.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,12 @@ class ImageTextDecoder:
         }
 
 
+def collate_image_batch(samples: list[dict]) -> dict:
+    batch = collate(samples)
+    batch["image"] = batch["image"].permute(0, 3, 1, 2)  # [B, 3, H, W] view of channels-last pixels
+    return batch
+
+
 class ShardDataModule(L.LightningDataModule):
     def __init__(self, cfg: DataConfig | dict):
         super().__init__()
@@ -184,6 +190,7 @@ class ShardDataModule(L.LightningDataModule):
             batch_size=cfg.batch_size if training else (cfg.eval_batch_size or cfg.batch_size),
             mode=mode, shuffle_buffer=cfg.shuffle_buffer if training else 0, seed=cfg.seed,
             epoch_samples=cfg.epoch_samples if training else None, rank=rank, world_size=world_size,
+            collate_fn=collate_image_batch,
         )
 
     def _loader(self, dataset: ShardStream) -> DataLoader:
