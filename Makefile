@@ -28,6 +28,7 @@ quickstart: $(STAMP)
 	$(PY) -m t2i.data.convert shapes --out $(DATA)/shapes
 	$(PY) train.py stage=tokenizer data=shapes paths.data_dir=$(DATA)
 	$(PY) -m t2i.data.shards $(DATA)/shapes
+	$(PY) eval.py task=oracle data=shapes paths.data_dir=$(DATA)
 
 bench: $(STAMP)
 	$(PY) experiments/bench_data.py

@@ -193,6 +193,10 @@ class ShardDataModule(L.LightningDataModule):
             collate_fn=collate_image_batch,
         )
 
+    def loader(self, role: str) -> DataLoader:
+        """A loader for any role outside the Trainer's hooks (evaluation scripts)."""
+        return self._loader(self.dataset(role))
+
     def _loader(self, dataset: ShardStream) -> DataLoader:
         workers = self.cfg.num_workers
         return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
