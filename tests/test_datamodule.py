@@ -180,3 +180,8 @@ def test_real_trainer_gets_float_images_and_new_order_each_epoch(dataset_dir, tm
     assert len(probe.keys[0]) == len(probe.keys[1]) == (N_TRAIN // 8) * 8
     assert probe.keys[0] != probe.keys[1]  # the epoch reached the stream: a new order
     assert len(set(probe.keys[0])) == len(probe.keys[0])
+
+
+def test_finite_epoch_longer_than_the_split_is_refused(dataset_dir):
+    with pytest.raises(ValueError, match="data.epoch_samples"):
+        _module(dataset_dir, epoch_samples=N_TRAIN + 1).dataset("train", rank=0, world_size=1)

@@ -109,6 +109,9 @@ class ShardStream(IterableDataset):
         self.seed = seed
         self.total = sum(s.samples for s in shards)
         self.epoch_samples = epoch_samples or self.total
+        if mode == "train" and self.epoch_samples > self.total:
+            raise ValueError(f"data.epoch_samples={self.epoch_samples} exceeds the {self.total} samples of the split: "
+                             "finite epochs read each sample at most once (data.resampled=true repeats)")
         self.rank, self.world_size = rank, world_size
         self.collate_fn = collate_fn or collate
         self.epoch = 0
