@@ -11,8 +11,12 @@ Everything here is a plain nn.Module; training (losses, optimizers) lives in sta
 
 from __future__ import annotations
 
+import hashlib
 import math
+import pickle
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -263,3 +267,67 @@ class VQModel(nn.Module):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes [B, h, w] -> images [B, 3, H, W], roughly in [-1, 1]."""
         return self.decoder(self.post_quant_conv(self.quantize.lookup(codes)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: taming-transformers' (weights at the top level, LPIPS/discriminator under
+# `loss.*`, no config inside) and ours (VQGANStage: weights under `vqgan.`, config under "t2i").
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """torch.load on the CPU; tensors-only unpickling first, full unpickling for older files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # taming's .ckpt files pickle Lightning 1.x objects beside the weights
+        warnings.warn(f"{path} holds more than tensors; loading it with full unpickling (trust the file)")
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def vqgan_state_dict(checkpoint: dict) -> dict:
+    """The VQModel weights inside a checkpoint (or a bare state dict), `loss.*` left out."""
+    state = checkpoint.get("state_dict", checkpoint)
+    if any(key.startswith("vqgan.") for key in state):
+        state = {key[len("vqgan."):]: value for key, value in state.items() if key.startswith("vqgan.")}
+    return {key: value for key, value in state.items() if not key.startswith("loss.")}
+
+
+def load_weights(model: nn.Module, state: dict, source: str) -> None:
+    """Strict load that says which keys are missing, unexpected or mis-shaped."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = [f"{key}: checkpoint {tuple(state[key].shape)}, model {tuple(expected[key].shape)}"
+                 for key in expected if key in state and state[key].shape != expected[key].shape]
+    if missing or unexpected or misshaped:
+        parts = [f"{name} ({len(keys)}): {', '.join(keys[:20])}{' ...' if len(keys) > 20 else ''}"
+                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
+        raise ValueError(f"{source} does not fit this VQGAN config:\n  " + "\n  ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def load_vqgan(path: str | Path, cfg: VQGANConfig | None = None) -> VQModel:
+    """A VQModel from our checkpoint (config inside) or taming's (pass its config, e.g. f16_16384)."""
+    checkpoint = read_checkpoint(path)
+    saved = checkpoint.get("t2i", {}).get("vqgan")
+    if cfg is None:
+        if saved is None:
+            raise ValueError(f"{path} carries no VQGAN config (a taming checkpoint?): give its config, "
+                             "e.g. vqgan=f16_16384")
+        cfg = VQGANConfig(**saved)
+    model = VQModel(cfg)
+    load_weights(model, vqgan_state_dict(checkpoint), str(path))
+    return model.eval()
+
+
+def weights_hash(model: nn.Module) -> str:
+    """sha256 of the weights (names, shapes and bytes), to tie code shards to the VQGAN that made them."""
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(str(tuple(value.shape)).encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
