@@ -1,15 +1,20 @@
-"""Train one stage of the pipeline: python train.py stage=tokenizer data=shapes [key=value ...]"""
+"""Train one stage of the pipeline: python train.py stage=<tokenizer|vqgan> data=<name> [key=value ...]"""
 
 import json
 import logging
 
 import hydra
+import lightning as L
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from t2i.data.datamodule import DataConfig
+from t2i.data.datamodule import DataConfig, ShardDataModule
 from t2i.data.tokenizer import fit_tokenizer
+from t2i.stages.vqgan_stage import VQGANStage
 
 log = logging.getLogger("train")
+
+LIGHTNING_STAGES = {"vqgan": VQGANStage}
 
 
 def train_tokenizer(cfg: DictConfig) -> dict:
@@ -23,12 +28,26 @@ def train_tokenizer(cfg: DictConfig) -> dict:
     return stats
 
 
-STAGES = {"tokenizer": train_tokenizer}
+def train_lightning_stage(cfg: DictConfig) -> dict:
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = ShardDataModule(OmegaConf.to_container(cfg.data, resolve=True))
+    stage = LIGHTNING_STAGES[cfg.stage.name].from_config(cfg)
+    trainer = L.Trainer(
+        **cfg.trainer,
+        logger=instantiate(cfg.logger) if cfg.logger else False,
+        callbacks=[instantiate(callback) for callback in cfg.callbacks.values()],
+    )
+    trainer.fit(stage, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    log.info("final metrics: %s", json.dumps(metrics))
+    return metrics
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig):
-    return STAGES[cfg.stage.name](cfg)
+    if cfg.stage.name == "tokenizer":
+        return train_tokenizer(cfg)
+    return train_lightning_stage(cfg)
 
 
 if __name__ == "__main__":

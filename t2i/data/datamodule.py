@@ -1,10 +1,13 @@
-"""The LightningDataModule over image shards: config, shard lists, decoding, loaders.
+"""The LightningDataModule over image or code shards: config, shard lists, decoding, loaders.
 
 Batches are dicts: `image` [B, 3, S, S], `text` long [B, text_len] (token ids, 0 = padding),
 `caption` list of str, `key` list of str, `meta` list of dict (the sample JSON). Images leave the
 loader as uint8 and become float in [-1, 1] once on the training device
 (`on_after_batch_transfer`, which Lightning calls; call it yourself when you iterate a loader
 without a Trainer).
+
+Code shards (written by `python -m t2i.data.pretokenize`, manifest kind "codes") give `codes`
+long [B, h, w] (VQGAN code indices) in place of `image`: the manifest decides, no setting needed.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from t2i.data.shards import IMAGE_EXTENSIONS, read_manifest
-from t2i.data.stream import Shard, ShardStream, collate, complete_samples, decode_image, to_unit_range
+from t2i.data.shards import IMAGE_EXTENSIONS, MANIFEST, read_manifest
+from t2i.data.stream import Shard, ShardStream, collate, complete_samples, decode_codes, decode_image, to_unit_range
 from t2i.data.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -45,8 +48,8 @@ class TokenizerConfig:
 @dataclass
 class DataConfig:
     name: str = "shapes"
-    root: str | None = None  # folder with manifest.json written by a converter
-    source: str | None = None  # converter that builds `root` (for error messages)
+    root: str | None = None  # folder with manifest.json written by a converter (or by pretokenize)
+    source: str | None = None  # converter that builds `root`, or "pretokenize" (for error messages)
     splits: dict = field(default_factory=lambda: {"train": "train", "val": "val", "test": "test"})
     urls: dict = field(default_factory=dict)  # role -> brace pattern / URL list, bypassing the manifest
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -98,11 +101,25 @@ class DataConfig:
             raise ValueError(f"data.root is not set for dataset {self.name!r}: set data.root=PATH (the converter's --out)")
         root = Path(self.root)
         if not root.is_dir():
-            hint = (f"convert it with `python -m t2i.data.convert {self.source or self.name} --src RAW --out {root}`, or "
-                    if self.source else "")
+            if self.source == "pretokenize":
+                hint = (f"pre-tokenize image shards into it with `python -m t2i.data.pretokenize --data IMAGE_SHARDS "
+                        f"--out {root} --vqgan CKPT`, or ")
+            elif self.source:
+                hint = f"convert it with `python -m t2i.data.convert {self.source} --src RAW --out {root}`, or "
+            else:
+                hint = ""
             raise FileNotFoundError(
                 f"data.root={root} does not exist ({self.name}): {hint}set data.root=PATH or paths.data_dir=DIR")
         return root
+
+    def kind(self) -> str:
+        """What the shards hold, from the manifest: "image", or "codes" (pre-tokenized).
+
+        Training straight from `data.urls` with no manifest under the root reads image shards.
+        """
+        if self.urls and (self.root is None or not (Path(self.root) / MANIFEST).is_file()):
+            return "image"
+        return read_manifest(self.root_dir()).get("kind", "image")
 
     def shards(self, role: str) -> list[Shard]:
         """Shards (with sample counts) for a role: from `urls` if given, else the manifest."""
@@ -156,6 +173,30 @@ class ImageTextDecoder:
         }
 
 
+class CodeTextDecoder:
+    """Raw code-shard sample -> {codes, text, caption, key, meta}. Picklable for worker processes.
+
+    `codes` is the long [h, w] grid of VQGAN code indices; its shape comes from the sample JSON's
+    `codes_shape` (every code sample has a JSON).
+    """
+
+    def __init__(self, tokenizer: TextTokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, sample: dict, rng: random.Random) -> dict:
+        if "codes" not in sample or "json" not in sample:
+            raise ValueError("sample has no code grid or no JSON (is this a code shard?)")
+        meta = json.loads(sample["json"])
+        caption = sample["txt"].decode("utf-8")
+        return {
+            "codes": decode_codes(sample["codes"], meta["codes_shape"]),
+            "text": self.tokenizer(caption),
+            "caption": caption,
+            "key": sample["__key__"],
+            "meta": meta,
+        }
+
+
 def collate_image_batch(samples: list[dict]) -> dict:
     batch = collate(samples)
     batch["image"] = batch["image"].permute(0, 3, 1, 2)  # [B, 3, H, W] view of channels-last pixels
@@ -181,16 +222,24 @@ class ShardDataModule(L.LightningDataModule):
             rank, world_size = self.trainer.global_rank, self.trainer.world_size
         cfg = self.cfg
         training = role == "train"
-        decoder = ImageTextDecoder(self.tokenizer, cfg.image_size,
-                                   crop=cfg.crop if training else "center", crop_scale=cfg.crop_scale,
-                                   hflip=cfg.hflip and training)
+        if cfg.kind() == "codes":
+            if cfg.hflip or cfg.crop != "center":
+                raise ValueError(
+                    f"{cfg.root} holds code shards: data.hflip and data.crop=random need images (flipped copies "
+                    "are made when pre-tokenizing, with --hflip); set data.hflip=false data.crop=center")
+            decoder, collate_fn = CodeTextDecoder(self.tokenizer), collate
+        else:
+            decoder = ImageTextDecoder(self.tokenizer, cfg.image_size,
+                                       crop=cfg.crop if training else "center", crop_scale=cfg.crop_scale,
+                                       hflip=cfg.hflip and training)
+            collate_fn = collate_image_batch
         mode = ("resampled" if cfg.resampled else "train") if training else "eval"
         return ShardStream(
             self.cfg.shards(role), decoder,
             batch_size=cfg.batch_size if training else (cfg.eval_batch_size or cfg.batch_size),
             mode=mode, shuffle_buffer=cfg.shuffle_buffer if training else 0, seed=cfg.seed,
             epoch_samples=cfg.epoch_samples if training else None, rank=rank, world_size=world_size,
-            collate_fn=collate_image_batch,
+            collate_fn=collate_fn,
         )
 
     def loader(self, role: str) -> DataLoader:
@@ -220,6 +269,6 @@ class ShardDataModule(L.LightningDataModule):
         return self._loader(self.dataset("test"))
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int = 0) -> dict:
-        if batch["image"].dtype == torch.uint8:
+        if "image" in batch and batch["image"].dtype == torch.uint8:  # code batches have no image
             batch["image"] = to_unit_range(batch["image"])
         return batch

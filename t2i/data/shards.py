@@ -219,7 +219,8 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:05d}.tar"
 
 
-def _stats_path(tar_path: Path) -> Path:
+def stats_path(tar_path: Path) -> Path:
+    """`train-00000.tar` -> `train-00000_stats.json` beside it."""
     return tar_path.with_name(tar_path.stem + "_stats.json")
 
 
@@ -230,13 +231,37 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_atomic(path: Path, write) -> None:
+def write_tar(f, members: Iterable[tuple[str, bytes]]) -> None:
+    """Write (name, bytes) members as a USTAR tar with fixed metadata: same members, same bytes."""
+    with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            _tar_member(tar, name, data)
+
+
+def write_atomic(path: Path, write) -> None:
+    """Call `write(f)` on `path.tmp`, then rename it to `path`: a reader never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_shard(tar_path: Path, members: Iterable[tuple[str, bytes]], stats: dict) -> None:
+    """Write a shard's stats, then the shard, each atomically.
+
+    The tar is renamed last, so "tar and stats both exist" means the shard is complete: that is
+    the test every resumable writer applies (see `shard_done`).
+    """
+    stats_json = json.dumps(stats, sort_keys=True, indent=1).encode()
+    write_atomic(stats_path(tar_path), lambda f: f.write(stats_json))
+    write_atomic(tar_path, lambda f: write_tar(f, members))
+
+
+def shard_done(tar_path: Path) -> bool:
+    """Whether an earlier run completed this shard (its tar and its stats exist)."""
+    return tar_path.exists() and stats_path(tar_path).exists()
 
 
 class _Screen:
@@ -316,10 +341,9 @@ def write_split(
     # Resume: complete shards form a prefix; replay their rows through the screen only.
     while True:
         tar_path = out_dir / shard_name(split, len(shards))
-        stats_path = _stats_path(tar_path)
-        if not (tar_path.exists() and stats_path.exists()):
+        if not shard_done(tar_path):
             break
-        stats = ShardStats(**json.loads(stats_path.read_text()))
+        stats = ShardStats(**json.loads(stats_path(tar_path).read_text()))
         for _ in range(stats.rows_read):
             screen(next(items))
         shards.append(stats)
@@ -329,18 +353,9 @@ def write_split(
     samples: list[tuple[str, bytes, str, bytes]] = []
 
     def close_shard():
-        tar_path = out_dir / current.path
-
-        def write_tar(f):
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for key, image, text, meta in samples:
-                    _tar_member(tar, f"{key}.{opts.format}", image)
-                    _tar_member(tar, f"{key}.txt", text)
-                    _tar_member(tar, f"{key}.json", meta)
-
-        stats_json = json.dumps(asdict(current), sort_keys=True, indent=1).encode()
-        _write_atomic(_stats_path(tar_path), lambda f: f.write(stats_json))
-        _write_atomic(tar_path, write_tar)
+        members = [member for key, image, text, meta in samples
+                   for member in ((f"{key}.{opts.format}", image), (f"{key}.txt", text), (f"{key}.json", meta))]
+        write_shard(out_dir / current.path, members, asdict(current))
         shards.append(current)
 
     bar = tqdm(desc=f"{source}/{split}", unit="row", disable=not progress, initial=sum(s.rows_read for s in shards))
@@ -371,8 +386,8 @@ def write_split(
             last.rows_read += current.rows_read
             for reason, n in current.skipped.items():
                 last.skipped[reason] = last.skipped.get(reason, 0) + n
-            _write_atomic(_stats_path(out_dir / last.path),
-                          lambda f: f.write(json.dumps(asdict(last), sort_keys=True, indent=1).encode()))
+            write_atomic(stats_path(out_dir / last.path),
+                         lambda f: f.write(json.dumps(asdict(last), sort_keys=True, indent=1).encode()))
         else:
             shards.append(current)  # a record with no tar: keeps the skip counts in the manifest
     return shards
@@ -404,7 +419,7 @@ def write_manifest(out_dir: str | Path, splits: dict[str, list[ShardStats]], *, 
         "splits": {name: split_summary(shards) for name, shards in splits.items()},
     }
     text = json.dumps(manifest, ensure_ascii=False, indent=1, sort_keys=False).encode()
-    _write_atomic(Path(out_dir) / MANIFEST, lambda f: f.write(text))
+    write_atomic(Path(out_dir) / MANIFEST, lambda f: f.write(text))
     return manifest
 
 
@@ -430,8 +445,12 @@ def read_manifest(path: str | Path) -> dict:
 
 def describe(manifest: dict) -> str:
     """A table of a manifest: samples, shards, rows read and skips per split."""
-    lines = [f"{manifest.get('source', '?')} ({manifest['kind']} shards, image size {manifest.get('image_size')}, "
-             f"{manifest.get('image_format')})",
+    if manifest["kind"] == "codes":
+        grid = "x".join(str(n) for n in manifest.get("grid", ()))
+        what = f"code grid {grid} from {manifest.get('image_size')}px images, hflip copies: {manifest.get('hflip')}"
+    else:
+        what = f"image size {manifest.get('image_size')}, {manifest.get('image_format')}"
+    lines = [f"{manifest.get('source', '?')} ({manifest['kind']} shards, {what})",
              f"{'split':<8}{'samples':>10}{'shards':>8}{'rows read':>11}  skipped"]
     for name, split in manifest["splits"].items():
         skipped = ", ".join(f"{k}={v}" for k, v in split["skipped"].items()) or "-"

@@ -68,7 +68,7 @@ def _split(n: int, parts: int, index: int) -> tuple[int, int]:
 
 
 def complete_samples(url: str) -> Iterator[dict]:
-    """Samples of one tar that have an image and a caption (the ones manifests count)."""
+    """Samples of one tar that have an image (or a code grid) and a caption (the ones manifests count)."""
     for sample in wds.tarfile_to_samples(handler=wds.warn_and_continue)([{"url": url}]):
         if "txt" in sample and ("codes" in sample or any(ext in sample for ext in IMAGE_EXTENSIONS)):
             yield sample
@@ -257,7 +257,7 @@ def collate(samples: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Decoding image samples
+# Decoding samples: images, and the code grids of pre-tokenized shards
 
 
 def decode_image(data: bytes, size: int, crop: str, crop_scale: float, hflip: bool, rng: random.Random) -> torch.Tensor:
@@ -285,6 +285,19 @@ def decode_image(data: bytes, size: int, crop: str, crop_scale: float, hflip: bo
     if hflip and rng.random() < 0.5:
         x = x.flip(1)
     return x
+
+
+def decode_codes(data: bytes, shape) -> torch.Tensor:
+    """`KEY.codes` bytes -> long tensor [h, w].
+
+    The layout (written by t2i.data.pretokenize) has no header: h * w little-endian uint16 code
+    indices in row-major order; `shape` = (h, w) comes from the sample JSON's `codes_shape`.
+    """
+    h, w = (int(n) for n in shape)
+    if len(data) != 2 * h * w:
+        raise ValueError(f"code grid of {len(data)} bytes does not hold {h}x{w} uint16 codes")
+    codes = np.frombuffer(data, dtype="<u2").reshape(h, w)
+    return torch.from_numpy(codes.astype(np.int64))
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ class VQGANLossConfig:
 
     def __post_init__(self):
         if self.pixel_loss not in ("l1", "l2"):
-            raise ValueError(f"vqgan_loss.pixel_loss must be l1 or l2, got {self.pixel_loss!r}")
+            raise ValueError(f"stage.loss.pixel_loss must be l1 or l2, got {self.pixel_loss!r}")
 
 
 def build_lpips(vgg_path: str | None) -> nn.Module:
@@ -53,7 +53,7 @@ def build_lpips(vgg_path: str | None) -> nn.Module:
         metric = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
     if vgg_path is not None:
         if not Path(vgg_path).is_file():
-            raise FileNotFoundError(f"vqgan_loss.lpips_vgg_path={vgg_path} does not exist")
+            raise FileNotFoundError(f"stage.loss.lpips_vgg_path={vgg_path} does not exist")
         state = torch.load(vgg_path, map_location="cpu", weights_only=True)
     else:
         try:
@@ -62,8 +62,8 @@ def build_lpips(vgg_path: str | None) -> nn.Module:
             raise RuntimeError(
                 f"LPIPS needs torchvision's ImageNet VGG16 weights and the download failed ({e}). "
                 f"Download {VGG16_FILE} on a machine with internet (torchvision.models.vgg16(weights='DEFAULT') "
-                "puts it in ~/.cache/torch/hub/checkpoints/) and set vqgan_loss.lpips_vgg_path=PATH, "
-                "or train without the perceptual term: vqgan_loss.perceptual_weight=0"
+                "puts it in ~/.cache/torch/hub/checkpoints/) and set stage.loss.lpips_vgg_path=PATH, "
+                "or train without the perceptual term: stage.loss.perceptual_weight=0"
             ) from None
     vgg = torchvision.models.vgg16()
     vgg.load_state_dict(state)

@@ -252,13 +252,21 @@ class VQModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Images in [-1, 1] -> (reconstruction, codebook loss, codes)."""
-        z_q, codebook_loss, codes = self.quantize(self.quant_conv(self.encoder(x)))
+        return self.reconstruct(self.latents(x))
+
+    def latents(self, x: torch.Tensor) -> torch.Tensor:
+        """The quantizer's input: [B, embed_dim, h, w]."""
+        return self.quant_conv(self.encoder(x))
+
+    def reconstruct(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Latents -> (reconstruction, codebook loss, codes)."""
+        z_q, codebook_loss, codes = self.quantize(z)
         return self.decoder(self.post_quant_conv(z_q)), codebook_loss, codes
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] -> codes [B, h, w] (long)."""
-        z = self.quant_conv(self.encoder(images)).permute(0, 2, 3, 1)
+        z = self.latents(images).permute(0, 2, 3, 1)
         if self.cfg.l2_normalize:
             z = F.normalize(z, dim=-1)
         return self.quantize.nearest(z)
