@@ -13,7 +13,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
-import t2i.data.pretokenize as pretokenize
+import t2i.pretokenize as pretokenize
 from t2i.data import shards
 from t2i.data.convert import run as convert
 from t2i.data.datamodule import DataConfig, ShardDataModule

@@ -6,7 +6,7 @@ loader as uint8 and become float in [-1, 1] once on the training device
 (`on_after_batch_transfer`, which Lightning calls; call it yourself when you iterate a loader
 without a Trainer).
 
-Code shards (written by `python -m t2i.data.pretokenize`, manifest kind "codes") give `codes`
+Code shards (written by `python -m t2i.pretokenize`, manifest kind "codes") give `codes`
 long [B, h, w] (VQGAN code indices) in place of `image`: the manifest decides, no setting needed.
 """
 
@@ -102,7 +102,7 @@ class DataConfig:
         root = Path(self.root)
         if not root.is_dir():
             if self.source == "pretokenize":
-                hint = (f"pre-tokenize image shards into it with `python -m t2i.data.pretokenize --data IMAGE_SHARDS "
+                hint = (f"pre-tokenize image shards into it with `python -m t2i.pretokenize --data IMAGE_SHARDS "
                         f"--out {root} --vqgan CKPT`, or ")
             elif self.source:
                 hint = f"convert it with `python -m t2i.data.convert {self.source} --src RAW --out {root}`, or "

@@ -290,7 +290,7 @@ def decode_image(data: bytes, size: int, crop: str, crop_scale: float, hflip: bo
 def decode_codes(data: bytes, shape) -> torch.Tensor:
     """`KEY.codes` bytes -> long tensor [h, w].
 
-    The layout (written by t2i.data.pretokenize) has no header: h * w little-endian uint16 code
+    The layout (written by t2i.pretokenize) has no header: h * w little-endian uint16 code
     indices in row-major order; `shape` = (h, w) comes from the sample JSON's `codes_shape`.
     """
     h, w = (int(n) for n in shape)

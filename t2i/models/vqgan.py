@@ -214,8 +214,13 @@ class VectorQuantizer(nn.Module):
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """Code index for each vector of z [..., embed_dim]."""
+        # in float32 even under autocast: a bf16 matmul picks a non-nearest code for a few % of vectors
+        with torch.autocast(z.device.type, enabled=False):
+            return self._nearest(z.float())
+
+    def _nearest(self, z: torch.Tensor) -> torch.Tensor:
         flat = z.reshape(-1, self.embed_dim)
-        codebook = self.codebook()
+        codebook = self.codebook().float()
         if self.l2_normalize:
             distance = -flat @ codebook.t()  # unit vectors: nearest = most similar
         else:

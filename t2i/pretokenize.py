@@ -1,7 +1,7 @@
 """Pre-tokenization: image shards -> VQGAN code shards, so GPT training never runs the encoder.
 
-    python -m t2i.data.pretokenize --data data/shapes --out data/shapes_codes --vqgan VQGAN.ckpt
-    python -m t2i.data.pretokenize --data data/muge --out data/muge_codes \\
+    python -m t2i.pretokenize --data data/shapes --out data/shapes_codes --vqgan VQGAN.ckpt
+    python -m t2i.pretokenize --data data/muge --out data/muge_codes \\
         --vqgan vqgan_imagenet_f16_16384.ckpt --vqgan-config f16_16384 --hflip
 
 Every input shard (the splits of `--data`'s manifest.json) becomes one output shard of the same
@@ -26,7 +26,7 @@ the source folder, the VQGAN config, a sha256 of its weights and its checkpoint,
 image size and the flip setting; the source's `tokenizer.model` is copied beside the shards, so
 a data config pointing at the code folder finds it where it finds it for image shards.
 
-This command is the one module of `t2i.data` that imports a model (the VQGAN it runs).
+It sits above t2i.data and t2i.models (it runs the VQGAN), so t2i.data imports no model.
 """
 
 from __future__ import annotations
@@ -258,7 +258,7 @@ def pretokenize(data: str | Path, out: str | Path, model: VQModel, *, splits: li
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m t2i.data.pretokenize",
+        prog="python -m t2i.pretokenize",
         description="Encode image shards with a VQGAN into code shards (KEY.codes + KEY.txt + KEY.json) "
                     "with a manifest, so GPT training never runs the image encoder.",
     )
@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str] | None = None) -> dict:
-    """Parse a command line (as `python -m t2i.data.pretokenize` does) and pre-tokenize; returns the manifest."""
+    """Parse a command line (as `python -m t2i.pretokenize` does) and pre-tokenize; returns the manifest."""
     args = build_parser().parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available (use --device cpu)")
