@@ -294,5 +294,5 @@ def test_shapes_codes_config_and_missing_root_hint(tmp_path):
     data = DataConfig.from_dict(OmegaConf.to_container(cfg.data, resolve=True))
     assert data.name == "shapes_codes" and data.source == "pretokenize"
     assert data.root == f"{tmp_path}/shapes_codes" and data.tokenizer.path is None  # <root>/tokenizer.model
-    with pytest.raises(FileNotFoundError, match=r"python -m t2i\.data\.pretokenize --data IMAGE_SHARDS"):
+    with pytest.raises(FileNotFoundError, match=r"python -m t2i\.pretokenize --data IMAGE_SHARDS"):
         data.root_dir()
