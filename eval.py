@@ -1,4 +1,4 @@
-"""Evaluate: python eval.py task=oracle data=shapes [split=test]"""
+"""Evaluate: python eval.py task=<oracle|reconstruct> data=<name> [split=test] [ckpt=PATH] [key=value ...]"""
 
 import json
 import logging
@@ -11,6 +11,8 @@ from tqdm import tqdm
 
 from t2i.data.datamodule import ShardDataModule
 from t2i.data.shapes import oracle_accuracy
+from t2i.eval.reconstruction import reconstruction_metrics
+from t2i.models.vqgan import VQGANConfig, load_vqgan
 
 log = logging.getLogger("eval")
 
@@ -28,7 +30,21 @@ def oracle_on_real_images(cfg: DictConfig) -> dict:
             "accuracy": oracle_accuracy(images, attributes)}
 
 
-TASKS = {"oracle": oracle_on_real_images}
+def reconstruct(cfg: DictConfig) -> dict:
+    """A VQGAN checkpoint's reconstructions of a split: PSNR, SSIM, codebook usage (+ oracle on shapes)."""
+    if not cfg.ckpt:
+        raise ValueError("task=reconstruct needs ckpt=PATH (a VQGAN checkpoint; a taming one also needs vqgan=<config>)")
+    vqgan = OmegaConf.to_container(cfg.vqgan, resolve=True) if cfg.get("vqgan") else None
+    if vqgan is not None:
+        vqgan.pop("init_ckpt", None)
+    model = load_vqgan(cfg.ckpt, VQGANConfig(**vqgan) if vqgan else None)
+    dm = ShardDataModule(OmegaConf.to_container(cfg.data, resolve=True))
+    metrics = reconstruction_metrics(model, dm.loader(cfg.split), dm.on_after_batch_transfer, device=cfg.device,
+                                     oracle=cfg.data.name == "shapes")
+    return {"task": "reconstruct", "ckpt": str(cfg.ckpt), "data": cfg.data.name, "split": cfg.split, **metrics}
+
+
+TASKS = {"oracle": oracle_on_real_images, "reconstruct": reconstruct}
 
 
 @hydra.main(config_path="conf", config_name="eval", version_base="1.3")

@@ -282,6 +282,13 @@ class VQModel(nn.Module):
         return self.decoder(self.post_quant_conv(self.quantize.lookup(codes)))
 
 
+def codebook_usage(counts: torch.Tensor) -> dict:
+    """Fraction of codes used and perplexity (effective number of codes) of a code histogram."""
+    p = counts / counts.sum().clamp_min(1)
+    entropy = -(p * p.clamp_min(1e-12).log()).sum()
+    return {"used": (counts > 0).float().mean(), "perplexity": entropy.exp()}
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: taming-transformers' (weights at the top level, LPIPS/discriminator under
 # `loss.*`, no config inside) and ours (VQGANStage: weights under `vqgan.`, config under "t2i").

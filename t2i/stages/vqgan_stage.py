@@ -19,7 +19,7 @@ import torchvision
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from t2i.models.losses import VQGANLoss, VQGANLossConfig
-from t2i.models.vqgan import VQGANConfig, VQModel, load_weights, read_checkpoint, vqgan_state_dict
+from t2i.models.vqgan import VQGANConfig, VQModel, codebook_usage, load_weights, read_checkpoint, vqgan_state_dict
 
 
 @dataclass
@@ -173,11 +173,3 @@ class VQGANStage(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["t2i"] = {"vqgan": asdict(self.vqgan.cfg)}
-
-
-def codebook_usage(counts: torch.Tensor) -> dict:
-    """Fraction of codes used and the perplexity (effective number of codes) of a histogram."""
-    total = counts.sum().clamp_min(1)
-    p = counts / total
-    entropy = -(p * p.clamp_min(1e-12).log()).sum()
-    return {"used": (counts > 0).float().mean(), "perplexity": entropy.exp()}

@@ -1,0 +1,1 @@
+"""Evaluation: metrics computed over a split, returned as plain dicts for results.json."""
