@@ -23,15 +23,23 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m 'not slow'
 
-# The whole pipeline on the built-in shapes dataset, on the CPU.
+# The whole pipeline on the built-in shapes dataset, on the CPU (runs land in logs/quickstart/).
+RUNS := logs/quickstart
 quickstart: $(STAMP)
 	$(PY) -m t2i.data.convert shapes --out $(DATA)/shapes
-	$(PY) train.py stage=tokenizer data=shapes paths.data_dir=$(DATA)
+	$(PY) train.py stage=tokenizer data=shapes paths.data_dir=$(DATA) hydra.run.dir=$(RUNS)/tokenizer
 	$(PY) -m t2i.data.shards $(DATA)/shapes
-	$(PY) eval.py task=oracle data=shapes paths.data_dir=$(DATA)
+	$(PY) eval.py task=oracle data=shapes paths.data_dir=$(DATA) hydra.run.dir=$(RUNS)/oracle
+	$(PY) train.py experiment=vqgan_shapes paths.data_dir=$(DATA) hydra.run.dir=$(RUNS)/vqgan
+	$(PY) eval.py task=reconstruct ckpt=$(RUNS)/vqgan/checkpoints/last.ckpt data=shapes split=val \
+		paths.data_dir=$(DATA) hydra.run.dir=$(RUNS)/vqgan/eval
+	$(PY) -m t2i.pretokenize --data $(DATA)/shapes --out $(DATA)/shapes_codes \
+		--vqgan $(RUNS)/vqgan/checkpoints/last.ckpt
+	$(PY) -m t2i.data.shards $(DATA)/shapes_codes
 
 bench: $(STAMP)
 	$(PY) experiments/bench_data.py
+	$(PY) experiments/bench_vqgan.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

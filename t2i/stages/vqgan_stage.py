@@ -7,6 +7,7 @@ Validation logs PSNR, SSIM, codebook usage and a grid of inputs above reconstruc
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -41,6 +42,7 @@ class VQGANStage(L.LightningModule):
         codebook: CodebookConfig = CodebookConfig(),
         grad_clip: float = 1.0,
         warmup_steps: int = 0,
+        decay_steps: int = 0,
         init_ckpt: str | None = None,
         log_images: int = 8,
     ):
@@ -53,7 +55,7 @@ class VQGANStage(L.LightningModule):
         self.optimizer = optimizer
         self.codebook_cfg = codebook
         self.grad_clip = grad_clip
-        self.warmup_steps = warmup_steps
+        self.warmup_steps, self.decay_steps = warmup_steps, decay_steps
         self.log_images = log_images
         self.register_buffer("code_usage", torch.zeros(vqgan.n_embed))
         self.register_buffer("val_code_counts", torch.zeros(vqgan.n_embed), persistent=False)
@@ -68,7 +70,8 @@ class VQGANStage(L.LightningModule):
         stage = OmegaConf.to_container(cfg.stage, resolve=True)
         return cls(VQGANConfig(**vqgan), VQGANLossConfig(**stage["loss"]), instantiate(cfg.stage.optimizer),
                    CodebookConfig(**stage["codebook"]), grad_clip=stage["grad_clip"],
-                   warmup_steps=stage["warmup_steps"], init_ckpt=init_ckpt, log_images=stage["log_images"])
+                   warmup_steps=stage["warmup_steps"], decay_steps=stage["decay_steps"],
+                   init_ckpt=init_ckpt, log_images=stage["log_images"])
 
     # -- optimisation ------------------------------------------------------------------------
 
@@ -77,7 +80,12 @@ class VQGANStage(L.LightningModule):
         return [self.optimizer(autoencoder), self.optimizer(self.loss.discriminator.parameters())]
 
     def _set_lr(self, optimizer) -> None:
-        scale = min(1.0, (self.global_step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        """Linear warmup, then constant (taming) or cosine decay to 10% over `decay_steps`."""
+        step = self.global_step
+        scale = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        if self.decay_steps and step >= self.warmup_steps:
+            progress = min(1.0, (step - self.warmup_steps) / max(1, self.decay_steps - self.warmup_steps))
+            scale = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
         for group in optimizer.param_groups:
             group.setdefault("base_lr", group["lr"])
             group["lr"] = group["base_lr"] * scale
@@ -108,7 +116,6 @@ class VQGANStage(L.LightningModule):
         self._track_codes(codes, z, step)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False)
         self.log("train/loss", logs["total"], prog_bar=True)
-        self.log("lr", opt_ae.param_groups[0]["lr"])
 
     # -- codebook usage and restarts ---------------------------------------------------------
 
