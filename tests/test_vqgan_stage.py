@@ -63,10 +63,10 @@ def test_global_step_counts_batches_and_discriminator_starts_late(shapes_root, t
     assert not all(torch.equal(a, b) for a, b in zip(disc_before, stage.loss.discriminator.parameters()))
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
-def test_mixed_precision_steps_run(shapes_root, tmp_path, precision):
+def test_bf16_mixed_steps_run(shapes_root, tmp_path):
+    # (Lightning runs "16-mixed" as bf16 on a CPU; fp16 autocast itself is tested in test_vqgan.py)
     stage = _stage(disc_start=0)
-    trainer = _trainer(tmp_path, max_steps=2, precision=precision, limit_val_batches=0)
+    trainer = _trainer(tmp_path, max_steps=2, precision="bf16-mixed", limit_val_batches=0)
     trainer.fit(stage, datamodule=_datamodule(shapes_root))
     assert trainer.global_step == 2
     assert all(torch.isfinite(p).all() for p in stage.parameters())
