@@ -1,0 +1,186 @@
+"""Text-to-image GPT: one decoder-only transformer over image codes and text ids.
+
+One vocabulary, laid out as [image codes | text ids | special tokens], and one sequence per
+sample in either direction:
+
+    text to image:  [T2I] text (padded to text_len) [BOI] image codes (image_len)
+    image to text:  [I2T] image codes [BOT] text                     (captioning, Caption Loss)
+
+Blocks follow minGPT (separate key/query/value/proj linears, 4x GELU MLP, learned positions),
+with CogView's stabilisers as options: Sandwich-LN (one more LayerNorm on each branch output
+before the residual add) and PB-relax (attention scores computed as
+softmax((QK^T / (alpha sqrt(d)) - max) * alpha), and LayerNorm inputs divided by max|x| / 8, both
+equal to the plain forms in exact arithmetic but free of fp16 overflow). Without PB-relax,
+attention runs through F.scaled_dot_product_attention (flash attention on GPUs).
+
+`forward(tokens, cache=...)` with a `KVCache` appends the new positions' keys and values to
+preallocated per-layer buffers, so sampling costs one position per step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SPECIAL_TOKENS = ("T2I", "I2T", "BOI", "BOT")
+
+
+@dataclass
+class GPTConfig:
+    n_image_codes: int = 16384  # the VQGAN codebook
+    n_text_tokens: int = 16000  # the SentencePiece vocabulary (id 0 = padding)
+    text_len: int = 32
+    image_len: int = 256  # the VQGAN grid, h * w
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    norm: str = "pre"  # "pre" (minGPT) or "sandwich" (CogView)
+    pb_relax: bool = False
+    pb_relax_alpha: float = 32.0
+    tie_head: bool = False  # output head shares the token embedding
+
+    def __post_init__(self):
+        if self.norm not in ("pre", "sandwich"):
+            raise ValueError(f"model.norm must be 'pre' or 'sandwich', got {self.norm!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
+
+    @property
+    def text_offset(self) -> int:
+        return self.n_image_codes
+
+    def special(self, name: str) -> int:
+        return self.n_image_codes + self.n_text_tokens + SPECIAL_TOKENS.index(name)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.n_image_codes + self.n_text_tokens + len(SPECIAL_TOKENS)
+
+    @property
+    def block_size(self) -> int:
+        return 2 + self.text_len + self.image_len
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm; with PB-relax the input is first scaled to max|x| = 8 (LN is scale invariant)."""
+
+    def __init__(self, dim: int, pb_relax: bool = False):
+        super().__init__(dim)
+        self.pb_relax = pb_relax
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pb_relax:
+            x = x / (x.detach().abs().amax(-1, keepdim=True).clamp_min(1e-6) / 8)
+        return super().forward(x)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: [B, H, block_size, head_dim] each."""
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, device, dtype):
+        shape = (batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.length = 0  # positions filled so far
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
+        self.key = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.query = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.value = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.pb_relax, self.alpha = cfg.pb_relax, cfg.pb_relax_alpha
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = (proj(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)
+                   for proj in (self.query, self.key, self.value))
+        start = 0
+        if cache is not None:  # write the new positions, attend over everything so far
+            start = cache.length
+            cache.keys[layer][:b, :, start:start + t] = k
+            cache.values[layer][:b, :, start:start + t] = v
+            k, v = cache.keys[layer][:b, :, :start + t], cache.values[layer][:b, :, :start + t]
+        # query i (absolute position start + i) sees keys 0 .. start + i
+        mask = None if start == 0 else torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(start)
+        if self.pb_relax:
+            y = self._pb_relax_attention(q, k, v, mask if mask is not None else
+                                         torch.ones(t, t, dtype=torch.bool, device=x.device).tril())
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, c)))
+
+    def _pb_relax_attention(self, q, k, v, mask):
+        scores = (q / (self.alpha * math.sqrt(self.head_dim))) @ k.transpose(-2, -1)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = (scores - scores.detach().amax(-1, keepdim=True)) * self.alpha
+        weights = F.dropout(scores.float().softmax(-1).to(v.dtype), self.dropout, self.training)
+        return weights @ v
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln1 = LayerNorm(cfg.n_embd, cfg.pb_relax)
+        self.ln2 = LayerNorm(cfg.n_embd, cfg.pb_relax)
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
+                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
+        if cfg.norm == "sandwich":  # CogView: normalise each branch's output before the add
+            self.ln3 = LayerNorm(cfg.n_embd, cfg.pb_relax)
+            self.ln4 = LayerNorm(cfg.n_embd, cfg.pb_relax)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        a = self.attn(self.ln1(x), cache, layer)
+        x = x + (self.ln3(a) if hasattr(self, "ln3") else a)
+        m = self.mlp(self.ln2(x))
+        return x + (self.ln4(m) if hasattr(self, "ln4") else m)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Parameter(torch.zeros(1, cfg.block_size, cfg.n_embd))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = LayerNorm(cfg.n_embd, cfg.pb_relax)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if cfg.tie_head:
+            self.head.weight = self.tok_emb.weight
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Tokens [B, T] -> logits [B, T, vocab]; with a cache, T new positions after cache.length."""
+        start = cache.length if cache is not None else 0
+        if start + tokens.shape[1] > self.cfg.block_size:
+            raise ValueError(f"sequence of {start + tokens.shape[1]} exceeds block_size {self.cfg.block_size}")
+        x = self.drop(self.tok_emb(tokens) + self.pos_emb[:, start:start + tokens.shape[1]])
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.length += tokens.shape[1]
+        return self.head(self.ln_f(x))
+
+    def new_cache(self, batch_size: int) -> KVCache:
+        param = self.pos_emb
+        return KVCache(self.cfg, batch_size, param.device, param.dtype)

@@ -1,0 +1,108 @@
+"""The GPT model: vocabulary layout, KV cache equivalence, CogView's numerics (PB-relax, Sandwich-LN)."""
+
+import pytest
+import torch
+
+from t2i.models.gpt import GPT, Block, CausalSelfAttention, GPTConfig
+
+TINY = dict(n_image_codes=40, n_text_tokens=30, text_len=6, image_len=9, n_layer=2, n_head=2, n_embd=32)
+
+
+def test_vocabulary_and_sequence_layout():
+    cfg = GPTConfig(**TINY)
+    assert cfg.vocab_size == 40 + 30 + 4
+    assert cfg.text_offset == 40
+    assert [cfg.special(name) for name in ("T2I", "I2T", "BOI", "BOT")] == [70, 71, 72, 73]
+    assert cfg.block_size == 2 + 6 + 9
+    with pytest.raises(ValueError, match="model.norm"):
+        GPTConfig(norm="post")
+    with pytest.raises(ValueError, match="n_head"):
+        GPTConfig(n_embd=30, n_head=4)
+
+
+def test_base_and_large_sizes_match_pai_painter():
+    # pai-painter's GPT alone: about 127M (base) and 358M (large) with a 37512-token vocabulary whose
+    # head projects onto the 16384 image codes only; ours also predicts text (CogView's text loss),
+    # so its head has (21128 text + 4 special) x n_embd more weights.
+    for (n_layer, n_head, n_embd), pai_painter in (((12, 12, 768), 127e6), ((24, 16, 1024), 358e6)):
+        with torch.device("meta"):
+            model = GPT(GPTConfig(n_text_tokens=21128, n_layer=n_layer, n_head=n_head, n_embd=n_embd))
+        count = sum(p.numel() for p in model.parameters())
+        expected = pai_painter + (21128 + 4) * n_embd
+        assert abs(count - expected) / expected < 0.01, (n_layer, count)
+
+
+@pytest.mark.parametrize("norm, pb_relax", [("pre", False), ("sandwich", False), ("sandwich", True)])
+def test_cached_decoding_equals_full_recomputation(norm, pb_relax):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY, norm=norm, pb_relax=pb_relax)).eval()
+    prompt = torch.randint(0, model.cfg.vocab_size, (3, 8))
+    with torch.no_grad():
+        # greedy, recomputing the whole sequence every step (EasyNLP's way)
+        full = prompt
+        for _ in range(model.cfg.block_size - prompt.shape[1]):
+            full = torch.cat([full, model(full)[:, -1].argmax(-1, keepdim=True)], 1)
+        # greedy with the KV cache: the prompt once, then one position per step
+        cache = model.new_cache(3)
+        logits = model(prompt, cache)
+        cached = prompt
+        reference = model(full[:, :-1])
+        for step in range(model.cfg.block_size - prompt.shape[1]):
+            assert torch.allclose(logits[:, -1], reference[:, prompt.shape[1] - 1 + step], atol=1e-5)
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            cached = torch.cat([cached, token], 1)
+            if cached.shape[1] < model.cfg.block_size:
+                logits = model(token, cache)
+    assert torch.equal(cached, full)
+
+
+def test_pb_relax_attention_equals_plain_attention_in_fp32():
+    torch.manual_seed(0)
+    plain = CausalSelfAttention(GPTConfig(**TINY))
+    relaxed = CausalSelfAttention(GPTConfig(**TINY, pb_relax=True))
+    relaxed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 7, 32)
+    assert torch.allclose(plain(x), relaxed(x), atol=1e-5)
+
+
+def test_pb_relax_keeps_fp16_attention_finite_where_plain_overflows():
+    torch.manual_seed(0)
+    attention = CausalSelfAttention(GPTConfig(**{**TINY, "n_embd": 64, "n_head": 1, "pb_relax": True}))
+    # activations grown large, as deep in a big model: q.k reaches ~1e6, past fp16's 65504
+    q, k, v = (torch.randn(1, 1, 6, 64) * 150 for _ in range(3))
+    mask = torch.ones(6, 6, dtype=torch.bool).tril()
+
+    def plain(q, k, v):  # softmax(QK^T / sqrt(d)) V, the textbook way
+        scores = (q @ k.transpose(-2, -1) / 8).masked_fill(~mask, float("-inf"))
+        return scores.softmax(-1) @ v
+
+    reference = plain(q.double(), k.double(), v.double())
+    assert not torch.isfinite(plain(q.half(), k.half(), v.half())).all()
+    relaxed = attention._pb_relax_attention(q.half(), k.half(), v.half(), mask)
+    assert torch.isfinite(relaxed).all()
+    assert torch.allclose(relaxed.double(), reference, atol=1e-2 * reference.abs().max().item())
+
+
+def test_pb_relax_layernorm_is_unchanged_and_finite_in_fp16():
+    from t2i.models.gpt import LayerNorm
+    x = torch.randn(4, 32) * 3e3  # x^2 overflows fp16 inside the variance
+    plain, relaxed = LayerNorm(32), LayerNorm(32, pb_relax=True)
+    assert torch.allclose(plain(x), relaxed(x), atol=1e-4)
+    assert torch.isfinite(relaxed.half()(x.half())).all()
+
+
+def test_sandwich_ln_bounds_the_residual_stream():
+    torch.manual_seed(0)
+    def residual_peak(norm):
+        cfg = GPTConfig(**{**TINY, "n_layer": 12, "norm": norm})
+        blocks = [Block(cfg) for _ in range(cfg.n_layer)]
+        x = torch.randn(2, 5, 32)
+        with torch.no_grad():
+            for block in blocks:
+                for p in block.mlp.parameters():
+                    p.mul_(8)  # branches that amplify, as training can make them
+                x = block(x)
+        return x.abs().max().item()
+    pre, sandwich = residual_peak("pre"), residual_peak("sandwich")
+    assert sandwich < 12 * 2 * 6  # each added branch is a LayerNorm output (|value| <~ sqrt(32))
+    assert pre > 10 * sandwich
