@@ -181,6 +181,18 @@ class GPT(nn.Module):
             cache.length += tokens.shape[1]
         return self.head(self.ln_f(x))
 
+    def t2i_prefix(self, text: torch.Tensor) -> torch.Tensor:
+        """Text ids [B, text_len] (tokenizer ids, 0 = padding) -> [T2I] text [BOI], ready for image codes.
+
+        The null text of classifier-free guidance is all padding.
+        """
+        cfg = self.cfg
+        if text.shape[1] != cfg.text_len:
+            raise ValueError(f"text has {text.shape[1]} positions, the model expects text_len={cfg.text_len}")
+        b = text.shape[0]
+        return torch.cat([text.new_full((b, 1), cfg.special("T2I")), text + cfg.text_offset,
+                          text.new_full((b, 1), cfg.special("BOI"))], 1)
+
     def new_cache(self, batch_size: int) -> KVCache:
         param = self.pos_emb
         return KVCache(self.cfg, batch_size, param.device, param.dtype)

@@ -1,0 +1,88 @@
+"""Generation: text prompts -> image codes, in one place.
+
+Batched prompts, several samples per prompt in the same batch, temperature, top-k, top-p,
+classifier-free guidance (the conditional and the null-text halves run as one batch:
+logits = uncond + scale * (cond - uncond)), a seed, and the KV cache: the prompt is run once and
+every step after it computes one position. Image positions can only produce image codes.
+`use_cache=False` recomputes the whole sequence at every step, as EasyNLP's generate loop does
+(kept for the benchmark and the equivalence test).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from t2i.models.gpt import GPT
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0
+    top_k: int = 0  # keep the k most likely codes (0: all)
+    top_p: float = 1.0  # keep the smallest set of codes whose probability reaches p (1: all)
+    guidance_scale: float = 1.0  # classifier-free guidance; 1 = none (no null-text half is run)
+    greedy: bool = False  # argmax instead of sampling
+    samples_per_prompt: int = 1
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"sampling.temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.top_k must be >= 0 and sampling.top_p in (0, 1], got {self.top_k}, {self.top_p}")
+        if self.samples_per_prompt < 1:
+            raise ValueError(f"sampling.samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set the logits outside the top-k and the top-p nucleus to -inf."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep until the mass reaches p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cache: bool = True) -> torch.Tensor:
+    """Text ids [P, text_len] -> image codes [P * samples_per_prompt, image_len] (samples of a prompt adjacent)."""
+    gpt = model.cfg
+    text = text.repeat_interleave(cfg.samples_per_prompt, dim=0)
+    prefix = model.t2i_prefix(text)
+    guided = cfg.guidance_scale != 1.0
+    if guided:
+        prefix = torch.cat([prefix, model.t2i_prefix(torch.zeros_like(text))])
+    generator = None
+    if cfg.seed is not None:
+        generator = torch.Generator(device=prefix.device).manual_seed(cfg.seed)
+    n = len(text)
+    codes = torch.empty(n, gpt.image_len, dtype=torch.long, device=prefix.device)
+    cache = model.new_cache(len(prefix)) if use_cache else None
+    tokens = prefix
+    logits = model(prefix, cache)[:, -1]
+    for i in range(gpt.image_len):
+        logits = logits[:, : gpt.n_image_codes].float()  # image positions produce image codes only
+        if guided:
+            cond, uncond = logits[:n], logits[n:]
+            logits = uncond + cfg.guidance_scale * (cond - uncond)
+        if cfg.greedy:
+            step = logits.argmax(-1)
+        else:
+            probs = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
+            step = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        codes[:, i] = step
+        if i == gpt.image_len - 1:
+            break
+        new = step.repeat(2)[:, None] if guided else step[:, None]
+        if use_cache:
+            logits = model(new, cache)[:, -1]
+        else:
+            tokens = torch.cat([tokens, new], 1)
+            logits = model(tokens)[:, -1]
+    return codes
