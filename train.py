@@ -1,4 +1,4 @@
-"""Train one stage of the pipeline: python train.py stage=<tokenizer|vqgan> data=<name> [key=value ...]"""
+"""Train one stage of the pipeline: python train.py stage=<tokenizer|vqgan|gpt> data=<name> [key=value ...]"""
 
 import json
 import logging
@@ -10,11 +10,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from t2i.data.datamodule import DataConfig, ShardDataModule
 from t2i.data.tokenizer import fit_tokenizer
+from t2i.stages.gpt_stage import GPTStage
 from t2i.stages.vqgan_stage import VQGANStage
 
 log = logging.getLogger("train")
 
-LIGHTNING_STAGES = {"vqgan": VQGANStage}
+LIGHTNING_STAGES = {"vqgan": VQGANStage, "gpt": GPTStage}
 
 
 def train_tokenizer(cfg: DictConfig) -> dict:
@@ -31,7 +32,7 @@ def train_tokenizer(cfg: DictConfig) -> dict:
 def train_lightning_stage(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = ShardDataModule(OmegaConf.to_container(cfg.data, resolve=True))
-    stage = LIGHTNING_STAGES[cfg.stage.name].from_config(cfg)
+    stage = LIGHTNING_STAGES[cfg.stage.name].from_config(cfg, datamodule)
     trainer = L.Trainer(
         **cfg.trainer,
         logger=instantiate(cfg.logger) if cfg.logger else False,

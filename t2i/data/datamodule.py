@@ -112,6 +112,10 @@ class DataConfig:
                 f"data.root={root} does not exist ({self.name}): {hint}set data.root=PATH or paths.data_dir=DIR")
         return root
 
+    def manifest(self) -> dict:
+        """The manifest.json of `root` (shard paths resolved)."""
+        return read_manifest(self.root_dir())
+
     def kind(self) -> str:
         """What the shards hold, from the manifest: "image", or "codes" (pre-tokenized).
 
@@ -119,7 +123,7 @@ class DataConfig:
         """
         if self.urls and (self.root is None or not (Path(self.root) / MANIFEST).is_file()):
             return "image"
-        return read_manifest(self.root_dir()).get("kind", "image")
+        return self.manifest().get("kind", "image")
 
     def shards(self, role: str) -> list[Shard]:
         """Shards (with sample counts) for a role: from `urls` if given, else the manifest."""

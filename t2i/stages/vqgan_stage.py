@@ -63,7 +63,7 @@ class VQGANStage(L.LightningModule):
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> "VQGANStage":
+    def from_config(cls, cfg: DictConfig, datamodule=None) -> "VQGANStage":
         """From train.py's composed config: `vqgan` (model + init_ckpt) and `stage` (training)."""
         vqgan = OmegaConf.to_container(cfg.vqgan, resolve=True)
         init_ckpt = vqgan.pop("init_ckpt", None)

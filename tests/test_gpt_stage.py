@@ -1,0 +1,108 @@
+"""GPTStage: token layout, losses, conditioning dropout, pkeep, and train.py on real code shards."""
+
+import json
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from t2i import pretokenize
+from t2i.data.convert import run as convert
+from t2i.data.tokenizer import train_sentencepiece
+from t2i.models.gpt import GPTConfig
+from t2i.models.vqgan import VQGANConfig, VQModel, read_checkpoint
+from t2i.stages.gpt_stage import GPTStage
+
+REPO = Path(__file__).parents[1]
+TINY = dict(n_image_codes=40, n_text_tokens=30, text_len=4, image_len=6, n_layer=1, n_head=2, n_embd=16)
+
+
+def _stage(**options):
+    return GPTStage(GPTConfig(**TINY), torch.optim.AdamW, **options)
+
+
+def test_text_to_image_layout_and_targets():
+    stage = _stage(cond_drop=0)
+    cfg = stage.gpt.cfg
+    codes, text = torch.tensor([[1, 2, 3, 4, 5, 6]]), torch.tensor([[7, 8, 0, 0]])
+    inputs, targets = stage.sequences(codes, text, train=True)
+    full = [cfg.special("T2I"), 47, 48, 40, 40, cfg.special("BOI"), 1, 2, 3, 4, 5, 6]
+    assert inputs.tolist() == [full[:-1]] and targets.tolist() == [full[1:]]
+
+
+def test_cond_drop_pkeep_and_caption_direction():
+    cfg = GPTConfig(**TINY)
+    codes, text = torch.randint(0, 40, (64, 6)), torch.randint(1, 30, (64, 4))
+    _, targets = _stage(cond_drop=1.0).sequences(codes, text, train=True)
+    assert (targets[:, :4] == cfg.text_offset).all()  # null text: all padding
+    _, kept = _stage(cond_drop=1.0).sequences(codes, text, train=False)
+    assert torch.equal(kept[:, :4], text + cfg.text_offset)  # evaluation never drops
+    inputs, targets = _stage(cond_drop=0, pkeep=0.0).sequences(codes, text, train=True)
+    assert torch.equal(targets[:, -6:], codes)  # targets stay true
+    assert (inputs[:, -5:] != codes[:, :5]).float().mean() > 0.5 and inputs[:, -5:].max() < 40
+    inputs, targets = _stage(cond_drop=0, caption_prob=1.0).sequences(codes, text, train=True)
+    assert (inputs[:, 0] == cfg.special("I2T")).all() and torch.equal(targets[:, :6], codes)
+    assert (targets[:, 6] == cfg.special("BOT")).all() and torch.equal(targets[:, 7:], text + cfg.text_offset)
+    with pytest.raises(ValueError, match="stage.pkeep"):
+        _stage(pkeep=1.5)
+
+
+def test_loss_uses_each_range_and_skips_padding():
+    stage = _stage(txt_loss_scale=2.0)
+    cfg = stage.gpt.cfg
+    targets = torch.tensor([[cfg.text_offset + 3, cfg.text_offset, cfg.special("BOI"), 5, 9]])
+    logits = torch.randn(1, 5, cfg.vocab_size)
+    loss, logs = stage.loss(logits, targets)
+    image = torch.nn.functional.cross_entropy(logits[0, 3:, :40], torch.tensor([5, 9]))
+    text = torch.nn.functional.cross_entropy(logits[0, :1, 40:70], torch.tensor([3]))
+    assert torch.allclose(logs["image_loss"], image) and torch.allclose(logs["text_loss"], text)
+    assert torch.allclose(loss, image + 2.0 * text)
+    logits[0, 3:, 40:] += 100  # text/special logits cannot compete at image positions
+    assert torch.allclose(stage.loss(logits, targets)[1]["image_loss"], image)
+
+
+@pytest.fixture(scope="module")
+def codes_root(tmp_path_factory):
+    images = tmp_path_factory.mktemp("data") / "shapes"
+    convert(["shapes", "--out", str(images), "--train", "64", "--val", "16", "--test", "0", "--size", "32", "--quiet"])
+    (images / "tokenizer.model").write_bytes(train_sentencepiece(["红色的小圆形", "蓝色的大方块", "背景是白色的"] * 20, 300))
+    cfg = VQGANConfig(resolution=32, ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], z_channels=16,
+                      embed_dim=8, n_embed=64)
+    torch.manual_seed(0)
+    vqgan = VQModel(cfg)
+    vqgan.quantize.embedding.weight.data.normal_()
+    ckpt = images.parent / "vqgan.ckpt"
+    torch.save({"state_dict": {f"vqgan.{k}": v for k, v in vqgan.state_dict().items()}, "t2i": {"vqgan": asdict(cfg)}}, ckpt)
+    out = images.parent / "shapes_codes"
+    assert pretokenize.main(["--data", str(images), "--out", str(out), "--vqgan", str(ckpt), "--quiet"]) == 0
+    return out
+
+
+def test_train_py_on_code_shards_writes_a_self_contained_checkpoint(codes_root, tmp_path):
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "train.py", "stage=gpt", "model=shapes", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+         "data=shapes_codes", f"data.root={codes_root}", "data.batch_size=16", "data.num_workers=0", "trainer=cpu",
+         "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
+         "trainer.enable_progress_bar=false", "stage.warmup_steps=2", f"hydra.run.dir={run_dir}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = (run_dir / "csv" / "version_0" / "metrics.csv").read_text()
+    for name in ("train/image_loss", "train/text_loss", "train/tokens_per_s", "val/loss"):
+        assert name in metrics
+    checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    extras = checkpoint["t2i"]
+    manifest = json.loads((codes_root / "manifest.json").read_text())
+    assert extras["gpt"]["image_len"] == 8 * 8 and extras["gpt"]["n_image_codes"] == 64
+    assert extras["tokenizer"] == (codes_root / "tokenizer.model").read_bytes()
+    assert extras["vqgan"]["sha256"] == manifest["vqgan_sha256"]
+
+
+def test_image_shards_are_refused_with_the_pretokenize_command(codes_root, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "train.py", "stage=gpt", "data=shapes", f"data.root={codes_root.parent / 'shapes'}",
+         f"hydra.run.dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "python -m t2i.pretokenize" in result.stderr
