@@ -1,10 +1,11 @@
-"""Evaluate: python eval.py task=<oracle|reconstruct> data=<name> [split=test] [ckpt=PATH] [key=value ...]"""
+"""Evaluate: python eval.py task=<oracle|reconstruct|generate> [data=<name>] [ckpt=PATH] [key=value ...]"""
 
 import json
 import logging
 from pathlib import Path
 
 import hydra
+import torchvision
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -13,6 +14,7 @@ from t2i.data.datamodule import ShardDataModule
 from t2i.data.shapes import oracle_accuracy
 from t2i.eval.reconstruction import reconstruction_metrics
 from t2i.models.vqgan import VQGANConfig, load_vqgan
+from t2i.sampling import Generator, SamplingConfig
 
 log = logging.getLogger("eval")
 
@@ -44,7 +46,34 @@ def reconstruct(cfg: DictConfig) -> dict:
     return {"task": "reconstruct", "ckpt": str(cfg.ckpt), "data": cfg.data.name, "split": cfg.split, **metrics}
 
 
-TASKS = {"oracle": oracle_on_real_images, "reconstruct": reconstruct}
+def generate(cfg: DictConfig) -> dict:
+    """Images for prompts (cfg.prompts, or one per line of cfg.prompts_file): PNGs, a grid, captions."""
+    if not cfg.ckpt:
+        raise ValueError("task=generate needs ckpt=PATH (a GPT checkpoint from stage=gpt)")
+    prompts = list(cfg.prompts or [])
+    if cfg.prompts_file:
+        prompts += [line.strip() for line in Path(cfg.prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("task=generate needs prompts=[...] or prompts_file=PATH")
+    sampling = SamplingConfig(**OmegaConf.to_container(cfg.sampling, resolve=True))
+    generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=cfg.device)
+    images = generator(prompts, sampling, batch_size=cfg.batch_size)
+    out = Path(HydraConfig.get().runtime.output_dir) / "samples"
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for index, image in enumerate(images):
+        prompt, sample = divmod(index, sampling.samples_per_prompt)
+        files.append(str(out / f"{prompt:04d}_{sample:02d}.png"))
+        torchvision.utils.save_image(image.float() / 255, files[-1])
+    grid = out / "grid.png"
+    torchvision.utils.save_image(images.float() / 255, grid, nrow=sampling.samples_per_prompt, padding=2)
+    # captions beside the grid, row by row (a CJK font to draw them is not guaranteed on every machine)
+    (out / "grid.md").write_text("".join(f"{i + 1}. {p}\n" for i, p in enumerate(prompts)), encoding="utf-8")
+    return {"task": "generate", "ckpt": str(cfg.ckpt), "prompts": prompts, "files": files, "grid": str(grid),
+            "sampling": OmegaConf.to_container(cfg.sampling, resolve=True)}
+
+
+TASKS = {"oracle": oracle_on_real_images, "reconstruct": reconstruct, "generate": generate}
 
 
 @hydra.main(config_path="conf", config_name="eval", version_base="1.3")

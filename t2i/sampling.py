@@ -10,11 +10,15 @@ every step after it computes one position. Image positions can only produce imag
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
-from t2i.models.gpt import GPT
+from t2i.data.tokenizer import TextTokenizer
+from t2i.models.gpt import GPT, GPTConfig
+from t2i.models.vqgan import VQGANConfig, VQModel, load_vqgan, load_weights, read_checkpoint, weights_hash
 
 
 @dataclass
@@ -86,3 +90,48 @@ def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cach
             tokens = torch.cat([tokens, new], 1)
             logits = model(tokens)[:, -1]
     return codes
+
+
+class Generator:
+    """A trained GPT with its tokenizer and VQGAN: prompts in, images out."""
+
+    def __init__(self, gpt: GPT, tokenizer: TextTokenizer, vqgan: VQModel):
+        self.gpt, self.tokenizer, self.vqgan = gpt.eval(), tokenizer, vqgan.eval()
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, vqgan_ckpt: str | Path | None = None, device: str = "cpu") -> "Generator":
+        """Everything from a GPTStage checkpoint; the VQGAN it names (or `vqgan_ckpt`) must match its hash."""
+        checkpoint = read_checkpoint(path)
+        meta = checkpoint.get("t2i", {})
+        if "gpt" not in meta:
+            raise ValueError(f"{path} is not a t2i GPT checkpoint (no t2i.gpt config): train one with stage=gpt")
+        gpt = GPT(GPTConfig(**meta["gpt"]))
+        state = {k[len("gpt."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("gpt.")}
+        load_weights(gpt, state, str(path))
+        vqgan_meta = meta["vqgan"]
+        vqgan_path = vqgan_ckpt or vqgan_meta.get("checkpoint")
+        if not vqgan_path:
+            raise ValueError(f"{path} names no VQGAN checkpoint: pass vqgan_ckpt=PATH")
+        vqgan = load_vqgan(vqgan_path, VQGANConfig(**vqgan_meta["config"]))
+        if vqgan_meta.get("sha256") and weights_hash(vqgan) != vqgan_meta["sha256"]:
+            raise ValueError(f"the VQGAN at {vqgan_path} is not the one {path} was trained with "
+                             f"(sha256 {weights_hash(vqgan)[:12]}..., expected {vqgan_meta['sha256'][:12]}...): "
+                             "pass the right one with vqgan_ckpt=PATH")
+        return cls(gpt.to(device), TextTokenizer(meta["tokenizer"], meta["text_len"]), vqgan.to(device))
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], cfg: SamplingConfig, batch_size: int = 16) -> torch.Tensor:
+        """uint8 images [len(prompts) * samples_per_prompt, 3, H, W], the samples of a prompt adjacent."""
+        if any(not p.strip() for p in prompts):
+            warnings.warn("an empty prompt generates unconditionally (the null text)")
+        device = self.gpt.pos_emb.device
+        images = []
+        per_batch = max(1, batch_size // cfg.samples_per_prompt)
+        for start in range(0, len(prompts), per_batch):
+            text = self.tokenizer(prompts[start:start + per_batch]).to(device)
+            batch_cfg = replace(cfg, seed=None if cfg.seed is None else cfg.seed + start)
+            codes = generate_codes(self.gpt, text, batch_cfg)
+            grid = self.vqgan.cfg.grid
+            pixels = self.vqgan.decode(codes.view(-1, grid, grid))  # one decode per batch
+            images.append(((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+        return torch.cat(images)

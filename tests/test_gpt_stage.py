@@ -106,3 +106,33 @@ def test_image_shards_are_refused_with_the_pretokenize_command(codes_root, tmp_p
         [sys.executable, "train.py", "stage=gpt", "data=shapes", f"data.root={codes_root.parent / 'shapes'}",
          f"hydra.run.dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "python -m t2i.pretokenize" in result.stderr
+
+
+def test_generate_command_writes_pngs_and_grid(codes_root, tmp_path):
+    run_dir = tmp_path / "run"
+    trained = subprocess.run(
+        [sys.executable, "train.py", "stage=gpt", "model=shapes", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+         "data=shapes_codes", f"data.root={codes_root}", "data.batch_size=16", "data.num_workers=0", "trainer=cpu",
+         "trainer.max_steps=2", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
+         f"hydra.run.dir={run_dir}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    out = tmp_path / "gen"
+    result = subprocess.run(
+        [sys.executable, "eval.py", "task=generate", f"ckpt={ckpt}", "prompts=['红色的小圆形','','🎨 mixed text']",
+         "sampling.samples_per_prompt=2", f"hydra.run.dir={out}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "empty prompt" in result.stderr
+    pngs = sorted((out / "samples").glob("0*.png"))
+    assert len(pngs) == 6 and (out / "samples" / "grid.png").is_file()
+    from PIL import Image
+    assert Image.open(pngs[0]).size == (32, 32)
+    # a VQGAN other than the one the GPT was trained with is refused
+    other = tmp_path / "other.ckpt"
+    state = torch.load(codes_root.parent / "vqgan.ckpt", weights_only=True)
+    state["state_dict"]["vqgan.quant_conv.bias"] += 1
+    torch.save(state, other)
+    refused = subprocess.run(
+        [sys.executable, "eval.py", "task=generate", f"ckpt={ckpt}", "prompts=['红色']", f"vqgan_ckpt={other}",
+         f"hydra.run.dir={tmp_path / 'gen2'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "is not the one" in refused.stderr
