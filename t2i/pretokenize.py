@@ -44,7 +44,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from t2i.data.shards import (IMAGE_EXTENSIONS, MANIFEST, ShardStats, read_manifest, shard_done, stats_path,
+from t2i.data.shards import (IMAGE_EXTENSIONS, MANIFEST, ShardStats, describe, read_manifest, shard_done, stats_path,
                              write_atomic, write_manifest, write_shard)
 from t2i.data.stream import complete_samples, decode_image, to_unit_range
 from t2i.models.vqgan import VQGANConfig, VQModel, load_vqgan, weights_hash
@@ -299,10 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:  # a wrong option, folder or checkpoint: say which, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    h, w = manifest["grid"]
-    for split, summary in manifest["splits"].items():
-        print(f"{split:>6}: {summary['samples']:>8} samples ({h}x{w} codes) in {len(summary['shards'])} shards, "
-              f"{sum(summary['skipped'].values())} skipped {summary['skipped'] or ''}")
+    print(describe(manifest))
     return 0
 
 

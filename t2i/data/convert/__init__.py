@@ -19,7 +19,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from t2i.data.shards import ImageOptions, write_manifest, write_split, warn_skips
+from t2i.data.shards import ImageOptions, describe, write_manifest, write_split, warn_skips
 
 SOURCES = {
     "shapes": "built-in synthetic shapes dataset (no download)",
@@ -102,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:  # a wrong option or release: say which, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for split, summary in manifest["splits"].items():
-        print(f"{split:>6}: {summary['samples']:>8} samples in {len(summary['shards'])} shards, "
-              f"{sum(summary['skipped'].values())} rows skipped {summary['skipped'] or ''}")
+    print(describe(manifest))
     return 0
 
 
