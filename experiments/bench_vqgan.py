@@ -19,17 +19,11 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
-from t2i.models.vqgan import VQGANConfig, VQModel
+from t2i.models.vqgan import VQModel
+from t2i.pretokenize import load_vqgan_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def vqgan_config(name: str) -> VQGANConfig:
-    fields = yaml.safe_load((REPO / "conf" / "vqgan" / f"{name}.yaml").read_text())
-    fields.pop("init_ckpt", None)
-    return VQGANConfig(**fields)
 
 
 def images_per_second(fn, batch: torch.Tensor, repeats: int) -> float:
@@ -47,7 +41,7 @@ def throughput(batch_size: int, repeats: int) -> None:
     print(f"| {'config':<12} | {'input':>9} | {'codes':>7} | {'params':>7} | {'encode img/s':>12} | {'decode img/s':>12} |")
     print(f"|{'-' * 14}|{'-' * 11}|{'-' * 9}|{'-' * 9}|{'-' * 14}|{'-' * 14}|")
     for name in ("f16_16384", "shapes"):
-        cfg = vqgan_config(name)
+        cfg = load_vqgan_config(name)
         model = VQModel(cfg).eval()
         images = torch.rand(batch_size, 3, cfg.resolution, cfg.resolution) * 2 - 1
         codes = model.encode(images)

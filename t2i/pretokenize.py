@@ -49,7 +49,7 @@ from t2i.data.shards import (IMAGE_EXTENSIONS, MANIFEST, ShardStats, describe, r
 from t2i.data.stream import complete_samples, decode_image, to_unit_range
 from t2i.models.vqgan import VQGANConfig, VQModel, load_vqgan, weights_hash
 
-VQGAN_CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf" / "vqgan"
+VQGAN_CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf" / "vqgan"
 TOKENIZER = "tokenizer.model"
 MAX_CODES = 2**16  # uint16
 FLIP_SUFFIX = "_flip"

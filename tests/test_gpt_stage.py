@@ -81,8 +81,10 @@ def codes_root(tmp_path_factory):
     return out
 
 
-def test_train_py_on_code_shards_writes_a_self_contained_checkpoint(codes_root, tmp_path):
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def gpt_run(codes_root, tmp_path_factory):
+    """One short train.py run on the code shards, shared by the tests that need a GPT checkpoint."""
+    run_dir = tmp_path_factory.mktemp("gpt_run")
     result = subprocess.run(
         [sys.executable, "train.py", "stage=gpt", "model=shapes", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
          "data=shapes_codes", f"data.root={codes_root}", "data.batch_size=16", "data.num_workers=0", "trainer=cpu",
@@ -90,6 +92,11 @@ def test_train_py_on_code_shards_writes_a_self_contained_checkpoint(codes_root, 
          "trainer.enable_progress_bar=false", "stage.warmup_steps=2", f"hydra.run.dir={run_dir}"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_train_py_on_code_shards_writes_a_self_contained_checkpoint(codes_root, gpt_run):
+    run_dir = gpt_run
     metrics = (run_dir / "csv" / "version_0" / "metrics.csv").read_text()
     for name in ("train/image_loss", "train/text_loss", "train/tokens_per_s", "val/loss"):
         assert name in metrics
@@ -108,15 +115,8 @@ def test_image_shards_are_refused_with_the_pretokenize_command(codes_root, tmp_p
     assert result.returncode != 0 and "python -m t2i.pretokenize" in result.stderr
 
 
-def test_generate_command_writes_pngs_and_grid(codes_root, tmp_path):
-    run_dir = tmp_path / "run"
-    trained = subprocess.run(
-        [sys.executable, "train.py", "stage=gpt", "model=shapes", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
-         "data=shapes_codes", f"data.root={codes_root}", "data.batch_size=16", "data.num_workers=0", "trainer=cpu",
-         "trainer.max_steps=2", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
-         f"hydra.run.dir={run_dir}"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
+def test_generate_command_writes_pngs_and_grid(codes_root, gpt_run, tmp_path):
+    ckpt = gpt_run / "checkpoints" / "last.ckpt"
     out = tmp_path / "gen"
     result = subprocess.run(
         [sys.executable, "eval.py", "task=generate", f"ckpt={ckpt}", "prompts=['红色的小圆形','','🎨 mixed text']",

@@ -296,3 +296,8 @@ def test_shapes_codes_config_and_missing_root_hint(tmp_path):
     assert data.root == f"{tmp_path}/shapes_codes" and data.tokenizer.path is None  # <root>/tokenizer.model
     with pytest.raises(FileNotFoundError, match=r"python -m t2i\.pretokenize --data IMAGE_SHARDS"):
         data.root_dir()
+
+
+def test_vqgan_config_names_resolve_to_conf_vqgan():
+    assert pretokenize.load_vqgan_config("f16_16384") == VQGANConfig()  # taming's values are the defaults
+    assert pretokenize.load_vqgan_config("shapes").grid == 8
