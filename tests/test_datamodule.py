@@ -1,8 +1,6 @@
 """The streaming DataModule: exact DDP plans over real shards, decoding, errors."""
 
 import collections
-import json
-import random
 import unicodedata
 
 import numpy as np
@@ -13,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from t2i.data.datamodule import DataConfig, ShardDataModule
 from t2i.data.shards import ImageOptions, Row, write_manifest, write_split
-from t2i.data.tokenizer import TextTokenizer, train_sentencepiece
+from t2i.data.tokenizer import train_sentencepiece
 
 N_TRAIN, N_VAL, SHARD = 203, 37, 13
 COLOURS = ["红色", "绿色", "蓝色", "黄色"]
