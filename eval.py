@@ -14,7 +14,7 @@ from t2i.data.datamodule import ShardDataModule
 from t2i.data.shapes import oracle_accuracy
 from t2i.eval.reconstruction import reconstruction_metrics
 from t2i.models.vqgan import VQGANConfig, load_vqgan
-from t2i.sampling import Generator, SamplingConfig
+from t2i.sampling import Generator, SamplingConfig, save_captioned_grid
 
 log = logging.getLogger("eval")
 
@@ -66,9 +66,7 @@ def generate(cfg: DictConfig) -> dict:
         files.append(str(out / f"{prompt:04d}_{sample:02d}.png"))
         torchvision.utils.save_image(image.float() / 255, files[-1])
     grid = out / "grid.png"
-    torchvision.utils.save_image(images.float() / 255, grid, nrow=sampling.samples_per_prompt, padding=2)
-    # captions beside the grid, row by row (a CJK font to draw them is not guaranteed on every machine)
-    (out / "grid.md").write_text("".join(f"{i + 1}. {p}\n" for i, p in enumerate(prompts)), encoding="utf-8")
+    save_captioned_grid(images, prompts, grid, sampling.samples_per_prompt)
     return {"task": "generate", "ckpt": str(cfg.ckpt), "prompts": prompts, "files": files, "grid": str(grid),
             "sampling": OmegaConf.to_container(cfg.sampling, resolve=True)}
 

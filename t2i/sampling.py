@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torchvision
 
 from t2i.data.tokenizer import TextTokenizer
 from t2i.models.gpt import GPT, GPTConfig
@@ -132,6 +133,24 @@ class Generator:
             batch_cfg = replace(cfg, seed=None if cfg.seed is None else cfg.seed + start)
             codes = generate_codes(self.gpt, text, batch_cfg)
             grid = self.vqgan.cfg.grid
-            pixels = self.vqgan.decode(codes.view(-1, grid, grid))  # one decode per batch
-            images.append(((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+            images.append(decode_to_uint8(self.vqgan, codes.view(-1, grid, grid)).cpu())  # one decode per batch
         return torch.cat(images)
+
+
+def decode_to_uint8(vqgan: VQModel, codes: torch.Tensor) -> torch.Tensor:
+    """Codes [B, h, w] -> uint8 images [B, 3, H, W]."""
+    pixels = vqgan.decode(codes).float()
+    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def save_captioned_grid(images: torch.Tensor, prompts: list[str], path: str | Path, samples_per_prompt: int) -> None:
+    """A PNG grid, one row per prompt, and beside it `<name>.md` with the row captions.
+
+    The captions go in a text file because a font that draws Chinese is not on every machine.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torchvision.utils.save_image(images.float() / 255, path, nrow=samples_per_prompt, padding=2)
+    path.with_suffix(".md").write_text(
+        f"![samples]({path.name})\n\nRows, top to bottom:\n\n" + "".join(f"{i + 1}. {p}\n" for i, p in enumerate(prompts)),
+        encoding="utf-8")

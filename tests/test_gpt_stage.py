@@ -1,5 +1,6 @@
 """GPTStage: token layout, losses, conditioning dropout, pkeep, and train.py on real code shards."""
 
+import itertools
 import json
 import subprocess
 import sys
@@ -8,9 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from t2i import pretokenize
 from t2i.data.convert import run as convert
+from t2i.data.datamodule import DataConfig, ShardDataModule
 from t2i.data.tokenizer import train_sentencepiece
 from t2i.models.gpt import GPTConfig
 from t2i.models.vqgan import VQGANConfig, VQModel, read_checkpoint
@@ -89,7 +94,8 @@ def gpt_run(codes_root, tmp_path_factory):
         [sys.executable, "train.py", "stage=gpt", "model=shapes", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
          "data=shapes_codes", f"data.root={codes_root}", "data.batch_size=16", "data.num_workers=0", "trainer=cpu",
          "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
-         "trainer.enable_progress_bar=false", "stage.warmup_steps=2", f"hydra.run.dir={run_dir}"],
+         "trainer.enable_progress_bar=false", "stage.warmup_steps=2", "stage.sample_every_n_steps=3",
+         "stage.num_sample_prompts=2", "stage.sampling.samples_per_prompt=3", f"hydra.run.dir={run_dir}"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
@@ -108,11 +114,49 @@ def test_train_py_on_code_shards_writes_a_self_contained_checkpoint(codes_root, 
     assert extras["vqgan"]["sha256"] == manifest["vqgan_sha256"]
 
 
-def test_image_shards_are_refused_with_the_pretokenize_command(codes_root, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "train.py", "stage=gpt", "data=shapes", f"data.root={codes_root.parent / 'shapes'}",
-         f"hydra.run.dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and "python -m t2i.pretokenize" in result.stderr
+def test_sample_grids_are_logged_with_their_captions(codes_root, gpt_run):
+    images = gpt_run / "csv" / "version_0" / "images"
+    grids = sorted(images.glob("samples-step*.png"))
+    assert [g.name for g in grids] == ["samples-step0000003.png", "samples-step0000006.png"]
+    assert Image.open(grids[0]).size == (2 + 3 * (32 + 2), 2 + 2 * (32 + 2))  # 3 samples x 2 prompts
+    captions = grids[0].with_suffix(".md").read_text(encoding="utf-8")
+    first_two = list(itertools.islice(DataConfig(root=str(codes_root)).captions("val"), 2))
+    assert all(f"{i + 1}. {c}\n" in captions for i, c in enumerate(first_two))
+
+
+def test_image_shards_need_a_vqgan_and_encode_like_pretokenize(codes_root, tmp_path):
+    images_root = codes_root.parent / "shapes"
+    refused = subprocess.run(
+        [sys.executable, "train.py", "stage=gpt", "data=shapes", f"data.root={images_root}",
+         f"hydra.run.dir={tmp_path / 'refused'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0
+    assert "stage.vqgan_ckpt=PATH" in refused.stderr and "python -m t2i.pretokenize" in refused.stderr
+
+    # the slow path's codes for a batch are exactly the code shards' for the same samples
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["stage=gpt", "model=shapes", "model.n_layer=1", "data=shapes",
+                                          f"data.root={images_root}", "data.num_workers=0",
+                                          f"stage.vqgan_ckpt={codes_root.parent / 'vqgan.ckpt'}"])
+    images_dm = ShardDataModule(OmegaConf.to_container(cfg.data, resolve=True))
+    stage = GPTStage.from_config(cfg, images_dm)
+    assert stage.gpt.cfg.image_len == 64 and stage.gpt.cfg.n_image_codes == 64
+    codes_dm = ShardDataModule({**OmegaConf.to_container(cfg.data, resolve=True), "root": str(codes_root)})
+    image_batch = images_dm.on_after_batch_transfer(next(iter(images_dm.loader("val"))), 0)
+    code_batch = next(iter(codes_dm.loader("val")))
+    assert image_batch["key"] == code_batch["key"]
+    assert torch.equal(stage._codes(image_batch), code_batch["codes"].flatten(1))
+    manifest = json.loads((codes_root / "manifest.json").read_text())
+    assert stage.checkpoint_extras["vqgan"]["sha256"] == manifest["vqgan_sha256"]
+
+    # and train.py runs on them
+    run = subprocess.run(
+        [sys.executable, "train.py", "stage=gpt", "model=shapes", "model.n_layer=1", "model.n_embd=32",
+         "model.n_head=2", "data=shapes", f"data.root={images_root}", "data.batch_size=16", "data.num_workers=0",
+         f"stage.vqgan_ckpt={codes_root.parent / 'vqgan.ckpt'}", "trainer=cpu", "trainer.max_steps=2",
+         "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "stage.sample_every_n_steps=0",
+         f"hydra.run.dir={tmp_path / 'slow'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "slow" / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_generate_command_writes_pngs_and_grid(codes_root, gpt_run, tmp_path):
@@ -125,7 +169,6 @@ def test_generate_command_writes_pngs_and_grid(codes_root, gpt_run, tmp_path):
     assert "empty prompt" in result.stderr
     pngs = sorted((out / "samples").glob("0*.png"))
     assert len(pngs) == 6 and (out / "samples" / "grid.png").is_file()
-    from PIL import Image
     assert Image.open(pngs[0]).size == (32, 32)
     # a VQGAN other than the one the GPT was trained with is refused
     other = tmp_path / "other.ckpt"

@@ -11,13 +11,21 @@ Loss = image cross-entropy + txt_loss_scale x text cross-entropy (CogView; 0 giv
 image-only loss), each over its own id range (an image position only competes among image codes),
 padding excluded. `pkeep` < 1 replaces that fraction of the *input* image codes by random codes
 (targets stay true), as taming/EasyNLP do, drawing only from the image codes.
+
+Codes come from code shards (fast path: `python -m t2i.pretokenize`) or from image shards encoded
+on the fly by a frozen VQGAN (`stage.vqgan_ckpt`, EasyNLP's way): the data manifest decides.
+Every `sample_every_n_steps` steps rank 0 samples images for fixed prompts (the first validation
+captions unless `stage.sample_prompts` names them) and logs the grid with its captions.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
+import warnings
 from dataclasses import asdict
+from pathlib import Path
 from typing import Callable
 
 import lightning as L
@@ -26,7 +34,10 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from t2i.data.tokenizer import TextTokenizer
 from t2i.models.gpt import GPT, GPTConfig
+from t2i.models.vqgan import VQGANConfig, VQModel, load_vqgan, read_checkpoint, weights_hash
+from t2i.sampling import SamplingConfig, decode_to_uint8, generate_codes, save_captioned_grid
 
 
 class GPTStage(L.LightningModule):
@@ -42,6 +53,10 @@ class GPTStage(L.LightningModule):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
         checkpoint_extras: dict | None = None,  # tokenizer bytes, VQGAN identity: travel in checkpoints
+        vqgan: VQModel | None = None,  # frozen: encodes image shards, decodes sample grids
+        sample_prompts: list[str] | None = None,
+        sample_every_n_steps: int = 0,  # 0: no sample grids during training
+        sampling: SamplingConfig | None = None,
     ):
         super().__init__()
         for name, p in (("pkeep", pkeep), ("cond_drop", cond_drop), ("caption_prob", caption_prob)):
@@ -53,27 +68,41 @@ class GPTStage(L.LightningModule):
         self.cond_drop, self.caption_prob = cond_drop, caption_prob
         self.weight_decay, self.warmup_steps, self.min_lr_ratio = weight_decay, warmup_steps, min_lr_ratio
         self.checkpoint_extras = checkpoint_extras or {}
+        # kept out of the module tree: never trained, never saved in the state dict, never wrapped by DDP
+        self._frozen = {"vqgan": vqgan.requires_grad_(False).eval() if vqgan is not None else None}
+        self.sample_prompts = list(sample_prompts or [])
+        self.sample_every_n_steps = sample_every_n_steps
+        self.sampling = sampling or SamplingConfig()
         self._step_started = None
 
     @classmethod
     def from_config(cls, cfg: DictConfig, datamodule) -> "GPTStage":
         """Architecture from `model`, vocabulary sizes and lengths from the data it will read."""
-        codes = datamodule.cfg.manifest()
-        if codes.get("kind") != "codes":
-            raise ValueError(f"stage=gpt trains on code shards: pre-tokenize {datamodule.cfg.root} first "
-                             "(python -m t2i.pretokenize --data IMAGE_SHARDS --out CODE_SHARDS --vqgan CKPT)")
-        h, w = codes["grid"]
-        model = GPTConfig(**OmegaConf.to_container(cfg.model, resolve=True),
-                          n_image_codes=codes["vqgan"]["n_embed"], n_text_tokens=datamodule.tokenizer.vocab_size,
-                          text_len=datamodule.cfg.text_len, image_len=h * w)
         stage = OmegaConf.to_container(cfg.stage, resolve=True)
-        extras = {"tokenizer": datamodule.tokenizer.model, "text_len": datamodule.cfg.text_len,
-                  "vqgan": {"config": codes["vqgan"], "checkpoint": codes.get("vqgan_checkpoint"),
-                            "sha256": codes.get("vqgan_sha256"), "grid": [h, w]}}
+        manifest = datamodule.cfg.manifest()
+        if manifest.get("kind") == "codes":  # fast path: the VQGAN is needed only to draw sample grids
+            vqgan_info = {"config": manifest["vqgan"], "checkpoint": manifest.get("vqgan_checkpoint"),
+                          "sha256": manifest.get("vqgan_sha256"), "grid": list(manifest["grid"])}
+            vqgan = _vqgan_for_samples(vqgan_info) if stage["sample_every_n_steps"] else None
+        else:
+            vqgan, vqgan_info = _vqgan_for_images(cfg, datamodule)
+        h, w = vqgan_info["grid"]
+        model = GPTConfig(**OmegaConf.to_container(cfg.model, resolve=True),
+                          n_image_codes=vqgan_info["config"]["n_embed"], n_text_tokens=datamodule.tokenizer.vocab_size,
+                          text_len=datamodule.cfg.text_len, image_len=h * w)
+        extras = {"tokenizer": datamodule.tokenizer.model, "text_len": datamodule.cfg.text_len, "vqgan": vqgan_info}
+        prompts = stage["sample_prompts"] or list(itertools.islice(datamodule.cfg.captions("val"),
+                                                                   stage["num_sample_prompts"]))
         return cls(model, instantiate(cfg.stage.optimizer), txt_loss_scale=stage["txt_loss_scale"],
                    pkeep=stage["pkeep"], cond_drop=stage["cond_drop"], caption_prob=stage["caption_prob"],
                    weight_decay=stage["weight_decay"], warmup_steps=stage["warmup_steps"],
-                   min_lr_ratio=stage["min_lr_ratio"], checkpoint_extras=extras)
+                   min_lr_ratio=stage["min_lr_ratio"], checkpoint_extras=extras, vqgan=vqgan,
+                   sample_prompts=prompts, sample_every_n_steps=stage["sample_every_n_steps"],
+                   sampling=SamplingConfig(**stage["sampling"]))
+
+    @property
+    def vqgan(self) -> VQModel | None:
+        return self._frozen["vqgan"]
 
     # -- sequences and loss --------------------------------------------------------------------
 
@@ -117,7 +146,13 @@ class GPTStage(L.LightningModule):
         return loss, {"image_loss": image_loss.detach(), "text_loss": text_loss.detach()}
 
     def _codes(self, batch: dict) -> torch.Tensor:
-        return batch["codes"].flatten(1)
+        if "codes" in batch:
+            return batch["codes"].flatten(1)
+        return self.vqgan.encode(batch["image"]).flatten(1)  # slow path: image shards
+
+    def on_fit_start(self) -> None:
+        if self.vqgan is not None:
+            self.vqgan.to(self.device)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         inputs, targets = self.sequences(self._codes(batch), batch["text"], train=True)
@@ -134,6 +169,35 @@ class GPTStage(L.LightningModule):
         loss, logs = self.loss(self.gpt(inputs), targets)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(inputs))
         self.log_dict({f"val/{k}": v for k, v in logs.items()}, sync_dist=True, batch_size=len(inputs))
+
+    # -- sample grids ------------------------------------------------------------------------------
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        every = self.sample_every_n_steps
+        if every and self.vqgan is not None and self.sample_prompts and self.global_step % every == 0 \
+                and self.trainer.is_global_zero:
+            self.log_samples()
+
+    @torch.no_grad()
+    def log_samples(self) -> None:
+        """Images for the fixed prompts: a PNG grid (a row per prompt) + captions, and the logger's image panel."""
+        tokenizer = TextTokenizer(self.checkpoint_extras["tokenizer"], self.gpt.cfg.text_len)
+        text = tokenizer(self.sample_prompts).to(self.device)
+        was_training = self.gpt.training
+        self.gpt.eval()
+        codes = generate_codes(self.gpt, text, self.sampling)
+        self.gpt.train(was_training)
+        h, w = self.checkpoint_extras["vqgan"]["grid"]
+        images = decode_to_uint8(self.vqgan, codes.view(-1, h, w)).cpu()
+        per_prompt = self.sampling.samples_per_prompt
+        if self.trainer.log_dir:
+            folder = Path(self.trainer.log_dir) / "images"
+            save_captioned_grid(images, self.sample_prompts, folder / f"samples-step{self.global_step:07d}.png",
+                                per_prompt)
+        if hasattr(self.logger, "log_image"):  # W&B: one image per prompt, captioned
+            rows = [torch.cat(list(images[i * per_prompt:(i + 1) * per_prompt]), dim=2)
+                    for i in range(len(self.sample_prompts))]
+            self.logger.log_image("val/samples", rows, step=self.global_step, caption=self.sample_prompts)
 
     # -- optimisation ------------------------------------------------------------------------
 
@@ -159,3 +223,37 @@ class GPTStage(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["t2i"] = {"gpt": asdict(self.gpt.cfg), **self.checkpoint_extras}
+
+
+def _vqgan_for_samples(info: dict) -> VQModel | None:
+    """The VQGAN that made the code shards, to draw sample grids; None (with a warning) when it is gone."""
+    path = info["checkpoint"]
+    if not path or not Path(path).is_file():
+        warnings.warn(f"the VQGAN that made the code shards ({path}) is not there: no sample grids during training")
+        return None
+    vqgan = load_vqgan(path, VQGANConfig(**info["config"]))
+    if info["sha256"] and weights_hash(vqgan) != info["sha256"]:
+        warnings.warn(f"{path} changed since the code shards were made: no sample grids during training")
+        return None
+    return vqgan
+
+
+def _vqgan_for_images(cfg: DictConfig, datamodule) -> tuple[VQModel, dict]:
+    """Slow path: a frozen VQGAN encodes the image shards at every step (stage.vqgan_ckpt)."""
+    path = cfg.stage.vqgan_ckpt
+    if not path:
+        raise ValueError(f"stage=gpt on image shards ({datamodule.cfg.root}) needs the VQGAN that encodes them: "
+                         "set stage.vqgan_ckpt=PATH (a taming checkpoint also needs vqgan=f16_16384), or pre-tokenize "
+                         "once and train on code shards, which is much faster: "
+                         "python -m t2i.pretokenize --data IMAGE_SHARDS --out CODE_SHARDS --vqgan CKPT")
+    saved = read_checkpoint(path).get("t2i", {}).get("vqgan")  # our checkpoints carry their config
+    vqgan_cfg = VQGANConfig(**saved) if saved else VQGANConfig(
+        **{k: v for k, v in OmegaConf.to_container(cfg.vqgan, resolve=True).items() if k != "init_ckpt"})
+    vqgan = load_vqgan(path, vqgan_cfg)
+    size = datamodule.cfg.image_size
+    if size % vqgan.cfg.downsample:
+        raise ValueError(f"data.image_size={size} is not a multiple of the VQGAN's downsampling {vqgan.cfg.downsample}")
+    grid = size // vqgan.cfg.downsample
+    info = {"config": asdict(vqgan.cfg), "checkpoint": str(Path(path).resolve()), "sha256": weights_hash(vqgan),
+            "grid": [grid, grid]}
+    return vqgan, info

@@ -1,0 +1,286 @@
+"""Sampling speed of the text-to-image GPT: recomputation vs the KV cache, and the memory-bandwidth floor.
+
+    python experiments/bench_generate.py                      # base size, fp32 CPU, batches 1 and 8 (~15 min)
+    python experiments/bench_generate.py --quick              # tiny model, a smoke test in seconds
+    python experiments/bench_generate.py --recompute-steps 32 # estimate recomputation from 32 of its 256 forwards
+
+Random weights at the base size (12 layers, 12 heads, 768 wide, 32 text + 256 image positions,
+16,384 image codes, 16,000 text ids): speed does not depend on the weights. For each batch (number
+of prompts, one sample each, no guidance, top-k 100, seed 0) it times generate_codes with
+use_cache=False, which recomputes the whole sequence at every step as EasyNLP's loop does, and with
+the KV cache. The floor is the time to read, once per generated code, every weight a one-position
+forward touches (blocks, final LayerNorm, output head), at the memory bandwidth measured in the same
+run (best .sum() over a 1 GB fp32 tensor). Peak memory is measured in fresh subprocesses (ru_maxrss
+with and without sampling) on the CPU, max_memory_allocated on a GPU.
+Targets: KV cache >= 12x faster than recomputation at batch 1 and >= 20x at batch 8; KV-cache
+batch 1 within 1.5x of the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from t2i.models.gpt import GPT, GPTConfig
+from t2i.sampling import SamplingConfig, filter_logits, generate_codes
+
+BASE = dict(n_layer=12, n_head=12, n_embd=768, text_len=32, image_len=256, n_image_codes=16384, n_text_tokens=16000)
+QUICK = dict(n_layer=2, n_head=4, n_embd=128, text_len=8, image_len=64, n_image_codes=1024, n_text_tokens=1000)
+TARGETS = {1: 12.0, 8: 20.0}  # speed-up of the KV cache over recomputation, per batch size
+FLOOR_TARGET = 1.5
+MB = 1e6
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(quick: bool, device: str) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**(QUICK if quick else BASE))).eval().to(device)
+
+
+def prompts(model: GPT, batch: int, device: str) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    cfg = model.cfg
+    return torch.randint(1, cfg.n_text_tokens, (batch, cfg.text_len), generator=generator).to(device)
+
+
+def sampling(top_k: int) -> SamplingConfig:
+    return SamplingConfig(top_k=top_k, seed=0)
+
+
+def timed(fn, device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def recompute_estimate(model: GPT, text: torch.Tensor, cfg: SamplingConfig, steps: int, device: str) -> float:
+    """Seconds for generate_codes(use_cache=False) from `steps` of its image_len forwards, spread over the lengths.
+
+    Its forwards run the prefix and then every longer sequence up to one short of the full one; each is
+    followed by the same sampling of the last position.
+    """
+    gpt = model.cfg
+    prefix = model.t2i_prefix(text)
+    codes = torch.randint(0, gpt.n_image_codes, (len(text), gpt.image_len - 1), device=device)
+    full = torch.cat([prefix, codes], 1)
+    lengths = torch.linspace(prefix.shape[1], full.shape[1], steps).round().long().unique().tolist()
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def step(length: int) -> None:
+        logits = model(full[:, :length])[:, -1, : gpt.n_image_codes].float()
+        probs = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
+        torch.multinomial(probs, 1, generator=generator)
+
+    model(full[:, : lengths[-1]])  # warm-up at the longest length
+    return sum(timed(lambda: step(length), device) for length in lengths) / len(lengths) * gpt.image_len
+
+
+def generation_seconds(model: GPT, batch: int, cfg: SamplingConfig, use_cache: bool, repeats: int, device: str,
+                       recompute_steps: int | None) -> tuple[float, str]:
+    """Best wall seconds of one generate_codes call for `batch` prompts, and how it was obtained."""
+    text = prompts(model, batch, device)
+    image_len = model.cfg.image_len
+    if not use_cache and recompute_steps and recompute_steps < image_len:
+        return recompute_estimate(model, text, cfg, recompute_steps, device), f"est. from {recompute_steps} forwards"
+    if use_cache:
+        generate_codes(model, text, cfg)  # warm-up
+    else:
+        with torch.no_grad():  # warm-up at the longest length: the full loop is too long to run twice for it
+            model(torch.zeros(batch, model.cfg.block_size - 1, dtype=torch.long, device=device))
+    best = min(timed(lambda: generate_codes(model, text, cfg, use_cache=use_cache), device) for _ in range(repeats))
+    return best, f"best of {repeats}" if repeats > 1 else "1 run"
+
+
+def bandwidth(device: str, gigabytes: float, repeats: int = 8) -> float:
+    """Bytes per second of the best full read of a large fp32 tensor (a sum, so nothing is written)."""
+    x = torch.ones(int(gigabytes * 1e9) // 4, device=device)
+    x.sum()
+    best = min(timed(x.sum, device) for _ in range(repeats))
+    return x.numel() * 4 / best
+
+
+def bytes_per_step(model: GPT) -> int:
+    """Weights one single-position forward reads: the blocks, the final LayerNorm and the whole output head.
+
+    The token and position embeddings contribute one row each and are left out.
+    """
+    params = [*model.blocks.parameters(), *model.ln_f.parameters(), *model.head.parameters()]
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def kv_read_per_step(model: GPT, batch: int) -> float:
+    """Mean bytes of cached keys and values the attention reads per image step (it grows with the position)."""
+    cfg = model.cfg
+    prefix = cfg.block_size - cfg.image_len
+    mean_positions = prefix + (cfg.image_len - 1) / 2  # step i (prefix forward = 0) attends to prefix + i positions
+    return 2 * cfg.n_layer * batch * mean_positions * cfg.n_embd * model.pos_emb.element_size()
+
+
+def cache_bytes(model: GPT, batch: int) -> int:
+    cache = model.new_cache(batch)
+    return sum(t.numel() * t.element_size() for t in cache.keys + cache.values)
+
+
+def memory_probe(args: argparse.Namespace) -> None:
+    """Child process: build the model (and sample when asked), then print the peak RSS in bytes."""
+    model = build(args.quick, "cpu")
+    text = prompts(model, args.probe_batch, "cpu")
+    torch.ones(64, 64) @ torch.ones(64, 64)  # start the thread pool in both probes
+    if args.memory_probe == "sample":
+        generate_codes(model, text, sampling(args.top_k))
+    print(json.dumps({"maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+
+def peak_memory(args: argparse.Namespace, model: GPT, batch: int) -> tuple[int, int]:
+    """(peak with the model built, peak while sampling with the KV cache), bytes."""
+    if args.device == "cuda":
+        text = prompts(model, batch, "cuda")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        built = torch.cuda.max_memory_allocated()
+        generate_codes(model, text, sampling(args.top_k))
+        torch.cuda.synchronize()
+        return built, torch.cuda.max_memory_allocated()
+    peaks = []
+    for mode in ("build", "sample"):
+        command = [sys.executable, __file__, "--memory-probe", mode, "--probe-batch", str(batch),
+                   "--top-k", str(args.top_k), *(["--quick"] if args.quick else [])]
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        peaks.append(json.loads(out.strip().splitlines()[-1])["maxrss"])
+    return peaks[0], peaks[1]
+
+
+def machine(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = f"{names[0]} x {len(names)}" if names else cpu
+    gpu = f", GPU {torch.cuda.get_device_name()}" if device == "cuda" else ""
+    return f"CPU {cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads{gpu}"
+
+
+def profile(model: GPT, steps: int, device: str, rows: int) -> None:
+    """The top operators of `steps` single-position KV-cache forwards at batch 1, mid-sequence."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cache = model.new_cache(1)
+    prefix = model.t2i_prefix(prompts(model, 1, device))
+    new = torch.zeros(1, 1, dtype=torch.long, device=device)
+    with torch.no_grad():
+        model(prefix, cache)
+        for _ in range(model.cfg.image_len // 2 - steps):
+            model(new, cache)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with torch_profile(activities=activities) as prof:
+            for _ in range(steps):
+                model(new, cache)
+            sync(device)
+    print(f"\nprofile of {steps} KV-cache forwards at batch 1 (positions {cache.length - steps}..{cache.length - 1})\n")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="tiny model (2 layers, 128 wide, 64 codes): a smoke test")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--top-k", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3, help="KV-cache runs per batch; the fastest counts")
+    parser.add_argument("--recompute-repeats", type=int, default=1, help="recomputation runs per batch")
+    parser.add_argument("--recompute-steps", type=int, default=None,
+                        help="time only this many of recomputation's forwards, spread over the lengths, and "
+                             "extrapolate (default: run generate_codes(use_cache=False) whole)")
+    parser.add_argument("--bandwidth-gb", type=float, default=1.0, help="size of the tensor read for the bandwidth")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="also print a torch.profiler summary of this many batch-1 KV-cache steps")
+    parser.add_argument("--memory-probe", choices=["build", "sample"], help=argparse.SUPPRESS)
+    parser.add_argument("--probe-batch", type=int, default=8, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_probe:
+        memory_probe(args)
+        return
+
+    model = build(args.quick, args.device)
+    cfg, sample_cfg = model.cfg, sampling(args.top_k)
+    size = "quick" if args.quick else "base"
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"\n{machine(args.device)}")
+    print(f"{size} GPT: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, {cfg.text_len} text + "
+          f"{cfg.image_len} image positions, vocabulary {cfg.vocab_size}, {n_params / 1e6:.1f}M parameters, fp32, "
+          f"{args.device}; top-k {args.top_k}, seed 0, one sample per prompt, no guidance")
+
+    speed = {}
+    for batch in args.batches:
+        slow, slow_how = generation_seconds(model, batch, sample_cfg, False, args.recompute_repeats, args.device,
+                                            args.recompute_steps)
+        fast, fast_how = generation_seconds(model, batch, sample_cfg, True, args.repeats, args.device, None)
+        speed[batch] = (slow / batch, slow_how, fast / batch, fast_how)
+
+    read = bytes_per_step(model)
+    rate = bandwidth(args.device, args.bandwidth_gb)
+    floor = read / rate * cfg.image_len
+
+    print(f"\n| {'batch':>5} | {'recompute s/image':>17} | {'(how)':<22} | {'KV cache s/image':>16} | {'(how)':<10} "
+          f"| {'speed-up':>8} | {'target':>6} | {'met':<6} |")
+    print(f"|{'-' * 7}|{'-' * 19}|{'-' * 24}|{'-' * 18}|{'-' * 12}|{'-' * 10}|{'-' * 8}|{'-' * 8}|")
+    for batch, (slow, slow_how, fast, fast_how) in speed.items():
+        target = TARGETS.get(batch)
+        met = "-" if target is None else ("met" if slow / fast >= target else "MISSED")
+        target_text = "-" if target is None else f">= {target:.0f}x"
+        print(f"| {batch:>5} | {slow:>17.3f} | {slow_how:<22} | {fast:>16.4f} | {fast_how:<10} | {slow / fast:>7.1f}x "
+              f"| {target_text:>6} | {met:<6} |")
+
+    print(f"\n| {'weights read per step':>21} | {'bandwidth':>9} | {'floor s/image':>13} | {'KV batch 1 s/image':>18} "
+          f"| {'KV / floor':>10} | {'target':>6} | {'met':<6} |")
+    print(f"|{'-' * 23}|{'-' * 11}|{'-' * 15}|{'-' * 20}|{'-' * 12}|{'-' * 8}|{'-' * 8}|")
+    if 1 in speed:
+        ratio = speed[1][2] / floor
+        ratio_text, met = f"{ratio:.2f}x", "met" if ratio <= FLOOR_TARGET else "MISSED"
+        kv_text = f"{speed[1][2]:.4f}"
+    else:
+        ratio_text, met, kv_text = "-", "-", "-"
+    print(f"| {read / MB:>18.1f} MB | {rate / 1e9:>4.1f} GB/s | {floor:>13.4f} | {kv_text:>18} | {ratio_text:>10} "
+          f"| {'<= ' + str(FLOOR_TARGET) + 'x':>6} | {met:<6} |")
+    kv_read = kv_read_per_step(model, 1)
+    print(f"\nfloor = {read / MB:.1f} MB x {cfg.image_len} steps / {rate / 1e9:.1f} GB/s (best of 8 sums over "
+          f"{args.bandwidth_gb:g} GB); the batch-1 attention also reads {kv_read / MB:.1f} MB of cached keys and "
+          f"values per step on average ({kv_read / read:.1%} more), not counted")
+
+    if not args.no_memory:
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        what = "max_memory_allocated" if args.device == "cuda" else "peak RSS"
+        print(f"\n| {'batch':>5} | {'weights MB':>10} | {'KV cache MB (computed)':>22} | {what + ' built MB':>20} "
+              f"| {what + ' sampling MB':>23} | {'sampling adds MB':>16} |")
+        print(f"|{'-' * 7}|{'-' * 12}|{'-' * 24}|{'-' * 22}|{'-' * 25}|{'-' * 18}|")
+        for batch in [b for b in args.batches if b == max(args.batches)]:
+            built, sampled = peak_memory(args, model, batch)
+            print(f"| {batch:>5} | {weights / MB:>10.1f} | {cache_bytes(model, batch) / MB:>22.1f} | {built / MB:>20.1f} "
+                  f"| {sampled / MB:>23.1f} | {(sampled - built) / MB:>16.1f} |")
+
+    if args.quick:
+        print("\n(--quick: the targets are for the base size; these figures only show the script runs)")
+    if args.profile:
+        profile(model, args.profile, args.device, rows=15)
+
+
+if __name__ == "__main__":
+    main()
