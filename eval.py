@@ -1,7 +1,8 @@
-"""Evaluate: python eval.py task=<oracle|reconstruct|generate> [data=<name>] [ckpt=PATH] [key=value ...]"""
+"""Evaluate: python eval.py [task=<t2i|generate|reconstruct|oracle>] [data=<name>] [ckpt=PATH] [key=value ...]"""
 
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -13,8 +14,9 @@ from tqdm import tqdm
 from t2i.data.datamodule import ShardDataModule
 from t2i.data.shapes import oracle_accuracy
 from t2i.eval.reconstruction import reconstruction_metrics
+from t2i.eval.text_to_image import CaptionScorer, EvalConfig, evaluate, markdown_table, warn_unavailable
 from t2i.models.vqgan import VQGANConfig, load_vqgan
-from t2i.sampling import Generator, SamplingConfig, save_captioned_grid
+from t2i.sampling import Generator, resolve_sampling, save_captioned_grid
 
 log = logging.getLogger("eval")
 
@@ -55,8 +57,8 @@ def generate(cfg: DictConfig) -> dict:
         prompts += [line.strip() for line in Path(cfg.prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise ValueError("task=generate needs prompts=[...] or prompts_file=PATH")
-    sampling = SamplingConfig(**OmegaConf.to_container(cfg.sampling, resolve=True))
     generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=cfg.device)
+    sampling = resolve_sampling(OmegaConf.to_container(cfg.sampling, resolve=True), generator.meta.get("sampling"))
     images = generator(prompts, sampling, batch_size=cfg.batch_size)
     out = Path(HydraConfig.get().runtime.output_dir) / "samples"
     out.mkdir(parents=True, exist_ok=True)
@@ -68,10 +70,36 @@ def generate(cfg: DictConfig) -> dict:
     grid = out / "grid.png"
     save_captioned_grid(images, prompts, grid, sampling.samples_per_prompt)
     return {"task": "generate", "ckpt": str(cfg.ckpt), "prompts": prompts, "files": files, "grid": str(grid),
-            "sampling": OmegaConf.to_container(cfg.sampling, resolve=True)}
+            "sampling": asdict(sampling)}
 
 
-TASKS = {"oracle": oracle_on_real_images, "reconstruct": reconstruct, "generate": generate}
+def text_to_image(cfg: DictConfig) -> dict:
+    """A GPT checkpoint on a split's captions: FID, IS, Caption Loss (with/without reranking), shapes attributes."""
+    if not cfg.ckpt:
+        raise ValueError("eval.py needs ckpt=PATH (a GPT checkpoint from stage=gpt)")
+    generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=cfg.device)
+    sampling = resolve_sampling(OmegaConf.to_container(cfg.sampling, resolve=True), generator.meta.get("sampling"))
+    options = OmegaConf.to_container(cfg.eval, resolve=True)
+    scorer, caption_model = CaptionScorer.for_generator(generator, options.pop("caption_ckpt"))
+    if scorer is None:
+        warn_unavailable(caption_model)
+        if options["rerank"] > 1:
+            log.warning("eval.rerank=%d ignored: no captioning model", options["rerank"])
+            options["rerank"] = 1
+    dm = ShardDataModule(OmegaConf.to_container(cfg.data, resolve=True))
+    out = Path(HydraConfig.get().runtime.output_dir)
+    eval_cfg = EvalConfig(**{k: options[k] for k in EvalConfig.__dataclass_fields__})
+    results = {"task": "t2i", "ckpt": str(cfg.ckpt), "data": cfg.data.name, "split": cfg.split}
+    results.update(evaluate(generator, dm.loader(cfg.split), sampling, eval_cfg, out, scorer))
+    if scorer is None:
+        results["caption_loss_unavailable"] = caption_model
+    else:
+        results["caption_model"] = caption_model
+    (out / "results.md").write_text(markdown_table(results), encoding="utf-8")
+    return results
+
+
+TASKS = {"t2i": text_to_image, "generate": generate, "reconstruct": reconstruct, "oracle": oracle_on_real_images}
 
 
 @hydra.main(config_path="conf", config_name="eval", version_base="1.3")

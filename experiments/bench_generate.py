@@ -10,8 +10,8 @@ of prompts, one sample each, no guidance, top-k 100, seed 0) it times generate_c
 use_cache=False, which recomputes the whole sequence at every step as EasyNLP's loop does, and with
 the KV cache. The floor is the time to read, once per generated code, every weight a one-position
 forward touches (blocks, final LayerNorm, output head), at the memory bandwidth measured in the same
-run (best .sum() over a 1 GB fp32 tensor). Peak memory is measured in fresh subprocesses (ru_maxrss
-with and without sampling) on the CPU, max_memory_allocated on a GPU.
+run (best .sum() over a 1 GB fp32 tensor). Peak memory at the largest batch is measured in fresh
+subprocesses (peak RSS with and without sampling) on the CPU, max_memory_allocated on a GPU.
 Targets: KV cache >= 12x faster than recomputation at batch 1 and >= 20x at batch 8; KV-cache
 batch 1 within 1.5x of the floor.
 """
@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from t2i.models.gpt import GPT, GPTConfig
 from t2i.sampling import SamplingConfig, filter_logits, generate_codes
@@ -114,6 +115,23 @@ def bandwidth(device: str, gigabytes: float, repeats: int = 8) -> float:
     return x.numel() * 4 / best
 
 
+def linears_alone(model: GPT, batch: int, device: str, repeats: int = 5) -> float:
+    """Best seconds for one position through every linear layer (blocks and head) and nothing else.
+
+    What torch's matrix-vector kernels alone cost per step: between the floor and the real step.
+    """
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {n: torch.randn(batch, n, device=device) for n in {m.in_features for m in layers}}
+
+    def run() -> None:
+        for m in layers:
+            F.linear(inputs[m.in_features], m.weight, m.bias)
+
+    with torch.no_grad():
+        run()
+        return min(timed(run, device) for _ in range(repeats))
+
+
 def bytes_per_step(model: GPT) -> int:
     """Weights one single-position forward reads: the blocks, the final LayerNorm and the whole output head.
 
@@ -143,7 +161,21 @@ def memory_probe(args: argparse.Namespace) -> None:
     torch.ones(64, 64) @ torch.ones(64, 64)  # start the thread pool in both probes
     if args.memory_probe == "sample":
         generate_codes(model, text, sampling(args.top_k))
-    print(json.dumps({"maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    print(json.dumps({"peak": peak_rss()}))
+
+
+def peak_rss() -> int:
+    """This process's peak resident set, bytes.
+
+    VmHWM where there is one: ru_maxrss survives exec, so a child spawned from this large parent would
+    report the parent's peak.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def peak_memory(args: argparse.Namespace, model: GPT, batch: int) -> tuple[int, int]:
@@ -161,7 +193,7 @@ def peak_memory(args: argparse.Namespace, model: GPT, batch: int) -> tuple[int, 
         command = [sys.executable, __file__, "--memory-probe", mode, "--probe-batch", str(batch),
                    "--top-k", str(args.top_k), *(["--quick"] if args.quick else [])]
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        peaks.append(json.loads(out.strip().splitlines()[-1])["maxrss"])
+        peaks.append(json.loads(out.strip().splitlines()[-1])["peak"])
     return peaks[0], peaks[1]
 
 
@@ -195,6 +227,18 @@ def profile(model: GPT, steps: int, device: str, rows: int) -> None:
             sync(device)
     print(f"\nprofile of {steps} KV-cache forwards at batch 1 (positions {cache.length - steps}..{cache.length - 1})\n")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def table(headers: list[str], rows: list[list]) -> None:
+    """A markdown table, columns padded to their widest cell, numbers right-aligned."""
+    cells = [headers] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    right = [all(row[i][:1].isdigit() or row[i] == "-" for row in cells[1:]) for i in range(len(headers))]
+    print()
+    for n, row in enumerate(cells):
+        print("| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)) + " |")
+        if n == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
 
 
 def main() -> None:
@@ -238,43 +282,38 @@ def main() -> None:
     read = bytes_per_step(model)
     rate = bandwidth(args.device, args.bandwidth_gb)
     floor = read / rate * cfg.image_len
+    matvecs = linears_alone(model, 1, args.device) * cfg.image_len
 
-    print(f"\n| {'batch':>5} | {'recompute s/image':>17} | {'(how)':<22} | {'KV cache s/image':>16} | {'(how)':<10} "
-          f"| {'speed-up':>8} | {'target':>6} | {'met':<6} |")
-    print(f"|{'-' * 7}|{'-' * 19}|{'-' * 24}|{'-' * 18}|{'-' * 12}|{'-' * 10}|{'-' * 8}|{'-' * 8}|")
+    rows = []
     for batch, (slow, slow_how, fast, fast_how) in speed.items():
         target = TARGETS.get(batch)
-        met = "-" if target is None else ("met" if slow / fast >= target else "MISSED")
-        target_text = "-" if target is None else f">= {target:.0f}x"
-        print(f"| {batch:>5} | {slow:>17.3f} | {slow_how:<22} | {fast:>16.4f} | {fast_how:<10} | {slow / fast:>7.1f}x "
-              f"| {target_text:>6} | {met:<6} |")
+        rows.append([batch, f"{slow:.3f}", slow_how, f"{fast:.4f}", fast_how, f"{slow / fast:.1f}x",
+                     "-" if target is None else f">= {target:.0f}x",
+                     "-" if target is None else ("met" if slow / fast >= target else "MISSED")])
+    table(["batch", "recompute s/image", "", "KV cache s/image", "", "speed-up", "target", "met"], rows)
 
-    print(f"\n| {'weights read per step':>21} | {'bandwidth':>9} | {'floor s/image':>13} | {'KV batch 1 s/image':>18} "
-          f"| {'KV / floor':>10} | {'target':>6} | {'met':<6} |")
-    print(f"|{'-' * 23}|{'-' * 11}|{'-' * 15}|{'-' * 20}|{'-' * 12}|{'-' * 8}|{'-' * 8}|")
-    if 1 in speed:
-        ratio = speed[1][2] / floor
-        ratio_text, met = f"{ratio:.2f}x", "met" if ratio <= FLOOR_TARGET else "MISSED"
-        kv_text = f"{speed[1][2]:.4f}"
-    else:
-        ratio_text, met, kv_text = "-", "-", "-"
-    print(f"| {read / MB:>18.1f} MB | {rate / 1e9:>4.1f} GB/s | {floor:>13.4f} | {kv_text:>18} | {ratio_text:>10} "
-          f"| {'<= ' + str(FLOOR_TARGET) + 'x':>6} | {met:<6} |")
+    kv = speed[1][2] if 1 in speed else None
+    table(["weights read per step", "bandwidth", "floor s/image", "linears alone s/image", "KV batch 1 s/image",
+           "KV / floor", "target", "met"],
+          [[f"{read / MB:.1f} MB", f"{rate / 1e9:.1f} GB/s", f"{floor:.4f}", f"{matvecs:.4f}",
+            "-" if kv is None else f"{kv:.4f}", "-" if kv is None else f"{kv / floor:.2f}x", f"<= {FLOOR_TARGET}x",
+            "-" if kv is None else ("met" if kv / floor <= FLOOR_TARGET else "MISSED")]])
     kv_read = kv_read_per_step(model, 1)
     print(f"\nfloor = {read / MB:.1f} MB x {cfg.image_len} steps / {rate / 1e9:.1f} GB/s (best of 8 sums over "
-          f"{args.bandwidth_gb:g} GB); the batch-1 attention also reads {kv_read / MB:.1f} MB of cached keys and "
-          f"values per step on average ({kv_read / read:.1%} more), not counted")
+          f"{args.bandwidth_gb:g} GB). The batch-1 attention also reads {kv_read / MB:.1f} MB of cached keys and "
+          f"values per step on average ({kv_read / read:.1%} more), not counted. Linears alone: one position "
+          f"through every nn.Linear ({len([m for m in model.modules() if isinstance(m, torch.nn.Linear)])}) and "
+          f"nothing else, x {cfg.image_len}: torch's matrix-vector kernels at batch 1, best of 5.")
 
     if not args.no_memory:
+        batch = max(args.batches)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        built, sampled = peak_memory(args, model, batch)
         what = "max_memory_allocated" if args.device == "cuda" else "peak RSS"
-        print(f"\n| {'batch':>5} | {'weights MB':>10} | {'KV cache MB (computed)':>22} | {what + ' built MB':>20} "
-              f"| {what + ' sampling MB':>23} | {'sampling adds MB':>16} |")
-        print(f"|{'-' * 7}|{'-' * 12}|{'-' * 24}|{'-' * 22}|{'-' * 25}|{'-' * 18}|")
-        for batch in [b for b in args.batches if b == max(args.batches)]:
-            built, sampled = peak_memory(args, model, batch)
-            print(f"| {batch:>5} | {weights / MB:>10.1f} | {cache_bytes(model, batch) / MB:>22.1f} | {built / MB:>20.1f} "
-                  f"| {sampled / MB:>23.1f} | {(sampled - built) / MB:>16.1f} |")
+        table(["batch", "weights MB", "KV cache MB (computed)", f"{what} built MB", f"{what} sampling MB",
+               "sampling adds MB"],
+              [[batch, f"{weights / MB:.1f}", f"{cache_bytes(model, batch) / MB:.1f}", f"{built / MB:.1f}",
+                f"{sampled / MB:.1f}", f"{(sampled - built) / MB:.1f}"]])
 
     if args.quick:
         print("\n(--quick: the targets are for the base size; these figures only show the script runs)")

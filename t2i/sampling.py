@@ -94,21 +94,19 @@ def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cach
 
 
 class Generator:
-    """A trained GPT with its tokenizer and VQGAN: prompts in, images out."""
+    """A trained GPT with its tokenizer and VQGAN: prompts in, codes and images out.
 
-    def __init__(self, gpt: GPT, tokenizer: TextTokenizer, vqgan: VQModel):
+    `meta` is the checkpoint's t2i record (GPT config, tokenizer, VQGAN identity, training options).
+    """
+
+    def __init__(self, gpt: GPT, tokenizer: TextTokenizer, vqgan: VQModel, meta: dict | None = None):
         self.gpt, self.tokenizer, self.vqgan = gpt.eval(), tokenizer, vqgan.eval()
+        self.meta = meta or {}
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, vqgan_ckpt: str | Path | None = None, device: str = "cpu") -> "Generator":
         """Everything from a GPTStage checkpoint; the VQGAN it names (or `vqgan_ckpt`) must match its hash."""
-        checkpoint = read_checkpoint(path)
-        meta = checkpoint.get("t2i", {})
-        if "gpt" not in meta:
-            raise ValueError(f"{path} is not a t2i GPT checkpoint (no t2i.gpt config): train one with stage=gpt")
-        gpt = GPT(GPTConfig(**meta["gpt"]))
-        state = {k[len("gpt."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("gpt.")}
-        load_weights(gpt, state, str(path))
+        gpt, meta = load_gpt(path)
         vqgan_meta = meta["vqgan"]
         vqgan_path = vqgan_ckpt or vqgan_meta.get("checkpoint")
         if not vqgan_path:
@@ -118,23 +116,52 @@ class Generator:
             raise ValueError(f"the VQGAN at {vqgan_path} is not the one {path} was trained with "
                              f"(sha256 {weights_hash(vqgan)[:12]}..., expected {vqgan_meta['sha256'][:12]}...): "
                              "pass the right one with vqgan_ckpt=PATH")
-        return cls(gpt.to(device), TextTokenizer(meta["tokenizer"], meta["text_len"]), vqgan.to(device))
+        return cls(gpt.to(device), TextTokenizer(meta["tokenizer"], meta["text_len"]), vqgan.to(device), meta)
+
+    @property
+    def device(self) -> torch.device:
+        return self.gpt.pos_emb.device
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str], cfg: SamplingConfig, batch_size: int = 16) -> torch.Tensor:
-        """uint8 images [len(prompts) * samples_per_prompt, 3, H, W], the samples of a prompt adjacent."""
+    def sample_codes(self, prompts: list[str], cfg: SamplingConfig, batch_size: int = 16) -> torch.Tensor:
+        """Codes [len(prompts) * samples_per_prompt, h, w], the samples of a prompt adjacent."""
         if any(not p.strip() for p in prompts):
             warnings.warn("an empty prompt generates unconditionally (the null text)")
-        device = self.gpt.pos_emb.device
-        images = []
+        h, w = self.meta.get("vqgan", {}).get("grid") or (self.vqgan.cfg.grid, self.vqgan.cfg.grid)
+        codes = []
         per_batch = max(1, batch_size // cfg.samples_per_prompt)
         for start in range(0, len(prompts), per_batch):
-            text = self.tokenizer(prompts[start:start + per_batch]).to(device)
+            text = self.tokenizer(prompts[start:start + per_batch]).to(self.device)
             batch_cfg = replace(cfg, seed=None if cfg.seed is None else cfg.seed + start)
-            codes = generate_codes(self.gpt, text, batch_cfg)
-            grid = self.vqgan.cfg.grid
-            images.append(decode_to_uint8(self.vqgan, codes.view(-1, grid, grid)).cpu())  # one decode per batch
-        return torch.cat(images)
+            codes.append(generate_codes(self.gpt, text, batch_cfg).view(-1, h, w))
+        return torch.cat(codes)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        """Codes [N, h, w] -> uint8 images [N, 3, H, W] on the CPU."""
+        return torch.cat([decode_to_uint8(self.vqgan, chunk).cpu() for chunk in codes.split(batch_size)])
+
+    def __call__(self, prompts: list[str], cfg: SamplingConfig, batch_size: int = 16) -> torch.Tensor:
+        """uint8 images [len(prompts) * samples_per_prompt, 3, H, W], the samples of a prompt adjacent."""
+        return self.decode(self.sample_codes(prompts, cfg, batch_size), batch_size)
+
+
+def load_gpt(path: str | Path) -> tuple[GPT, dict]:
+    """The GPT of a GPTStage checkpoint and the checkpoint's t2i record."""
+    checkpoint = read_checkpoint(path)
+    meta = checkpoint.get("t2i", {})
+    if "gpt" not in meta:
+        raise ValueError(f"{path} is not a t2i GPT checkpoint (no t2i.gpt config): train one with stage=gpt")
+    gpt = GPT(GPTConfig(**meta["gpt"]))
+    state = {k[len("gpt."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("gpt.")}
+    load_weights(gpt, state, str(path))
+    return gpt.eval(), meta
+
+
+def resolve_sampling(options: dict, checkpoint_defaults: dict | None = None) -> SamplingConfig:
+    """Sampling options: those given (not None) win over the checkpoint's (what its training grids used)."""
+    merged = {**(checkpoint_defaults or {}), **{k: v for k, v in options.items() if v is not None}}
+    return SamplingConfig(**merged)
 
 
 def decode_to_uint8(vqgan: VQModel, codes: torch.Tensor) -> torch.Tensor:

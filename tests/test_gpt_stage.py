@@ -4,7 +4,6 @@ import itertools
 import json
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -13,12 +12,9 @@ from PIL import Image
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from t2i import pretokenize
-from t2i.data.convert import run as convert
 from t2i.data.datamodule import DataConfig, ShardDataModule
-from t2i.data.tokenizer import train_sentencepiece
 from t2i.models.gpt import GPTConfig
-from t2i.models.vqgan import VQGANConfig, VQModel, read_checkpoint
+from t2i.models.vqgan import read_checkpoint
 from t2i.stages.gpt_stage import GPTStage
 
 REPO = Path(__file__).parents[1]
@@ -67,38 +63,6 @@ def test_loss_uses_each_range_and_skips_padding():
     assert torch.allclose(loss, image + 2.0 * text)
     logits[0, 3:, 40:] += 100  # text/special logits cannot compete at image positions
     assert torch.allclose(stage.loss(logits, targets)[1]["image_loss"], image)
-
-
-@pytest.fixture(scope="module")
-def codes_root(tmp_path_factory):
-    images = tmp_path_factory.mktemp("data") / "shapes"
-    convert(["shapes", "--out", str(images), "--train", "64", "--val", "16", "--test", "0", "--size", "32", "--quiet"])
-    (images / "tokenizer.model").write_bytes(train_sentencepiece(["红色的小圆形", "蓝色的大方块", "背景是白色的"] * 20, 300))
-    cfg = VQGANConfig(resolution=32, ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], z_channels=16,
-                      embed_dim=8, n_embed=64)
-    torch.manual_seed(0)
-    vqgan = VQModel(cfg)
-    vqgan.quantize.embedding.weight.data.normal_()
-    ckpt = images.parent / "vqgan.ckpt"
-    torch.save({"state_dict": {f"vqgan.{k}": v for k, v in vqgan.state_dict().items()}, "t2i": {"vqgan": asdict(cfg)}}, ckpt)
-    out = images.parent / "shapes_codes"
-    assert pretokenize.main(["--data", str(images), "--out", str(out), "--vqgan", str(ckpt), "--quiet"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def gpt_run(codes_root, tmp_path_factory):
-    """One short train.py run on the code shards, shared by the tests that need a GPT checkpoint."""
-    run_dir = tmp_path_factory.mktemp("gpt_run")
-    result = subprocess.run(
-        [sys.executable, "train.py", "stage=gpt", "model=shapes", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
-         "data=shapes_codes", f"data.root={codes_root}", "data.batch_size=16", "data.num_workers=0", "trainer=cpu",
-         "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
-         "trainer.enable_progress_bar=false", "stage.warmup_steps=2", "stage.sample_every_n_steps=3",
-         "stage.num_sample_prompts=2", "stage.sampling.samples_per_prompt=3", f"hydra.run.dir={run_dir}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
 
 
 def test_train_py_on_code_shards_writes_a_self_contained_checkpoint(codes_root, gpt_run):

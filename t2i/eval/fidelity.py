@@ -142,60 +142,113 @@ def isc_from_logits(logits: torch.Tensor, splits: int = 10) -> tuple[float, floa
     return float(out[KEY_METRIC_ISC_MEAN]), float(out[KEY_METRIC_ISC_STD])
 
 
+def _sizes(sizes: set[tuple[int, int]]) -> list:
+    """[H, W] when every image had one size, else the list of sizes seen."""
+    listed = sorted([h, w] for h, w in sizes)
+    return listed[0] if len(listed) == 1 else listed
+
+
+class FidelityAccumulator:
+    """FID (and IS unless `isc_splits` is None) of images that arrive batch by batch, as a
+    generation loop produces them, against real images whose statistics are cached on disk.
+
+    `real_key` must name everything the real images depend on (the caller passes a hash of the shard
+    manifest, the split, the image size and the number of images); the layer and the weights are
+    added here. When `cache_dir` already holds statistics for the key, `needs_real` is False and
+    add_real() does nothing, so the caller can skip loading real images.
+    """
+
+    def __init__(self, inception: InceptionFeatures, cache_dir: str | Path, real_key: str, layer: str = "2048",
+                 isc_splits: int | None = 10):
+        _check_layers([layer], FID_LAYERS)
+        needed = [layer] + ([IS_LAYER] if isc_splits is not None else [])
+        if any(name not in inception.layers for name in needed):
+            raise ValueError(f"FID/IS need the layers {needed}; the extractor computes {list(inception.layers)}")
+        self.inception, self.layer, self.isc_splits = inception, layer, isc_splits
+        self.cache_key = f"{real_key}|layer={layer}|weights={inception.weights}"
+        self.cache_path = Path(cache_dir) / f"{hashlib.sha256(self.cache_key.encode()).hexdigest()}.npz"
+        self.real = self._read_cache()  # the statistics, once known
+        self._real_features: list[torch.Tensor] = []
+        self._real_sizes: set[tuple[int, int]] = set()
+        self._fake_features: dict[str, list[torch.Tensor]] = {name: [] for name in needed}
+        self._fake_sizes: set[tuple[int, int]] = set()
+
+    @property
+    def needs_real(self) -> bool:
+        return self.real is None
+
+    def add_real(self, images: torch.Tensor) -> None:
+        """uint8 [N, 3, H, W] real images (ignored when the statistics came from the cache)."""
+        if self.real is None:
+            self._real_features.append(self.inception(images)[self.layer])
+            self._real_sizes.add(tuple(images.shape[-2:]))
+
+    def add_generated(self, images: torch.Tensor) -> None:
+        """uint8 [N, 3, H, W] generated images."""
+        for name, feature in self.inception(images).items():
+            if name in self._fake_features:
+                self._fake_features[name].append(feature)
+        self._fake_sizes.add(tuple(images.shape[-2:]))
+
+    def real_statistics(self) -> dict:
+        """FID statistics of the real images ({"mu", "sigma", "n", "sizes", "cached", "path"}), cached on first use."""
+        if self.real is None:
+            if not self._real_features:
+                raise ValueError(f"no real images were added and {self.cache_path} holds no statistics for this key")
+            stats = feature_statistics(torch.cat(self._real_features), "real images")
+            stats["sizes"] = _sizes(self._real_sizes)
+            self._write_cache(stats)
+            self.real = {**stats, "cached": False, "path": str(self.cache_path)}
+        return self.real
+
+    def compute(self) -> dict:
+        """{"fid", "is_mean", "is_std", "protocol"}: the protocol is what the numbers depend on."""
+        real = self.real_statistics()
+        if not self._fake_features[self.layer]:
+            raise ValueError("no generated images were added")
+        fake = {name: torch.cat(parts) for name, parts in self._fake_features.items()}
+        results = {"fid": fid_from_statistics(real, feature_statistics(fake[self.layer], "generated images"))}
+        if self.isc_splits is not None:
+            results["is_mean"], results["is_std"] = isc_from_logits(fake[IS_LAYER], self.isc_splits)
+        results["protocol"] = {
+            "feature_extractor": f"torch-fidelity {torch_fidelity.__version__} {EXTRACTOR}",
+            "feature_layer": self.layer, "weights": self.inception.weights, "resize": RESIZE,
+            "real_images": real["n"], "real_input_size": real["sizes"],
+            "generated_images": len(fake[self.layer]), "generated_input_size": _sizes(self._fake_sizes),
+            "isc_layer": IS_LAYER if self.isc_splits is not None else None, "isc_splits": self.isc_splits,
+            "real_statistics": real["path"]}
+        return results
+
+    def _read_cache(self) -> dict | None:
+        if not self.cache_path.is_file():
+            return None
+        with np.load(self.cache_path, allow_pickle=False) as cached:
+            if str(cached["key"]) != self.cache_key:  # only a hand-copied file could get here
+                return None
+            return {"mu": cached["mu"], "sigma": cached["sigma"], "n": int(cached["n"]),
+                    "sizes": cached["sizes"].tolist(), "cached": True, "path": str(self.cache_path)}
+
+    def _write_cache(self, stats: dict) -> None:
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        # Write a temporary file in the same directory and rename it: a crash or a concurrent
+        # evaluation never leaves a half-written file that a later run would trust.
+        fd, tmp = tempfile.mkstemp(dir=self.cache_path.parent, prefix=f".{self.cache_path.stem}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as file:
+                np.savez(file, mu=stats["mu"], sigma=stats["sigma"], n=stats["n"], sizes=np.array(stats["sizes"]),
+                         key=self.cache_key)
+            os.replace(tmp, self.cache_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
 def real_statistics(batches: Iterable[torch.Tensor], inception: InceptionFeatures, cache_dir: str | Path,
                     key: str, layer: str = "2048") -> dict:
-    """FID statistics of the real images, computed once per `key` and then read from `cache_dir`.
-
-    `key` must name everything the images depend on (the caller passes a hash of the shard manifest,
-    the split, the image size and the number of images); the layer and the weights are added here.
-    `batches` is only iterated on a cache miss. Returns feature_statistics() plus "cached" and "path".
-    """
-    _check_layers([layer], FID_LAYERS)
-    if layer not in inception.layers:
-        raise ValueError(f"layer {layer!r} is not among the extractor's layers {list(inception.layers)}")
-    full_key = f"{key}|layer={layer}|weights={inception.weights}"
-    path = Path(cache_dir) / f"{hashlib.sha256(full_key.encode()).hexdigest()}.npz"
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as cached:
-            if str(cached["key"]) == full_key:
-                return {"mu": cached["mu"], "sigma": cached["sigma"], "n": int(cached["n"]),
-                        "cached": True, "path": str(path)}
-    stats = feature_statistics(inception.extract(batches, desc="inception (real)")[layer], "real images")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a temporary file in the same directory and rename: a crash or a concurrent
-    # evaluation never leaves a half-written cache that a later run would trust.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            np.savez(file, mu=stats["mu"], sigma=stats["sigma"], n=stats["n"], key=full_key)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return {**stats, "cached": False, "path": str(path)}
-
-
-def protocol(inception: InceptionFeatures, layer: str, image_size: int | Sequence[int], n_real: int,
-             n_fake: int, isc_splits: int | None = None) -> dict:
-    """What a FID/IS number depends on, for results.json: without it two FIDs cannot be compared."""
-    size = [image_size, image_size] if isinstance(image_size, int) else list(image_size)
-    return {"feature_extractor": f"torch-fidelity {torch_fidelity.__version__} {EXTRACTOR}",
-            "feature_layer": layer, "weights": inception.weights, "input_size": size, "resize": RESIZE,
-            "real_images": n_real, "generated_images": n_fake,
-            "isc_layer": IS_LAYER if isc_splits else None, "isc_splits": isc_splits}
-
-
-def fidelity_metrics(fake_batches: Iterable[torch.Tensor], real_batches: Iterable[torch.Tensor],
-                     inception: InceptionFeatures, cache_dir: str | Path, real_key: str,
-                     image_size: int | Sequence[int], layer: str = "2048", isc_splits: int | None = 10) -> dict:
-    """FID of the generated images against the real ones (statistics cached) and, unless
-    `isc_splits` is None, their Inception Score; with the protocol they were measured under."""
-    if isc_splits is not None and IS_LAYER not in inception.layers:
-        raise ValueError(f"Inception Score needs the {IS_LAYER!r} layer; the extractor has {list(inception.layers)}")
-    real = real_statistics(real_batches, inception, cache_dir, real_key, layer)
-    fake = inception.extract(fake_batches, desc="inception (generated)")
-    results = {"fid": fid_from_statistics(real, feature_statistics(fake[layer], "generated images"))}
-    if isc_splits is not None:
-        results["is_mean"], results["is_std"] = isc_from_logits(fake[IS_LAYER], isc_splits)
-    results["protocol"] = protocol(inception, layer, image_size, real["n"], len(fake[layer]), isc_splits)
-    return results
+    """FID statistics of real images, read from `cache_dir` when computed before under `key`
+    (see FidelityAccumulator); `batches` is only iterated on a cache miss."""
+    accumulator = FidelityAccumulator(inception, cache_dir, key, layer, isc_splits=None)
+    if accumulator.needs_real:
+        for images in tqdm(batches, desc="inception (real)"):
+            accumulator.add_real(images)
+    return accumulator.real_statistics()

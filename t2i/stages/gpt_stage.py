@@ -222,7 +222,9 @@ class GPTStage(L.LightningModule):
     # -- checkpoints: everything sampling needs ------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["t2i"] = {"gpt": asdict(self.gpt.cfg), **self.checkpoint_extras}
+        checkpoint["t2i"] = {"gpt": asdict(self.gpt.cfg), **self.checkpoint_extras,
+                             "caption_prob": self.caption_prob,  # > 0: the model can score captions
+                             "sampling": asdict(self.sampling)}  # defaults for eval.py
 
 
 def _vqgan_for_samples(info: dict) -> VQModel | None:

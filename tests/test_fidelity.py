@@ -1,0 +1,174 @@
+"""FID / IS on torch-fidelity's InceptionV3 with random weights (no network here): the metric
+formulas, the real-statistics cache and the errors a user without the weights sees."""
+
+import math
+import urllib.error
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.hub
+from torch import nn
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+
+from t2i.eval.fidelity import (IS_LAYER, FidelityAccumulator, InceptionFeatures, feature_statistics,
+                               fid_from_features, isc_from_logits, real_statistics)
+
+
+@pytest.fixture(autouse=True)
+def no_downloads(monkeypatch, tmp_path):
+    """Any download fails the test loudly. torch.hub is the only path torch-fidelity downloads the
+    weights by; its own module holds `load_state_dict_from_url` imported by name, so patch the
+    function that one calls, and point torch.hub at an empty cache so a user's cached copy is not used."""
+    def download(url, *args, **kwargs):
+        raise AssertionError(f"a test tried to download {url}")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A randomly initialised InceptionV3 saved the way torch-fidelity loads weights: a plain state dict."""
+    root = tmp_path_factory.mktemp("inception")
+    empty = root / "empty.pt"
+    torch.save({}, empty)
+    torch.manual_seed(0)
+    with pytest.MonkeyPatch.context() as patch:
+        # The constructor always loads a state dict (strictly); skip that to get the bare network.
+        patch.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state_dict, strict=True: None)
+        model = FeatureExtractorInceptionV3("inception-v3-compat", ["64"], feature_extractor_weights_path=str(empty))
+    for module in model.modules():
+        # PyTorch's default conv init shrinks activations layer by layer; He init keeps features
+        # (and the logits 90 layers down) at a scale where differences between images show.
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = root / "inception-random.pth"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def inception64(weights):
+    return InceptionFeatures(["64"], inception_weights=weights)
+
+
+def images(n, seed, low=0, high=255, size=32):
+    """Flat-coloured noisy images whose colour is drawn from [low, high]: the colour is what varies."""
+    generator = torch.Generator().manual_seed(seed)
+    colour = torch.randint(low, high + 1, (n, 3, 1, 1), generator=generator).float()
+    noise = torch.randn(n, 3, size, size, generator=generator) * 20
+    return (colour + noise).clamp(0, 255).round().to(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def features(inception64):
+    """64-d features of 66 images (more than 64, so covariances are full rank) from two distributions."""
+    sets = {"real": images(66, 1), "dark": images(66, 3, high=110)}
+    return {name: inception64.extract(batch.split(33))["64"] for name, batch in sets.items()}
+
+
+def scipy_fid(a, b):
+    a, b = a.double().numpy(), b.double().numpy()
+    sigma_a, sigma_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(sigma_a @ sigma_b).real
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sigma_a) + np.trace(sigma_b) - 2 * np.trace(covmean))
+
+
+def test_fid_is_zero_for_a_set_with_itself_and_large_for_different_sets(features):
+    same = fid_from_features(features["real"], features["real"])
+    different = fid_from_features(features["real"], features["dark"])
+    scale = np.trace(feature_statistics(features["real"])["sigma"])  # the feature variance, about 9 here
+    assert abs(same) < 1e-3 and abs(same) < 1e-6 * scale
+    assert different > 1 and different > 0.3 * scale
+
+
+def test_fid_matches_a_direct_scipy_computation(features):
+    for a, b in [("real", "dark"), ("dark", "real")]:
+        ours, direct = fid_from_features(features[a], features[b]), scipy_fid(features[a], features[b])
+        assert ours == pytest.approx(direct, rel=1e-3)
+
+
+def test_fid_and_is_end_to_end_record_the_protocol(weights, inception64, tmp_path):
+    inception = InceptionFeatures(["64", IS_LAYER], inception_weights=weights)
+    fake, real = images(4, 4, high=110, size=24), images(4, 5, size=24)
+    accumulator = FidelityAccumulator(inception, tmp_path / "cache", "shapes-test-24-4", layer="64", isc_splits=2)
+    assert accumulator.needs_real
+    for batch in range(2):  # as a generation loop feeds it
+        accumulator.add_real(real[2 * batch: 2 * batch + 2])
+        accumulator.add_generated(fake[2 * batch: 2 * batch + 2])
+    with pytest.warns(UserWarning, match="covariance is singular"):  # 4 images, 64 dimensions
+        results = accumulator.compute()
+    assert math.isfinite(results["fid"]) and results["fid"] > 0
+    assert math.isfinite(results["is_mean"]) and math.isfinite(results["is_std"]) and results["is_mean"] >= 1
+    protocol = results["protocol"]
+    assert "299" in protocol.pop("resize") and protocol.pop("real_statistics").startswith(str(tmp_path / "cache"))
+    assert protocol == {"feature_extractor": "torch-fidelity 0.4.0 inception-v3-compat", "feature_layer": "64",
+                        "weights": weights, "real_images": 4, "real_input_size": [24, 24], "generated_images": 4,
+                        "generated_input_size": [24, 24], "isc_layer": IS_LAYER, "isc_splits": 2}
+
+    # A second evaluation against the same real set reads the cache and never looks at real images
+    # (the key covers weights and layer, not which other layers an extractor computes).
+    again = FidelityAccumulator(inception64, tmp_path / "cache", "shapes-test-24-4", layer="64", isc_splits=None)
+    assert not again.needs_real
+    again.add_real(torch.empty(0))  # ignored: not even checked
+    again.add_generated(fake)
+    with pytest.warns(UserWarning, match="covariance is singular"):
+        repeated = again.compute()
+    assert repeated["fid"] == pytest.approx(results["fid"], rel=1e-6)
+    assert repeated["protocol"]["real_images"] == 4 and repeated["protocol"]["real_input_size"] == [24, 24]
+
+
+def test_inception_score_of_logits():
+    uniform = torch.zeros(20, 1008)  # every image equally unsure: IS is exactly 1
+    assert isc_from_logits(uniform, splits=2) == pytest.approx((1.0, 0.0))
+    confident = torch.eye(1008)[:20] * 100  # 10 distinct confident classes per split: IS about 10
+    mean, std = isc_from_logits(confident, splits=2)
+    assert mean == pytest.approx(10, rel=1e-3) and std == pytest.approx(0, abs=1e-3)
+
+
+@pytest.mark.filterwarnings("ignore:FID from")
+def test_real_statistics_are_computed_once_per_key(inception64, tmp_path):
+    calls = []
+    hook = inception64.model.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    try:
+        real = images(6, 6, size=16)
+        first = real_statistics(real.split(3), inception64, tmp_path, "manifest-abc|val|16|6", layer="64")
+        assert calls == [3, 3] and not first["cached"]
+        again = real_statistics(real.split(3), inception64, tmp_path, "manifest-abc|val|16|6", layer="64")
+        assert calls == [3, 3] and again["cached"] and again["n"] == 6
+        np.testing.assert_array_equal(again["mu"], first["mu"])
+        np.testing.assert_array_equal(again["sigma"], first["sigma"])
+        other = real_statistics(real.split(3), inception64, tmp_path, "manifest-abc|test|16|6", layer="64")
+        assert calls == [3, 3, 3, 3] and not other["cached"]
+    finally:
+        hook.remove()
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".npz", ".npz"]  # no temporary files left
+
+
+def test_offline_download_failure_says_how_to_provide_the_weights(monkeypatch):
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(RuntimeError, match="eval.inception_weights=PATH") as error:
+        InceptionFeatures(["64"])
+    assert URL_INCEPTION_V3 in str(error.value)
+
+
+def test_bad_weights_path_and_bad_inputs_raise_clear_errors(inception64, tmp_path):
+    with pytest.raises(FileNotFoundError, match="eval.inception_weights="):
+        InceptionFeatures(["64"], inception_weights=str(tmp_path / "missing.pth"))
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a state dict")
+    with pytest.raises(ValueError, match="eval.inception_weights="):
+        InceptionFeatures(["64"], inception_weights=str(garbage))
+    with pytest.raises(ValueError, match="unknown Inception feature layer"):
+        InceptionFeatures(["1000"], inception_weights=str(garbage))
+    with pytest.raises(ValueError, match="layer"):
+        real_statistics([], inception64, tmp_path, "key", layer="2048")  # not among its layers
+    with pytest.raises(ValueError, match="uint8"):
+        inception64(torch.rand(2, 3, 16, 16))
+    with pytest.raises(ValueError, match="at least 2"):
+        fid_from_features(torch.randn(1, 64), torch.randn(10, 64))
+    with pytest.raises(ValueError, match="at least 10"):
+        isc_from_logits(torch.randn(5, 1008), splits=10)

@@ -1,0 +1,84 @@
+"""Caption Loss, self-reranking and `python eval.py ckpt=... data=...` on a tiny trained GPT."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from t2i.eval.text_to_image import caption_loss, pick_best
+from t2i.models.gpt import GPT, GPTConfig
+from t2i.models.vqgan import read_checkpoint
+
+REPO = Path(__file__).parents[1]
+
+
+def test_caption_loss_equals_a_hand_computation():
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_image_codes=40, n_text_tokens=30, text_len=4, image_len=6, n_layer=1, n_head=2, n_embd=16)
+    model = GPT(cfg).eval()
+    codes = torch.randint(0, 40, (2, 6))
+    text = torch.tensor([[5, 9, 2, 0], [7, 0, 0, 0]])  # padding (0) is not a text token
+    expected = []
+    for c, t in zip(codes, text):
+        sequence = [cfg.special("I2T"), *c.tolist(), cfg.special("BOT"), *(t + cfg.text_offset).tolist()]
+        logits = model(torch.tensor([sequence]))[0]
+        nlls = []
+        for position in range(len(sequence) - cfg.text_len, len(sequence)):
+            token = sequence[position] - cfg.text_offset
+            if token == 0:
+                continue
+            text_logits = logits[position - 1, cfg.text_offset: cfg.text_offset + cfg.n_text_tokens]
+            nlls.append(-text_logits.log_softmax(-1)[token].item())
+        expected.append(sum(nlls) / len(nlls))
+    got = caption_loss(model, codes, text)
+    assert torch.allclose(got, torch.tensor(expected), atol=1e-5)
+    assert math.isnan(caption_loss(model, codes[:1], torch.zeros(1, 4, dtype=torch.long)).item())  # empty caption
+
+
+def test_pick_best_keeps_the_lowest_caption_loss():
+    codes = torch.arange(2 * 1 * 3 * 2 * 2).view(2, 1, 3, 2, 2)  # 2 prompts, 1 sample, 3 candidates, 2x2 grid
+    losses = torch.tensor([[[3.0, 1.0, 2.0]], [[float("nan"), 5.0, 4.0]]])
+    chosen, chosen_losses = pick_best(codes, losses)
+    assert torch.equal(chosen[0, 0], codes[0, 0, 1]) and torch.equal(chosen[1, 0], codes[1, 0, 2])
+    assert chosen_losses.tolist() == [[1.0], [4.0]]
+
+
+def _evaluate(args, out):
+    return subprocess.run([sys.executable, "eval.py", *args, f"hydra.run.dir={out}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_eval_py_scores_with_and_without_reranking(codes_root, gpt_run, tmp_path):
+    ckpt = gpt_run / "checkpoints" / "last.ckpt"
+    images = codes_root.parent / "shapes"
+    result = _evaluate([f"ckpt={ckpt}", "data=shapes", f"data.root={images}", "data.batch_size=4", "data.num_workers=0",
+                        "split=val", "eval.num_prompts=6", "eval.samples_per_prompt=2", "eval.rerank=3"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["prompts"] == 6 and results["images_per_set"] == 12 and results["caption_model"] == "self"
+    plain, reranked = results["plain"], results["rerank_3"]
+    assert reranked["caption_loss"] <= plain["caption_loss"]  # the best of 3 is never worse on average
+    for metrics in (plain, reranked):
+        assert set(metrics["attributes"]) >= {"color", "shape", "position", "all"}
+    assert results["sampling"]["top_k"] == 100  # the checkpoint's sampling options (stage.sampling)
+    assert (tmp_path / "grid.png").is_file() and (tmp_path / "grid_rerank_3.png").is_file()
+    table = (tmp_path / "results.md").read_text()
+    assert "| plain |" in table and "| rerank_3 |" in table
+
+
+def test_without_a_captioning_model_the_rest_still_runs(codes_root, gpt_run, tmp_path):
+    checkpoint = read_checkpoint(gpt_run / "checkpoints" / "last.ckpt")
+    checkpoint["t2i"]["caption_prob"] = 0.0
+    ckpt = tmp_path / "no_captions.ckpt"
+    torch.save(checkpoint, ckpt)
+    out = tmp_path / "run"
+    result = _evaluate([f"ckpt={ckpt}", "data=shapes", f"data.root={codes_root.parent / 'shapes'}", "split=val",
+                        "data.num_workers=0", "eval.num_prompts=3", "eval.rerank=2"], out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert "caption direction" in results["caption_loss_unavailable"] and results["rerank"] == 1
+    assert "caption_loss" not in results["plain"] and "attributes" in results["plain"]
+    assert "unavailable" in (out / "results.md").read_text()
