@@ -1,5 +1,6 @@
 """Evaluate: python eval.py [task=<t2i|generate|reconstruct|oracle>] [data=<name>] [ckpt=PATH] [key=value ...]"""
 
+import hashlib
 import json
 import logging
 from dataclasses import asdict
@@ -13,6 +14,7 @@ from tqdm import tqdm
 
 from t2i.data.datamodule import ShardDataModule
 from t2i.data.shapes import oracle_accuracy
+from t2i.eval.fidelity import IS_LAYER, FidelityAccumulator, InceptionFeatures
 from t2i.eval.reconstruction import reconstruction_metrics
 from t2i.eval.text_to_image import CaptionScorer, EvalConfig, evaluate, markdown_table, warn_unavailable
 from t2i.models.vqgan import VQGANConfig, load_vqgan
@@ -89,14 +91,25 @@ def text_to_image(cfg: DictConfig) -> dict:
     dm = ShardDataModule(OmegaConf.to_container(cfg.data, resolve=True))
     out = Path(HydraConfig.get().runtime.output_dir)
     eval_cfg = EvalConfig(**{k: options[k] for k in EvalConfig.__dataclass_fields__})
+    fidelity = _fidelity_factory(cfg, dm, eval_cfg) if options["fid"] else None
     results = {"task": "t2i", "ckpt": str(cfg.ckpt), "data": cfg.data.name, "split": cfg.split}
-    results.update(evaluate(generator, dm.loader(cfg.split), sampling, eval_cfg, out, scorer))
+    results.update(evaluate(generator, dm.loader(cfg.split), sampling, eval_cfg, out, scorer, fidelity))
     if scorer is None:
         results["caption_loss_unavailable"] = caption_model
     else:
         results["caption_model"] = caption_model
     (out / "results.md").write_text(markdown_table(results), encoding="utf-8")
     return results
+
+
+def _fidelity_factory(cfg: DictConfig, dm: ShardDataModule, eval_cfg: EvalConfig):
+    """FID/IS accumulators; the real statistics are cached per (shards, split, size, count, layer, weights)."""
+    options = cfg.eval
+    layer = str(options.fid_layer)  # eval.fid_layer=64 arrives as an int
+    inception = InceptionFeatures([layer, IS_LAYER], options.inception_weights, cfg.device)
+    manifest = hashlib.sha256(json.dumps(dm.cfg.manifest(), sort_keys=True, default=str).encode()).hexdigest()
+    key = f"manifest={manifest}|split={cfg.split}|size={dm.cfg.image_size}|images={eval_cfg.num_prompts or 'all'}"
+    return lambda: FidelityAccumulator(inception, options.stats_cache, key, layer, options.isc_splits)
 
 
 TASKS = {"t2i": text_to_image, "generate": generate, "reconstruct": reconstruct, "oracle": oracle_on_real_images}

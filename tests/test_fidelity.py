@@ -9,18 +9,27 @@ import pytest
 import scipy.linalg
 import torch
 import torch.hub
-from torch import nn
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+import torch_fidelity
+from torch_fidelity.feature_extractor_inceptionv3 import (
+    URL_INCEPTION_V3,
+)
 
-from t2i.eval.fidelity import (IS_LAYER, FidelityAccumulator, InceptionFeatures, feature_statistics,
-                               fid_from_features, isc_from_logits, real_statistics)
+from t2i.eval.fidelity import (
+    IS_LAYER,
+    FidelityAccumulator,
+    InceptionFeatures,
+    feature_statistics,
+    fid_from_features,
+    isc_from_logits,
+    real_statistics,
+)
 
 
 @pytest.fixture(autouse=True)
 def no_downloads(monkeypatch, tmp_path):
-    """Any download fails the test loudly. torch.hub is the only path torch-fidelity downloads the
-    weights by; its own module holds `load_state_dict_from_url` imported by name, so patch the
-    function that one calls, and point torch.hub at an empty cache so a user's cached copy is not used."""
+    """Any download fails the test loudly. torch-fidelity imports torch.hub.load_state_dict_from_url by
+    name (patching it in torch.hub would miss), but that function looks up download_url_to_file at
+    call time: patch that, and point torch.hub at an empty cache so a copy cached here is not used."""
     def download(url, *args, **kwargs):
         raise AssertionError(f"a test tried to download {url}")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
@@ -28,29 +37,8 @@ def no_downloads(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    """A randomly initialised InceptionV3 saved the way torch-fidelity loads weights: a plain state dict."""
-    root = tmp_path_factory.mktemp("inception")
-    empty = root / "empty.pt"
-    torch.save({}, empty)
-    torch.manual_seed(0)
-    with pytest.MonkeyPatch.context() as patch:
-        # The constructor always loads a state dict (strictly); skip that to get the bare network.
-        patch.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state_dict, strict=True: None)
-        model = FeatureExtractorInceptionV3("inception-v3-compat", ["64"], feature_extractor_weights_path=str(empty))
-    for module in model.modules():
-        # PyTorch's default conv init shrinks activations layer by layer; He init keeps features
-        # (and the logits 90 layers down) at a scale where differences between images show.
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    path = root / "inception-random.pth"
-    torch.save(model.state_dict(), path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def inception64(weights):
-    return InceptionFeatures(["64"], inception_weights=weights)
+def inception64(inception_weights):
+    return InceptionFeatures(["64"], inception_weights=inception_weights)
 
 
 def images(n, seed, low=0, high=255, size=32):
@@ -89,8 +77,31 @@ def test_fid_matches_a_direct_scipy_computation(features):
         assert ours == pytest.approx(direct, rel=1e-3)
 
 
-def test_fid_and_is_end_to_end_record_the_protocol(weights, inception64, tmp_path):
-    inception = InceptionFeatures(["64", IS_LAYER], inception_weights=weights)
+class Images(torch.utils.data.Dataset):
+    """A uint8 [N, 3, H, W] tensor as torch-fidelity takes an input: a dataset of single images."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index]
+
+
+@pytest.mark.filterwarnings("ignore:FID from")
+def test_fid_equals_torch_fidelitys_own_pipeline(inception_weights, inception64):
+    a, b = images(12, 7), images(12, 8, high=110)
+    theirs = torch_fidelity.calculate_metrics(
+        input1=Images(a), input2=Images(b), fid=True, feature_layer_fid="64", feature_extractor_weights_path=inception_weights,
+        cuda=False, verbose=False, save_cpu_ram=True)["frechet_inception_distance"]  # save_cpu_ram: no workers
+    ours = fid_from_features(inception64.extract([a])["64"], inception64.extract([b])["64"])
+    assert ours == pytest.approx(theirs, rel=1e-5)
+
+
+def test_fid_and_is_end_to_end_record_the_protocol(inception_weights, inception64, tmp_path):
+    inception = InceptionFeatures(["64", IS_LAYER], inception_weights=inception_weights)
     fake, real = images(4, 4, high=110, size=24), images(4, 5, size=24)
     accumulator = FidelityAccumulator(inception, tmp_path / "cache", "shapes-test-24-4", layer="64", isc_splits=2)
     assert accumulator.needs_real
@@ -104,7 +115,7 @@ def test_fid_and_is_end_to_end_record_the_protocol(weights, inception64, tmp_pat
     protocol = results["protocol"]
     assert "299" in protocol.pop("resize") and protocol.pop("real_statistics").startswith(str(tmp_path / "cache"))
     assert protocol == {"feature_extractor": "torch-fidelity 0.4.0 inception-v3-compat", "feature_layer": "64",
-                        "weights": weights, "real_images": 4, "real_input_size": [24, 24], "generated_images": 4,
+                        "weights": inception_weights, "real_images": 4, "real_input_size": [24, 24], "generated_images": 4,
                         "generated_input_size": [24, 24], "isc_layer": IS_LAYER, "isc_splits": 2}
 
     # A second evaluation against the same real set reads the cache and never looks at real images

@@ -51,11 +51,13 @@ def _evaluate(args, out):
                           capture_output=True, text=True, timeout=300)
 
 
-def test_eval_py_scores_with_and_without_reranking(codes_root, gpt_run, tmp_path):
+def test_eval_py_scores_with_and_without_reranking(codes_root, gpt_run, inception_weights, tmp_path):
     ckpt = gpt_run / "checkpoints" / "last.ckpt"
     images = codes_root.parent / "shapes"
+    fid = [f"eval.inception_weights={inception_weights}", "eval.fid_layer=64", "eval.isc_splits=2",
+           f"eval.stats_cache={tmp_path / 'stats'}"]
     result = _evaluate([f"ckpt={ckpt}", "data=shapes", f"data.root={images}", "data.batch_size=4", "data.num_workers=0",
-                        "split=val", "eval.num_prompts=6", "eval.samples_per_prompt=2", "eval.rerank=3"], tmp_path)
+                        "split=val", "eval.num_prompts=6", "eval.samples_per_prompt=2", "eval.rerank=3", *fid], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["prompts"] == 6 and results["images_per_set"] == 12 and results["caption_model"] == "self"
@@ -63,6 +65,10 @@ def test_eval_py_scores_with_and_without_reranking(codes_root, gpt_run, tmp_path
     assert reranked["caption_loss"] <= plain["caption_loss"]  # the best of 3 is never worse on average
     for metrics in (plain, reranked):
         assert set(metrics["attributes"]) >= {"color", "shape", "position", "all"}
+        assert metrics["fid"] > 0 and math.isfinite(metrics["is_mean"])
+        protocol = metrics["protocol"]
+        assert protocol["real_images"] == 6 and protocol["generated_images"] == 12 and protocol["feature_layer"] == "64"
+    assert len(list((tmp_path / "stats").glob("*.npz"))) == 1  # real statistics computed once, shared
     assert results["sampling"]["top_k"] == 100  # the checkpoint's sampling options (stage.sampling)
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "grid_rerank_3.png").is_file()
     table = (tmp_path / "results.md").read_text()
@@ -76,9 +82,9 @@ def test_without_a_captioning_model_the_rest_still_runs(codes_root, gpt_run, tmp
     torch.save(checkpoint, ckpt)
     out = tmp_path / "run"
     result = _evaluate([f"ckpt={ckpt}", "data=shapes", f"data.root={codes_root.parent / 'shapes'}", "split=val",
-                        "data.num_workers=0", "eval.num_prompts=3", "eval.rerank=2"], out)
+                        "data.num_workers=0", "eval.num_prompts=3", "eval.rerank=2", "eval.fid=false"], out)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert "caption direction" in results["caption_loss_unavailable"] and results["rerank"] == 1
-    assert "caption_loss" not in results["plain"] and "attributes" in results["plain"]
+    assert "caption_loss" not in results["plain"] and "attributes" in results["plain"] and "fid" not in results["plain"]
     assert "unavailable" in (out / "results.md").read_text()

@@ -192,6 +192,8 @@ class FidelityAccumulator:
 
     def real_statistics(self) -> dict:
         """FID statistics of the real images ({"mu", "sigma", "n", "sizes", "cached", "path"}), cached on first use."""
+        if self.real is None and not self._real_features:
+            self.real = self._read_cache()  # another accumulator over the same real images may have written it
         if self.real is None:
             if not self._real_features:
                 raise ValueError(f"no real images were added and {self.cache_path} holds no statistics for this key")

@@ -142,9 +142,11 @@ def evaluate(generator: Generator, batches: Iterable[dict], sampling: SamplingCo
         n = len(captions)
         metas = batch["meta"][:n]
         oracle = oracle and all("attributes" in m for m in metas)
-        for run in (plain, reranked):
-            if run is not None and run.fidelity is not None and "image" in batch:
-                run.fidelity.add_real(batch["image"][:n])
+        if plain.fidelity is not None and plain.fidelity.needs_real:  # the reranked set reads them from the cache
+            if "image" not in batch:
+                raise ValueError("FID needs the split's real images: evaluate on image shards (e.g. data=shapes, "
+                                 "not data=shapes_codes), or set eval.fid=false")
+            plain.fidelity.add_real(batch["image"][:n])
         codes = generator.sample_codes(captions, replace(candidates, seed=_batch_seed(sampling.seed, len(prompts))),
                                        cfg.batch_size)
         losses = scorer([c for c in captions for _ in range(per_prompt * k)], codes) if scorer else None
