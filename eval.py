@@ -92,7 +92,8 @@ def text_to_image(cfg: DictConfig) -> dict:
     out = Path(HydraConfig.get().runtime.output_dir)
     eval_cfg = EvalConfig(**{k: options[k] for k in EvalConfig.__dataclass_fields__})
     fidelity = _fidelity_factory(cfg, dm, eval_cfg) if options["fid"] else None
-    results = {"task": "t2i", "ckpt": str(cfg.ckpt), "data": cfg.data.name, "split": cfg.split}
+    results = {"task": "t2i", "name": cfg.name or Path(cfg.ckpt).resolve().parent.parent.name, "ckpt": str(cfg.ckpt),
+               "data": cfg.data.name, "split": cfg.split}
     results.update(evaluate(generator, dm.loader(cfg.split), sampling, eval_cfg, out, scorer, fidelity))
     if scorer is None:
         results["caption_loss_unavailable"] = caption_model

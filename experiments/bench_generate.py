@@ -19,6 +19,7 @@ batch 1 within 1.5x of the floor.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import platform
 import resource
@@ -116,29 +117,39 @@ def bandwidth(device: str, gigabytes: float, repeats: int = 8) -> float:
 
 
 def linears_alone(model: GPT, batch: int, device: str, repeats: int = 5) -> float:
-    """Best seconds for one position through every linear layer (blocks and head) and nothing else.
+    """Best seconds for one position through every linear layer and nothing else, each called as the model calls it.
 
-    What torch's matrix-vector kernels alone cost per step: between the floor and the real step.
+    The head is cut to the rows a sampling step reads. What the matrix-vector products alone cost per step:
+    between the floor and the real step.
     """
-    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = {n: torch.randn(batch, n, device=device) for n in {m.in_features for m in layers}}
+    head = type(model.head)(model.cfg.n_embd, head_rows_read(model), bias=False, device=device)
+    head.weight = torch.nn.Parameter(model.head.weight[: head.out_features])  # a view: no copy
+    layers = [m for m in model.blocks.modules() if isinstance(m, torch.nn.Linear)] + [head]
+    inputs = {n: torch.randn(batch, 1, n, device=device) for n in {m.in_features for m in layers}}
 
     def run() -> None:
         for m in layers:
-            F.linear(inputs[m.in_features], m.weight, m.bias)
+            m(inputs[m.in_features])
 
     with torch.no_grad():
         run()
         return min(timed(run, device) for _ in range(repeats))
 
 
+def head_rows_read(model: GPT) -> int:
+    """Rows of the output head a sampling step reads: all, unless GPT.forward can skip the text rows (head_rows)."""
+    cfg = model.cfg
+    return cfg.n_image_codes if "head_rows" in inspect.signature(model.forward).parameters else cfg.vocab_size
+
+
 def bytes_per_step(model: GPT) -> int:
-    """Weights one single-position forward reads: the blocks, the final LayerNorm and the whole output head.
+    """Weights one single-position forward reads: the blocks, the final LayerNorm and the output head's rows.
 
     The token and position embeddings contribute one row each and are left out.
     """
-    params = [*model.blocks.parameters(), *model.ln_f.parameters(), *model.head.parameters()]
-    return sum(p.numel() * p.element_size() for p in params)
+    params = [*model.blocks.parameters(), *model.ln_f.parameters()]
+    head = head_rows_read(model) * model.cfg.n_embd * model.head.weight.element_size()
+    return sum(p.numel() * p.element_size() for p in params) + head
 
 
 def kv_read_per_step(model: GPT, batch: int) -> float:
@@ -303,11 +314,11 @@ def main() -> None:
             "-" if kv is None else f"{kv:.4f}", "-" if kv is None else f"{kv / floor:.2f}x", f"<= {FLOOR_TARGET}x",
             "-" if kv is None else ("met" if kv / floor <= FLOOR_TARGET else "MISSED")]])
     kv_read = kv_read_per_step(model, 1)
-    print(f"\nfloor = {read / MB:.1f} MB x {cfg.image_len} steps / {rate / 1e9:.1f} GB/s (best of 8 sums over "
-          f"{args.bandwidth_gb:g} GB). The batch-1 attention also reads {kv_read / MB:.1f} MB of cached keys and "
-          f"values per step on average ({kv_read / read:.1%} more), not counted. Linears alone: one position "
-          f"through every nn.Linear ({len([m for m in model.modules() if isinstance(m, torch.nn.Linear)])}) and "
-          f"nothing else, x {cfg.image_len}: torch's matrix-vector kernels at batch 1, best of 5.")
+    print(f"\nfloor = {read / MB:.1f} MB (blocks, final LayerNorm, {head_rows_read(model)} of {cfg.vocab_size} head "
+          f"rows) x {cfg.image_len} steps / {rate / 1e9:.1f} GB/s (best of 8 sums over {args.bandwidth_gb:g} GB).\n"
+          f"The batch-1 attention also reads {kv_read / MB:.1f} MB of cached keys and values per step on average "
+          f"({kv_read / read:.1%} more), not counted.\nLinears alone: one position through every linear layer and "
+          f"nothing else, x {cfg.image_len} (torch's matrix-vector kernels; best of 5).")
 
     if not args.no_memory:
         batch = max(args.batches)

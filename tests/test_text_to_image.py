@@ -88,3 +88,24 @@ def test_without_a_captioning_model_the_rest_still_runs(codes_root, gpt_run, tmp
     assert "caption direction" in results["caption_loss_unavailable"] and results["rerank"] == 1
     assert "caption_loss" not in results["plain"] and "attributes" in results["plain"] and "fid" not in results["plain"]
     assert "unavailable" in (out / "results.md").read_text()
+
+
+def test_paper_table_has_a_row_per_model_and_reranking(tmp_path):
+    def write(name, data, fid, rerank=None):
+        results = {"task": "t2i", "name": name, "ckpt": "x", "data": data,
+                   "plain": {"fid": fid, "is_mean": 3.0, "caption_loss": 2.5}}
+        if rerank:
+            results["rerank_4"] = {"fid": rerank, "is_mean": 3.5, "caption_loss": 2.0}
+        path = tmp_path / f"{name}_{data}.json"
+        path.write_text(json.dumps(results))
+        return str(path)
+
+    files = [write("base", "muge", 30.0, rerank=25.0), write("base", "coco_cn", 40.0), write("large", "muge", 20.0)]
+    result = subprocess.run([sys.executable, "experiments/paper_table.py", *files], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("| model | COCO-CN FID↓ | COCO-CN IS↑ | COCO-CN CapLoss↓ | MUGE FID↓")  # paper order
+    assert "| base | 40.0 | 3.00 | 2.500 | 30.0 | 3.00 | 2.500 |" in lines
+    assert "| base + rerank 4 | - | - | - | 25.0 | 3.50 | 2.000 |" in lines
+    assert "| large | - | - | - | 20.0 | 3.00 | 2.500 |" in lines
