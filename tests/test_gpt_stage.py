@@ -116,11 +116,13 @@ def test_image_shards_need_a_vqgan_and_encode_like_pretokenize(codes_root, tmp_p
     run = subprocess.run(
         [sys.executable, "train.py", "stage=gpt", "model=shapes", "model.n_layer=1", "model.n_embd=32",
          "model.n_head=2", "data=shapes", f"data.root={images_root}", "data.batch_size=16", "data.num_workers=0",
-         f"stage.vqgan_ckpt={codes_root.parent / 'vqgan.ckpt'}", "trainer=cpu", "trainer.max_steps=2",
-         "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "stage.sample_every_n_steps=0",
-         f"hydra.run.dir={tmp_path / 'slow'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+         f"stage.vqgan_ckpt={codes_root.parent / 'vqgan.ckpt'}", "trainer=cpu", "trainer.max_steps=3",
+         "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
+         "stage.sample_every_n_steps=0", f"hydra.run.dir={tmp_path / 'slow'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert (tmp_path / "slow" / "checkpoints" / "last.ckpt").is_file()
+    # last.ckpt is the final state, also when the run stops between validations (at 2 and 4 here)
+    assert read_checkpoint(tmp_path / "slow" / "checkpoints" / "last.ckpt")["global_step"] == 3
 
 
 def test_generate_command_writes_pngs_and_grid(codes_root, gpt_run, tmp_path):
