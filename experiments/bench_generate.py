@@ -1,6 +1,6 @@
 """Sampling speed of the text-to-image GPT: recomputation vs the KV cache, and the memory-bandwidth floor.
 
-    python experiments/bench_generate.py                      # base size, fp32 CPU, batches 1 and 8 (~15 min)
+    python experiments/bench_generate.py                      # base size, fp32 CPU, batches 1 and 8 (~16 min)
     python experiments/bench_generate.py --quick              # tiny model, a smoke test in seconds
     python experiments/bench_generate.py --recompute-steps 32 # estimate recomputation from 32 of its 256 forwards
 
@@ -26,16 +26,18 @@ import resource
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from t2i.models.gpt import GPT, GPTConfig
 from t2i.sampling import SamplingConfig, filter_logits, generate_codes
 
-BASE = dict(n_layer=12, n_head=12, n_embd=768, text_len=32, image_len=256, n_image_codes=16384, n_text_tokens=16000)
-QUICK = dict(n_layer=2, n_head=4, n_embd=128, text_len=8, image_len=64, n_image_codes=1024, n_text_tokens=1000)
+BASE = {"n_layer": 12, "n_head": 12, "n_embd": 768, "text_len": 32, "image_len": 256, "n_image_codes": 16384,
+        "n_text_tokens": 16000}
+QUICK = {"n_layer": 2, "n_head": 4, "n_embd": 128, "text_len": 8, "image_len": 64, "n_image_codes": 1024,
+         "n_text_tokens": 1000}
 TARGETS = {1: 12.0, 8: 20.0}  # speed-up of the KV cache over recomputation, per batch size
 FLOOR_TARGET = 1.5
 MB = 1e6
@@ -89,7 +91,7 @@ def recompute_estimate(model: GPT, text: torch.Tensor, cfg: SamplingConfig, step
         torch.multinomial(probs, 1, generator=generator)
 
     model(full[:, : lengths[-1]])  # warm-up at the longest length
-    return sum(timed(lambda: step(length), device) for length in lengths) / len(lengths) * gpt.image_len
+    return sum(timed(partial(step, length), device) for length in lengths) / len(lengths) * gpt.image_len
 
 
 def generation_seconds(model: GPT, batch: int, cfg: SamplingConfig, use_cache: bool, repeats: int, device: str,
@@ -108,7 +110,7 @@ def generation_seconds(model: GPT, batch: int, cfg: SamplingConfig, use_cache: b
     return best, f"best of {repeats}" if repeats > 1 else "1 run"
 
 
-def bandwidth(device: str, gigabytes: float, repeats: int = 8) -> float:
+def bandwidth(device: str, gigabytes: float, repeats: int = 10) -> float:
     """Bytes per second of the best full read of a large fp32 tensor (a sum, so nothing is written)."""
     x = torch.ones(int(gigabytes * 1e9) // 4, device=device)
     x.sum()
@@ -225,17 +227,20 @@ def profile(model: GPT, steps: int, device: str, rows: int) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    steps = min(steps, model.cfg.image_len - 1)
+    head_rows = head_rows_read(model)
+    options = {"head_rows": head_rows} if head_rows < model.cfg.vocab_size else {}  # as generate_codes calls it
     cache = model.new_cache(1)
     prefix = model.t2i_prefix(prompts(model, 1, device))
     new = torch.zeros(1, 1, dtype=torch.long, device=device)
     with torch.no_grad():
         model(prefix, cache)
         for _ in range(model.cfg.image_len // 2 - steps):
-            model(new, cache)
+            model(new, cache, **options)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
         with torch_profile(activities=activities) as prof:
             for _ in range(steps):
-                model(new, cache)
+                model(new, cache, **options)
             sync(device)
     print(f"\nprofile of {steps} KV-cache forwards at batch 1 (positions {cache.length - steps}..{cache.length - 1})\n")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
@@ -315,7 +320,7 @@ def main() -> None:
             "-" if kv is None else ("met" if kv / floor <= FLOOR_TARGET else "MISSED")]])
     kv_read = kv_read_per_step(model, 1)
     print(f"\nfloor = {read / MB:.1f} MB (blocks, final LayerNorm, {head_rows_read(model)} of {cfg.vocab_size} head "
-          f"rows) x {cfg.image_len} steps / {rate / 1e9:.1f} GB/s (best of 8 sums over {args.bandwidth_gb:g} GB).\n"
+          f"rows) x {cfg.image_len} steps / {rate / 1e9:.1f} GB/s (best of 10 sums over {args.bandwidth_gb:g} GB).\n"
           f"The batch-1 attention also reads {kv_read / MB:.1f} MB of cached keys and values per step on average "
           f"({kv_read / read:.1%} more), not counted.\nLinears alone: one position through every linear layer and "
           f"nothing else, x {cfg.image_len} (torch's matrix-vector kernels; best of 5).")

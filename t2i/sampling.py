@@ -70,9 +70,13 @@ def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cach
     codes = torch.empty(n, gpt.image_len, dtype=torch.long, device=prefix.device)
     cache = model.new_cache(len(prefix)) if use_cache else None
     tokens = prefix
-    logits = model(prefix, cache)[:, -1]
+    rows = gpt.n_image_codes  # image positions produce image codes only
+    if use_cache:  # the last position over the image codes: the rest of the head is never read
+        logits = model(prefix, cache, last_only=True, head_rows=rows)[:, -1]
+    else:  # EasyNLP's loop: every position, the whole vocabulary
+        logits = model(prefix)[:, -1, :rows]
     for i in range(gpt.image_len):
-        logits = logits[:, : gpt.n_image_codes].float()  # image positions produce image codes only
+        logits = logits.float()
         if guided:
             cond, uncond = logits[:n], logits[n:]
             logits = uncond + cfg.guidance_scale * (cond - uncond)
@@ -86,10 +90,10 @@ def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cach
             break
         new = step.repeat(2)[:, None] if guided else step[:, None]
         if use_cache:
-            logits = model(new, cache)[:, -1]
+            logits = model(new, cache, head_rows=rows)[:, -1]
         else:
             tokens = torch.cat([tokens, new], 1)
-            logits = model(tokens)[:, -1]
+            logits = model(tokens)[:, -1, :rows]
     return codes
 
 

@@ -111,13 +111,12 @@ class CausalSelfAttention(nn.Module):
             cache.keys[layer][:b, :, start:start + t] = k
             cache.values[layer][:b, :, start:start + t] = v
             k, v = cache.keys[layer][:b, :, :start + t], cache.values[layer][:b, :, :start + t]
-        # query i (absolute position start + i) sees keys 0 .. start + i
-        mask = None if start == 0 else torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(start)
+        # query i (absolute position start + i) sees keys 0 .. start + i; one new query sees them all
+        mask = None if start == 0 or t == 1 else torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(start)
         if self.pb_relax:
-            y = self._pb_relax_attention(q, k, v, mask if mask is not None else
-                                         torch.ones(t, t, dtype=torch.bool, device=x.device).tril())
+            y = self._pb_relax_attention(q, k, v, torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(start))
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0 and t > 1,
                                                dropout_p=self.dropout if self.training else 0.0)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, c)))
 
@@ -169,8 +168,14 @@ class GPT(nn.Module):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Tokens [B, T] -> logits [B, T, vocab]; with a cache, T new positions after cache.length."""
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
+                head_rows: int | None = None) -> torch.Tensor:
+        """Tokens [B, T] -> logits [B, T, vocab]; with a cache, T new positions after cache.length.
+
+        Sampling needs less: `last_only` keeps the last position ([B, 1, ...]) and `head_rows` the
+        first rows of the vocabulary (the image codes), so the rest of the output head is not read:
+        a step at batch 1 is bound by reading the weights.
+        """
         start = cache.length if cache is not None else 0
         if start + tokens.shape[1] > self.cfg.block_size:
             raise ValueError(f"sequence of {start + tokens.shape[1]} exceeds block_size {self.cfg.block_size}")
@@ -179,7 +184,12 @@ class GPT(nn.Module):
             x = block(x, cache, layer)
         if cache is not None:
             cache.length += tokens.shape[1]
-        return self.head(self.ln_f(x))
+        if last_only:
+            x = x[:, -1:]
+        x = self.ln_f(x)
+        if head_rows is None:
+            return self.head(x)
+        return F.linear(x, self.head.weight[:head_rows])  # a leading block of rows: a view, no copy
 
     def t2i_prefix(self, text: torch.Tensor) -> torch.Tensor:
         """Text ids [B, text_len] (tokenizer ids, 0 = padding) -> [T2I] text [BOI], ready for image codes.
