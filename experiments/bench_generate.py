@@ -19,7 +19,6 @@ batch 1 within 1.5x of the floor.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import platform
 import resource
@@ -139,9 +138,8 @@ def linears_alone(model: GPT, batch: int, device: str, repeats: int = 5) -> floa
 
 
 def head_rows_read(model: GPT) -> int:
-    """Rows of the output head a sampling step reads: all, unless GPT.forward can skip the text rows (head_rows)."""
-    cfg = model.cfg
-    return cfg.n_image_codes if "head_rows" in inspect.signature(model.forward).parameters else cfg.vocab_size
+    """Rows of the output head a sampling step reads: the image codes (generate_codes passes head_rows)."""
+    return model.cfg.n_image_codes
 
 
 def bytes_per_step(model: GPT) -> int:
@@ -228,8 +226,7 @@ def profile(model: GPT, steps: int, device: str, rows: int) -> None:
     from torch.profiler import profile as torch_profile
 
     steps = min(steps, model.cfg.image_len - 1)
-    head_rows = head_rows_read(model)
-    options = {"head_rows": head_rows} if head_rows < model.cfg.vocab_size else {}  # as generate_codes calls it
+    options = {"head_rows": head_rows_read(model)}  # as generate_codes calls it
     cache = model.new_cache(1)
     prefix = model.t2i_prefix(prompts(model, 1, device))
     new = torch.zeros(1, 1, dtype=torch.long, device=device)

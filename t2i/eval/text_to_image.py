@@ -169,7 +169,8 @@ def evaluate(generator: Generator, batches: Iterable[dict], sampling: SamplingCo
     if not prompts:
         raise ValueError("the split has no captions to generate from")
     results = {"prompts": len(prompts), "samples_per_prompt": per_prompt, "rerank": k,
-               "sampling": asdict(sampling), "images_per_set": len(prompts) * per_prompt}
+               "sampling": asdict(replace(sampling, samples_per_prompt=per_prompt)),
+               "images_per_set": len(prompts) * per_prompt}
     truth = attributes if oracle else None
     results["plain"] = plain.metrics(truth, per_prompt)
     save_captioned_grid(torch.cat(plain.grid), prompts[: cfg.grid_prompts], out_dir / "grid.png", per_prompt)
@@ -213,6 +214,9 @@ def markdown_table(results: dict) -> str:
             row += [f"{100 * metrics['attributes'][a]:.1f}" for a in attribute_names]
         lines.append("| " + " | ".join(row) + " |")
     notes = [f"{results['prompts']} prompts x {results['samples_per_prompt']} samples, sampling {results['sampling']}"]
+    if results["rerank"] > 1:
+        notes.append(f"rerank_{results['rerank']}: the lowest Caption Loss of {results['rerank']} candidates per image "
+                     f"(scored by {results.get('caption_model')})")
     if results.get("caption_loss_unavailable"):
         notes.append(f"Caption Loss and reranking unavailable: {results['caption_loss_unavailable']}")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
