@@ -30,7 +30,7 @@ test-fast: $(STAMP)
 # them (or add `eval.inception_weights=PATH` to EVAL).
 RUNS := logs/quickstart
 VQGAN_STEPS ?= 1200
-GPT_STEPS ?= 600
+GPT_STEPS ?= 480
 FID ?= false
 GPT := $(RUNS)/gpt/checkpoints/last.ckpt
 EVAL := data=shapes split=test eval.num_prompts=200 eval.fid=$(FID) paths.data_dir=$(DATA)
@@ -57,6 +57,8 @@ quickstart: $(STAMP)
 bench: $(STAMP)
 	$(PY) experiments/bench_data.py
 	$(PY) experiments/bench_vqgan.py
+	$(PY) experiments/bench_generate.py
+	$(PY) experiments/bench_train.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -91,8 +91,12 @@ class GPTStage(L.LightningModule):
                           n_image_codes=vqgan_info["config"]["n_embed"], n_text_tokens=datamodule.tokenizer.vocab_size,
                           text_len=datamodule.cfg.text_len, image_len=h * w)
         extras = {"tokenizer": datamodule.tokenizer.model, "text_len": datamodule.cfg.text_len, "vqgan": vqgan_info}
-        prompts = stage["sample_prompts"] or list(itertools.islice(datamodule.cfg.captions("val"),
-                                                                   stage["num_sample_prompts"]))
+        prompts = stage["sample_prompts"]
+        if stage["sample_every_n_steps"] and not prompts:
+            if datamodule.cfg.splits.get("val") not in datamodule.cfg.manifest()["splits"]:
+                raise ValueError("sample grids need prompts: set stage.sample_prompts=[...] (this data has no val "
+                                 "split to take them from) or stage.sample_every_n_steps=0")
+            prompts = list(itertools.islice(datamodule.cfg.captions("val"), stage["num_sample_prompts"]))
         return cls(model, instantiate(cfg.stage.optimizer), txt_loss_scale=stage["txt_loss_scale"],
                    pkeep=stage["pkeep"], cond_drop=stage["cond_drop"], caption_prob=stage["caption_prob"],
                    weight_decay=stage["weight_decay"], warmup_steps=stage["warmup_steps"],
