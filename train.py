@@ -33,11 +33,11 @@ def train_lightning_stage(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = ShardDataModule(OmegaConf.to_container(cfg.data, resolve=True))
     stage = LIGHTNING_STAGES[cfg.stage.name].from_config(cfg, datamodule)
-    trainer = L.Trainer(
-        **cfg.trainer,
-        logger=instantiate(cfg.logger) if cfg.logger else False,
-        callbacks=[instantiate(callback) for callback in cfg.callbacks.values()],
-    )
+    logger = instantiate(cfg.logger) if cfg.logger else False
+    if logger:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # the resolved config (W&B: the run config)
+    trainer = L.Trainer(**cfg.trainer, logger=logger,
+                        callbacks=[instantiate(callback) for callback in cfg.callbacks.values()])
     trainer.fit(stage, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     log.info("final metrics: %s", json.dumps(metrics))
