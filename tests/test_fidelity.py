@@ -21,7 +21,6 @@ from t2i.eval.fidelity import (
     feature_statistics,
     fid_from_features,
     isc_from_logits,
-    real_statistics,
 )
 
 
@@ -142,15 +141,22 @@ def test_inception_score_of_logits():
 def test_real_statistics_are_computed_once_per_key(inception64, tmp_path):
     calls = []
     hook = inception64.model.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+
+    def real_statistics(batches, key):  # what eval.py does: every real batch offered, used only on a cache miss
+        accumulator = FidelityAccumulator(inception64, tmp_path, key, "64", isc_splits=None)
+        for batch in batches:
+            accumulator.add_real(batch)
+        return accumulator.real_statistics()
+
     try:
         real = images(6, 6, size=16)
-        first = real_statistics(real.split(3), inception64, tmp_path, "manifest-abc|val|16|6", layer="64")
+        first = real_statistics(real.split(3), "manifest-abc|val|16|6")
         assert calls == [3, 3] and not first["cached"]
-        again = real_statistics(real.split(3), inception64, tmp_path, "manifest-abc|val|16|6", layer="64")
+        again = real_statistics(real.split(3), "manifest-abc|val|16|6")
         assert calls == [3, 3] and again["cached"] and again["n"] == 6
         np.testing.assert_array_equal(again["mu"], first["mu"])
         np.testing.assert_array_equal(again["sigma"], first["sigma"])
-        other = real_statistics(real.split(3), inception64, tmp_path, "manifest-abc|test|16|6", layer="64")
+        other = real_statistics(real.split(3), "manifest-abc|test|16|6")
         assert calls == [3, 3, 3, 3] and not other["cached"]
     finally:
         hook.remove()
@@ -176,7 +182,7 @@ def test_bad_weights_path_and_bad_inputs_raise_clear_errors(inception64, tmp_pat
     with pytest.raises(ValueError, match="unknown Inception feature layer"):
         InceptionFeatures(["1000"], inception_weights=str(garbage))
     with pytest.raises(ValueError, match="layer"):
-        real_statistics([], inception64, tmp_path, "key", layer="2048")  # not among its layers
+        FidelityAccumulator(inception64, tmp_path, "key", "2048", isc_splits=None)  # not among its layers
     with pytest.raises(ValueError, match="uint8"):
         inception64(torch.rand(2, 3, 16, 16))
     with pytest.raises(ValueError, match="at least 2"):

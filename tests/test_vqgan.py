@@ -128,6 +128,7 @@ def test_our_checkpoint_loads_without_a_config(trained_small, tmp_path):
     assert loaded.cfg == cfg
     assert loaded.quantize.l2_normalize and not loaded.quantize.legacy_beta
     assert_same_model(loaded, model)
+    assert load_vqgan(path, fallback=small_config()).cfg == cfg  # the saved config wins over a fallback
 
 
 def test_taming_checkpoint_without_a_config_asks_for_one(trained_small, tmp_path):
@@ -135,6 +136,7 @@ def test_taming_checkpoint_without_a_config_asks_for_one(trained_small, tmp_path
     torch.save(taming_checkpoint(trained_small), path)
     with pytest.raises(ValueError, match="no VQGAN config.*give its config"):
         load_vqgan(path)
+    assert_same_model(load_vqgan(path, fallback=small_config()), trained_small)  # a fallback config fits it
 
 
 def test_missing_checkpoint_file(tmp_path):

@@ -243,14 +243,3 @@ class FidelityAccumulator:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-
-
-def real_statistics(batches: Iterable[torch.Tensor], inception: InceptionFeatures, cache_dir: str | Path,
-                    key: str, layer: str = "2048") -> dict:
-    """FID statistics of real images, read from `cache_dir` when computed before under `key`
-    (see FidelityAccumulator); `batches` is only iterated on a cache miss."""
-    accumulator = FidelityAccumulator(inception, cache_dir, key, layer, isc_splits=None)
-    if accumulator.needs_real:
-        for images in tqdm(batches, desc="inception (real)"):
-            accumulator.add_real(images)
-    return accumulator.real_statistics()

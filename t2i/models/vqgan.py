@@ -329,10 +329,15 @@ def load_weights(model: nn.Module, state: dict, source: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def load_vqgan(path: str | Path, cfg: VQGANConfig | None = None) -> VQModel:
-    """A VQModel from our checkpoint (config inside) or taming's (pass its config, e.g. f16_16384)."""
+def load_vqgan(path: str | Path, cfg: VQGANConfig | None = None, fallback: VQGANConfig | None = None) -> VQModel:
+    """A VQModel from our checkpoint (config inside) or taming's (pass its config, e.g. f16_16384).
+
+    `cfg` overrides the saved config; `fallback` is used only when the checkpoint carries none.
+    """
     checkpoint = read_checkpoint(path)
     saved = checkpoint.get("t2i", {}).get("vqgan")
+    if cfg is None and saved is None:
+        cfg = fallback
     if cfg is None:
         if saved is None:
             raise ValueError(f"{path} carries no VQGAN config (a taming checkpoint?): give its config, "

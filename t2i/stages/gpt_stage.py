@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from t2i.data.tokenizer import TextTokenizer
 from t2i.models.gpt import GPT, GPTConfig
-from t2i.models.vqgan import VQGANConfig, VQModel, load_vqgan, read_checkpoint, weights_hash
+from t2i.models.vqgan import VQGANConfig, VQModel, load_vqgan, weights_hash
 from t2i.sampling import SamplingConfig, decode_to_uint8, generate_codes, save_captioned_grid
 
 
@@ -73,6 +73,7 @@ class GPTStage(L.LightningModule):
         self.sample_prompts = list(sample_prompts or [])
         self.sample_every_n_steps = sample_every_n_steps
         self.sampling = sampling or SamplingConfig()
+        self._sample_text = None  # token ids of sample_prompts
         self._step_started = None
 
     @classmethod
@@ -185,8 +186,10 @@ class GPTStage(L.LightningModule):
     @torch.no_grad()
     def log_samples(self) -> None:
         """Images for the fixed prompts: a PNG grid (a row per prompt) + captions, and the logger's image panel."""
-        tokenizer = TextTokenizer(self.checkpoint_extras["tokenizer"], self.gpt.cfg.text_len)
-        text = tokenizer(self.sample_prompts).to(self.device)
+        if self._sample_text is None:  # the prompts are fixed: tokenize them once
+            tokenizer = TextTokenizer(self.checkpoint_extras["tokenizer"], self.gpt.cfg.text_len)
+            self._sample_text = tokenizer(self.sample_prompts)
+        text = self._sample_text.to(self.device)
         was_training = self.gpt.training
         self.gpt.eval()
         codes = generate_codes(self.gpt, text, self.sampling)
@@ -252,10 +255,9 @@ def _vqgan_for_images(cfg: DictConfig, datamodule) -> tuple[VQModel, dict]:
                          "set stage.vqgan_ckpt=PATH (a taming checkpoint also needs vqgan=f16_16384), or pre-tokenize "
                          "once and train on code shards, which is much faster: "
                          "python -m t2i.pretokenize --data IMAGE_SHARDS --out CODE_SHARDS --vqgan CKPT")
-    saved = read_checkpoint(path).get("t2i", {}).get("vqgan")  # our checkpoints carry their config
-    vqgan_cfg = VQGANConfig(**saved) if saved else VQGANConfig(
-        **{k: v for k, v in OmegaConf.to_container(cfg.vqgan, resolve=True).items() if k != "init_ckpt"})
-    vqgan = load_vqgan(path, vqgan_cfg)
+    # our checkpoints carry their config; taming's get the `vqgan` config group's
+    fallback = {k: v for k, v in OmegaConf.to_container(cfg.vqgan, resolve=True).items() if k != "init_ckpt"}
+    vqgan = load_vqgan(path, fallback=VQGANConfig(**fallback))
     size = datamodule.cfg.image_size
     if size % vqgan.cfg.downsample:
         raise ValueError(f"data.image_size={size} is not a multiple of the VQGAN's downsampling {vqgan.cfg.downsample}")
