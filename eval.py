@@ -1,4 +1,8 @@
-"""Evaluate: python eval.py [task=<t2i|generate|reconstruct|oracle>] [data=<name>] [ckpt=PATH] [key=value ...]"""
+"""Evaluate: python eval.py [task=<t2i|generate|reconstruct|oracle>] [data=<name>] [ckpt=PATH] [key=value ...]
+
+Devices come from lightning.Fabric (trainer.accelerator / devices / num_nodes): task=t2i also runs
+on several, one process each (Fabric starts them, as for training), and the main one writes.
+"""
 
 import hashlib
 import json
@@ -9,21 +13,36 @@ from pathlib import Path
 import hydra
 import torchvision
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning import Fabric
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from t2i.data.datamodule import ShardDataModule
 from t2i.data.shapes import oracle_accuracy
-from t2i.eval.fidelity import IS_LAYER, FidelityAccumulator, InceptionFeatures
+from t2i.devices import check_devices
+from t2i.eval.fidelity import (
+    IS_LAYER,
+    FidelityAccumulator,
+    InceptionFeatures,
+    check_image_counts,
+)
 from t2i.eval.reconstruction import reconstruction_metrics
-from t2i.eval.text_to_image import CaptionScorer, EvalConfig, evaluate, markdown_table, warn_unavailable
+from t2i.eval.text_to_image import (
+    CaptionScorer,
+    EvalConfig,
+    evaluate,
+    markdown_table,
+    prompt_loader,
+    warn_unavailable,
+)
 from t2i.models.vqgan import VQGANConfig, load_vqgan
 from t2i.sampling import Generator, resolve_sampling, save_captioned_grid
 
 log = logging.getLogger("eval")
 
 
-def oracle_on_real_images(cfg: DictConfig) -> dict:
+def oracle_on_real_images(cfg: DictConfig, fabric: Fabric) -> dict:
     """How often the shapes oracle reads the true attributes off the dataset's own images."""
     dm = ShardDataModule(OmegaConf.to_container(cfg.data, resolve=True))
     images, attributes = [], []
@@ -36,7 +55,7 @@ def oracle_on_real_images(cfg: DictConfig) -> dict:
             "accuracy": oracle_accuracy(images, attributes)}
 
 
-def reconstruct(cfg: DictConfig) -> dict:
+def reconstruct(cfg: DictConfig, fabric: Fabric) -> dict:
     """A VQGAN checkpoint's reconstructions of a split: PSNR, SSIM, codebook usage (+ oracle on shapes)."""
     if not cfg.ckpt:
         raise ValueError("task=reconstruct needs ckpt=PATH (a VQGAN checkpoint; a taming one also needs vqgan=<config>)")
@@ -45,12 +64,12 @@ def reconstruct(cfg: DictConfig) -> dict:
         vqgan.pop("init_ckpt", None)
     model = load_vqgan(cfg.ckpt, VQGANConfig(**vqgan) if vqgan else None)
     dm = ShardDataModule(OmegaConf.to_container(cfg.data, resolve=True))
-    metrics = reconstruction_metrics(model, dm.loader(cfg.split), dm.on_after_batch_transfer, device=cfg.device,
+    metrics = reconstruction_metrics(model, dm.loader(cfg.split), dm.on_after_batch_transfer, device=fabric.device,
                                      oracle=cfg.data.name == "shapes")
     return {"task": "reconstruct", "ckpt": str(cfg.ckpt), "data": cfg.data.name, "split": cfg.split, **metrics}
 
 
-def generate(cfg: DictConfig) -> dict:
+def generate(cfg: DictConfig, fabric: Fabric) -> dict:
     """Images for prompts (cfg.prompts, or one per line of cfg.prompts_file): PNGs, a grid, captions."""
     if not cfg.ckpt:
         raise ValueError("task=generate needs ckpt=PATH (a GPT checkpoint from stage=gpt)")
@@ -59,7 +78,7 @@ def generate(cfg: DictConfig) -> dict:
         prompts += [line.strip() for line in Path(cfg.prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise ValueError("task=generate needs prompts=[...] or prompts_file=PATH")
-    generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=cfg.device)
+    generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device)
     sampling = resolve_sampling(OmegaConf.to_container(cfg.sampling, resolve=True), generator.meta.get("sampling"))
     images = generator(prompts, sampling, batch_size=cfg.batch_size)
     out = Path(HydraConfig.get().runtime.output_dir) / "samples"
@@ -75,41 +94,60 @@ def generate(cfg: DictConfig) -> dict:
             "sampling": asdict(sampling)}
 
 
-def text_to_image(cfg: DictConfig) -> dict:
-    """A GPT checkpoint on a split's captions: FID, IS, Caption Loss (with/without reranking), shapes attributes."""
+def text_to_image(cfg: DictConfig, fabric: Fabric) -> dict | None:
+    """A GPT checkpoint on a split's captions: FID, IS, Caption Loss (with/without reranking), shapes attributes.
+    Every process evaluates its share of the prompts; the main one returns the results, the others None."""
     if not cfg.ckpt:
         raise ValueError("eval.py needs ckpt=PATH (a GPT checkpoint from stage=gpt)")
-    generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=cfg.device)
-    sampling = resolve_sampling(OmegaConf.to_container(cfg.sampling, resolve=True), generator.meta.get("sampling"))
     options = OmegaConf.to_container(cfg.eval, resolve=True)
-    scorer, caption_model = CaptionScorer.for_generator(generator, options.pop("caption_ckpt"))
+    eval_cfg = EvalConfig(**{k: options[k] for k in EvalConfig.__dataclass_fields__})
+    dm = ShardDataModule(OmegaConf.to_container(cfg.data, resolve=True))
+    # The data is checked before other processes start, models load and sampling begins.
+    loader, num_prompts = prompt_loader(dm, cfg.split, options["num_prompts"])
+    if options["fid"]:
+        if dm.cfg.kind() == "codes":
+            raise ValueError(f"FID needs the split's real images: evaluate on image shards (e.g. data=shapes, not "
+                             f"data={dm.cfg.name}), or set eval.fid=false")
+        check_image_counts(num_prompts, num_prompts * eval_cfg.samples_per_prompt, str(options["fid_layer"]),
+                           options["isc_splits"])
+    fabric.launch()  # with several devices: starts the other processes, each running this script
+    generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device)
+    sampling = resolve_sampling(OmegaConf.to_container(cfg.sampling, resolve=True), generator.meta.get("sampling"))
+    scorer, caption_model = CaptionScorer.for_generator(generator, options["caption_ckpt"])
     if scorer is None:
         warn_unavailable(caption_model)
-        if options["rerank"] > 1:
-            log.warning("eval.rerank=%d ignored: no captioning model", options["rerank"])
-            options["rerank"] = 1
-    dm = ShardDataModule(OmegaConf.to_container(cfg.data, resolve=True))
+        if eval_cfg.rerank > 1:
+            log.warning("eval.rerank=%d ignored: no captioning model", eval_cfg.rerank)
+            eval_cfg.rerank = 1
     out = Path(HydraConfig.get().runtime.output_dir)
-    eval_cfg = EvalConfig(**{k: options[k] for k in EvalConfig.__dataclass_fields__})
-    fidelity = _fidelity_factory(cfg, dm, eval_cfg) if options["fid"] else None
+    fidelity = _fidelity_factory(cfg, dm, num_prompts, fabric) if options["fid"] else None
+    logger = None
+    if fabric.is_global_zero and cfg.get("logger"):
+        logger = instantiate(cfg.logger)
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # the resolved config (W&B: the run config)
+    results = evaluate(generator, loader, sampling, eval_cfg, out, scorer, fidelity, logger)
+    if results is None:  # not the main process
+        return None
     results = {"task": "t2i", "name": cfg.name or Path(cfg.ckpt).resolve().parent.parent.name, "ckpt": str(cfg.ckpt),
-               "data": cfg.data.name, "split": cfg.split}
-    results.update(evaluate(generator, dm.loader(cfg.split), sampling, eval_cfg, out, scorer, fidelity))
+               "data": cfg.data.name, "split": cfg.split, **results}
     if scorer is None:
         results["caption_loss_unavailable"] = caption_model
     else:
         results["caption_model"] = caption_model
     (out / "results.md").write_text(markdown_table(results), encoding="utf-8")
+    if logger is not None:
+        logger.finalize("success")
     return results
 
 
-def _fidelity_factory(cfg: DictConfig, dm: ShardDataModule, eval_cfg: EvalConfig):
-    """FID/IS accumulators; the real statistics are cached per (shards, split, size, count, layer, weights)."""
+def _fidelity_factory(cfg: DictConfig, dm: ShardDataModule, num_prompts: int, fabric: Fabric):
+    """FID/IS accumulators; the real statistics are cached per (shards, split, size, prompts, layer, weights)."""
     options = cfg.eval
     layer = str(options.fid_layer)  # eval.fid_layer=64 arrives as an int
-    inception = InceptionFeatures([layer, IS_LAYER], options.inception_weights, cfg.device)
+    inception = InceptionFeatures([layer, IS_LAYER], options.inception_weights, fabric.device)
     manifest = hashlib.sha256(json.dumps(dm.cfg.manifest(), sort_keys=True, default=str).encode()).hexdigest()
-    key = f"manifest={manifest}|split={cfg.split}|size={dm.cfg.image_size}|images={eval_cfg.num_prompts or 'all'}"
+    # "first-N": the first N samples of the split (earlier versions mixed in samples from further on)
+    key = f"manifest={manifest}|split={cfg.split}|size={dm.cfg.image_size}|images=first-{num_prompts}"
     return lambda: FidelityAccumulator(inception, options.stats_cache, key, layer, options.isc_splits)
 
 
@@ -120,7 +158,14 @@ TASKS = {"t2i": text_to_image, "generate": generate, "reconstruct": reconstruct,
 def main(cfg: DictConfig):
     if cfg.task not in TASKS:
         raise ValueError(f"task={cfg.task} is not one of: {', '.join(TASKS)}")
-    results = TASKS[cfg.task](cfg)
+    check_devices(cfg.trainer.accelerator, cfg.trainer.devices)
+    fabric = Fabric(**OmegaConf.to_container(cfg.trainer, resolve=True))
+    if fabric.world_size > 1 and cfg.task != "t2i":
+        raise ValueError(f"task={cfg.task} runs in one process: set trainer.devices=1 trainer.num_nodes=1 "
+                         "(several devices are for task=t2i)")
+    results = TASKS[cfg.task](cfg, fabric)
+    if not fabric.is_global_zero:
+        return None
     out = Path(HydraConfig.get().runtime.output_dir) / "results.json"
     out.write_text(json.dumps(results, ensure_ascii=False, indent=1))
     log.info("%s\nwritten to %s", json.dumps(results, ensure_ascii=False, indent=1), out)

@@ -2,14 +2,18 @@
 
 import json
 import logging
+from pathlib import Path
 
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from t2i.callbacks import AtomicCheckpointIO, last_checkpoint, saved_wandb_run_id
 from t2i.data.datamodule import DataConfig, ShardDataModule
 from t2i.data.tokenizer import fit_tokenizer
+from t2i.devices import check_devices
 from t2i.stages.gpt_stage import GPTStage
 from t2i.stages.vqgan_stage import VQGANStage
 
@@ -29,26 +33,64 @@ def train_tokenizer(cfg: DictConfig) -> dict:
     return stats
 
 
+def make_logger(cfg: DictConfig, ckpt_path: str | None):
+    """The configured logger, or False; a resumed W&B run continues the run its checkpoint names
+    (unless logger.id names one)."""
+    if not cfg.logger:
+        return False
+    resume = {}
+    if ckpt_path and Path(ckpt_path).is_file() and cfg.logger._target_.endswith("WandbLogger") \
+            and not cfg.logger.get("id"):
+        run_id = saved_wandb_run_id(ckpt_path)
+        if run_id:
+            log.info("continuing W&B run %s", run_id)
+            resume = {"id": run_id, "resume": "allow"}
+    return instantiate(cfg.logger, **resume)
+
+
 def train_lightning_stage(cfg: DictConfig) -> dict:
+    options = instantiate(cfg.trainer, _convert_="all")  # presets may hold objects (the fsdp strategy)
+    check_devices(options["accelerator"], options["devices"])
     L.seed_everything(cfg.seed, workers=True)
     datamodule = ShardDataModule(OmegaConf.to_container(cfg.data, resolve=True))
     stage = LIGHTNING_STAGES[cfg.stage.name].from_config(cfg, datamodule)
-    logger = instantiate(cfg.logger) if cfg.logger else False
+    callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
+    ckpt_path = cfg.ckpt_path
+    if ckpt_path == "last":  # resolved here (as Lightning would) so the W&B run id comes from the same file
+        ckpt_path = last_checkpoint(callbacks)
+        if ckpt_path is None:
+            log.warning("ckpt_path=last: no last.ckpt in this run dir, training from scratch "
+                        "(resume a run in its own dir: hydra.run.dir=<its run dir>)")
+    logger = make_logger(cfg, ckpt_path)
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # the resolved config (W&B: the run config)
-    trainer = L.Trainer(**cfg.trainer, logger=logger,
-                        callbacks=[instantiate(callback) for callback in cfg.callbacks.values()])
-    trainer.fit(stage, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer = L.Trainer(**options, logger=logger, callbacks=callbacks,
+                        plugins=[AtomicCheckpointIO()])  # a killed run never leaves a truncated checkpoint
+    trainer.fit(stage, datamodule=datamodule, ckpt_path=ckpt_path)
+    if isinstance(logger, WandbLogger):  # the next job of a multirun (same process) must start its own run
+        logger.experiment.finish()
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     log.info("final metrics: %s", json.dumps(metrics))
     return metrics
+
+
+def objective(cfg: DictConfig, metrics: dict) -> float | None:
+    """The value a sweeper minimises or maximises (`optimized_metric`, e.g. val/loss)."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in metrics:
+        raise KeyError(f"optimized_metric={name} was not logged; logged: {', '.join(sorted(metrics))}")
+    return metrics[name]
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig):
     if cfg.stage.name == "tokenizer":
         return train_tokenizer(cfg)
-    return train_lightning_stage(cfg)
+    metrics = train_lightning_stage(cfg)
+    value = objective(cfg, metrics)
+    return metrics if value is None else value
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 Batched prompts, several samples per prompt in the same batch, temperature, top-k, top-p,
 classifier-free guidance (the conditional and the null-text halves run as one batch:
-logits = uncond + scale * (cond - uncond)), a seed, and the KV cache: the prompt is run once and
+logits = uncond + scale * (cond - uncond)), seeds, and the KV cache: the prompt is run once and
 every step after it computes one position. Image positions can only produce image codes.
+Each prompt draws from its own random stream (its seed), so its samples do not depend on which
+other prompts share its batch or its process.
 `use_cache=False` recomputes the whole sequence at every step, as EasyNLP's generate loop does
 (kept for the benchmark and the equivalence test).
 """
@@ -11,7 +13,8 @@ every step after it computes one position. Image positions can only produce imag
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +22,14 @@ import torchvision
 
 from t2i.data.tokenizer import TextTokenizer
 from t2i.models.gpt import GPT, GPTConfig
-from t2i.models.vqgan import VQGANConfig, VQModel, load_vqgan, load_weights, read_checkpoint, weights_hash
+from t2i.models.vqgan import (
+    VQGANConfig,
+    VQModel,
+    load_vqgan,
+    load_weights,
+    read_checkpoint,
+    weights_hash,
+)
 
 
 @dataclass
@@ -54,18 +64,46 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def _prompt_uniforms(seeds: Sequence[int] | None, n_prompts: int, samples_per_prompt: int, steps: int,
+                    device: torch.device) -> torch.Tensor:
+    """Uniform draws [n_prompts * samples_per_prompt, steps] in [0, 1): prompt i's rows from its own
+    generator seeded with seeds[i] (unseeded: torch's global generator)."""
+    if seeds is None:
+        return torch.rand(n_prompts * samples_per_prompt, steps, device=device)
+    if len(seeds) != n_prompts:
+        raise ValueError(f"{len(seeds)} seeds for {n_prompts} prompts")
+    # CPU generators: the same seed gives the same draws on every device.
+    draws = [torch.rand(samples_per_prompt, steps, generator=torch.Generator().manual_seed(seed)) for seed in seeds]
+    return torch.cat(draws).to(device)
+
+
+def _draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: per row of probs [B, V], the first index whose cumulative probability
+    exceeds uniforms [B] (in [0, 1)) times the row's total. Zero-probability indices are never drawn."""
+    # float64: the tail of a 16k-code distribution keeps its mass, and a float32 u (at most 1 - 2^-24)
+    # times the total stays below the total, so some index always exceeds it.
+    cdf = probs.double().cumsum(-1)
+    return torch.searchsorted(cdf, (uniforms.double() * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+
+
 @torch.no_grad()
-def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cache: bool = True) -> torch.Tensor:
-    """Text ids [P, text_len] -> image codes [P * samples_per_prompt, image_len] (samples of a prompt adjacent)."""
+def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cache: bool = True,
+                   seeds: Sequence[int] | None = None) -> torch.Tensor:
+    """Text ids [P, text_len] -> image codes [P * samples_per_prompt, image_len] (samples of a prompt adjacent).
+
+    Prompt i samples from its own random stream, seeded with seeds[i]; by default cfg.seed + i
+    (unseeded when cfg.seed is None).
+    """
     gpt = model.cfg
+    if seeds is None and cfg.seed is not None:
+        seeds = [cfg.seed + i for i in range(len(text))]
+    uniforms = None if cfg.greedy else _prompt_uniforms(seeds, len(text), cfg.samples_per_prompt, gpt.image_len,
+                                                       text.device)
     text = text.repeat_interleave(cfg.samples_per_prompt, dim=0)
     prefix = model.t2i_prefix(text)
     guided = cfg.guidance_scale != 1.0
     if guided:
         prefix = torch.cat([prefix, model.t2i_prefix(torch.zeros_like(text))])
-    generator = None
-    if cfg.seed is not None:
-        generator = torch.Generator(device=prefix.device).manual_seed(cfg.seed)
     n = len(text)
     codes = torch.empty(n, gpt.image_len, dtype=torch.long, device=prefix.device)
     cache = model.new_cache(len(prefix)) if use_cache else None
@@ -84,7 +122,7 @@ def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cach
             step = logits.argmax(-1)
         else:
             probs = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
-            step = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            step = _draw(probs, uniforms[:, i])
         codes[:, i] = step
         if i == gpt.image_len - 1:
             break
@@ -108,7 +146,7 @@ class Generator:
         self.meta = meta or {}
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, vqgan_ckpt: str | Path | None = None, device: str = "cpu") -> "Generator":
+    def from_checkpoint(cls, path: str | Path, vqgan_ckpt: str | Path | None = None, device: str = "cpu") -> Generator:
         """Everything from a GPTStage checkpoint; the VQGAN it names (or `vqgan_ckpt`) must match its hash."""
         gpt, meta = load_gpt(path)
         vqgan_meta = meta["vqgan"]
@@ -127,17 +165,23 @@ class Generator:
         return self.gpt.pos_emb.device
 
     @torch.no_grad()
-    def sample_codes(self, prompts: list[str], cfg: SamplingConfig, batch_size: int = 16) -> torch.Tensor:
-        """Codes [len(prompts) * samples_per_prompt, h, w], the samples of a prompt adjacent."""
+    def sample_codes(self, prompts: list[str], cfg: SamplingConfig, batch_size: int = 16,
+                     seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """Codes [len(prompts) * samples_per_prompt, h, w], the samples of a prompt adjacent.
+
+        Prompt i is sampled with seeds[i], by default cfg.seed + i: the codes do not depend on batch_size.
+        """
         if any(not p.strip() for p in prompts):
             warnings.warn("an empty prompt generates unconditionally (the null text)")
+        if seeds is None and cfg.seed is not None:
+            seeds = [cfg.seed + i for i in range(len(prompts))]
         h, w = self.meta.get("vqgan", {}).get("grid") or (self.vqgan.cfg.grid, self.vqgan.cfg.grid)
         codes = []
         per_batch = max(1, batch_size // cfg.samples_per_prompt)
         for start in range(0, len(prompts), per_batch):
             text = self.tokenizer(prompts[start:start + per_batch]).to(self.device)
-            batch_cfg = replace(cfg, seed=None if cfg.seed is None else cfg.seed + start)
-            codes.append(generate_codes(self.gpt, text, batch_cfg).view(-1, h, w))
+            batch_seeds = None if seeds is None else seeds[start:start + per_batch]
+            codes.append(generate_codes(self.gpt, text, cfg, seeds=batch_seeds).view(-1, h, w))
         return torch.cat(codes)
 
     @torch.no_grad()

@@ -1,6 +1,7 @@
-"""The streaming DataModule: exact DDP plans over real shards, decoding, errors."""
+"""The streaming DataModule: exact DDP plans over real shards, decoding, resuming mid-epoch, errors."""
 
 import collections
+import itertools
 import unicodedata
 
 import numpy as np
@@ -11,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from t2i.data.datamodule import DataConfig, ShardDataModule
 from t2i.data.shards import ImageOptions, Row, write_manifest, write_split
+from t2i.data.stream import ResumableLoader, delivered_per_worker
 from t2i.data.tokenizer import train_sentencepiece
 
 N_TRAIN, N_VAL, SHARD = 203, 37, 13
@@ -183,3 +185,58 @@ def test_real_trainer_gets_float_images_and_new_order_each_epoch(dataset_dir, tm
 def test_finite_epoch_longer_than_the_split_is_refused(dataset_dir):
     with pytest.raises(ValueError, match="data.epoch_samples"):
         _module(dataset_dir, epoch_samples=N_TRAIN + 1).dataset("train", rank=0, world_size=1)
+
+
+def test_delivered_per_worker_follows_the_loader_turns():
+    assert delivered_per_worker([12, 13], 0) == ([0, 0], 0)
+    assert delivered_per_worker([12, 13], 5) == ([3, 2], 1)
+    assert delivered_per_worker([12, 13], 24) == ([12, 12], 0)
+    assert delivered_per_worker([1, 2, 2], 4) == ([1, 2, 1], 2)  # worker 0 ran out after the first turn
+    assert delivered_per_worker([3], 99) == ([3], 0)
+
+
+def _counting(decode, keys: list):
+    """`decode` that also notes the key of every sample it decodes."""
+    def counted(sample, rng):
+        keys.append(sample["__key__"])
+        return decode(sample, rng)
+    return counted
+
+
+@pytest.mark.parametrize("mode, workers", [("train", 0), ("train", 2), ("resampled", 2)])
+def test_resumed_loader_yields_the_rest_of_the_epoch(dataset_dir, mode, workers):
+    options = {"num_workers": workers, "crop": "random", "crop_scale": 0.5, "hflip": True}  # augmentation must match
+    if mode == "resampled":
+        options.update(resampled=True, epoch_samples=140)  # 17 batches: 8 + 9 over two workers
+    dm = _module(dataset_dir, **options)
+
+    def loader():
+        dataset = dm.dataset("train", rank=0, world_size=1)
+        dataset.set_epoch(1)
+        return ResumableLoader(dataset, num_workers=workers)
+
+    full = list(loader())
+    assert len(full) == (N_TRAIN // 8 if mode == "train" else 140 // 8)  # 12 + 13 batches over two workers
+
+    interrupted = loader()
+    head = list(itertools.islice(iter(interrupted), 5))
+    state = interrupted.state_dict()
+    assert state == {"epoch": 1, "batches": 5, "workers": workers} and [b["key"] for b in head] == [b["key"] for b in full[:5]]
+    del head, interrupted
+
+    for skip in (5, len(full) - 1):  # mid-turn, and only the longer worker's last batch left
+        resumed = loader()
+        resumed.load_state_dict({**state, "batches": skip})
+        decoded = []
+        if workers == 0:  # skipped samples are never decoded
+            resumed.dataset.decode = _counting(resumed.dataset.decode, decoded)
+        tail = list(resumed)
+        assert [b["key"] for b in tail] == [b["key"] for b in full[skip:]]
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(tail, full[skip:]))
+        assert resumed.state_dict()["batches"] == len(full)
+        if workers == 0:
+            assert len(decoded) == (len(full) - skip) * 8
+
+    other_epoch = loader()
+    other_epoch.load_state_dict({**state, "epoch": 0})  # a position from another epoch is ignored
+    assert len(list(other_epoch)) == len(full)

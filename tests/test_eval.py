@@ -14,7 +14,7 @@ REPO = Path(__file__).parents[1]
 
 def _run(args, tmp_path):
     return subprocess.run([sys.executable, *args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO,
-                          capture_output=True, text=True, timeout=180)
+                          capture_output=True, text=True, timeout=180, check=False)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ formulas, the real-statistics cache and the errors a user without the weights se
 
 import math
 import urllib.error
+import warnings
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from t2i.eval.fidelity import (
     IS_LAYER,
     FidelityAccumulator,
     InceptionFeatures,
+    check_image_counts,
     feature_statistics,
     fid_from_features,
     isc_from_logits,
@@ -127,6 +129,58 @@ def test_fid_and_is_end_to_end_record_the_protocol(inception_weights, inception6
         repeated = again.compute()
     assert repeated["fid"] == pytest.approx(results["fid"], rel=1e-6)
     assert repeated["protocol"]["real_images"] == 4 and repeated["protocol"]["real_input_size"] == [24, 24]
+
+
+class PixelFeatures:
+    """Stands in for InceptionFeatures where only the bookkeeping is tested: pixels as features."""
+
+    layers, weights = ("64", IS_LAYER), "pixels"
+
+    def __call__(self, images):
+        pixels = images.flatten(1).float() / 255
+        return {"64": pixels[:, :64], IS_LAYER: pixels[:, :1008] * 10}
+
+
+def test_accumulators_of_several_processes_merge_into_the_one_process_numbers(tmp_path):
+    """What eval.py does with several devices: each process feeds its share, in its own order; the
+    main process merges the states. Labels (sample keys) put the images back in one order."""
+    real, fake = images(6, 9, size=32), images(6, 10, high=110, size=32)
+    labels = [f"key{i}" for i in range(6)]
+
+    def accumulator(cache):
+        return FidelityAccumulator(PixelFeatures(), tmp_path / cache, "merge-test", layer="64", isc_splits=2)
+
+    one = accumulator("one")
+    one.add_real(real, labels)
+    one.add_generated(fake, labels)
+    main, other = accumulator("two"), accumulator("two")
+    for part, index in ((main, [4, 1, 5]), (other, [3, 0]), (other, [2])):  # shares in arrival order
+        part.add_real(real[index], [labels[i] for i in index])
+        part.add_generated(fake[index], [labels[i] for i in index])
+    main.merge(other.state())
+    with pytest.warns(UserWarning, match="covariance is singular"):
+        expected, merged = one.compute(), main.compute()
+    for metric in ("fid", "is_mean", "is_std"):
+        assert merged[metric] == pytest.approx(expected[metric], rel=1e-6, abs=1e-9), metric
+    assert merged["protocol"]["real_images"] == merged["protocol"]["generated_images"] == 6
+
+    cached = accumulator("two")  # a process that found the statistics cached cannot merge with one that did not
+    with pytest.raises(RuntimeError, match="eval.stats_cache"):
+        cached.merge(accumulator("three").state())
+
+
+def test_too_few_images_for_fid_are_refused_before_sampling():
+    with pytest.raises(ValueError, match="at least 2 real and 2 generated.*eval.num_prompts.*eval.fid=false"):
+        check_image_counts(1, 8, "64", None)
+    with pytest.raises(ValueError, match="at least 2 real and 2 generated"):
+        check_image_counts(8, 1, "64", None)
+    with pytest.raises(ValueError, match="eval.isc_splits=10 needs at least 10"):
+        check_image_counts(8, 8, "64", 10)
+    with pytest.warns(UserWarning, match="covariances are singular.*eval.fid_layer"):
+        check_image_counts(100, 200, "2048", 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_image_counts(100, 200, "64", 10)  # enough: no warning
 
 
 def test_inception_score_of_logits():

@@ -1,16 +1,28 @@
-"""Caption Loss, self-reranking and `python eval.py ckpt=... data=...` on a tiny trained GPT."""
+"""Caption Loss, self-reranking, which prompts and seeds an evaluation uses, and
+`python eval.py ckpt=... data=...` on a tiny trained GPT (its bad inputs too)."""
 
+import itertools
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from t2i.eval.text_to_image import caption_loss, pick_best
+from t2i.data.datamodule import DataConfig, ShardDataModule
+from t2i.data.stream import Shard
+from t2i.eval.text_to_image import (
+    caption_loss,
+    first_samples,
+    pick_best,
+    prompt_loader,
+    prompt_seed,
+)
 from t2i.models.gpt import GPT, GPTConfig
 from t2i.models.vqgan import read_checkpoint
+from t2i.sampling import SamplingConfig, generate_codes
 
 REPO = Path(__file__).parents[1]
 
@@ -46,9 +58,58 @@ def test_pick_best_keeps_the_lowest_caption_loss():
     assert chosen_losses.tolist() == [[1.0], [4.0]]
 
 
+def test_a_prompts_samples_depend_on_its_seed_not_on_its_batch():
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_image_codes=40, n_text_tokens=30, text_len=4, image_len=9, n_layer=1, n_head=2, n_embd=16)
+    model = GPT(cfg).eval()
+    text = torch.tensor([[5, 9, 2, 0], [7, 0, 0, 0], [3, 4, 0, 0]])
+    sampling = SamplingConfig(samples_per_prompt=2, top_k=20, temperature=2.0)
+    seeds = [prompt_seed(0, key) for key in ("val_00000", "val_00001", "val_00002")]
+    together = generate_codes(model, text, sampling, seeds=seeds)
+    alone = torch.cat([generate_codes(model, text[i:i + 1], sampling, seeds=seeds[i:i + 1]) for i in range(3)])
+    assert torch.equal(together, alone)
+    assert not torch.equal(together[:2], together[2:4])  # distinct streams per prompt
+    assert prompt_seed(0, "val_00000") != prompt_seed(1, "val_00000") != prompt_seed(0, "val_00001")
+
+
+def test_first_samples_cuts_the_shard_list():
+    shards = [Shard("a", 4), Shard("b", 0), Shard("c", 5)]
+    assert first_samples(shards, 6) == [Shard("a", 4), Shard("c", 2)]
+    assert first_samples(shards, 3) == [Shard("a", 3)]
+    assert first_samples(shards, None) == [Shard("a", 4), Shard("c", 5)]
+
+
+def test_prompt_loader_takes_the_first_samples_whatever_the_ranks_and_workers(codes_root, monkeypatch):
+    root = codes_root.parent / "shapes"
+    first = list(itertools.islice(DataConfig(root=str(root)).captions("val"), 5))
+    data = {"name": "shapes", "root": str(root), "batch_size": 2, "num_workers": 2, "image_size": 32, "text_len": 26}
+    dm = ShardDataModule(data)
+    shares = []
+    for rank in range(2):  # what torch.distributed tells the stream, here through the launcher's variables
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        loader, count = prompt_loader(dm, "val", 5)
+        shares.append([caption for batch in loader for caption in batch["caption"]])
+    assert count == 5 and [len(share) for share in shares] == [2, 3]
+    assert sorted(shares[0] + shares[1]) == sorted(first)
+    with pytest.raises(ValueError, match="eval.num_prompts"):
+        prompt_loader(dm, "val", 0)
+
+
+def test_a_split_without_samples_is_a_clear_error(codes_root, tmp_path):
+    images = codes_root.parent / "shapes"
+    manifest = json.loads((images / "manifest.json").read_text())
+    manifest["splits"]["val"]["shards"][0]["samples"] = 0  # every sample of the split was dropped
+    manifest["splits"]["val"]["shards"][0]["path"] = str(images / "val-00000.tar")
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    dm = ShardDataModule({"name": "shapes", "root": str(tmp_path), "tokenizer": {"path": str(images / "tokenizer.model")}})
+    with pytest.raises(ValueError, match="split=val .* has no samples with a caption"):
+        prompt_loader(dm, "val", None)
+
+
 def _evaluate(args, out):
     return subprocess.run([sys.executable, "eval.py", *args, f"hydra.run.dir={out}"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
 
 
 def test_eval_py_scores_with_and_without_reranking(codes_root, gpt_run, inception_weights, tmp_path):
@@ -102,10 +163,21 @@ def test_paper_table_has_a_row_per_model_and_reranking(tmp_path):
 
     files = [write("base", "muge", 30.0, rerank=25.0), write("base", "coco_cn", 40.0), write("large", "muge", 20.0)]
     result = subprocess.run([sys.executable, "experiments/paper_table.py", *files], cwd=REPO, capture_output=True,
-                            text=True, timeout=60)
+                            text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("| model | COCO-CN FID↓ | COCO-CN IS↑ | COCO-CN CapLoss↓ | MUGE FID↓")  # paper order
     assert "| base | 40.0 | 3.00 | 2.500 | 30.0 | 3.00 | 2.500 |" in lines
     assert "| base + rerank 4 | - | - | - | 25.0 | 3.50 | 2.000 |" in lines
     assert "| large | - | - | - | 20.0 | 3.00 | 2.500 |" in lines
+
+
+def test_too_few_images_for_fid_or_is_fail_before_sampling(codes_root, gpt_run, tmp_path):
+    common = [f"ckpt={gpt_run / 'checkpoints' / 'last.ckpt'}", "data=shapes", f"data.root={codes_root.parent / 'shapes'}",
+              "split=val", "trainer.accelerator=cpu", "eval.inception_weights=/nonexistent"]  # never loaded
+    one = _evaluate([*common, "eval.num_prompts=1", "eval.samples_per_prompt=4"], tmp_path / "one")
+    assert one.returncode != 0
+    assert "FID needs at least 2 real and 2 generated images" in one.stderr and "1 real and 4 generated" in one.stderr
+    assert "eval.num_prompts" in one.stderr and "eval.fid=false" in one.stderr
+    few = _evaluate([*common, "eval.num_prompts=3", "eval.isc_splits=10"], tmp_path / "few")
+    assert few.returncode != 0 and "eval.isc_splits=10 needs at least 10 generated images" in few.stderr

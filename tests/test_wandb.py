@@ -1,42 +1,18 @@
-"""logger=wandb with the real wandb package, offline: metrics, sample grids and the config reach the run file."""
+"""logger=wandb with the real wandb package, offline: metrics, sample grids and the config reach the run file,
+and a resumed run continues the same W&B run."""
 
 import json
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
-from wandb.proto import wandb_internal_pb2
+from wandb_reader import read_records
 
+from t2i.callbacks import saved_wandb_run_id
 from t2i.data.datamodule import DataConfig
 
 REPO = Path(__file__).parents[1]
-
-
-def read_records(path: Path) -> list:
-    """The protobuf records of a .wandb file: a 7-byte file header, then LevelDB-log records in 32 KiB blocks
-    (each record: crc32 4 bytes, length 2, type 1 = full, 2/3/4 = first/middle/last fragment)."""
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    records, pending, offset, block = [], b"", 7, 32768
-    while offset + 7 <= len(data):
-        left_in_block = block - offset % block
-        if left_in_block < 7:  # trailer padding
-            offset += left_in_block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[offset:offset + 7])
-        chunk = data[offset + 7: offset + 7 + length]
-        offset += 7 + length
-        if kind == 0 and length == 0:
-            break
-        pending += chunk
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-            pending = b""
-    return records
 
 
 def test_gpt_run_logs_metrics_samples_and_config_offline(codes_root, tmp_path):
@@ -62,3 +38,25 @@ def test_gpt_run_logs_metrics_samples_and_config_offline(codes_root, tmp_path):
     assert json.loads(config["data"])["name"] == "shapes_codes" and json.loads(config["model"])["n_layer"] == 1
     runs = [r.run for r in records if r.HasField("run")]
     assert runs and list(runs[0].tags) == ["test"] and runs[0].project == "t2i"
+
+
+def test_resumed_run_continues_the_same_wandb_run(codes_root, tmp_path):
+    command = [
+        sys.executable, "train.py", "stage=gpt", "model=shapes", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+        "data=shapes_codes", f"data.root={codes_root}", "data.batch_size=16", "data.num_workers=0", "trainer=cpu",
+        "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
+        "stage.sample_every_n_steps=0", "logger=wandb", "logger.offline=true"]
+    env = {**os.environ, "WANDB_SILENT": "true", "WANDB_MODE": "offline"}
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    for extra in (["trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'first'}"],
+                  ["trainer.max_steps=3", f"hydra.run.dir={tmp_path / 'second'}", f"ckpt_path={ckpt}"]):
+        result = subprocess.run(command + extra, check=False, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+    (first,) = (tmp_path / "first").glob("wandb/offline-run-*")
+    (second,) = (tmp_path / "second").glob("wandb/offline-run-*")
+    run_id = first.name.rsplit("-", 1)[1]  # offline-run-<date>_<time>-<id>
+    assert saved_wandb_run_id(ckpt) == run_id
+    assert second.name.endswith(f"-{run_id}")
+    (run_file,) = second.glob("run-*.wandb")
+    runs = [r.run for r in read_records(run_file) if r.HasField("run")]
+    assert runs and runs[0].run_id == run_id

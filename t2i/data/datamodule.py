@@ -26,7 +26,16 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from t2i.data.shards import IMAGE_EXTENSIONS, MANIFEST, read_manifest
-from t2i.data.stream import Shard, ShardStream, collate, complete_samples, decode_codes, decode_image, to_unit_range
+from t2i.data.stream import (
+    ResumableLoader,
+    Shard,
+    ShardStream,
+    collate,
+    complete_samples,
+    decode_codes,
+    decode_image,
+    to_unit_range,
+)
 from t2i.data.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -213,6 +222,8 @@ class ShardDataModule(L.LightningDataModule):
         self.cfg = cfg if isinstance(cfg, DataConfig) else DataConfig.from_dict(cfg)
         self.save_hyperparameters({"data": asdict(self.cfg)})
         self._tokenizer: TextTokenizer | None = None
+        self._train_loader: ResumableLoader | None = None  # the current epoch's
+        self._resume_position: dict | None = None  # from a checkpoint, for the loader of its epoch
 
     @property
     def tokenizer(self) -> TextTokenizer:
@@ -250,10 +261,13 @@ class ShardDataModule(L.LightningDataModule):
         """A loader for any role outside the Trainer's hooks (evaluation scripts)."""
         return self._loader(self.dataset(role))
 
-    def _loader(self, dataset: ShardStream) -> DataLoader:
+    def _loader(self, dataset: ShardStream, resumable: bool = False) -> DataLoader:
         workers = self.cfg.num_workers
-        return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                          prefetch_factor=4 if workers else None)
+        options = {"num_workers": workers, "pin_memory": torch.cuda.is_available(),
+                   "prefetch_factor": 4 if workers else None}
+        if resumable:  # its position in the epoch travels in checkpoints
+            return ResumableLoader(dataset, **options)
+        return DataLoader(dataset, batch_size=None, **options)
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.dataset("train")
@@ -264,7 +278,29 @@ class ShardDataModule(L.LightningDataModule):
         if dataset.epoch == 0:
             log.info("train: %d batches per rank per epoch, %d samples left out to keep ranks equal",
                      len(dataset), dataset.left_out())
-        return self._loader(dataset)
+        self._train_loader = self._loader(dataset, resumable=True)
+        if self._resume_position is not None and self._resume_position["epoch"] == dataset.epoch:
+            self._train_loader.load_state_dict(self._resume_position)
+            self._resume_position = None
+        return self._train_loader
+
+    # The train loader's position is kept here as well as by Lightning (which saves the states of
+    # stateful train loaders): Lightning only hands a saved state to a loader it builds after
+    # restoring the checkpoint, and `trainer.estimated_stepping_batches` (the GPT's LR schedule)
+    # builds the first one before that (Lightning-AI/pytorch-lightning#20550).
+
+    def state_dict(self) -> dict:
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        position = state_dict.get("train_loader")
+        if position is None:
+            return
+        loader = self._train_loader
+        if loader is not None and not loader.started and loader.dataset.epoch == position["epoch"]:
+            loader.load_state_dict(position)
+        else:
+            self._resume_position = position
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("val"))

@@ -15,11 +15,20 @@ Three ways to read a split:
 A sample that cannot be decoded is skipped with a warning and counted. In ``train`` mode the
 worker then re-yields an already decoded sample of its slice to keep the batch count exact
 (counted as padding): a hang would cost more than one repeated sample.
+
+Resuming mid-epoch (`ResumableLoader`, whose position Lightning keeps in checkpoints): each worker
+skips the batches it had already delivered, after its shuffle buffer (so the order stays that of
+the interrupted epoch) and before decoding (so skipped samples cost a tar read, not a decode).
+Random crops and flips draw from a generator seeded per sample (seed, epoch, rank, key), so they do
+not depend on which samples were skipped. The resumed tail is exactly the interrupted epoch's
+unless a corrupt sample was dropped before the resume point (the batches then shift by a sample).
 """
 
 from __future__ import annotations
 
 import io
+import itertools
+import logging
 import math
 import os
 import random
@@ -31,9 +40,16 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import IterableDataset, default_collate, get_worker_info
+from torch.utils.data import (
+    DataLoader,
+    IterableDataset,
+    default_collate,
+    get_worker_info,
+)
 
 from t2i.data.shards import IMAGE_EXTENSIONS, to_rgb
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,6 +63,24 @@ def dist_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def delivered_per_worker(worker_batches: list[int], delivered: int) -> tuple[list[int], int]:
+    """(batches each worker had delivered, the worker whose turn is next) after a DataLoader's first
+    `delivered` batches.
+
+    A DataLoader over an IterableDataset takes batches from its workers in turn (worker 0, 1, ...,
+    then 0 again); a worker that has run out drops out of the turns. `worker_batches` are the
+    workers' batch counts.
+    """
+    taken = [0] * len(worker_batches)
+    turn = 0
+    for _ in range(min(delivered, sum(worker_batches))):
+        while taken[turn] == worker_batches[turn]:  # ran out: not its turn any more
+            turn = (turn + 1) % len(worker_batches)
+        taken[turn] += 1
+        turn = (turn + 1) % len(worker_batches)
+    return taken, turn
 
 
 def _slices(shards: list[Shard], start: int, stop: int) -> list[tuple[str, int, int]]:
@@ -115,9 +149,11 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.collate_fn = collate_fn or collate
         self.epoch = 0
+        self.skip_batches = 0  # batches of this rank's epoch already delivered (a resumed run)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        self.skip_batches = 0  # a position belongs to one epoch
 
     def _rank_world(self) -> tuple[int, int]:
         rank, world = dist_rank_world()
@@ -152,25 +188,38 @@ class ShardStream(IterableDataset):
         """[first, end) of this worker's batches among its rank's batches (contiguous)."""
         return _split(self.batches_per_rank(), workers, worker)
 
+    def _resumed_worker(self, worker: int, workers: int) -> tuple[int, int]:
+        """(the worker whose slice this one reads, batches of that slice to skip) when resuming.
+
+        The resumed loader starts its turns at worker 0 again, so worker 0 reads the slice whose turn
+        was next, worker 1 the one after...: the turns then go on as in the interrupted epoch.
+        """
+        if not self.skip_batches:
+            return worker, 0
+        counts = [end - first for first, end in (self._worker_batches(w, workers) for w in range(workers))]
+        taken, turn = delivered_per_worker(counts, self.skip_batches)
+        source = (worker + turn) % workers
+        return source, taken[source]
+
     # -- iteration -----------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker, skip = self._resumed_worker(worker, workers)
         rank, world = self._rank_world()
         rng = random.Random(f"{self.seed}-{self.epoch}-{rank}-{worker}")  # order
-        augment_rng = random.Random(f"{self.seed}-{self.epoch}-{rank}-{worker}-augment")  # crops, flips
         first, end = self._worker_batches(worker, workers)
-        n_batches = end - first
+        n_batches = end - first - skip  # batches this worker yields
         if n_batches <= 0:
             return
 
-        if self.mode == "eval":
+        if self.mode == "eval":  # no shuffling: a resumed worker starts further into its slice
             rank_start, rank_stop = _split(self.total, world, rank)
-            start = rank_start + first * self.batch_size
+            start = rank_start + (first + skip) * self.batch_size
             stop = min(rank_start + end * self.batch_size, rank_stop)
             samples = self._read(_slices(self.shards, start, stop))
-            yield from self._batches(self._decoded(samples, augment_rng), n_batches, partial=True)
+            yield from self._batches(self._decoded(samples, rank), n_batches, partial=True)
             return
 
         if self.mode == "train":
@@ -178,12 +227,14 @@ class ShardStream(IterableDataset):
             random.Random(f"{self.seed}-{self.epoch}-shards").shuffle(order)  # same on all ranks
             per_rank = self.batches_per_rank() * self.batch_size
             start = rank * per_rank + first * self.batch_size
-            samples = self._read(_slices(order, start, start + n_batches * self.batch_size))
+            samples = self._read(_slices(order, start, start + (end - first) * self.batch_size))
         else:  # resampled: endless random shards, own seed per rank and worker
             samples = self._endless(rng)
         if self.shuffle_buffer > 1:
             samples = wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(samples)
-        decoded = self._decoded(samples, augment_rng)
+        # skipped samples still pass through the shuffle buffer (its state decides the order after them)
+        samples = itertools.islice(samples, skip * self.batch_size, None)
+        decoded = self._decoded(samples, rank)
         if self.mode == "train":
             decoded = self._padded(decoded, n_batches * self.batch_size, rng)
         yield from self._batches(decoded, n_batches, partial=False)
@@ -200,11 +251,13 @@ class ShardStream(IterableDataset):
         while True:
             yield from complete_samples(rng.choice(self.shards).url)
 
-    def _decoded(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+    def _decoded(self, samples: Iterator[dict], rank: int) -> Iterator[dict]:
         corrupt = 0
         for sample in samples:
+            # crops and flips seeded per sample: the same whichever samples before it were skipped
+            augment_rng = random.Random(f"{self.seed}-{self.epoch}-{rank}-{sample.get('__key__')}-augment")
             try:
-                yield self.decode(sample, rng)
+                yield self.decode(sample, augment_rng)
             except Exception as e:  # a bad sample must never end a run
                 corrupt += 1
                 warnings.warn(f"skipped corrupt sample {sample.get('__key__')} in {sample.get('__url__')}: {e!r} "
@@ -241,6 +294,51 @@ class ShardStream(IterableDataset):
                     return
         if batch and partial:
             yield self.collate_fn(batch)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over a ShardStream that knows how far into the epoch it is.
+
+    Lightning keeps `state_dict()` of the train loader in checkpoints and, when a run resumes,
+    hands it to the new loader's `load_state_dict()`: the stream then skips the batches already
+    trained on, so the resumed run sees the rest of the interrupted epoch. Batches are counted in
+    the main process, as the training loop receives them.
+
+    Workers start at the first batch, not at `iter()`, so a position given after Lightning built
+    the loader still counts (ShardDataModule.load_state_dict). The loader seeds its workers from its
+    own generator: it never draws from torch's global one, whose state a resumed run restores.
+    """
+
+    def __init__(self, dataset: ShardStream, **kwargs):
+        super().__init__(dataset, batch_size=None, generator=torch.Generator(), **kwargs)
+        self.delivered = 0
+        self.started = False
+
+    def __iter__(self) -> Iterator[dict]:
+        self.started = True
+        self.generator.manual_seed(random.Random(f"{self.dataset.seed}-{self.dataset.epoch}-loader").getrandbits(63))
+        self.delivered = self.dataset.skip_batches
+        for batch in super().__iter__():
+            self.delivered += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.dataset.epoch, "batches": self.delivered, "workers": self.num_workers}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.started:
+            raise RuntimeError("the loader is already reading: a resume position has to come before its first batch")
+        if state["epoch"] != self.dataset.epoch:
+            # Lightning counts an epoch cut short by max_steps as finished: the run goes on with the next one
+            log.info("train loader position is from epoch %d, this loader reads epoch %d: starting it from the "
+                     "beginning", state["epoch"], self.dataset.epoch)
+            return
+        if state.get("workers", self.num_workers) != self.num_workers:
+            # each worker reads its own slice through its own shuffle buffer
+            warnings.warn(f"resuming with data.num_workers={self.num_workers} instead of {state['workers']}: the rest "
+                          "of this epoch skips as many batches but not the same samples")
+        self.dataset.skip_batches = self.delivered = state["batches"]
+        log.info("resuming epoch %d after its first %d batches", self.dataset.epoch, state["batches"])
 
 
 def collate(samples: list[dict]) -> dict:

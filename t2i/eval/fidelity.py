@@ -12,16 +12,27 @@ import hashlib
 import os
 import tempfile
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.hub
 import torch_fidelity
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
-from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
-from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from torch_fidelity.feature_extractor_inceptionv3 import (
+    URL_INCEPTION_V3,
+    FeatureExtractorInceptionV3,
+)
+from torch_fidelity.metric_fid import (
+    KEY_METRIC_FID,
+    fid_features_to_statistics,
+    fid_statistics_to_metric,
+)
+from torch_fidelity.metric_isc import (
+    KEY_METRIC_ISC_MEAN,
+    KEY_METRIC_ISC_STD,
+    isc_features_to_metric,
+)
 from tqdm import tqdm
 
 FID_LAYERS = ("64", "192", "768", "2048")  # pooled activations; "2048" is the standard FID
@@ -107,6 +118,24 @@ def _check_count(n: int, dim: int, what: str) -> None:
                       stacklevel=3)
 
 
+def check_image_counts(real: int, generated: int, layer: str, isc_splits: int | None) -> None:
+    """Before any sampling: are there enough images for FID (and IS)? An error (or a warning) that
+    says which setting to change, rather than a failure after hours of sampling."""
+    fix = "evaluate more prompts (eval.num_prompts, or a larger split=), or skip FID/IS with eval.fid=false"
+    if real < 2 or generated < 2:
+        raise ValueError(f"FID needs at least 2 real and 2 generated images (it estimates covariances); this "
+                         f"evaluation has {real} real and {generated} generated: {fix}")
+    if isc_splits is not None and generated < isc_splits:
+        raise ValueError(f"the Inception Score with eval.isc_splits={isc_splits} needs at least {isc_splits} "
+                         f"generated images, this evaluation has {generated}: lower eval.isc_splits or {fix}")
+    dim = int(layer)
+    if min(real, generated) < dim:
+        warnings.warn(f"FID from {real} real and {generated} generated images with eval.fid_layer={layer} "
+                      f"({dim}-dimensional features): the covariances are singular and the FID biased and noisy; "
+                      f"use at least {dim} images (published FIDs use 10k-50k) or a smaller eval.fid_layer "
+                      f"({', '.join(FID_LAYERS)})", stacklevel=2)
+
+
 def feature_statistics(features: torch.Tensor, what: str = "images") -> dict:
     """Mean and covariance (float64) of [N, D] features, as torch-fidelity's FID takes them, plus N.
     `what` names the images in errors and warnings."""
@@ -142,10 +171,25 @@ def isc_from_logits(logits: torch.Tensor, splits: int = 10) -> tuple[float, floa
     return float(out[KEY_METRIC_ISC_MEAN]), float(out[KEY_METRIC_ISC_STD])
 
 
+def _labels(labels: Sequence | None, first: int, n: int) -> list:
+    """The labels of n new images; by default their arrival numbers, counted from `first`."""
+    labels = list(range(first, first + n)) if labels is None else list(labels)
+    if len(labels) != n:
+        raise ValueError(f"{len(labels)} labels for {n} images")
+    return labels
+
+
 def _sizes(sizes: set[tuple[int, int]]) -> list:
     """[H, W] when every image had one size, else the list of sizes seen."""
     listed = sorted([h, w] for h, w in sizes)
     return listed[0] if len(listed) == 1 else listed
+
+
+def _in_label_order(parts: list[torch.Tensor], labels: list) -> torch.Tensor:
+    """The rows of the concatenated parts sorted by their labels (one per row)."""
+    rows = torch.cat(parts)
+    order = sorted(range(len(labels)), key=labels.__getitem__)
+    return rows[order]
 
 
 class FidelityAccumulator:
@@ -156,6 +200,11 @@ class FidelityAccumulator:
     manifest, the split, the image size and the number of images); the layer and the weights are
     added here. When `cache_dir` already holds statistics for the key, `needs_real` is False and
     add_real() does nothing, so the caller can skip loading real images.
+
+    Every image may carry a label (any sortable value, e.g. its sample key); compute() reads the
+    features in label order, so the numbers (IS splits depend on the order) do not depend on the
+    order the images arrived in, nor on how many processes produced them: each process's
+    accumulator sends state() to the main process's, which merge()s them.
     """
 
     def __init__(self, inception: InceptionFeatures, cache_dir: str | Path, real_key: str, layer: str = "2048",
@@ -169,26 +218,50 @@ class FidelityAccumulator:
         self.cache_path = Path(cache_dir) / f"{hashlib.sha256(self.cache_key.encode()).hexdigest()}.npz"
         self.real = self._read_cache()  # the statistics, once known
         self._real_features: list[torch.Tensor] = []
+        self._real_labels: list = []
         self._real_sizes: set[tuple[int, int]] = set()
         self._fake_features: dict[str, list[torch.Tensor]] = {name: [] for name in needed}
+        self._fake_labels: list = []
         self._fake_sizes: set[tuple[int, int]] = set()
 
     @property
     def needs_real(self) -> bool:
         return self.real is None
 
-    def add_real(self, images: torch.Tensor) -> None:
-        """uint8 [N, 3, H, W] real images (ignored when the statistics came from the cache)."""
+    def add_real(self, images: torch.Tensor, labels: Sequence | None = None) -> None:
+        """uint8 [N, 3, H, W] real images (ignored when the statistics came from the cache), with
+        one label each (default: their arrival order)."""
         if self.real is None:
+            self._real_labels += _labels(labels, len(self._real_labels), len(images))
             self._real_features.append(self.inception(images)[self.layer])
             self._real_sizes.add(tuple(images.shape[-2:]))
 
-    def add_generated(self, images: torch.Tensor) -> None:
-        """uint8 [N, 3, H, W] generated images."""
+    def add_generated(self, images: torch.Tensor, labels: Sequence | None = None) -> None:
+        """uint8 [N, 3, H, W] generated images, with one label each (default: their arrival order)."""
+        self._fake_labels += _labels(labels, len(self._fake_labels), len(images))
         for name, feature in self.inception(images).items():
             if name in self._fake_features:
                 self._fake_features[name].append(feature)
         self._fake_sizes.add(tuple(images.shape[-2:]))
+
+    def state(self) -> dict:
+        """What add_real/add_generated collected (CPU tensors, labels, sizes), for merge() in another process."""
+        return {"needs_real": self.needs_real, "real_features": self._real_features, "real_labels": self._real_labels,
+                "real_sizes": self._real_sizes, "fake_features": self._fake_features, "fake_labels": self._fake_labels,
+                "fake_sizes": self._fake_sizes}
+
+    def merge(self, state: dict) -> None:
+        """Add what another process's accumulator collected (its state())."""
+        if state["needs_real"] != self.needs_real:  # one process would have skipped its real images
+            raise RuntimeError(f"processes disagree on whether {self.cache_path} holds the real statistics: "
+                               "put eval.stats_cache on a filesystem every node shares")
+        self._real_features += state["real_features"]
+        self._real_labels += state["real_labels"]
+        self._real_sizes |= state["real_sizes"]
+        for name, parts in self._fake_features.items():
+            parts += state["fake_features"][name]
+        self._fake_labels += state["fake_labels"]
+        self._fake_sizes |= state["fake_sizes"]
 
     def real_statistics(self) -> dict:
         """FID statistics of the real images ({"mu", "sigma", "n", "sizes", "cached", "path"}), cached on first use."""
@@ -197,7 +270,7 @@ class FidelityAccumulator:
         if self.real is None:
             if not self._real_features:
                 raise ValueError(f"no real images were added and {self.cache_path} holds no statistics for this key")
-            stats = feature_statistics(torch.cat(self._real_features), "real images")
+            stats = feature_statistics(_in_label_order(self._real_features, self._real_labels), "real images")
             stats["sizes"] = _sizes(self._real_sizes)
             self._write_cache(stats)
             self.real = {**stats, "cached": False, "path": str(self.cache_path)}
@@ -208,7 +281,7 @@ class FidelityAccumulator:
         real = self.real_statistics()
         if not self._fake_features[self.layer]:
             raise ValueError("no generated images were added")
-        fake = {name: torch.cat(parts) for name, parts in self._fake_features.items()}
+        fake = {name: _in_label_order(parts, self._fake_labels) for name, parts in self._fake_features.items()}
         results = {"fid": fid_from_statistics(real, feature_statistics(fake[self.layer], "generated images"))}
         if self.isc_splits is not None:
             results["is_mean"], results["is_std"] = isc_from_logits(fake[IS_LAYER], self.isc_splits)

@@ -3,7 +3,7 @@ how much of each attribute survives tokenization (the oracle on reconstructions)
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure

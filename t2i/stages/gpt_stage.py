@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -38,6 +37,7 @@ from t2i.data.tokenizer import TextTokenizer
 from t2i.models.gpt import GPT, GPTConfig
 from t2i.models.vqgan import VQGANConfig, VQModel, load_vqgan, weights_hash
 from t2i.sampling import SamplingConfig, decode_to_uint8, generate_codes, save_captioned_grid
+from t2i.stages.scaling import StepClock, apply_lr_scaling
 
 
 class GPTStage(L.LightningModule):
@@ -52,6 +52,8 @@ class GPTStage(L.LightningModule):
         weight_decay: float = 0.01,
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
+        lr_scaling: str = "none",
+        lr_reference_batch: int = 256,
         checkpoint_extras: dict | None = None,  # tokenizer bytes, VQGAN identity: travel in checkpoints
         vqgan: VQModel | None = None,  # frozen: encodes image shards, decodes sample grids
         sample_prompts: list[str] | None = None,
@@ -67,6 +69,7 @@ class GPTStage(L.LightningModule):
         self.txt_loss_scale, self.pkeep = txt_loss_scale, pkeep
         self.cond_drop, self.caption_prob = cond_drop, caption_prob
         self.weight_decay, self.warmup_steps, self.min_lr_ratio = weight_decay, warmup_steps, min_lr_ratio
+        self.lr_scaling, self.lr_reference_batch = lr_scaling, lr_reference_batch
         self.checkpoint_extras = checkpoint_extras or {}
         # kept out of the module tree: never trained, never saved in the state dict, never wrapped by DDP
         self._frozen = {"vqgan": vqgan.requires_grad_(False).eval() if vqgan is not None else None}
@@ -74,7 +77,8 @@ class GPTStage(L.LightningModule):
         self.sample_every_n_steps = sample_every_n_steps
         self.sampling = sampling or SamplingConfig()
         self._sample_text = None  # token ids of sample_prompts
-        self._step_started = None
+        self._clock = StepClock()
+        self._image_dir: Path | None = None  # <log dir>/images, set when fitting starts
 
     @classmethod
     def from_config(cls, cfg: DictConfig, datamodule) -> "GPTStage":
@@ -101,7 +105,8 @@ class GPTStage(L.LightningModule):
         return cls(model, instantiate(cfg.stage.optimizer), txt_loss_scale=stage["txt_loss_scale"],
                    pkeep=stage["pkeep"], cond_drop=stage["cond_drop"], caption_prob=stage["caption_prob"],
                    weight_decay=stage["weight_decay"], warmup_steps=stage["warmup_steps"],
-                   min_lr_ratio=stage["min_lr_ratio"], checkpoint_extras=extras, vqgan=vqgan,
+                   min_lr_ratio=stage["min_lr_ratio"], lr_scaling=stage["lr_scaling"],
+                   lr_reference_batch=stage["lr_reference_batch"], checkpoint_extras=extras, vqgan=vqgan,
                    sample_prompts=prompts, sample_every_n_steps=stage["sample_every_n_steps"],
                    sampling=SamplingConfig(**stage["sampling"]))
 
@@ -158,15 +163,18 @@ class GPTStage(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.vqgan is not None:
             self.vqgan.to(self.device)
+        # under DDP trainer.log_dir is a collective call: ask on every rank, once, not on rank 0 alone later
+        self._image_dir = Path(self.trainer.log_dir) / "images" if self.trainer.log_dir else None
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         inputs, targets = self.sequences(self._codes(batch), batch["text"], train=True)
         loss, logs = self.loss(self.gpt(inputs), targets)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log_dict({f"train/{k}": v for k, v in logs.items()})
-        if self._step_started is not None:
-            self.log("train/tokens_per_s", inputs.numel() / (time.perf_counter() - self._step_started))
-        self._step_started = time.perf_counter()
+        # averaged over processes (one small all-reduce each): what is logged is the whole batch's loss
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, sync_dist=True)
+        seconds = self._clock.tick()
+        if seconds:  # all processes together: they step in lockstep
+            self.log("train/tokens_per_s", inputs.numel() * self.trainer.world_size / seconds)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -197,16 +205,20 @@ class GPTStage(L.LightningModule):
         h, w = self.checkpoint_extras["vqgan"]["grid"]
         images = decode_to_uint8(self.vqgan, codes.view(-1, h, w)).cpu()
         per_prompt = self.sampling.samples_per_prompt
-        if self.trainer.log_dir:
-            folder = Path(self.trainer.log_dir) / "images"
-            save_captioned_grid(images, self.sample_prompts, folder / f"samples-step{self.global_step:07d}.png",
-                                per_prompt)
+        if self._image_dir is not None:
+            save_captioned_grid(images, self.sample_prompts,
+                                self._image_dir / f"samples-step{self.global_step:07d}.png", per_prompt)
         if hasattr(self.logger, "log_image"):  # W&B: one image per prompt, captioned
             rows = [torch.cat(list(images[i * per_prompt:(i + 1) * per_prompt]), dim=2)
                     for i in range(len(self.sample_prompts))]
             self.logger.log_image("val/samples", rows, step=self.global_step, caption=self.sample_prompts)
 
     # -- optimisation ------------------------------------------------------------------------
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # before Lightning's clipping (trainer.gradient_clip_val), after fp16 unscaling
+        grads = [p.grad for p in self.gpt.parameters() if p.grad is not None]
+        self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
     def configure_optimizers(self):
         # weight decay on matrices only: not on biases, LayerNorms, embeddings or positions
@@ -215,6 +227,8 @@ class GPTStage(L.LightningModule):
             (decay if p.dim() == 2 and "emb" not in name else no_decay).append(p)
         optimizer = self.optimizer([{"params": decay, "weight_decay": self.weight_decay},
                                     {"params": no_decay, "weight_decay": 0.0}])
+        apply_lr_scaling(self, [optimizer], self.lr_scaling, self.lr_reference_batch,
+                         tokens_per_sample=self.gpt.cfg.block_size - 1)
         total = max(1, int(self.trainer.estimated_stepping_batches))
 
         def warmup_cosine(step: int) -> float:

@@ -2,6 +2,8 @@
 
 Two optimizers (autoencoder, discriminator) with manual optimisation, as Lightning 2.x needs for
 a GAN; `manual_backward` and the LightningOptimizer wrappers handle fp16 loss scaling and DDP.
+Gradients are clipped in `on_before_optimizer_step`, which Lightning calls after unscaling fp16
+gradients (clipping right after `manual_backward` would clip the scaled ones).
 Validation logs PSNR, SSIM, codebook usage and a grid of inputs above reconstructions.
 """
 
@@ -13,14 +15,16 @@ from pathlib import Path
 from typing import Callable
 
 import lightning as L
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 import torch
 import torchvision
+from hydra.utils import instantiate
+from lightning.pytorch.strategies import DDPStrategy
+from omegaconf import DictConfig, OmegaConf
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from t2i.models.losses import VQGANLoss, VQGANLossConfig
 from t2i.models.vqgan import VQGANConfig, VQModel, codebook_usage, load_weights, read_checkpoint, vqgan_state_dict
+from t2i.stages.scaling import StepClock, apply_lr_scaling
 
 
 @dataclass
@@ -43,6 +47,8 @@ class VQGANStage(L.LightningModule):
         grad_clip: float = 1.0,
         warmup_steps: int = 0,
         decay_steps: int = 0,
+        lr_scaling: str = "none",
+        lr_reference_batch: int = 1,
         init_ckpt: str | None = None,
         log_images: int = 8,
     ):
@@ -56,9 +62,12 @@ class VQGANStage(L.LightningModule):
         self.codebook_cfg = codebook
         self.grad_clip = grad_clip
         self.warmup_steps, self.decay_steps = warmup_steps, decay_steps
+        self.lr_scaling, self.lr_reference_batch = lr_scaling, lr_reference_batch
         self.log_images = log_images
         self.register_buffer("code_usage", torch.zeros(vqgan.n_embed))
         self.register_buffer("val_code_counts", torch.zeros(vqgan.n_embed), persistent=False)
+        self._clock = StepClock()
+        self._image_dir: Path | None = None  # <log dir>/images, set when fitting starts
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
 
@@ -68,16 +77,40 @@ class VQGANStage(L.LightningModule):
         vqgan = OmegaConf.to_container(cfg.vqgan, resolve=True)
         init_ckpt = vqgan.pop("init_ckpt", None)
         stage = OmegaConf.to_container(cfg.stage, resolve=True)
+        trainer = cfg.get("trainer", {})
+        if trainer.get("accumulate_grad_batches", 1) != 1 or trainer.get("gradient_clip_val"):
+            raise ValueError("the VQGAN stage steps its two optimizers itself: leave trainer.accumulate_grad_batches=1 "
+                             "and trainer.gradient_clip_val=null (clip with stage.grad_clip; for a larger batch raise "
+                             "data.batch_size or trainer.devices)")
         return cls(VQGANConfig(**vqgan), VQGANLossConfig(**stage["loss"]), instantiate(cfg.stage.optimizer),
                    CodebookConfig(**stage["codebook"]), grad_clip=stage["grad_clip"],
                    warmup_steps=stage["warmup_steps"], decay_steps=stage["decay_steps"],
-                   init_ckpt=init_ckpt, log_images=stage["log_images"])
+                   lr_scaling=stage["lr_scaling"], lr_reference_batch=stage["lr_reference_batch"], init_ckpt=init_ckpt, log_images=stage["log_images"])
 
     # -- optimisation ------------------------------------------------------------------------
 
+    def on_fit_start(self) -> None:
+        # under DDP trainer.log_dir is a collective call: ask on every rank, once, not on rank 0 alone later
+        self._image_dir = Path(self.trainer.log_dir) / "images" if self.trainer.log_dir else None
+
+    def setup(self, stage: str) -> None:
+        # each backward (autoencoder, discriminator) reaches only part of the module: DDP must look
+        # for the parameters a backward leaves out, or it waits for their gradients forever
+        if isinstance(self.trainer.strategy, DDPStrategy):
+            self.trainer.strategy._ddp_kwargs["find_unused_parameters"] = True
+
     def configure_optimizers(self):
         autoencoder = [p for name, p in self.named_parameters() if name.startswith("vqgan.")]
-        return [self.optimizer(autoencoder), self.optimizer(self.loss.discriminator.parameters())]
+        optimizers = [self.optimizer(autoencoder), self.optimizer(self.loss.discriminator.parameters())]
+        apply_lr_scaling(self, optimizers, self.lr_scaling, self.lr_reference_batch)
+        return optimizers
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        name = "grad_norm" if optimizer is self.trainer.optimizers[0] else "disc_grad_norm"
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self.log(f"train/{name}", torch.nn.utils.get_total_norm([p.grad for p in params]))
+        if self.grad_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
 
     def _set_lr(self, optimizer) -> None:
         """Linear warmup, then constant (taming) or cosine decay to 10% over `decay_steps`."""
@@ -94,9 +127,7 @@ class VQGANStage(L.LightningModule):
         self._set_lr(optimizer)
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        if self.grad_clip:
-            self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
-        optimizer.step()
+        optimizer.step()  # clips in on_before_optimizer_step
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         x = batch["image"]
@@ -114,8 +145,12 @@ class VQGANStage(L.LightningModule):
             self._step(opt_disc, disc_loss)
             logs.update(disc_logs)
         self._track_codes(codes, z, step)
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False)
-        self.log("train/loss", logs["total"], prog_bar=True)
+        # averaged over processes (one small all-reduce each): what is logged is the whole batch's loss
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, sync_dist=True)
+        self.log("train/loss", logs["total"], prog_bar=True, sync_dist=True)
+        seconds = self._clock.tick()
+        if seconds:  # all processes together: they step in lockstep
+            self.log("train/images_per_s", len(x) * self.trainer.world_size / seconds)
 
     # -- codebook usage and restarts ---------------------------------------------------------
 
@@ -152,7 +187,7 @@ class VQGANStage(L.LightningModule):
         self.val_psnr(fake, real)
         self.val_ssim(fake, real)
         self.val_code_counts += torch.bincount(codes.flatten(), minlength=self.val_code_counts.numel()).float()
-        self.log("val/reconstruction", rec, sync_dist=True)
+        self.log("val/reconstruction", rec, sync_dist=True, batch_size=len(x))
         self.log("val/psnr", self.val_psnr)
         self.log("val/ssim", self.val_ssim)
         if batch_idx == 0 and self.log_images:
@@ -168,10 +203,9 @@ class VQGANStage(L.LightningModule):
     def _log_grid(self, real: torch.Tensor, fake: torch.Tensor) -> None:
         """Inputs above their reconstructions: a PNG in the run folder, and to W&B when it logs."""
         grid = torchvision.utils.make_grid(torch.cat([real, fake]).cpu(), nrow=len(real), padding=1)
-        if self.trainer.is_global_zero and self.trainer.log_dir:
-            folder = Path(self.trainer.log_dir) / "images"
-            folder.mkdir(parents=True, exist_ok=True)
-            torchvision.utils.save_image(grid, folder / f"reconstructions-step{self.global_step:07d}.png")
+        if self.trainer.is_global_zero and self._image_dir is not None:
+            self._image_dir.mkdir(parents=True, exist_ok=True)
+            torchvision.utils.save_image(grid, self._image_dir / f"reconstructions-step{self.global_step:07d}.png")
         if hasattr(self.logger, "log_image"):
             self.logger.log_image("val/reconstructions", [grid], step=self.global_step,
                                   caption=["top: inputs, bottom: reconstructions"])

@@ -1,0 +1,91 @@
+"""Trainer presets, experiment recipes and the errors a wrong setting gets."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from lightning.pytorch.strategies import FSDPStrategy
+
+from t2i.devices import check_devices
+from t2i.models.gpt import Block, GPTConfig
+
+REPO = Path(__file__).parents[1]
+
+
+def _compose(overrides: list[str], name: str = "train"):
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+@pytest.mark.parametrize("preset, expected", [
+    ("cpu", {"accelerator": "cpu", "devices": 1, "strategy": "auto", "precision": "32-true"}),
+    ("gpu", {"accelerator": "gpu", "devices": 1, "precision": "bf16-mixed"}),
+    ("ddp", {"accelerator": "gpu", "devices": -1, "strategy": "ddp", "num_nodes": 1}),
+    ("multi_node", {"accelerator": "gpu", "devices": 8, "strategy": "ddp", "num_nodes": 2}),
+    ("ddp_cpu", {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "precision": "32-true"}),
+])
+def test_trainer_presets(preset, expected):
+    trainer = _compose([f"trainer={preset}"]).trainer
+    assert {key: trainer[key] for key in expected} == expected
+    assert trainer.use_distributed_sampler is False  # the shard streams split the data over ranks
+
+
+def test_fsdp_preset_wraps_each_transformer_block():
+    strategy = instantiate(_compose(["trainer=fsdp"]).trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block}
+    assert strategy.sharding_strategy.name == "FULL_SHARD"
+
+
+@pytest.mark.parametrize("recipe, layers, width, nodes, devices", [
+    ("shapes", 4, 256, 1, 1),
+    ("muge_base", 12, 768, 1, 8),
+    ("muge_large", 24, 1024, 4, 8),
+    ("coco_cn_base", 12, 768, 1, 8),
+    ("flickr30k_cn_base", 12, 768, 1, 8),
+])
+def test_experiment_recipes_are_complete_runs(recipe, layers, width, nodes, devices):
+    cfg = _compose([f"experiment={recipe}"])
+    assert cfg.stage.name == "gpt"
+    assert (cfg.model.n_layer, cfg.model.n_embd) == (layers, width)
+    assert (cfg.trainer.num_nodes, cfg.trainer.devices) == (nodes, devices)
+    assert cfg.trainer.max_steps > 0 and cfg.stage.warmup_steps > 0
+    assert cfg.data.root.endswith("_codes") and cfg.data.source == "pretokenize"
+    assert cfg.stage.caption_prob > 0  # Caption Loss and reranking at evaluation
+    assert cfg.stage.sampling.guidance_scale is not None  # the sampling eval.py inherits
+    if recipe != "shapes":
+        assert cfg.vqgan.n_embed == 16384 and cfg.trainer.precision == "bf16-mixed"
+        assert cfg.logger._target_.endswith("WandbLogger") and cfg.logger.group == recipe
+        gpt = GPTConfig(**cfg.model, n_image_codes=16384, n_text_tokens=16000, text_len=32, image_len=256)
+        assert gpt.block_size == 1 + 32 + 1 + 256
+
+
+def test_device_requests_beyond_the_machine_name_the_setting():
+    with pytest.raises(ValueError, match=r"trainer.devices=4096 .* set trainer.devices to at most"):
+        check_devices("cpu", 4096)
+    check_devices("cpu", 1)
+    check_devices("cpu", -1)  # all of them
+    check_devices("cpu", "auto")
+
+
+def _train(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *overrides], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_bad_settings_get_messages_that_name_them(tmp_path):
+    run = [f"hydra.run.dir={tmp_path}"]
+    unknown_group = _train("model=huge", *run)
+    assert unknown_group.returncode != 0
+    assert "Could not find 'model/huge'" in unknown_group.stderr and "Available options" in unknown_group.stderr
+    unknown_key = _train("trainer.devcies=2", *run)
+    assert unknown_key.returncode != 0 and "Could not override 'trainer.devcies'" in unknown_key.stderr
+    too_many = _train("stage=gpt", "data=shapes_codes", f"data.root={tmp_path}", "trainer.devices=4096", *run)
+    missing_root = _train("stage=gpt", "data=shapes_codes", f"data.root={tmp_path / 'nowhere'}", *run)
+    assert missing_root.returncode != 0
+    assert f"data.root={tmp_path / 'nowhere'} does not exist" in missing_root.stderr
+    assert "python -m t2i.pretokenize" in missing_root.stderr
+    assert too_many.returncode != 0 and "trainer.devices=4096 but this machine has" in too_many.stderr
