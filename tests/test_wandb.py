@@ -21,8 +21,10 @@ def test_gpt_run_logs_metrics_samples_and_config_offline(codes_root, tmp_path):
          "data=shapes_codes", f"data.root={codes_root}", "data.batch_size=16", "data.num_workers=0", "trainer=cpu",
          "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
          "trainer.enable_progress_bar=false", "stage.sample_every_n_steps=2", "stage.num_sample_prompts=2",
-         "logger=wandb", "logger.offline=true", "logger.tags=[test]", f"hydra.run.dir={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_SILENT": "true"})
+         "logger=wandb", "logger.tags=[test]", "logger.log_model=true", f"hydra.run.dir={tmp_path}"],
+        # offline through wandb's own switch: Lightning refuses logger.offline=true with log_model
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "WANDB_SILENT": "true", "WANDB_MODE": "offline"})
     assert result.returncode == 0, result.stderr[-3000:]
     (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     records = read_records(run_file)
@@ -38,6 +40,10 @@ def test_gpt_run_logs_metrics_samples_and_config_offline(codes_root, tmp_path):
     assert json.loads(config["data"])["name"] == "shapes_codes" and json.loads(config["model"])["n_layer"] == 1
     runs = [r.run for r in records if r.HasField("run")]
     assert runs and list(runs[0].tags) == ["test"] and runs[0].project == "t2i"
+    # logger.log_model=true: the checkpoints became a model artifact of the run
+    artifacts = [r.artifact for r in records if r.HasField("artifact")]
+    assert artifacts and artifacts[0].type == "model" and artifacts[0].name.startswith("model-")
+    assert "latest" in artifacts[0].aliases and [f.path for f in artifacts[0].manifest.contents] == ["model.ckpt"]
 
 
 def test_resumed_run_continues_the_same_wandb_run(codes_root, tmp_path):
