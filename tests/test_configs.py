@@ -11,6 +11,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 from t2i.devices import check_devices
 from t2i.models.gpt import Block, GPTConfig
+from t2i.stages.scaling import scaled_lr
 
 REPO = Path(__file__).parents[1]
 
@@ -89,3 +90,12 @@ def test_bad_settings_get_messages_that_name_them(tmp_path):
     assert f"data.root={tmp_path / 'nowhere'} does not exist" in missing_root.stderr
     assert "python -m t2i.pretokenize" in missing_root.stderr
     assert too_many.returncode != 0 and "trainer.devices=4096 but this machine has" in too_many.stderr
+
+
+def test_lr_scaling_rules():
+    assert scaled_lr(3e-4, 512, "none", 256) == 3e-4
+    assert scaled_lr(3e-4, 512, "linear", 256) == pytest.approx(6e-4)
+    assert scaled_lr(3e-4, 1024, "sqrt", 256) == pytest.approx(6e-4)
+    assert scaled_lr(4.5e-6, 64, "linear", 1) == pytest.approx(2.88e-4)  # taming's VQGAN rule
+    with pytest.raises(ValueError, match="stage.lr_scaling must be one of"):
+        scaled_lr(1e-3, 8, "cubic", 1)

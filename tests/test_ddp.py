@@ -14,7 +14,7 @@ TINY_VQGAN = dict(resolution=32, ch=16, ch_mult=[1, 2], num_res_blocks=1, attn_r
                   embed_dim=8, n_embed=64)
 
 
-def _train_ddp(run_dir: Path, *overrides: str) -> list[dict]:
+def _train_ddp(run_dir: Path, *overrides: str) -> tuple[list[dict], str]:
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
     result = subprocess.run(
         [sys.executable, "train.py", "trainer=ddp_cpu", "trainer.max_steps=6", "trainer.val_check_interval=3",
@@ -22,7 +22,8 @@ def _train_ddp(run_dir: Path, *overrides: str) -> list[dict]:
          "+callbacks.probe._target_=ddp_probe.RankProbe", f"hydra.run.dir={run_dir}", *overrides],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    return [json.loads((run_dir / f"probe-rank{rank}.json").read_text()) for rank in (0, 1)]
+    probes = [json.loads((run_dir / f"probe-rank{rank}.json").read_text()) for rank in (0, 1)]
+    return probes, result.stdout + result.stderr
 
 
 def _check_ranks(probes: list[dict], train_samples: int, batch_size: int, val_metric: str) -> None:
@@ -50,11 +51,14 @@ def _check_ranks(probes: list[dict], train_samples: int, batch_size: int, val_me
 @pytest.mark.slow
 def test_gpt_stage_under_two_process_ddp(codes_root, tmp_path):
     run_dir = tmp_path / "gpt"
-    probes = _train_ddp(run_dir, "stage=gpt", "model=shapes", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+    probes, output = _train_ddp(run_dir, "stage=gpt", "model=shapes", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
                         "data=shapes_codes", f"data.root={codes_root}", "data.batch_size=8", "data.num_workers=0",
                         "stage.warmup_steps=2", "stage.sample_every_n_steps=3", "stage.num_sample_prompts=2",
-                        "stage.sampling.samples_per_prompt=1")
+                        "stage.sampling.samples_per_prompt=1", "stage.lr_scaling=linear",
+                        "stage.lr_reference_batch=8")
     _check_ranks(probes, train_samples=64, batch_size=8, val_metric="val/loss")
+    # the scale printed at start: 2 processes x 8, and the lr scaled linearly from a batch of 8
+    assert "effective batch 16 = 8 per device x 1 accumulated x 2 processes; lr 0.0006" in output
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "csv" / "version_0" / "images" / "samples-step0000006.png").is_file()  # rank 0 drew grids
 
@@ -65,7 +69,7 @@ def test_vqgan_stage_under_two_process_ddp(codes_root, tmp_path):
     run_dir = tmp_path / "vqgan"
     model = [f"vqgan.{key}={value}".replace(" ", "") for key, value in TINY_VQGAN.items()]
     # disc_start=3: steps without and with the discriminator, both under DDP
-    probes = _train_ddp(run_dir, "stage=vqgan", "vqgan=shapes", *model, "data=shapes", f"data.root={images}",
+    probes, _ = _train_ddp(run_dir, "stage=vqgan", "vqgan=shapes", *model, "data=shapes", f"data.root={images}",
                         "data.image_size=32", "data.batch_size=8", "data.num_workers=0",
                         "stage.loss.perceptual_weight=0", "stage.loss.disc_start=3", "stage.lr_scaling=none",
                         "stage.optimizer.lr=1e-3", "stage.codebook.restart_every=2")
