@@ -7,10 +7,11 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from t2i.callbacks import AtomicCheckpointIO, last_checkpoint, saved_wandb_run_id
+from t2i.callbacks import AtomicCheckpointIO, hpc_checkpoint, last_checkpoint, saved_wandb_run_id
 from t2i.data.datamodule import DataConfig, ShardDataModule
 from t2i.data.tokenizer import fit_tokenizer
 from t2i.devices import check_devices
@@ -61,7 +62,10 @@ def train_lightning_stage(cfg: DictConfig) -> dict:
         if ckpt_path is None:
             log.warning("ckpt_path=last: no last.ckpt in this run dir, training from scratch "
                         "(resume a run in its own dir: hydra.run.dir=<its run dir>)")
-    logger = make_logger(cfg, ckpt_path)
+    resumed_from = ckpt_path
+    if ckpt_path is None and SLURMEnvironment.detect():  # a requeued job: Lightning resumes from hpc_ckpt_N.ckpt
+        resumed_from = hpc_checkpoint(options["default_root_dir"])
+    logger = make_logger(cfg, resumed_from)
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # the resolved config (W&B: the run config)
     trainer = L.Trainer(**options, logger=logger, callbacks=callbacks,

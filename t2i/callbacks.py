@@ -128,6 +128,14 @@ def last_checkpoint(callbacks: list[Callback]) -> str | None:
     return str(max(found, key=lambda path: path.stat().st_mtime)) if found else None
 
 
+def hpc_checkpoint(folder: str | Path) -> str | None:
+    """The hpc_ckpt_N.ckpt (highest N) that Lightning saves on SLURM's requeue signal and resumes from
+    by itself when a requeued job starts with no ckpt_path; None when there is none."""
+    found = [(int(path.stem.rsplit("_", 1)[1]), path) for path in Path(folder).glob("hpc_ckpt_*.ckpt")
+             if path.stem.rsplit("_", 1)[1].isdigit()]
+    return str(max(found)[1]) if found else None
+
+
 def saved_wandb_run_id(path: str | Path) -> str | None:
     """The W&B run id ResumeState kept in a checkpoint (None: another logger, or an older checkpoint)."""
     # mmap: the small entries are read without loading the weights

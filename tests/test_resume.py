@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-from t2i.callbacks import AtomicCheckpointIO, last_checkpoint
+from t2i.callbacks import AtomicCheckpointIO, hpc_checkpoint, last_checkpoint
 from t2i.stages.gpt_stage import GPTStage
 
 REPO = Path(__file__).parents[1]
@@ -129,3 +129,11 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     # the leftover of a process killed outright is never taken for a last checkpoint
     (target.parent / ".last.ckpt.123.partial").write_bytes(b"PK\x03\x04")
     assert last_checkpoint([LearningRateMonitor(), ModelCheckpoint(dirpath=target.parent)]) == str(target)
+
+
+def test_hpc_checkpoint_is_the_highest_numbered(tmp_path):
+    assert hpc_checkpoint(tmp_path) is None
+    for n in (2, 10, 9):
+        (tmp_path / f"hpc_ckpt_{n}.ckpt").write_bytes(b"")
+    (tmp_path / "hpc_ckpt_x.ckpt").write_bytes(b"")
+    assert hpc_checkpoint(tmp_path) == str(tmp_path / "hpc_ckpt_10.ckpt")  # as Lightning picks it
