@@ -72,6 +72,6 @@ def test_vqgan_stage_under_two_process_ddp(codes_root, tmp_path):
     probes, _ = _train_ddp(run_dir, "stage=vqgan", "vqgan=shapes", *model, "data=shapes", f"data.root={images}",
                         "data.image_size=32", "data.batch_size=8", "data.num_workers=0",
                         "stage.loss.perceptual_weight=0", "stage.loss.disc_start=3", "stage.lr_scaling=none",
-                        "stage.optimizer.lr=1e-3", "stage.codebook.restart_every=2")
+                        "optim.lr=1e-3", "stage.codebook.restart_every=2")
     _check_ranks(probes, train_samples=64, batch_size=8, val_metric="val/psnr")
     assert {"train/disc", "train/disc_grad_norm", "train/codes_restarted", "val/codebook_used"} <= set(probes[0]["metrics"])

@@ -57,7 +57,7 @@ def _vqgan_config(codes_root):
     model = [f"vqgan.{key}={value}".replace(" ", "") for key, value in TINY_VQGAN.items()]
     return _config(["stage=vqgan", "vqgan=shapes", *model, "data=shapes", f"data.root={codes_root.parent / 'shapes'}",
                     "data.image_size=32", "data.batch_size=8", "data.num_workers=0", "stage.loss.perceptual_weight=0",
-                    "stage.loss.disc_start=0", "stage.lr_scaling=none", "stage.optimizer.lr=1e-3"])
+                    "stage.loss.disc_start=0", "stage.lr_scaling=none", "optim.lr=1e-3"])
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])

@@ -30,14 +30,14 @@ def _run(args: list[str], env: dict | None = None) -> subprocess.CompletedProces
 
 @pytest.mark.slow
 def test_multirun_jobs_get_their_own_dirs_and_grouped_wandb_runs(codes_root, tmp_path):
-    _run(["-m", *_tiny_gpt(codes_root), "stage.optimizer.lr=1e-3,2e-3", "logger=wandb", "logger.offline=true",
+    _run(["-m", *_tiny_gpt(codes_root), "optim.lr=1e-3,2e-3", "logger=wandb", "logger.offline=true",
           "task_name=lr_sweep", f"hydra.sweep.dir={tmp_path}"], env={"WANDB_SILENT": "true", "WANDB_MODE": "offline"})
     jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and p.name.isdigit())
     assert [p.name for p in jobs] == ["0", "1"]
     lrs, run_ids = [], []
     for job in jobs:
         assert (job / "checkpoints" / "last.ckpt").is_file()
-        lrs.append(yaml.safe_load((job / ".hydra" / "config.yaml").read_text())["stage"]["optimizer"]["lr"])
+        lrs.append(yaml.safe_load((job / ".hydra" / "config.yaml").read_text())["optim"]["lr"])
         (run_dir,) = job.glob("wandb/offline-run-*")
         run_ids.append(run_dir.name.rsplit("-", 1)[1])
         (run_file,) = run_dir.glob("run-*.wandb")
@@ -52,7 +52,7 @@ def test_optuna_search_minimises_the_returned_validation_loss(codes_root, tmp_pa
     _run(["-m", "hparams_search=gpt_optuna", *_tiny_gpt(codes_root), "hydra.sweeper.n_trials=2",
           "hydra.sweeper.sampler.n_startup_trials=2", f"hydra.sweep.dir={tmp_path}"])
     results = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
-    assert set(results["best_params"]) == {"stage.optimizer.lr", "stage.warmup_steps", "stage.cond_drop"}
+    assert set(results["best_params"]) == {"optim.lr", "stage.warmup_steps", "stage.cond_drop"}
     trials = sorted(p for p in tmp_path.iterdir() if p.is_dir() and p.name.isdigit())
     assert len(trials) == 2
     assert 0 < results["best_value"] < 20  # a cross-entropy (val/loss), not a placeholder

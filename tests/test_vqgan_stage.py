@@ -78,7 +78,7 @@ def test_train_py_end_to_end_then_load_and_fine_tune(shapes_root, tmp_path):
     result = subprocess.run(
         [sys.executable, "train.py", "stage=vqgan", "data=shapes", f"data.root={shapes_root}", "data.image_size=32",
          "data.batch_size=16", "data.num_workers=0", *overrides, "stage.loss.perceptual_weight=0",
-         "stage.optimizer.lr=1e-3", "stage.lr_scaling=none", "trainer=cpu", "trainer.max_steps=6", "trainer.val_check_interval=3",
+         "optim.lr=1e-3", "stage.lr_scaling=none", "trainer=cpu", "trainer.max_steps=6", "trainer.val_check_interval=3",
          "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
          f"hydra.run.dir={run_dir}"],
         cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -102,7 +102,7 @@ class GPTStage(L.LightningModule):
                 raise ValueError("sample grids need prompts: set stage.sample_prompts=[...] (this data has no val "
                                  "split to take them from) or stage.sample_every_n_steps=0")
             prompts = list(itertools.islice(datamodule.cfg.captions("val"), stage["num_sample_prompts"]))
-        return cls(model, instantiate(cfg.stage.optimizer), txt_loss_scale=stage["txt_loss_scale"],
+        return cls(model, instantiate(cfg.optim), txt_loss_scale=stage["txt_loss_scale"],
                    pkeep=stage["pkeep"], cond_drop=stage["cond_drop"], caption_prob=stage["caption_prob"],
                    weight_decay=stage["weight_decay"], warmup_steps=stage["warmup_steps"],
                    min_lr_ratio=stage["min_lr_ratio"], lr_scaling=stage["lr_scaling"],

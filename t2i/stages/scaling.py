@@ -57,7 +57,7 @@ def apply_lr_scaling(stage: L.LightningModule, optimizers: list, rule: str, refe
              "run/accumulate_grad_batches": trainer.accumulate_grad_batches, "run/effective_batch_size": batch,
              "run/lr_scaling": rule, "run/base_lr": base_lr, "run/lr": lr}
     line = (f"effective batch {batch} = {batch_size} per device x {trainer.accumulate_grad_batches} accumulated x "
-            f"{trainer.world_size} processes; lr {lr:.3g} (stage.lr_scaling={rule}, stage.optimizer.lr={base_lr:.3g})")
+            f"{trainer.world_size} processes; lr {lr:.3g} (stage.lr_scaling={rule}, optim.lr={base_lr:.3g})")
     if tokens_per_sample:
         facts["run/tokens_per_step"] = batch * tokens_per_sample
         line += f"; {batch * tokens_per_sample:,} tokens per optimizer step"

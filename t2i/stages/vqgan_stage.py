@@ -82,7 +82,7 @@ class VQGANStage(L.LightningModule):
             raise ValueError("the VQGAN stage steps its two optimizers itself: leave trainer.accumulate_grad_batches=1 "
                              "and trainer.gradient_clip_val=null (clip with stage.grad_clip; for a larger batch raise "
                              "data.batch_size or trainer.devices)")
-        return cls(VQGANConfig(**vqgan), VQGANLossConfig(**stage["loss"]), instantiate(cfg.stage.optimizer),
+        return cls(VQGANConfig(**vqgan), VQGANLossConfig(**stage["loss"]), instantiate(cfg.optim),
                    CodebookConfig(**stage["codebook"]), grad_clip=stage["grad_clip"],
                    warmup_steps=stage["warmup_steps"], decay_steps=stage["decay_steps"],
                    lr_scaling=stage["lr_scaling"], lr_reference_batch=stage["lr_reference_batch"], init_ckpt=init_ckpt, log_images=stage["log_images"])
