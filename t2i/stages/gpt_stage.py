@@ -31,6 +31,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from t2i.data.tokenizer import TextTokenizer
@@ -163,6 +164,11 @@ class GPTStage(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.vqgan is not None:
             self.vqgan.to(self.device)
+        if self.sample_every_n_steps and isinstance(self.trainer.strategy, FSDPStrategy):
+            # rank 0 alone cannot run a model whose weights are sharded over all ranks
+            warnings.warn("no sample grids during training under FSDP: draw them from a checkpoint with "
+                          "`python eval.py task=generate ckpt=...`")
+            self.sample_every_n_steps = 0
         # under DDP trainer.log_dir is a collective call: ask on every rank, once, not on rank 0 alone later
         self._image_dir = Path(self.trainer.log_dir) / "images" if self.trainer.log_dir else None
 
@@ -187,8 +193,9 @@ class GPTStage(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         every = self.sample_every_n_steps
-        if every and self.vqgan is not None and self.sample_prompts and self.global_step % every == 0 \
-                and self.trainer.is_global_zero:
+        if not (every and self.vqgan is not None and self.sample_prompts and self.global_step % every == 0):
+            return
+        if self.trainer.is_global_zero:
             self.log_samples()
 
     @torch.no_grad()
