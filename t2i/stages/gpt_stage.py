@@ -193,9 +193,8 @@ class GPTStage(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         every = self.sample_every_n_steps
-        if not (every and self.vqgan is not None and self.sample_prompts and self.global_step % every == 0):
-            return
-        if self.trainer.is_global_zero:
+        if every and self.vqgan is not None and self.sample_prompts and self.global_step % every == 0 \
+                and self.trainer.is_global_zero:
             self.log_samples()
 
     @torch.no_grad()
