@@ -29,8 +29,8 @@ test-fast: $(STAMP)
 # reranking, without guidance). FID/IS need torch-fidelity's Inception weights: FID=true downloads
 # them (or add `eval.inception_weights=PATH` to EVAL).
 RUNS := logs/quickstart
-VQGAN_STEPS ?= 1200
-GPT_STEPS ?= 480
+VQGAN_STEPS ?= 2200
+GPT_STEPS ?= 2200
 FID ?= false
 GPT := $(RUNS)/gpt/checkpoints/last.ckpt
 EVAL := data=shapes split=test eval.num_prompts=200 eval.fid=$(FID) paths.data_dir=$(DATA)
