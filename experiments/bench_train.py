@@ -98,9 +98,11 @@ def main() -> None:
             if not path.exists():
                 raise SystemExit(f"{path} is missing: run `make quickstart` first (or pass --data-dir/--shapes-vqgan)")
         common = ["model=shapes", f"paths.data_dir={args.data_dir}", "data.batch_size=64"]
-        rows.append(("shapes (4/4/256), batch 64", "code shards",
+        model = OmegaConf.load(REPO / "conf" / "model" / "shapes.yaml")
+        label = f"shapes ({model.n_layer}/{model.n_head}/{model.n_embd}), batch 64"
+        rows.append((label, "code shards",
                      *tokens_per_second([*common, "data=shapes_codes"], args.steps, 3, args.device)))
-        rows.append(("shapes (4/4/256), batch 64", "image shards + VQGAN",
+        rows.append((label, "image shards + VQGAN",
                      *tokens_per_second([*common, "data=shapes", f"stage.vqgan_ckpt={args.shapes_vqgan}"],
                                         args.steps, 3, args.device)))
     if "base" in args.sizes:
