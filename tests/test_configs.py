@@ -42,7 +42,7 @@ def test_fsdp_preset_wraps_each_transformer_block():
 
 
 @pytest.mark.parametrize("recipe, layers, width, nodes, devices", [
-    ("shapes", 4, 256, 1, 1),
+    ("shapes", 4, 96, 1, 1),
     ("muge_base", 12, 768, 1, 8),
     ("muge_large", 24, 1024, 4, 8),
     ("coco_cn_base", 12, 768, 1, 8),
