@@ -15,6 +15,7 @@ import torchvision
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning import Fabric
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -135,8 +136,8 @@ def text_to_image(cfg: DictConfig, fabric: Fabric) -> dict | None:
     else:
         results["caption_model"] = caption_model
     (out / "results.md").write_text(markdown_table(results), encoding="utf-8")
-    if logger is not None:
-        logger.finalize("success")
+    if isinstance(logger, WandbLogger):  # the next job of a multirun (same process) must start its own run
+        logger.experiment.finish()
     return results
 
 

@@ -259,9 +259,10 @@ class ShardDataModule(L.LightningDataModule):
 
     def loader(self, role: str) -> DataLoader:
         """A loader for any role outside the Trainer's hooks (evaluation scripts)."""
-        return self._loader(self.dataset(role))
+        return self.loader_for(self.dataset(role))
 
-    def _loader(self, dataset: ShardStream, resumable: bool = False) -> DataLoader:
+    def loader_for(self, dataset: ShardStream, resumable: bool = False) -> DataLoader:
+        """The loader (workers, pinning, prefetch) for any stream of this data, e.g. a cut of a split."""
         workers = self.cfg.num_workers
         options = {"num_workers": workers, "pin_memory": torch.cuda.is_available(),
                    "prefetch_factor": 4 if workers else None}
@@ -278,7 +279,7 @@ class ShardDataModule(L.LightningDataModule):
         if dataset.epoch == 0:
             log.info("train: %d batches per rank per epoch, %d samples left out to keep ranks equal",
                      len(dataset), dataset.left_out())
-        self._train_loader = self._loader(dataset, resumable=True)
+        self._train_loader = self.loader_for(dataset, resumable=True)
         if self._resume_position is not None and self._resume_position["epoch"] == dataset.epoch:
             self._train_loader.load_state_dict(self._resume_position)
             self._resume_position = None
@@ -303,10 +304,10 @@ class ShardDataModule(L.LightningDataModule):
             self._resume_position = position
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("val"))
+        return self.loader_for(self.dataset("val"))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("test"))
+        return self.loader_for(self.dataset("test"))
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int = 0) -> dict:
         if "image" in batch and batch["image"].dtype == torch.uint8:  # code batches have no image

@@ -124,8 +124,7 @@ def prompt_loader(dm: ShardDataModule, split: str, num_prompts: int | None) -> t
                          "evaluate another split (split=val or split=test) or convert the data again")
     stream = ShardStream(shards, full.decode, full.batch_size, mode="eval", shuffle_buffer=0, seed=full.seed,
                          collate_fn=full.collate_fn)
-    workers = dm.cfg.num_workers
-    return DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None), count
+    return dm.loader_for(stream), count
 
 
 def prompt_seed(seed: int, key: str) -> int:

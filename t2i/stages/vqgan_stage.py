@@ -107,8 +107,8 @@ class VQGANStage(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         name = "grad_norm" if optimizer is self.trainer.optimizers[0] else "disc_grad_norm"
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        self.log(f"train/{name}", torch.nn.utils.get_total_norm([p.grad for p in params]))
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self.log(f"train/{name}", torch.nn.utils.get_total_norm(grads))
         if self.grad_clip:
             self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
 
