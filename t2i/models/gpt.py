@@ -1,10 +1,8 @@
 """Text-to-image GPT: one decoder-only transformer over image codes and text ids.
 
-One vocabulary, laid out as [image codes | text ids | special tokens], and one sequence per
-sample in either direction:
-
-    text to image:  [T2I] text (padded to text_len) [BOI] image codes (image_len)
-    image to text:  [I2T] image codes [BOT] text                     (captioning, Caption Loss)
+The vocabulary and the sequences (which id means what, which position holds what) are the token
+layout's, `t2i.models.layout`: t2i's own ([T2I] text [BOI] codes, and [I2T] codes [BOT] text for
+captioning) or EasyNLP pai-painter's (text then codes, a head over the image codes only).
 
 Blocks follow minGPT (separate key/query/value/proj linears, 4x GELU MLP, learned positions),
 with CogView's stabilisers as options: Sandwich-LN (one more LayerNorm on each branch output
@@ -26,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SPECIAL_TOKENS = ("T2I", "I2T", "BOI", "BOT")
-
+from t2i.models.layout import TokenLayout
 
 @dataclass
 class GPTConfig:
@@ -43,27 +40,29 @@ class GPTConfig:
     pb_relax: bool = False
     pb_relax_alpha: float = 32.0
     tie_head: bool = False  # output head shares the token embedding
+    layout: str = "t2i"  # the token layout: "t2i" or "paipainter" (t2i.models.layout)
 
     def __post_init__(self):
         if self.norm not in ("pre", "sandwich"):
             raise ValueError(f"model.norm must be 'pre' or 'sandwich', got {self.norm!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
+        if self.tie_head and self.tokens.head_size != self.tokens.vocab_size:
+            raise ValueError(f"model.tie_head=true needs a head over the whole vocabulary; the {self.layout} "
+                             "layout's head covers the image codes only")
 
     @property
-    def text_offset(self) -> int:
-        return self.n_image_codes
-
-    def special(self, name: str) -> int:
-        return self.n_image_codes + self.n_text_tokens + SPECIAL_TOKENS.index(name)
+    def tokens(self) -> TokenLayout:
+        """The token layout: id ranges, sequences, what each loss reads."""
+        return TokenLayout(self.layout, self.n_image_codes, self.n_text_tokens, self.text_len, self.image_len)
 
     @property
     def vocab_size(self) -> int:
-        return self.n_image_codes + self.n_text_tokens + len(SPECIAL_TOKENS)
+        return self.tokens.vocab_size
 
     @property
     def block_size(self) -> int:
-        return 2 + self.text_len + self.image_len
+        return self.tokens.block_size
 
 
 class LayerNorm(nn.LayerNorm):
@@ -156,7 +155,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = LayerNorm(cfg.n_embd, cfg.pb_relax)
-        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.head = nn.Linear(cfg.n_embd, cfg.tokens.head_size, bias=False)
         self.apply(self._init_weights)
         if cfg.tie_head:
             self.head.weight = self.tok_emb.weight
@@ -168,9 +167,13 @@ class GPT(nn.Module):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
 
+    @property
+    def layout(self) -> TokenLayout:
+        return self.cfg.tokens
+
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
                 head_rows: int | None = None) -> torch.Tensor:
-        """Tokens [B, T] -> logits [B, T, vocab]; with a cache, T new positions after cache.length.
+        """Tokens [B, T] -> logits [B, T, head size]; with a cache, T new positions after cache.length.
 
         Sampling needs less: `last_only` keeps the last position ([B, 1, ...]) and `head_rows` the
         first rows of the vocabulary (the image codes), so the rest of the output head is not read:
@@ -190,18 +193,6 @@ class GPT(nn.Module):
         if head_rows is None:
             return self.head(x)
         return F.linear(x, self.head.weight[:head_rows])  # a leading block of rows: a view, no copy
-
-    def t2i_prefix(self, text: torch.Tensor) -> torch.Tensor:
-        """Text ids [B, text_len] (tokenizer ids, 0 = padding) -> [T2I] text [BOI], ready for image codes.
-
-        The null text of classifier-free guidance is all padding.
-        """
-        cfg = self.cfg
-        if text.shape[1] != cfg.text_len:
-            raise ValueError(f"text has {text.shape[1]} positions, the model expects text_len={cfg.text_len}")
-        b = text.shape[0]
-        return torch.cat([text.new_full((b, 1), cfg.special("T2I")), text + cfg.text_offset,
-                          text.new_full((b, 1), cfg.special("BOI"))], 1)
 
     def new_cache(self, batch_size: int) -> KVCache:
         param = self.pos_emb
