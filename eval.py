@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torchvision
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
@@ -80,10 +81,13 @@ def generate(cfg: DictConfig, fabric: Fabric) -> dict:
     if not prompts:
         raise ValueError("task=generate needs prompts=[...] or prompts_file=PATH")
     generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device)
-    sampling = resolve_sampling(OmegaConf.to_container(cfg.sampling, resolve=True), generator.meta.get("sampling"))
-    images = generator(prompts, sampling, batch_size=cfg.batch_size)
+    sampling = resolve_sampling(OmegaConf.to_container(cfg.sampling, resolve=True), generator.record.sampling)
+    text_ids = generator.tokenizer(prompts)  # what the model receives, recorded for inspection
+    codes = generator.sample_codes(prompts, sampling, batch_size=cfg.batch_size)
+    images = generator.decode(codes, cfg.batch_size)
     out = Path(HydraConfig.get().runtime.output_dir) / "samples"
     out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "codes.npy", codes.cpu().numpy().astype(np.int64))  # [prompts x samples, h, w]
     files = []
     for index, image in enumerate(images):
         prompt, sample = divmod(index, sampling.samples_per_prompt)
@@ -91,8 +95,10 @@ def generate(cfg: DictConfig, fabric: Fabric) -> dict:
         torchvision.utils.save_image(image.float() / 255, files[-1])
     grid = out / "grid.png"
     save_captioned_grid(images, prompts, grid, sampling.samples_per_prompt)
-    return {"task": "generate", "ckpt": str(cfg.ckpt), "prompts": prompts, "files": files, "grid": str(grid),
-            "sampling": asdict(sampling)}
+    prefix_ids = generator.gpt.layout.prefix(text_ids)  # the positions before the first code, as the model reads them
+    return {"task": "generate", "ckpt": str(cfg.ckpt), "prompts": prompts, "text_ids": text_ids.tolist(),
+            "prefix_ids": prefix_ids.tolist(),
+            "codes": str(out / "codes.npy"), "files": files, "grid": str(grid), "sampling": asdict(sampling)}
 
 
 def text_to_image(cfg: DictConfig, fabric: Fabric) -> dict | None:
@@ -113,7 +119,7 @@ def text_to_image(cfg: DictConfig, fabric: Fabric) -> dict | None:
                            options["isc_splits"])
     fabric.launch()  # with several devices: starts the other processes, each running this script
     generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device)
-    sampling = resolve_sampling(OmegaConf.to_container(cfg.sampling, resolve=True), generator.meta.get("sampling"))
+    sampling = resolve_sampling(OmegaConf.to_container(cfg.sampling, resolve=True), generator.record.sampling)
     scorer, caption_model = CaptionScorer.for_generator(generator, options["caption_ckpt"])
     if scorer is None:
         warn_unavailable(caption_model)

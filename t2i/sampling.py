@@ -20,16 +20,10 @@ from pathlib import Path
 import torch
 import torchvision
 
-from t2i.data.tokenizer import TextTokenizer
-from t2i.models.gpt import GPT, GPTConfig
-from t2i.models.vqgan import (
-    VQGANConfig,
-    VQModel,
-    load_vqgan,
-    load_weights,
-    read_checkpoint,
-    weights_hash,
-)
+from t2i.checkpoints import GPTRecord, load_gpt, load_record_vqgan
+from t2i.data.tokenizer import FixedLengthTokenizer
+from t2i.models.gpt import GPT
+from t2i.models.vqgan import VQModel
 
 
 @dataclass
@@ -100,18 +94,19 @@ def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cach
     uniforms = None if cfg.greedy else _prompt_uniforms(seeds, len(text), cfg.samples_per_prompt, gpt.image_len,
                                                        text.device)
     text = text.repeat_interleave(cfg.samples_per_prompt, dim=0)
-    prefix = model.t2i_prefix(text)
+    layout = model.layout
+    prefix = layout.prefix(text)
     guided = cfg.guidance_scale != 1.0
-    if guided:
-        prefix = torch.cat([prefix, model.t2i_prefix(torch.zeros_like(text))])
+    if guided:  # the null text (all padding) as the unconditional half
+        prefix = torch.cat([prefix, layout.prefix(layout.null_text(text))])
     n = len(text)
     codes = torch.empty(n, gpt.image_len, dtype=torch.long, device=prefix.device)
     cache = model.new_cache(len(prefix)) if use_cache else None
     tokens = prefix
     rows = gpt.n_image_codes  # image positions produce image codes only
     if use_cache:  # the last position over the image codes: the rest of the head is never read
-        logits = model(prefix, cache, last_only=True, head_rows=rows)[:, -1]
-    else:  # EasyNLP's loop: every position, the whole vocabulary
+        logits = model(prefix, cache, last=1, head_rows=rows)[:, -1]
+    else:  # EasyNLP's loop: every position, the whole head
         logits = model(prefix)[:, -1, :rows]
     for i in range(gpt.image_len):
         logits = logits.float()
@@ -138,27 +133,20 @@ def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cach
 class Generator:
     """A trained GPT with its tokenizer and VQGAN: prompts in, codes and images out.
 
-    `meta` is the checkpoint's t2i record (GPT config, tokenizer, VQGAN identity, training options).
+    `record` is the checkpoint's (t2i.checkpoints.GPTRecord): GPT config, tokenizer, VQGAN identity,
+    training options, sampling defaults.
     """
 
-    def __init__(self, gpt: GPT, tokenizer: TextTokenizer, vqgan: VQModel, meta: dict | None = None):
+    def __init__(self, gpt: GPT, tokenizer: FixedLengthTokenizer, vqgan: VQModel, record: GPTRecord):
         self.gpt, self.tokenizer, self.vqgan = gpt.eval(), tokenizer, vqgan.eval()
-        self.meta = meta or {}
+        self.record = record
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, vqgan_ckpt: str | Path | None = None, device: str = "cpu") -> Generator:
-        """Everything from a GPTStage checkpoint; the VQGAN it names (or `vqgan_ckpt`) must match its hash."""
-        gpt, meta = load_gpt(path)
-        vqgan_meta = meta["vqgan"]
-        vqgan_path = vqgan_ckpt or vqgan_meta.get("checkpoint")
-        if not vqgan_path:
-            raise ValueError(f"{path} names no VQGAN checkpoint: pass vqgan_ckpt=PATH")
-        vqgan = load_vqgan(vqgan_path, VQGANConfig(**vqgan_meta["config"]))
-        if vqgan_meta.get("sha256") and weights_hash(vqgan) != vqgan_meta["sha256"]:
-            raise ValueError(f"the VQGAN at {vqgan_path} is not the one {path} was trained with "
-                             f"(sha256 {weights_hash(vqgan)[:12]}..., expected {vqgan_meta['sha256'][:12]}...): "
-                             "pass the right one with vqgan_ckpt=PATH")
-        return cls(gpt.to(device), TextTokenizer(meta["tokenizer"], meta["text_len"]), vqgan.to(device), meta)
+        """Everything from a GPT checkpoint; the VQGAN it names (or `vqgan_ckpt`) must match its hash."""
+        gpt, record = load_gpt(path)
+        vqgan = load_record_vqgan(record, str(path), vqgan_ckpt)
+        return cls(gpt.to(device), record.tokenizer_model(), vqgan.to(device), record)
 
     @property
     def device(self) -> torch.device:
@@ -175,7 +163,7 @@ class Generator:
             warnings.warn("an empty prompt generates unconditionally (the null text)")
         if seeds is None and cfg.seed is not None:
             seeds = [cfg.seed + i for i in range(len(prompts))]
-        h, w = self.meta.get("vqgan", {}).get("grid") or (self.vqgan.cfg.grid, self.vqgan.cfg.grid)
+        h, w = self.record.grid
         codes = []
         per_batch = max(1, batch_size // cfg.samples_per_prompt)
         for start in range(0, len(prompts), per_batch):
@@ -192,18 +180,6 @@ class Generator:
     def __call__(self, prompts: list[str], cfg: SamplingConfig, batch_size: int = 16) -> torch.Tensor:
         """uint8 images [len(prompts) * samples_per_prompt, 3, H, W], the samples of a prompt adjacent."""
         return self.decode(self.sample_codes(prompts, cfg, batch_size), batch_size)
-
-
-def load_gpt(path: str | Path) -> tuple[GPT, dict]:
-    """The GPT of a GPTStage checkpoint and the checkpoint's t2i record."""
-    checkpoint = read_checkpoint(path)
-    meta = checkpoint.get("t2i", {})
-    if "gpt" not in meta:
-        raise ValueError(f"{path} is not a t2i GPT checkpoint (no t2i.gpt config): train one with stage=gpt")
-    gpt = GPT(GPTConfig(**meta["gpt"]))
-    state = {k[len("gpt."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("gpt.")}
-    load_weights(gpt, state, str(path))
-    return gpt.eval(), meta
 
 
 def resolve_sampling(options: dict, checkpoint_defaults: dict | None = None) -> SamplingConfig:

@@ -8,16 +8,21 @@ from t2i.models.gpt import GPT, Block, CausalSelfAttention, GPTConfig
 TINY = dict(n_image_codes=40, n_text_tokens=30, text_len=6, image_len=9, n_layer=2, n_head=2, n_embd=32)
 
 
-def test_vocabulary_and_sequence_layout():
+def test_config_sizes_follow_the_layout():
     cfg = GPTConfig(**TINY)
-    assert cfg.vocab_size == 40 + 30 + 4
-    assert cfg.text_offset == 40
-    assert [cfg.special(name) for name in ("T2I", "I2T", "BOI", "BOT")] == [70, 71, 72, 73]
-    assert cfg.block_size == 2 + 6 + 9
+    assert cfg.vocab_size == 40 + 30 + 4 and cfg.block_size == 2 + 6 + 9
+    assert GPT(cfg).head.out_features == cfg.vocab_size
+    pai = GPTConfig(**TINY, layout="paipainter")
+    assert pai.vocab_size == 40 + 30 and pai.block_size == 6 + 9
+    assert GPT(pai).head.out_features == 40  # image codes only
     with pytest.raises(ValueError, match="model.norm"):
         GPTConfig(norm="post")
     with pytest.raises(ValueError, match="n_head"):
         GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="model.layout"):
+        GPTConfig(layout="cogview")
+    with pytest.raises(ValueError, match="tie_head"):
+        GPTConfig(**TINY, layout="paipainter", tie_head=True)
 
 
 def test_base_and_large_sizes_match_pai_painter():
@@ -30,6 +35,10 @@ def test_base_and_large_sizes_match_pai_painter():
         count = sum(p.numel() for p in model.parameters())
         expected = pai_painter + (21128 + 4) * n_embd
         assert abs(count - expected) / expected < 0.01, (n_layer, count)
+        with torch.device("meta"):  # pai-painter's own layout: its exact GPT
+            pai = GPT(GPTConfig(n_text_tokens=21128, n_layer=n_layer, n_head=n_head, n_embd=n_embd, norm="pre",
+                                layout="paipainter"))
+        assert abs(sum(p.numel() for p in pai.parameters()) - pai_painter) / pai_painter < 0.01
 
 
 @pytest.mark.parametrize("norm, pb_relax", [("pre", False), ("sandwich", False), ("sandwich", True)])

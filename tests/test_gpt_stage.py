@@ -6,12 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from t2i.checkpoints import RECORD_VERSION
 from t2i.data.datamodule import DataConfig, ShardDataModule
 from t2i.models.gpt import GPTConfig
 from t2i.models.vqgan import read_checkpoint
@@ -27,7 +29,7 @@ def _stage(**options):
 
 def test_text_to_image_layout_and_targets():
     stage = _stage(cond_drop=0)
-    cfg = stage.gpt.cfg
+    cfg = stage.gpt.layout
     codes, text = torch.tensor([[1, 2, 3, 4, 5, 6]]), torch.tensor([[7, 8, 0, 0]])
     inputs, targets = stage.sequences(codes, text, train=True)
     full = [cfg.special("T2I"), 47, 48, 40, 40, cfg.special("BOI"), 1, 2, 3, 4, 5, 6]
@@ -35,7 +37,7 @@ def test_text_to_image_layout_and_targets():
 
 
 def test_cond_drop_pkeep_and_caption_direction():
-    cfg = GPTConfig(**TINY)
+    cfg = GPTConfig(**TINY).tokens
     codes, text = torch.randint(0, 40, (64, 6)), torch.randint(1, 30, (64, 4))
     _, targets = _stage(cond_drop=1.0).sequences(codes, text, train=True)
     assert (targets[:, :4] == cfg.text_offset).all()  # null text: all padding
@@ -51,18 +53,37 @@ def test_cond_drop_pkeep_and_caption_direction():
         _stage(pkeep=1.5)
 
 
-def test_loss_uses_each_range_and_skips_padding():
+def test_loss_weights_tokens_as_cogview_and_reads_each_range():
     stage = _stage(txt_loss_scale=2.0)
-    cfg = stage.gpt.cfg
+    cfg = stage.gpt.layout
     targets = torch.tensor([[cfg.text_offset + 3, cfg.text_offset, cfg.special("BOI"), 5, 9]])
     logits = torch.randn(1, 5, cfg.vocab_size)
     loss, logs = stage.loss(logits, targets)
-    image = torch.nn.functional.cross_entropy(logits[0, 3:, :40], torch.tensor([5, 9]))
-    text = torch.nn.functional.cross_entropy(logits[0, :1, 40:70], torch.tensor([3]))
-    assert torch.allclose(logs["image_loss"], image) and torch.allclose(logs["text_loss"], text)
-    assert torch.allclose(loss, image + 2.0 * text)
+    image = torch.nn.functional.cross_entropy(logits[0, 3:, :40], torch.tensor([5, 9]), reduction="none")
+    text = torch.nn.functional.cross_entropy(logits[0, :1, 40:70], torch.tensor([3]), reduction="none")
+    assert torch.allclose(logs["image_loss"], image.mean()) and torch.allclose(logs["text_loss"], text.mean())
+    # per token: 2 image tokens at weight 1, 1 text token at weight 2 -> sum(w CE) / sum(w)
+    assert torch.allclose(loss, (image.sum() + 2.0 * text.sum()) / (2 + 2.0))
+    assert torch.allclose(_stage(txt_loss_scale=0.0).loss(logits, targets)[0], image.mean())  # EasyNLP's loss
     logits[0, 3:, 40:] += 100  # text/special logits cannot compete at image positions
-    assert torch.allclose(stage.loss(logits, targets)[1]["image_loss"], image)
+    assert torch.allclose(stage.loss(logits, targets)[1]["image_loss"], image.mean())
+
+
+def test_paipainter_layout_trains_on_image_codes_only():
+    model = GPTConfig(**TINY, layout="paipainter")
+    stage = GPTStage(model, torch.optim.AdamW, txt_loss_scale=0.0, cond_drop=0)
+    codes, text = torch.tensor([[1, 2, 3, 4, 5, 6]]), torch.tensor([[7, 8, 0, 0]])
+    inputs, targets = stage.sequences(codes, text, train=True)
+    assert inputs.tolist() == [[47, 48, 40, 40, 1, 2, 3, 4, 5]] and targets[0, 3:].tolist() == [1, 2, 3, 4, 5, 6]
+    logits = stage.gpt(inputs)
+    assert logits.shape == (1, 9, 40)
+    loss, logs = stage.loss(logits, targets)
+    expected = torch.nn.functional.cross_entropy(logits[0, 3:], codes[0])  # EasyNLP: CE over the 256 image tokens
+    assert torch.allclose(loss, expected) and logs["text_loss"] == 0
+    with pytest.raises(ValueError, match="no text head"):
+        GPTStage(model, torch.optim.AdamW, txt_loss_scale=1.0)
+    with pytest.raises(ValueError, match="no text head"):
+        GPTStage(model, torch.optim.AdamW, txt_loss_scale=0.0, caption_prob=0.1)
 
 
 def test_train_py_on_code_shards_writes_a_self_contained_checkpoint(codes_root, gpt_run):
@@ -71,11 +92,15 @@ def test_train_py_on_code_shards_writes_a_self_contained_checkpoint(codes_root, 
     for name in ("train/image_loss", "train/text_loss", "train/tokens_per_s", "val/loss"):
         assert name in metrics
     checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-    extras = checkpoint["t2i"]
+    record = checkpoint["t2i"]
     manifest = json.loads((codes_root / "manifest.json").read_text())
-    assert extras["gpt"]["image_len"] == 8 * 8 and extras["gpt"]["n_image_codes"] == 64
-    assert extras["tokenizer"] == (codes_root / "tokenizer.model").read_bytes()
-    assert extras["vqgan"]["sha256"] == manifest["vqgan_sha256"]
+    assert record["version"] == RECORD_VERSION
+    assert record["gpt"]["image_len"] == 8 * 8 and record["gpt"]["n_image_codes"] == 64
+    assert record["gpt"]["layout"] == "t2i"
+    assert record["tokenizer"] == {"kind": "sentencepiece", "model": (codes_root / "tokenizer.model").read_bytes(),
+                                   "text_len": record["gpt"]["text_len"]}
+    assert record["vqgan"]["sha256"] == manifest["vqgan_sha256"]
+    assert record["training"]["caption_prob"] == 0.5 and record["training"]["origin"] == "trained from scratch"
 
 
 def test_sample_grids_are_logged_with_their_captions(codes_root, gpt_run):
@@ -110,7 +135,7 @@ def test_image_shards_need_a_vqgan_and_encode_like_pretokenize(codes_root, tmp_p
     assert image_batch["key"] == code_batch["key"]
     assert torch.equal(stage._codes(image_batch), code_batch["codes"].flatten(1))
     manifest = json.loads((codes_root / "manifest.json").read_text())
-    assert stage.checkpoint_extras["vqgan"]["sha256"] == manifest["vqgan_sha256"]
+    assert stage.record["vqgan"]["sha256"] == manifest["vqgan_sha256"]
 
     # and train.py runs on them
     run = subprocess.run(
@@ -136,6 +161,11 @@ def test_generate_command_writes_pngs_and_grid(codes_root, gpt_run, tmp_path):
     pngs = sorted((out / "samples").glob("0*.png"))
     assert len(pngs) == 6 and (out / "samples" / "grid.png").is_file()
     assert Image.open(pngs[0]).size == (32, 32)
+    results = json.loads((out / "results.json").read_text())
+    codes = np.load(out / "samples" / "codes.npy")
+    assert codes.dtype == np.int64 and codes.shape == (6, 8, 8) and codes.max() < 64
+    assert len(results["text_ids"]) == 3 and results["text_ids"][1] == [0] * len(results["text_ids"][1])
+    assert results["prefix_ids"][0][1:-1] == [i + 64 for i in results["text_ids"][0]]
     # a VQGAN other than the one the GPT was trained with is refused
     other = tmp_path / "other.ckpt"
     state = torch.load(codes_root.parent / "vqgan.ckpt", weights_only=True)

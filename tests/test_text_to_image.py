@@ -29,8 +29,9 @@ REPO = Path(__file__).parents[1]
 
 def test_caption_loss_equals_a_hand_computation():
     torch.manual_seed(0)
-    cfg = GPTConfig(n_image_codes=40, n_text_tokens=30, text_len=4, image_len=6, n_layer=1, n_head=2, n_embd=16)
-    model = GPT(cfg).eval()
+    model = GPT(GPTConfig(n_image_codes=40, n_text_tokens=30, text_len=4, image_len=6, n_layer=1, n_head=2,
+                          n_embd=16)).eval()
+    cfg = model.layout
     codes = torch.randint(0, 40, (2, 6))
     text = torch.tensor([[5, 9, 2, 0], [7, 0, 0, 0]])  # padding (0) is not a text token
     expected = []
@@ -138,7 +139,7 @@ def test_eval_py_scores_with_and_without_reranking(codes_root, gpt_run, inceptio
 
 def test_without_a_captioning_model_the_rest_still_runs(codes_root, gpt_run, tmp_path):
     checkpoint = read_checkpoint(gpt_run / "checkpoints" / "last.ckpt")
-    checkpoint["t2i"]["caption_prob"] = 0.0
+    checkpoint["t2i"]["training"]["caption_prob"] = 0.0
     ckpt = tmp_path / "no_captions.ckpt"
     torch.save(checkpoint, ckpt)
     out = tmp_path / "run"

@@ -36,7 +36,7 @@ from t2i.data.stream import (
     decode_image,
     to_unit_range,
 )
-from t2i.data.tokenizer import TextTokenizer
+from t2i.data.tokenizer import FixedLengthTokenizer, TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -221,15 +221,21 @@ class ShardDataModule(L.LightningDataModule):
         super().__init__()
         self.cfg = cfg if isinstance(cfg, DataConfig) else DataConfig.from_dict(cfg)
         self.save_hyperparameters({"data": asdict(self.cfg)})
-        self._tokenizer: TextTokenizer | None = None
+        self._tokenizer: FixedLengthTokenizer | None = None
         self._train_loader: ResumableLoader | None = None  # the current epoch's
         self._resume_position: dict | None = None  # from a checkpoint, for the loader of its epoch
 
     @property
-    def tokenizer(self) -> TextTokenizer:
+    def tokenizer(self) -> FixedLengthTokenizer:
+        """The data's SentencePiece model (data.tokenizer.path), unless use_tokenizer gave another."""
         if self._tokenizer is None:
             self._tokenizer = TextTokenizer.from_file(self.cfg.tokenizer_path, self.cfg.text_len)
         return self._tokenizer
+
+    def use_tokenizer(self, tokenizer: FixedLengthTokenizer) -> None:
+        """Tokenize captions with a model's own tokenizer (fine-tuning an existing checkpoint)."""
+        self._tokenizer = tokenizer
+        self.cfg.text_len = tokenizer.text_len
 
     def dataset(self, role: str, rank: int | None = None, world_size: int | None = None) -> ShardStream:
         """The stream for `role` (train/val/test); rank and world default to the trainer's."""

@@ -29,24 +29,24 @@ from tqdm import tqdm
 from t2i.data.datamodule import ShardDataModule
 from t2i.data.shapes import oracle_accuracy
 from t2i.data.stream import Shard, ShardStream
-from t2i.data.tokenizer import TextTokenizer
+from t2i.checkpoints import load_gpt
+from t2i.data.tokenizer import FixedLengthTokenizer
 from t2i.models.gpt import GPT
-from t2i.sampling import Generator, SamplingConfig, load_gpt, save_captioned_grid
+from t2i.sampling import Generator, SamplingConfig, save_captioned_grid
 
 
 @torch.no_grad()
 def caption_loss(model: GPT, codes: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """Per sample: mean NLL of the text tokens (padding excluded) in `[I2T] codes [BOT] text`.
+    """Per sample: mean NLL of the text tokens (padding excluded) in the image-to-text sequence.
 
     codes [N, image_len] (or [N, h, w]), text ids [N, text_len] -> [N] (NaN for an empty text).
-    As in training, a text position competes only among text ids.
+    As in training, a text position competes only among text ids: only the text positions are
+    projected, and only onto the text rows of the head.
     """
-    cfg = model.cfg
-    codes = codes.flatten(1)
-    n = len(codes)
-    sequence = torch.cat([codes.new_full((n, 1), cfg.special("I2T")), codes,
-                          codes.new_full((n, 1), cfg.special("BOT")), text + cfg.text_offset], 1)
-    logits = model(sequence[:, :-1])[:, -cfg.text_len:, cfg.text_offset: cfg.text_offset + cfg.n_text_tokens]
+    layout = model.layout
+    sequence = layout.image_to_text(codes, text)  # a clear error for a layout without captioning
+    text_rows = slice(layout.text_offset, layout.text_offset + layout.n_text_tokens)
+    logits = model(sequence[:, :-1], last=layout.text_len, head_rows=text_rows)
     nll = F.cross_entropy(logits.float().transpose(1, 2), text, reduction="none")
     real = text > 0
     return (nll * real).sum(1) / real.sum(1)  # 0/0 = NaN: an empty caption has no loss
@@ -55,24 +55,26 @@ def caption_loss(model: GPT, codes: torch.Tensor, text: torch.Tensor) -> torch.T
 class CaptionScorer:
     """Caption Loss under a captioning GPT (one trained with stage.caption_prob > 0)."""
 
-    def __init__(self, gpt: GPT, tokenizer: TextTokenizer, source: str):
+    def __init__(self, gpt: GPT, tokenizer: FixedLengthTokenizer, source: str):
         self.gpt, self.tokenizer, self.source = gpt.eval(), tokenizer, source
 
     @classmethod
     def for_generator(cls, generator: Generator, caption_ckpt: str | None) -> tuple[CaptionScorer | None, str]:
         """The evaluated model itself when it learned captioning, else `caption_ckpt`; (None, reason) when neither."""
         if caption_ckpt:
-            gpt, meta = load_gpt(caption_ckpt)
-            if not meta.get("caption_prob"):
+            gpt, record = load_gpt(caption_ckpt)
+            if not record.caption_prob:
                 return None, f"eval.caption_ckpt={caption_ckpt} was trained without the caption direction"
-            ours, theirs = generator.meta["vqgan"].get("sha256"), meta["vqgan"].get("sha256")
+            ours, theirs = generator.record.vqgan.get("sha256"), record.vqgan.get("sha256")
             if ours != theirs:
                 raise ValueError(f"eval.caption_ckpt={caption_ckpt} reads codes of another VQGAN "
                                  f"({str(theirs)[:12]}..., the evaluated model's is {str(ours)[:12]}...)")
-            return cls(gpt.to(generator.device), TextTokenizer(meta["tokenizer"], meta["text_len"]),
-                       str(caption_ckpt)), str(caption_ckpt)
-        if generator.meta.get("caption_prob"):
+            return cls(gpt.to(generator.device), record.tokenizer_model(), str(caption_ckpt)), str(caption_ckpt)
+        if generator.record.caption_prob:
             return cls(generator.gpt, generator.tokenizer, "self"), "self"
+        if not generator.gpt.layout.predicts_text:
+            return None, (f"a {generator.gpt.layout.kind}-layout model has no text head to score captions with "
+                          "(pass eval.caption_ckpt=a t2i captioning model over the same VQGAN)")
         return None, ("the checkpoint was trained without the caption direction (stage.caption_prob=0) and no "
                       "eval.caption_ckpt was given")
 

@@ -47,7 +47,8 @@ class GPTConfig:
             raise ValueError(f"model.norm must be 'pre' or 'sandwich', got {self.norm!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
-        if self.tie_head and self.tokens.head_size != self.tokens.vocab_size:
+        tokens = self.tokens  # checks the layout's name
+        if self.tie_head and tokens.head_size != tokens.vocab_size:
             raise ValueError(f"model.tie_head=true needs a head over the whole vocabulary; the {self.layout} "
                              "layout's head covers the image codes only")
 
@@ -171,13 +172,14 @@ class GPT(nn.Module):
     def layout(self) -> TokenLayout:
         return self.cfg.tokens
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
-                head_rows: int | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, last: int = 0,
+                head_rows: int | slice | None = None) -> torch.Tensor:
         """Tokens [B, T] -> logits [B, T, head size]; with a cache, T new positions after cache.length.
 
-        Sampling needs less: `last_only` keeps the last position ([B, 1, ...]) and `head_rows` the
-        first rows of the vocabulary (the image codes), so the rest of the output head is not read:
-        a step at batch 1 is bound by reading the weights.
+        Sampling and scoring need less: `last` keeps only the last positions ([B, last, ...]) and
+        `head_rows` only some rows of the head (an int: the first ones, the image codes; a slice: e.g.
+        the text ids), so the rest of the output head is never read: a sampling step at batch 1 is
+        bound by reading the weights.
         """
         start = cache.length if cache is not None else 0
         if start + tokens.shape[1] > self.cfg.block_size:
@@ -187,12 +189,13 @@ class GPT(nn.Module):
             x = block(x, cache, layer)
         if cache is not None:
             cache.length += tokens.shape[1]
-        if last_only:
-            x = x[:, -1:]
+        if last:
+            x = x[:, -last:]
         x = self.ln_f(x)
         if head_rows is None:
             return self.head(x)
-        return F.linear(x, self.head.weight[:head_rows])  # a leading block of rows: a view, no copy
+        rows = slice(0, head_rows) if isinstance(head_rows, int) else head_rows
+        return F.linear(x, self.head.weight[rows])  # a block of rows: a view, no copy
 
     def new_cache(self, batch_size: int) -> KVCache:
         param = self.pos_emb

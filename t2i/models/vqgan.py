@@ -315,8 +315,8 @@ def vqgan_state_dict(checkpoint: dict) -> dict:
     return {key: value for key, value in state.items() if not key.startswith("loss.")}
 
 
-def load_weights(model: nn.Module, state: dict, source: str) -> None:
-    """Strict load that says which keys are missing, unexpected or mis-shaped."""
+def load_weights(model: nn.Module, state: dict, source: str, what: str = "VQGAN") -> None:
+    """Strict load that says which keys are missing, unexpected or mis-shaped (`what`: the model's name)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -325,7 +325,7 @@ def load_weights(model: nn.Module, state: dict, source: str) -> None:
     if missing or unexpected or misshaped:
         parts = [f"{name} ({len(keys)}): {', '.join(keys[:20])}{' ...' if len(keys) > 20 else ''}"
                  for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
-        raise ValueError(f"{source} does not fit this VQGAN config:\n  " + "\n  ".join(parts))
+        raise ValueError(f"{source} does not fit this {what} config:\n  " + "\n  ".join(parts))
     model.load_state_dict(state, strict=True)
 
 

@@ -1,16 +1,19 @@
 """GPTStage: trains the text-to-image GPT on code shards with Lightning.
 
-Each batch becomes token sequences in one vocabulary (see t2i.models.gpt):
+Each batch becomes token sequences of the model's token layout (t2i.models.layout):
 
     text to image:  [T2I] text [BOI] codes      (text replaced by padding with prob. cond_drop:
-                                                 the null text of classifier-free guidance)
+                    (pai-painter: text codes)    the null text of classifier-free guidance)
     image to text:  [I2T] codes [BOT] text      (with prob. caption_prob: the captioning direction
-                                                 that Caption Loss and reranking use)
+                                                 that Caption Loss and reranking use; t2i layout only)
 
-Loss = image cross-entropy + txt_loss_scale x text cross-entropy (CogView; 0 gives EasyNLP's
-image-only loss), each over its own id range (an image position only competes among image codes),
-padding excluded. `pkeep` < 1 replaces that fraction of the *input* image codes by random codes
-(targets stay true), as taming/EasyNLP do, drawing only from the image codes.
+Loss: CogView's per-token weighting, sum(w * CE) / sum(w) over the image tokens (w = 1) and the
+text tokens (w = txt_loss_scale; padding excluded), each position competing only within its own id
+range; txt_loss_scale = 0 is EasyNLP's image-only loss (the only one a pai-painter model, whose head
+scores image codes only, can take). `pkeep` < 1 replaces that fraction of the *input* image codes
+by random codes (targets stay true), as taming/EasyNLP do, drawing only from the image codes.
+`init_ckpt` starts from a GPT checkpoint (e.g. an imported pai-painter model): its architecture,
+layout, weights and tokenizer, fine-tuned on the data given.
 
 Codes come from code shards (fast path: `python -m t2i.pretokenize`) or from image shards encoded
 on the fly by a frozen VQGAN (`stage.vqgan_ckpt`, EasyNLP's way): the data manifest decides.
@@ -34,7 +37,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
-from t2i.data.tokenizer import TextTokenizer
+from t2i.checkpoints import GPTRecord, load_gpt, load_record_vqgan, vqgan_identity
 from t2i.models.gpt import GPT, GPTConfig
 from t2i.models.vqgan import VQGANConfig, VQModel, load_vqgan, weights_hash
 from t2i.sampling import SamplingConfig, decode_to_uint8, generate_codes, save_captioned_grid
@@ -55,7 +58,7 @@ class GPTStage(L.LightningModule):
         min_lr_ratio: float = 0.1,
         lr_scaling: str = "none",
         lr_reference_batch: int = 256,
-        checkpoint_extras: dict | None = None,  # tokenizer bytes, VQGAN identity: travel in checkpoints
+        record: dict | None = None,  # tokenizer, VQGAN identity, origin: travel in checkpoints (GPTRecord)
         vqgan: VQModel | None = None,  # frozen: encodes image shards, decodes sample grids
         sample_prompts: list[str] | None = None,
         sample_every_n_steps: int = 0,  # 0: no sample grids during training
@@ -65,13 +68,18 @@ class GPTStage(L.LightningModule):
         for name, p in (("pkeep", pkeep), ("cond_drop", cond_drop), ("caption_prob", caption_prob)):
             if not 0 <= p <= 1:
                 raise ValueError(f"stage.{name} must be in [0, 1], got {p}")
+        if not model.tokens.predicts_text and (txt_loss_scale or caption_prob):
+            raise ValueError(f"a {model.layout}-layout model has no text head: set stage.txt_loss_scale=0 and "
+                             "stage.caption_prob=0 (experiment=paipainter_finetune does)")
+        if txt_loss_scale < 0:
+            raise ValueError(f"stage.txt_loss_scale must be >= 0, got {txt_loss_scale}")
         self.gpt = GPT(model)
         self.optimizer = optimizer
         self.txt_loss_scale, self.pkeep = txt_loss_scale, pkeep
         self.cond_drop, self.caption_prob = cond_drop, caption_prob
         self.weight_decay, self.warmup_steps, self.min_lr_ratio = weight_decay, warmup_steps, min_lr_ratio
         self.lr_scaling, self.lr_reference_batch = lr_scaling, lr_reference_batch
-        self.checkpoint_extras = checkpoint_extras or {}
+        self.record = record or {}
         # kept out of the module tree: never trained, never saved in the state dict, never wrapped by DDP
         self._frozen = {"vqgan": vqgan.requires_grad_(False).eval() if vqgan is not None else None}
         self.sample_prompts = list(sample_prompts or [])
@@ -83,33 +91,48 @@ class GPTStage(L.LightningModule):
 
     @classmethod
     def from_config(cls, cfg: DictConfig, datamodule) -> "GPTStage":
-        """Architecture from `model`, vocabulary sizes and lengths from the data it will read."""
+        """Architecture from `model` and sizes from the data it will read, or everything from `stage.init_ckpt`."""
         stage = OmegaConf.to_container(cfg.stage, resolve=True)
+        init = None
+        if stage.get("init_ckpt"):  # fine-tune: the checkpoint's model, layout and tokenizer
+            init = load_gpt(stage["init_ckpt"])
+            datamodule.use_tokenizer(init[1].tokenizer_model())
         manifest = datamodule.cfg.manifest()
         if manifest.get("kind") == "codes":  # fast path: the VQGAN is needed only to draw sample grids
             vqgan_info = {"config": manifest["vqgan"], "checkpoint": manifest.get("vqgan_checkpoint"),
                           "sha256": manifest.get("vqgan_sha256"), "grid": list(manifest["grid"])}
             vqgan = _vqgan_for_samples(vqgan_info) if stage["sample_every_n_steps"] else None
         else:
-            vqgan, vqgan_info = _vqgan_for_images(cfg, datamodule)
+            vqgan, vqgan_info = _vqgan_for_images(cfg, datamodule, init[1] if init else None)
         h, w = vqgan_info["grid"]
-        model = GPTConfig(**OmegaConf.to_container(cfg.model, resolve=True),
-                          n_image_codes=vqgan_info["config"]["n_embed"], n_text_tokens=datamodule.tokenizer.vocab_size,
-                          text_len=datamodule.cfg.text_len, image_len=h * w)
-        extras = {"tokenizer": datamodule.tokenizer.model, "text_len": datamodule.cfg.text_len, "vqgan": vqgan_info}
+        tokenizer = datamodule.tokenizer
+        if init is None:
+            model = GPTConfig(**OmegaConf.to_container(cfg.model, resolve=True),
+                              n_image_codes=vqgan_info["config"]["n_embed"], n_text_tokens=tokenizer.vocab_size,
+                              text_len=tokenizer.text_len, image_len=h * w)
+            origin = "trained from scratch"
+        else:
+            model, record = init[1].config, init[1]
+            _check_same_vqgan(stage["init_ckpt"], record, vqgan_info)
+            origin = f"fine-tuned from {stage['init_ckpt']} ({record.training.get('origin', 'a t2i run')})"
+        record = {"tokenizer": {"kind": tokenizer.kind, "model": tokenizer.model, "text_len": tokenizer.text_len},
+                  "vqgan": vqgan_info, "origin": origin}
         prompts = stage["sample_prompts"]
         if stage["sample_every_n_steps"] and not prompts:
             if datamodule.cfg.splits.get("val") not in datamodule.cfg.manifest()["splits"]:
                 raise ValueError("sample grids need prompts: set stage.sample_prompts=[...] (this data has no val "
                                  "split to take them from) or stage.sample_every_n_steps=0")
             prompts = list(itertools.islice(datamodule.cfg.captions("val"), stage["num_sample_prompts"]))
-        return cls(model, instantiate(cfg.optim), txt_loss_scale=stage["txt_loss_scale"],
-                   pkeep=stage["pkeep"], cond_drop=stage["cond_drop"], caption_prob=stage["caption_prob"],
-                   weight_decay=stage["weight_decay"], warmup_steps=stage["warmup_steps"],
-                   min_lr_ratio=stage["min_lr_ratio"], lr_scaling=stage["lr_scaling"],
-                   lr_reference_batch=stage["lr_reference_batch"], checkpoint_extras=extras, vqgan=vqgan,
-                   sample_prompts=prompts, sample_every_n_steps=stage["sample_every_n_steps"],
-                   sampling=SamplingConfig(**stage["sampling"]))
+        module = cls(model, instantiate(cfg.optim), txt_loss_scale=stage["txt_loss_scale"],
+                     pkeep=stage["pkeep"], cond_drop=stage["cond_drop"], caption_prob=stage["caption_prob"],
+                     weight_decay=stage["weight_decay"], warmup_steps=stage["warmup_steps"],
+                     min_lr_ratio=stage["min_lr_ratio"], lr_scaling=stage["lr_scaling"],
+                     lr_reference_batch=stage["lr_reference_batch"], record=record, vqgan=vqgan,
+                     sample_prompts=prompts, sample_every_n_steps=stage["sample_every_n_steps"],
+                     sampling=SamplingConfig(**stage["sampling"]))
+        if init is not None:
+            module.gpt.load_state_dict(init[0].state_dict())
+        return module
 
     @property
     def vqgan(self) -> VQModel | None:
@@ -119,47 +142,50 @@ class GPTStage(L.LightningModule):
 
     def sequences(self, codes: torch.Tensor, text: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(input tokens, target tokens) [B, block_size - 1] for codes [B, N] and text ids [B, L]."""
-        cfg = self.gpt.cfg
+        layout = self.gpt.layout
         b = len(codes)
-        text = text + cfg.text_offset
         inputs_codes = codes
         if train and self.cond_drop:
             null = torch.rand(b, 1, device=codes.device) < self.cond_drop
-            text = torch.where(null, torch.full_like(text, cfg.text_offset), text)
+            text = torch.where(null, layout.null_text(text), text)
         if train and self.pkeep < 1:
             replace = torch.rand(codes.shape, device=codes.device) > self.pkeep
-            inputs_codes = torch.where(replace, torch.randint_like(codes, cfg.n_image_codes), codes)
+            inputs_codes = torch.where(replace, torch.randint_like(codes, layout.n_image_codes), codes)
+        captions = torch.rand(b, device=codes.device) < self.caption_prob if train and self.caption_prob else None
 
-        def layout(image: torch.Tensor) -> torch.Tensor:
-            t2i = torch.cat([text.new_full((b, 1), cfg.special("T2I")), text,
-                             text.new_full((b, 1), cfg.special("BOI")), image], 1)
-            if not (train and self.caption_prob):
+        def sequence(image: torch.Tensor) -> torch.Tensor:
+            t2i = layout.text_to_image(text, image)
+            if captions is None:
                 return t2i
-            i2t = torch.cat([text.new_full((b, 1), cfg.special("I2T")), image,
-                             text.new_full((b, 1), cfg.special("BOT")), text], 1)
-            return torch.where(self._caption_rows[:, None], i2t, t2i)
+            return torch.where(captions[:, None], layout.image_to_text(image, text), t2i)
 
-        if train and self.caption_prob:
-            self._caption_rows = torch.rand(b, device=codes.device) < self.caption_prob
-        targets = layout(codes)
-        inputs = layout(inputs_codes) if inputs_codes is not codes else targets
+        targets = sequence(codes)
+        inputs = sequence(inputs_codes) if inputs_codes is not codes else targets
         return inputs[:, :-1], targets[:, 1:]
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        cfg = self.gpt.cfg
-        image = targets < cfg.n_image_codes
-        text = (targets > cfg.text_offset) & (targets < cfg.text_offset + cfg.n_text_tokens)  # padding excluded
-        image_loss = F.cross_entropy(logits[image][:, : cfg.n_image_codes].float(), targets[image])
-        text_loss = (F.cross_entropy(logits[text][:, cfg.text_offset: cfg.text_offset + cfg.n_text_tokens].float(),
-                                     targets[text] - cfg.text_offset)
-                     if text.any() else logits.new_zeros(()))
-        loss = image_loss + self.txt_loss_scale * text_loss if self.txt_loss_scale else image_loss
-        return loss, {"image_loss": image_loss.detach(), "text_loss": text_loss.detach()}
+        """CogView's per-token weighting: sum(w * CE) / sum(w), w = 1 per image token and txt_loss_scale
+        per text token (padding excluded); image and text CE are logged apart (their means)."""
+        layout = self.gpt.layout
+        image = layout.image_targets(targets)
+        image_ce = F.cross_entropy(layout.image_logits(logits[image]).float(), targets[image], reduction="none")
+        text_ce = image_ce.new_zeros(0)
+        if layout.predicts_text:
+            text = layout.text_targets(targets)
+            if text.any():
+                text_ce = F.cross_entropy(layout.text_logits(logits[text]).float(), targets[text] - layout.text_offset,
+                                          reduction="none")
+        w = self.txt_loss_scale
+        loss = (image_ce.sum() + w * text_ce.sum()) / (image_ce.numel() + w * text_ce.numel())
+        text_loss = text_ce.mean() if len(text_ce) else logits.new_zeros((), dtype=torch.float32)
+        return loss, {"image_loss": image_ce.mean().detach(), "text_loss": text_loss.detach()}
 
     def _codes(self, batch: dict) -> torch.Tensor:
         if "codes" in batch:
             return batch["codes"].flatten(1)
-        return self.vqgan.encode(batch["image"]).flatten(1)  # slow path: image shards
+        # slow path (image shards): in fp32 whatever the trainer's precision, as pre-tokenization encodes
+        with torch.autocast(self.device.type, enabled=False):
+            return self.vqgan.encode(batch["image"].float()).flatten(1)
 
     def on_fit_start(self) -> None:
         if self.vqgan is not None:
@@ -201,14 +227,13 @@ class GPTStage(L.LightningModule):
     def log_samples(self) -> None:
         """Images for the fixed prompts: a PNG grid (a row per prompt) + captions, and the logger's image panel."""
         if self._sample_text is None:  # the prompts are fixed: tokenize them once
-            tokenizer = TextTokenizer(self.checkpoint_extras["tokenizer"], self.gpt.cfg.text_len)
-            self._sample_text = tokenizer(self.sample_prompts)
+            self._sample_text = self.checkpoint_record().tokenizer_model()(self.sample_prompts)
         text = self._sample_text.to(self.device)
         was_training = self.gpt.training
         self.gpt.eval()
         codes = generate_codes(self.gpt, text, self.sampling)
         self.gpt.train(was_training)
-        h, w = self.checkpoint_extras["vqgan"]["grid"]
+        h, w = self.record["vqgan"]["grid"]
         images = decode_to_uint8(self.vqgan, codes.view(-1, h, w)).cpu()
         per_prompt = self.sampling.samples_per_prompt
         if self._image_dir is not None:
@@ -248,10 +273,26 @@ class GPTStage(L.LightningModule):
 
     # -- checkpoints: everything sampling needs ------------------------------------------------
 
+    def checkpoint_record(self) -> GPTRecord:
+        return GPTRecord(gpt=asdict(self.gpt.cfg), tokenizer=self.record["tokenizer"], vqgan=self.record["vqgan"],
+                         training={"caption_prob": self.caption_prob, "txt_loss_scale": self.txt_loss_scale,
+                                   "cond_drop": self.cond_drop, "origin": self.record.get("origin", "")},
+                         sampling=asdict(self.sampling))
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["t2i"] = {"gpt": asdict(self.gpt.cfg), **self.checkpoint_extras,
-                             "caption_prob": self.caption_prob,  # > 0: the model can score captions
-                             "sampling": asdict(self.sampling)}  # defaults for eval.py
+        checkpoint["t2i"] = self.checkpoint_record().to_dict()
+
+
+def _check_same_vqgan(init_ckpt: str, record: GPTRecord, vqgan_info: dict) -> None:
+    """Fine-tuning reads codes of the VQGAN the model was trained with, on the same grid."""
+    ours, theirs = record.vqgan.get("sha256"), vqgan_info.get("sha256")
+    if ours and theirs and ours != theirs:
+        raise ValueError(f"the data's codes come from another VQGAN ({theirs[:12]}...) than stage.init_ckpt="
+                         f"{init_ckpt}'s ({ours[:12]}...): pre-tokenize with its VQGAN, python -m t2i.pretokenize "
+                         f"--vqgan {record.vqgan.get('checkpoint') or 'ITS_VQGAN.ckpt'} ...")
+    if list(record.grid) != list(vqgan_info["grid"]):
+        raise ValueError(f"the data's code grid {vqgan_info['grid']} is not stage.init_ckpt={init_ckpt}'s "
+                         f"{list(record.grid)}: set data.image_size to match")
 
 
 def _vqgan_for_samples(info: dict) -> VQModel | None:
@@ -267,21 +308,22 @@ def _vqgan_for_samples(info: dict) -> VQModel | None:
     return vqgan
 
 
-def _vqgan_for_images(cfg: DictConfig, datamodule) -> tuple[VQModel, dict]:
-    """Slow path: a frozen VQGAN encodes the image shards at every step (stage.vqgan_ckpt)."""
+def _vqgan_for_images(cfg: DictConfig, datamodule, init: GPTRecord | None = None) -> tuple[VQModel, dict]:
+    """Slow path: a frozen VQGAN encodes the image shards at every step (stage.vqgan_ckpt, or init_ckpt's)."""
     path = cfg.stage.vqgan_ckpt
-    if not path:
+    if not path and init is not None:
+        vqgan = load_record_vqgan(init, cfg.stage.init_ckpt)
+        path = init.vqgan["checkpoint"]
+    elif not path:
         raise ValueError(f"stage=gpt on image shards ({datamodule.cfg.root}) needs the VQGAN that encodes them: "
                          "set stage.vqgan_ckpt=PATH (a taming checkpoint also needs vqgan=f16_16384), or pre-tokenize "
                          "once and train on code shards, which is much faster: "
                          "python -m t2i.pretokenize --data IMAGE_SHARDS --out CODE_SHARDS --vqgan CKPT")
-    # our checkpoints carry their config; taming's get the `vqgan` config group's
-    fallback = {k: v for k, v in OmegaConf.to_container(cfg.vqgan, resolve=True).items() if k != "init_ckpt"}
-    vqgan = load_vqgan(path, fallback=VQGANConfig(**fallback))
+    else:  # our checkpoints carry their config; taming's get the `vqgan` config group's
+        fallback = {k: v for k, v in OmegaConf.to_container(cfg.vqgan, resolve=True).items() if k != "init_ckpt"}
+        vqgan = load_vqgan(path, fallback=VQGANConfig(**fallback))
     size = datamodule.cfg.image_size
     if size % vqgan.cfg.downsample:
         raise ValueError(f"data.image_size={size} is not a multiple of the VQGAN's downsampling {vqgan.cfg.downsample}")
     grid = size // vqgan.cfg.downsample
-    info = {"config": asdict(vqgan.cfg), "checkpoint": str(Path(path).resolve()), "sha256": weights_hash(vqgan),
-            "grid": [grid, grid]}
-    return vqgan, info
+    return vqgan, vqgan_identity(vqgan, path, [grid, grid])
