@@ -1,0 +1,183 @@
+"""EasyNLP's pai-painter checkpoints in and out. Only this module knows EasyNLP's names.
+
+A pai-painter folder (what EasyNLP's `TextImageGeneration` saves and its predictor loads):
+
+    pytorch_model.bin  the whole model's state dict: `transformer.*` (a minGPT: pre-LN blocks,
+                       separate key/query/value/proj, a causal-mask buffer per block, a head over the
+                       image codes only) and `first_stage_model.*` (taming's VQModel, encoder included)
+    config.json        ARTISTConfig: vocab_size, img_vocab_size, text_vocab_size, block_size, n_layer,
+                       n_head, n_embd, embd/resid/attn_pdrop, n_unmasked (no VQGAN settings: EasyNLP
+                       hard-codes taming's f16_16384)
+    vocab.txt          BERT-Chinese's WordPiece vocabulary
+
+Importing gives a t2i GPT checkpoint in the `paipainter` token layout (text then codes, no special
+tokens) with the WordPiece tokenizer inside and the VQGAN written beside it, so every t2i sampler,
+eval.py and fine-tuning take it; exporting writes such a folder back. The GPT's parameter names are
+minGPT's in both systems, so the mapping is the prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+from t2i.checkpoints import GPTRecord, load_gpt, load_record_vqgan, save_gpt, save_vqgan, vqgan_identity
+from t2i.data.tokenizer import WordPieceTokenizer
+from t2i.models.gpt import GPT, GPTConfig
+from t2i.models.vqgan import VQGANConfig, VQModel, load_weights, read_checkpoint
+from t2i.sampling import SamplingConfig
+
+GPT_PREFIX, VQGAN_PREFIX = "transformer.", "first_stage_model."
+WEIGHTS, CONFIG, VOCAB = "pytorch_model.bin", "config.json", "vocab.txt"
+MASK_SUFFIX = ".attn.mask"  # minGPT's causal mask, a buffer of every block: rebuilt, not learned
+# what EasyNLP's predictor does: top-k 100 at temperature 1, one image per prompt, no guidance
+EASYNLP_SAMPLING = SamplingConfig(temperature=1.0, top_k=100, top_p=1.0, guidance_scale=1.0, samples_per_prompt=1,
+                                  seed=0)
+
+
+def read_folder(src: str | Path) -> tuple[dict, dict, bytes]:
+    """(config.json, the state dict on the CPU, vocab.txt bytes) of a pai-painter folder."""
+    src = Path(src)
+    if not src.is_dir():
+        raise FileNotFoundError(f"--src {src} is not a folder: point it at the pai-painter checkpoint folder "
+                                f"({WEIGHTS}, {CONFIG}, {VOCAB})")
+    missing = [name for name in (WEIGHTS, CONFIG, VOCAB) if not (src / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{src} lacks {', '.join(missing)}: not a pai-painter checkpoint folder")
+    config = json.loads((src / CONFIG).read_text(encoding="utf-8"))
+    state = read_checkpoint(src / WEIGHTS)  # map_location="cpu": GPU-saved storages load anywhere
+    state = state.get("state_dict", state)
+    return config, state, (src / VOCAB).read_bytes()
+
+
+def vqgan_config(config: dict, vqgan_state: dict) -> VQGANConfig:
+    """taming's f16_16384, or config.json's `vqgan_config`, with the sizes read off the weights."""
+    if "vqgan_config" in config:
+        known = {f.name for f in fields(VQGANConfig)}
+        unknown = sorted(set(config["vqgan_config"]) - known - {"double_z"})
+        if unknown:
+            raise ValueError(f"config.json vqgan_config has keys t2i's VQGAN does not know: {', '.join(unknown)}")
+        if config["vqgan_config"].get("double_z"):
+            raise ValueError("config.json vqgan_config has double_z=true: a VQGAN's encoder has double_z=false")
+        return VQGANConfig(**{k: v for k, v in config["vqgan_config"].items() if k in known})
+    # the shapes the checkpoint's weights have (the resolution and attention levels cannot be read off them)
+    codebook = vqgan_state.get("quantize.embedding.weight")
+    conv_in = vqgan_state.get("encoder.conv_in.weight")
+    if codebook is None or conv_in is None:
+        return VQGANConfig()
+    levels = sorted({int(k.split(".")[2]) for k in vqgan_state if k.startswith("encoder.down.")})
+    ch = conv_in.shape[0]
+    ch_mult = [vqgan_state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in levels]
+    blocks = {int(k.split(".")[4]) for k in vqgan_state if k.startswith("encoder.down.0.block.")}
+    return VQGANConfig(ch=ch, ch_mult=ch_mult, num_res_blocks=len(blocks),
+                       z_channels=vqgan_state["quant_conv.weight"].shape[1],
+                       embed_dim=codebook.shape[1], n_embed=codebook.shape[0])
+
+
+def gpt_config(config: dict, image_len: int) -> GPTConfig:
+    required = ("vocab_size", "img_vocab_size", "text_vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+    missing = [k for k in required if k not in config]
+    if missing:
+        raise ValueError(f"config.json lacks {', '.join(missing)}: not an EasyNLP ARTIST config")
+    if config["vocab_size"] != config["img_vocab_size"] + config["text_vocab_size"]:
+        raise ValueError(f"config.json: vocab_size {config['vocab_size']} is not img_vocab_size "
+                         f"{config['img_vocab_size']} + text_vocab_size {config['text_vocab_size']}")
+    if config.get("n_unmasked", 0):
+        raise ValueError(f"config.json: n_unmasked={config['n_unmasked']} (a bidirectional prefix): t2i's GPT is "
+                         "causal over the whole sequence, as pai-painter's released models (n_unmasked=0)")
+    text_len = config["block_size"] - image_len
+    if text_len < 1:
+        raise ValueError(f"config.json: block_size {config['block_size']} leaves no text before the VQGAN's "
+                         f"{image_len} image codes")
+    drops = {config.get(k, 0.0) for k in ("embd_pdrop", "resid_pdrop", "attn_pdrop")}
+    if len(drops) > 1:
+        warnings.warn(f"config.json has different dropout rates {sorted(drops)}: t2i has one, taking the largest")
+    return GPTConfig(n_image_codes=config["img_vocab_size"], n_text_tokens=config["text_vocab_size"],
+                     text_len=text_len, image_len=image_len, n_layer=config["n_layer"], n_head=config["n_head"],
+                     n_embd=config["n_embd"], dropout=max(drops), norm="pre", pb_relax=False, tie_head=False,
+                     layout="paipainter")
+
+
+def split_state(state: dict, source: str) -> tuple[dict, dict]:
+    """(GPT weights, VQGAN weights); the causal masks are checked and dropped; anything else is an error."""
+    gpt, vqgan, unknown = {}, {}, []
+    for key, value in state.items():
+        if key.startswith(GPT_PREFIX):
+            name = key[len(GPT_PREFIX):]
+            if name.endswith(MASK_SUFFIX):
+                size = value.shape[-1]
+                if not torch.equal(value.reshape(size, size).bool(), torch.ones(size, size).tril().bool()):
+                    raise ValueError(f"{source}: {key} is not a causal mask (n_unmasked > 0?): t2i's GPT is causal")
+                continue
+            gpt[name] = value
+        elif key.startswith(VQGAN_PREFIX):
+            vqgan[key[len(VQGAN_PREFIX):]] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"{source}: keys that are neither {GPT_PREFIX}* nor {VQGAN_PREFIX}*: "
+                         f"{', '.join(unknown[:20])}{' ...' if len(unknown) > 20 else ''}")
+    if not gpt or not vqgan:
+        raise ValueError(f"{source}: no {GPT_PREFIX if not gpt else VQGAN_PREFIX}* weights: not a whole pai-painter "
+                         "model (EasyNLP saves the GPT and the VQGAN together)")
+    return gpt, vqgan
+
+
+def import_paipainter(src: str | Path, out: str | Path) -> tuple[Path, Path]:
+    """A pai-painter folder -> a t2i GPT checkpoint `out` and its VQGAN beside it (`<out stem>.vqgan.ckpt`)."""
+    src, out = Path(src), Path(out)
+    config, state, vocab = read_folder(src)
+    gpt_state, vqgan_state = split_state(state, str(src / WEIGHTS))
+    vqgan = VQModel(vqgan_config(config, vqgan_state))
+    load_weights(vqgan, {k: v.float() for k, v in vqgan_state.items()}, f"{src / WEIGHTS} ({VQGAN_PREFIX}*)")
+    grid = vqgan.cfg.grid
+    model = gpt_config(config, grid * grid)
+    tokenizer = WordPieceTokenizer(vocab, model.text_len)
+    if tokenizer.vocab_size != model.n_text_tokens:
+        raise ValueError(f"{src / VOCAB} has {tokenizer.vocab_size} tokens, config.json's text_vocab_size is "
+                         f"{model.n_text_tokens}")
+    gpt = GPT(model)
+    load_weights(gpt, {k: v.float() for k, v in gpt_state.items()}, f"{src / WEIGHTS} ({GPT_PREFIX}*)", what="GPT")
+    vqgan_path = out.with_name(out.stem + ".vqgan.ckpt")
+    save_vqgan(vqgan_path, vqgan)
+    record = GPTRecord(gpt=asdict(model), tokenizer={"kind": tokenizer.kind, "model": vocab, "text_len": model.text_len},
+                       vqgan=vqgan_identity(vqgan, vqgan_path, (grid, grid)),
+                       training={"caption_prob": 0.0, "txt_loss_scale": 0.0, "cond_drop": 0.0,
+                                 "origin": f"pai-painter import of {src.resolve()}"},
+                       sampling=asdict(EASYNLP_SAMPLING))
+    save_gpt(out, gpt, record)
+    return out, vqgan_path
+
+
+def export_paipainter(ckpt: str | Path, out: str | Path, vqgan_ckpt: str | Path | None = None) -> Path:
+    """A pai-painter-layout t2i GPT checkpoint -> a folder EasyNLP's predictor loads (strictly)."""
+    gpt, record = load_gpt(ckpt)
+    cfg = gpt.cfg
+    if cfg.layout != "paipainter" or cfg.norm != "pre" or cfg.pb_relax or record.tokenizer["kind"] != "wordpiece":
+        raise ValueError(f"{ckpt} is a {cfg.layout}-layout model (norm={cfg.norm}, pb_relax={cfg.pb_relax}, "
+                         f"{record.tokenizer['kind']} tokenizer): EasyNLP runs only pai-painter's own "
+                         "(model.layout=paipainter, norm=pre, no PB-relax, a BERT vocab.txt), e.g. one imported "
+                         "with `python -m t2i.interop paipainter` and fine-tuned")
+    vqgan = load_record_vqgan(record, str(ckpt), vqgan_ckpt)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    mask = torch.ones(cfg.block_size, cfg.block_size).tril().view(1, 1, cfg.block_size, cfg.block_size)
+    state = {GPT_PREFIX + k: v.detach().cpu().contiguous() for k, v in gpt.state_dict().items()}
+    state.update({f"{GPT_PREFIX}blocks.{i}{MASK_SUFFIX}": mask.clone() for i in range(cfg.n_layer)})
+    state.update({VQGAN_PREFIX + k: v.detach().cpu().contiguous() for k, v in vqgan.state_dict().items()})
+    torch.save(state, out / WEIGHTS)
+    config = {"vocab_size": cfg.vocab_size, "img_vocab_size": cfg.n_image_codes, "text_vocab_size": cfg.n_text_tokens,
+              "block_size": cfg.block_size, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
+              "embd_pdrop": cfg.dropout, "resid_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout, "n_unmasked": 0,
+              "model_type": "artist"}
+    if asdict(vqgan.cfg) != asdict(VQGANConfig()):  # EasyNLP builds f16_16384 only; t2i reads this back
+        warnings.warn("the VQGAN is not taming's f16_16384, which EasyNLP hard-codes: config.json records it as "
+                      "vqgan_config, but EasyNLP itself will not build it")
+        config["vqgan_config"] = asdict(vqgan.cfg)
+    (out / CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    (out / VOCAB).write_bytes(record.tokenizer["model"])
+    return out
