@@ -1,6 +1,7 @@
 """SentencePiece tokenizer: round trips, byte fallback, fixed-length encoding, training command."""
 
 import pickle
+import random
 import subprocess
 import sys
 import warnings
@@ -92,3 +93,47 @@ def test_train_command_writes_model_next_to_shards(tmp_path):
     tokenizer = TextTokenizer.from_file(root / "tokenizer.model")
     assert tokenizer.decode(tokenizer(CAPTIONS[0])) == "画面左上角有一个红色的小圆形,背景是白色的"
     assert '"captions": 20' in (tmp_path / "run" / "train.log").read_text()
+
+
+def _bert_vocab(tmp_path):
+    head = ["[PAD]"] + [f"[unused{i}]" for i in range(1, 100)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = [chr(c) for c in range(0x21, 0x3000) if chr(c).strip() and not (0xD800 <= c < 0xE000)]
+    chars += [chr(c) for c in range(0x4E00, 0x4E00 + 2000)] + ["\U0002B823", "\U00020000"]
+    words = ["hello", "##llo", "he", "cafe", "ab", "##b", "mask"]
+    vocab = list(dict.fromkeys(head + [c.lower() for c in chars] + ["##" + c for c in chars[:300]] + words))
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    return path
+
+
+def test_wordpiece_matches_the_slow_bert_tokenizer_easynlp_uses(tmp_path):
+    from transformers import BertTokenizer, BertTokenizerLegacy  # the slow (Python) and fast implementations
+
+    from t2i.data.tokenizer import WordPieceTokenizer, load_tokenizer
+
+    vocab = _bert_vocab(tmp_path)
+    slow, fast = BertTokenizerLegacy(str(vocab)), BertTokenizer(str(vocab))
+    ours = WordPieceTokenizer(vocab.read_bytes(), text_len=32)
+    texts = ["一只戴着帽子的猫，坐在桌子上！", "ÀÉÎ Café HELLO hello123", "[MASK]是 [mask] 和 [UNK]", "", "  \t\n",
+             "\x00\x07控制\u200b字符\ufeff", "全角　空格ＡＢＣ", "a" * 101, "🎨 emoji", "e\u0301 İstanbul"]
+    rng = random.Random(0)
+    pool = [chr(c) for c in range(0x20, 0x3000) if not (0xD800 <= c < 0xE000)] + ["中", "[MASK]", " ", "\u0378"] * 20
+    texts += ["".join(rng.choice(pool) for _ in range(rng.randint(1, 25))) for _ in range(300)]
+    # where the fast (Rust) BERT normalizer differs from the slow one: an unassigned code point (slow drops it,
+    # fast emits [UNK]), CJK Extension E (slow splits it off as a Chinese character), a mark newer than the
+    # fast tables (slow strips it as an accent)
+    differing = ["a\u0378b 中", "a\U0002B823b", "ab\U00011C38"]
+    for text in texts + differing:
+        expected = slow.convert_tokens_to_ids(slow.tokenize(text))
+        assert ours.encode(text) == expected, repr(text)
+    assert sum(fast.encode(t, add_special_tokens=False) != ours.encode(t) for t in differing) == len(differing)
+    ids = ours(["一只猫 [MASK]", ""])
+    assert ids.shape == (2, 32) and ids[1].tolist() == [0] * 32 and 103 in ids[0].tolist()
+    assert ours.decode(ours("一只猫")) == "一只猫"
+    clone = pickle.loads(pickle.dumps(ours))  # data workers get a copy
+    assert clone.encode(texts[0]) == ours.encode(texts[0])
+    assert load_tokenizer("wordpiece", vocab.read_bytes(), 8).encode("猫") == ours.encode("猫")
+    with pytest.raises(ValueError, match="\\[PAD\\]"):
+        WordPieceTokenizer("[UNK]\n[PAD]\n".encode(), 4)
+    with pytest.raises(ValueError, match="unknown tokenizer kind"):
+        load_tokenizer("bpe", b"", 4)

@@ -33,6 +33,9 @@ from t2i.sampling import SamplingConfig
 
 GPT_PREFIX, VQGAN_PREFIX = "transformer.", "first_stage_model."
 WEIGHTS, CONFIG, VOCAB = "pytorch_model.bin", "config.json", "vocab.txt"
+# taming's ddconfig keys and the quantizer's sizes: what config.json's vqgan_config holds
+TAMING_KEYS = ("resolution", "in_channels", "out_ch", "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout",
+               "z_channels", "embed_dim", "n_embed")
 MASK_SUFFIX = ".attn.mask"  # minGPT's causal mask, a buffer of every block: rebuilt, not learned
 # what EasyNLP's predictor does: top-k 100 at temperature 1, one image per prompt, no guidance
 EASYNLP_SAMPLING = SamplingConfig(temperature=1.0, top_k=100, top_p=1.0, guidance_scale=1.0, samples_per_prompt=1,
@@ -163,6 +166,8 @@ def export_paipainter(ckpt: str | Path, out: str | Path, vqgan_ckpt: str | Path 
                          "(model.layout=paipainter, norm=pre, no PB-relax, a BERT vocab.txt), e.g. one imported "
                          "with `python -m t2i.interop paipainter` and fine-tuned")
     vqgan = load_record_vqgan(record, str(ckpt), vqgan_ckpt)
+    if vqgan.cfg.l2_normalize:
+        raise ValueError(f"{ckpt}'s VQGAN has an l2-normalised codebook: EasyNLP's (taming's) quantizer is Euclidean")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     mask = torch.ones(cfg.block_size, cfg.block_size).tril().view(1, 1, cfg.block_size, cfg.block_size)
@@ -177,7 +182,7 @@ def export_paipainter(ckpt: str | Path, out: str | Path, vqgan_ckpt: str | Path 
     if asdict(vqgan.cfg) != asdict(VQGANConfig()):  # EasyNLP builds f16_16384 only; t2i reads this back
         warnings.warn("the VQGAN is not taming's f16_16384, which EasyNLP hard-codes: config.json records it as "
                       "vqgan_config, but EasyNLP itself will not build it")
-        config["vqgan_config"] = asdict(vqgan.cfg)
+        config["vqgan_config"] = {k: v for k, v in asdict(vqgan.cfg).items() if k in TAMING_KEYS}
     (out / CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
     (out / VOCAB).write_bytes(record.tokenizer["model"])
     return out
