@@ -129,7 +129,7 @@ def test_wordpiece_matches_the_slow_bert_tokenizer_easynlp_uses(tmp_path):
     assert sum(fast.encode(t, add_special_tokens=False) != ours.encode(t) for t in differing) == len(differing)
     ids = ours(["一只猫 [MASK]", ""])
     assert ids.shape == (2, 32) and ids[1].tolist() == [0] * 32 and 103 in ids[0].tolist()
-    assert ours.decode(ours("一只猫")) == "一只猫"
+    assert ours.decode(ours("一丁 Hello")) == "一丁hello"
     clone = pickle.loads(pickle.dumps(ours))  # data workers get a copy
     assert clone.encode(texts[0]) == ours.encode(texts[0])
     assert load_tokenizer("wordpiece", vocab.read_bytes(), 8).encode("猫") == ours.encode("猫")
