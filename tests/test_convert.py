@@ -5,6 +5,7 @@ import collections
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -16,8 +17,9 @@ import webdataset as wds
 from PIL import Image
 
 from t2i.data import shards
-from t2i.data.convert import run
+from t2i.data.convert import main, run
 from t2i.data.convert.flickr30k_cn import clean_caption
+from t2i.data.datamodule import DataConfig
 from t2i.data.shards import SKIP_REASONS, b64decode, load_image, read_manifest
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*skipped.*:UserWarning")
@@ -131,6 +133,30 @@ def test_muge(tmp_path):
     check_split(out, manifest, "val", ["验证v0", "验证v1"], {})
 
 
+def eval_prompts(path: Path) -> list[str]:
+    """The prompts `eval.py task=generate prompts_file=PATH` reads (its own expression)."""
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_muge_test_captions_become_prompts(tmp_path, capsys):
+    """The release's test set has texts and no images: a prompts file, with the image ids beside it."""
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    make_muge(raw)
+    write_lines(raw / "T2I_test.tsv", [f"{i:032x}" for i in range(100, 102)])  # ids only: not read
+    write_lines(raw / "T2I_test.txt.tsv", [f"{100:032x}\t红色长款羽绒服", f"{101:032x}\t儿童 卡通 雨靴"])
+    assert main(["muge", "--src", str(raw), "--out", str(out), *SMALL]) == 0
+    manifest = read_manifest(out)
+    assert list(manifest["splits"]) == ["train", "val"] and manifest["prompts"]["test"]["prompts"] == 2
+    assert eval_prompts(out / "prompts" / "test.txt") == ["红色长款羽绒服", "儿童 卡通 雨靴"]
+    assert (out / "prompts" / "test.ids.txt").read_text().split() == [f"{i:032x}" for i in (100, 101)]
+    assert f"prompts_file={out / 'prompts' / 'test.txt'}" in capsys.readouterr().out
+    # the EasyNLP tutorial's T2I_*.txt files are not MUGE's layout: say which converter reads them
+    artist = tmp_path / "artist"
+    write_lines(artist / "T2I_train.txt", [f"0\t图\t{b64(image_bytes(0))}"])
+    with pytest.raises(FileNotFoundError, match="easynlp"):
+        convert("muge", artist, tmp_path / "x")
+
+
 # ---------------------------------------------------------------------------------------------
 # Chinese-CLIP
 
@@ -170,6 +196,44 @@ def test_chinese_clip(tmp_path):
     assert test == {"samples": 0, "rows_read": 2, "skipped": {"missing_caption": 1, "missing_image": 1}, "shards": []}
 
 
+def test_chinese_clip_extra_splits(tmp_path, capsys):
+    """Splits beyond train/valid/test (`test2`) are converted under their own name and can be chosen."""
+    src, out = tmp_path / "raw", tmp_path / "out"
+
+    def write_pair(name, images, texts, newline="\n"):
+        src.mkdir(exist_ok=True)
+        lines = {"imgs.tsv": [f"{k}\t{v}" for k, v in images.items()],
+                 "texts.jsonl": [json.dumps(t, ensure_ascii=False) for t in texts]}
+        for suffix, rows in lines.items():
+            (src / f"{name}_{suffix}").write_bytes("".join(r + newline for r in rows).encode())
+
+    write_pair("train", {"1": b64(image_bytes(1))}, [{"text_id": 1, "text": "训练", "image_ids": [1]}])
+    write_pair("valid", {"2": b64(image_bytes(2))}, [{"text_id": 2, "text": "验证", "image_ids": [2]}])
+    # as real files have it: string ids with leading zeros, CRLF line ends, both base64 alphabets
+    urlsafe = base64.urlsafe_b64encode(image_bytes(3)).decode().rstrip("=")
+    write_pair("test2", {"000123": urlsafe, "000124": b64(image_bytes(4))},
+               [{"text_id": 7, "text": "第二个测试集", "image_ids": ["000123", "000124"]}], newline="\r\n")
+    write_lines(src / "extra_imgs.tsv", [f"5\t{b64(image_bytes(5))}"])  # no texts: left out, said
+    write_pair("test.v2", {"6": b64(image_bytes(6))}, [{"text_id": 8, "text": "点", "image_ids": [6]}])
+    with pytest.warns(UserWarning, match="left out") as record:
+        assert main(["chinese_clip", "--src", str(src), "--out", str(out), *SMALL]) == 0
+    left_out = [str(w.message) for w in record if "left out" in str(w.message)]
+    assert len(left_out) == 2 and "'extra' left out: extra_texts.jsonl is missing" in left_out[0]
+    printed = capsys.readouterr().out
+    manifest = read_manifest(out)
+    assert list(manifest["splits"]) == ["train", "valid", "test2"]  # no test pair here: nothing to say
+    assert set(manifest["missing_splits"]) == {"extra", "test.v2"}
+    assert "not usable as a split name" in manifest["missing_splits"]["test.v2"]
+    assert "left out: extra" in printed and "\ntest2 " in printed
+    samples = check_split(out, manifest, "test2", ["第二个测试集"] * 2, {})
+    assert sorted(s[3]["source_id"] for s in samples) == ["000123", "000124"]
+    assert sorted(f.name for f in out.glob("test2-*")) == ["test2-00000.tar", "test2-00000_stats.json"]
+    # the rest of the pipeline takes it as a role's split
+    data = DataConfig.from_dict({"name": "cc", "root": str(out), "splits": {"train": "train", "val": "valid",
+                                                                           "test": "test2"}})
+    assert list(data.captions("test")) == ["第二个测试集"] * 2
+
+
 # ---------------------------------------------------------------------------------------------
 # EasyNLP
 
@@ -202,12 +266,51 @@ def test_easynlp(tmp_path):
         run(["easynlp", "--val", str(tmp_path / "nope.tsv"), "--out", str(out), "--quiet"])
 
 
+def test_easynlp_text_only_file_becomes_prompts(tmp_path, capsys):
+    """The painter tutorial's `MUGE_test.text.tsv` (idx<TAB>text): prompts for task=generate, no shards."""
+    src, out = tmp_path / "painter", tmp_path / "out"
+    write_lines(src / "MUGE_train_text_imgbase64.tsv", [f"{i}\t商品{i}\t{b64(image_bytes(i))}" for i in range(3)])
+    write_lines(src / "MUGE_val_text_imgbase64.tsv", [f"v\t验证\t{b64(image_bytes(9))}"])
+    write_lines(src / "MUGE_test.text.tsv", [
+        "\ufeff0\t白色连衣裙", "1\t韩版 宽松 卫衣\r",  # a BOM, a CRLF line end
+        "2\t", "3 no tab",  # no text, no field
+        "4\t男士\x0c休闲鞋",  # a character str.splitlines() breaks at: kept on one line
+        "5\t白色连衣裙",  # the same text under another id: a prompt of its own
+    ])
+    assert main(["easynlp", "--src", str(src), "--out", str(out), *SMALL]) == 0
+    manifest = read_manifest(out)
+    assert list(manifest["splits"]) == ["train", "val"]
+    check_split(out, manifest, "train", ["商品0", "商品1", "商品2"], {})
+    assert manifest["prompts"]["test"] == {
+        "path": "prompts/test.txt", "ids": "prompts/test.ids.txt", "prompts": 4, "rows_read": 6,
+        "skipped": {"empty_caption": 1, "malformed_row": 1}, "source_file": str(src / "MUGE_test.text.tsv")}
+    prompts_file = out / "prompts" / "test.txt"
+    assert eval_prompts(prompts_file) == ["白色连衣裙", "韩版 宽松 卫衣", "男士 休闲鞋", "白色连衣裙"]
+    assert (out / "prompts" / "test.ids.txt").read_text().splitlines() == ["0", "1", "4", "5"]
+    assert not list(out.glob("test-*"))
+    assert f"prompts_file={prompts_file}" in capsys.readouterr().out
+
+    # the artist tutorial's T2I_{train,val,test}.txt: found as .txt files, its test file text-only too
+    artist = tmp_path / "artist"
+    write_lines(artist / "T2I_train.txt", [f"{i}\t图{i}\t{b64(image_bytes(i))}" for i in range(2)])
+    write_lines(artist / "T2I_val.txt", [f"v\t验证\t{b64(image_bytes(9))}"])
+    write_lines(artist / "T2I_test.txt", ["t0\t一只橘猫"])
+    write_lines(artist / "README.txt", ["说明"])  # names no split: not read
+    manifest = convert("easynlp", artist, tmp_path / "artist_out")
+    check_split(tmp_path / "artist_out", manifest, "train", ["图0", "图1"], {})
+    assert list(manifest["splits"]) == ["train", "val"] and manifest["prompts"]["test"]["prompts"] == 1
+    # a text-only file on its own: the prompts, and a manifest without image splits
+    only = tmp_path / "only"
+    manifest = run(["easynlp", "--test", str(artist / "T2I_test.txt"), "--out", str(only), "--quiet"])
+    assert manifest["splits"] == {} and eval_prompts(only / "prompts" / "test.txt") == ["一只橘猫"]
+
+
 # ---------------------------------------------------------------------------------------------
 # COCO-CN
 
 
-def test_coco_cn(tmp_path):
-    src, coco, out = tmp_path / "coco-cn", tmp_path / "mscoco", tmp_path / "out"
+def make_coco_cn(src: Path, coco: Path) -> dict:
+    """A COCO-CN folder and the MS-COCO images it needs; returns split -> image ids."""
     ids = {split: [f"COCO_{folder}_{n:012d}" for n in numbers] for split, folder, numbers in (
         ("train", "train2014", range(1, 7)), ("val", "val2014", [7]), ("test", "val2014", [8, 9]))}
     for split in ids:
@@ -229,6 +332,12 @@ def test_coco_cn(tmp_path):
     ]
     write_lines(src / "imageid.human-written-caption.txt", human)
     write_lines(src / "imageid.manually-translated-caption.txt", [f"{ids['test'][1]}#0\t翻译句子"])
+    return ids
+
+
+def test_coco_cn(tmp_path):
+    src, coco, out = tmp_path / "coco-cn", tmp_path / "mscoco", tmp_path / "out"
+    make_coco_cn(src, coco)
     manifest = run(["coco_cn", "--src", str(src), "--coco", str(coco), "--out", str(out), *SMALL])
     samples = check_split(out, manifest, "train", ["一个男人在骑自行车", "骑车的人", "桌上的披萨"],
                           dict(duplicate_pair=1, empty_caption=1, malformed_row=1, undecodable_image=1,
@@ -246,12 +355,33 @@ def test_coco_cn(tmp_path):
         convert("coco_cn", src, tmp_path / "x")
 
 
+def test_coco_cn_partial_release(tmp_path, capsys):
+    """No test list: train and val are converted, test is named as left out; no list at all: an error."""
+    src, coco, out = tmp_path / "coco-cn", tmp_path / "mscoco", tmp_path / "out"
+    make_coco_cn(src, coco)
+    (src / "coco-cn_test.txt").unlink()
+    argv = ["coco_cn", "--src", str(src), "--coco", str(coco), *SMALL]
+    with pytest.warns(UserWarning, match="'test' left out: no coco-cn_test.txt"):
+        assert main([*argv, "--out", str(out)]) == 0
+    assert "left out: test (no coco-cn_test.txt" in capsys.readouterr().out
+    manifest = read_manifest(out)
+    assert list(manifest["splits"]) == ["train", "val"] and list(manifest["missing_splits"]) == ["test"]
+    check_split(out, manifest, "val", ["验证句子"], {})
+    # the translated captions cover only the test images, whose list is missing: nothing to convert
+    with pytest.raises(FileNotFoundError, match="no split found.*test: no coco-cn_test.txt"):
+        run([*argv, "--captions", "translated", "--out", str(tmp_path / "translated")])
+    for split in ("train", "val"):
+        (src / f"coco-cn_{split}.txt").unlink()
+    assert main([*argv, "--out", str(tmp_path / "none")]) == 2
+    assert "no COCO-CN split list" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # Flickr8k-CN
 
 
-def test_flickr8k_cn(tmp_path):
-    src, out = tmp_path / "flickr8kcn", tmp_path / "out"
+def make_flickr8k_cn(src: Path) -> list[str]:
+    """A Flickr8k-CN folder with its images; returns the image ids (train 0-5, val 6, test 7)."""
     images = src / "Flicker8k_Dataset"
     images.mkdir(parents=True)
     ids = [f"{1000268201 + i}_693b08cb0e" for i in range(8)]
@@ -272,6 +402,12 @@ def test_flickr8k_cn(tmp_path):
     ]
     write_lines(src / "flickr8kzhc.caption.txt", zhc)
     write_lines(src / "flickr8kzhb.caption.txt", [f"{i}.jpg#zhb#0 机器翻译{n}" for n, i in enumerate(ids)])
+    return ids
+
+
+def test_flickr8k_cn(tmp_path):
+    src, out = tmp_path / "flickr8kcn", tmp_path / "out"
+    ids = make_flickr8k_cn(src)
     manifest = convert("flickr8k_cn", src, out)
     samples = check_split(out, manifest, "train", ["一只黑狗在草地上奔跑", "黑色的狗 在跑", "两个孩子", "海边"],
                           dict(duplicate_pair=1, empty_caption=1, malformed_row=1, undecodable_image=1,
@@ -281,6 +417,35 @@ def test_flickr8k_cn(tmp_path):
     check_split(out, manifest, "test", ["测试"], {})
     manifest = convert("flickr8k_cn", src, tmp_path / "zhb", "--captions", "zhb")
     check_split(tmp_path / "zhb", manifest, "val", ["机器翻译6"], {})
+
+
+def test_flickr8k_cn_zhm_and_partial_release(tmp_path, capsys):
+    src = tmp_path / "flickr8kcn"
+    ids = make_flickr8k_cn(src)
+    # flickr8kzhmtest.captions.txt: human translations of the test images' English captions
+    write_lines(src / "flickr8kzhmtest.captions.txt",
+                [f"{ids[7]}.jpg#zhm#0 一个男孩在公园里踢足球", f"{ids[7]}.jpg#zhm#1 男孩踢球"])
+    with pytest.warns(UserWarning, match="left out") as record:
+        manifest = convert("flickr8k_cn", src, tmp_path / "zhm", "--captions", "zhm")
+    assert [str(w.message).split(": ", 1)[1] for w in record if "left out" in str(w.message)] == [
+        f"split '{split}' left out: the zhm captions (flickr8kzhmtest.captions.txt) cover none of its images"
+        for split in ("train", "val")]
+    assert list(manifest["splits"]) == ["test"] and list(manifest["missing_splits"]) == ["train", "val"]
+    samples = check_split(tmp_path / "zhm", manifest, "test", ["一个男孩在公园里踢足球", "男孩踢球"], {})
+    assert [(s[3]["source_id"], s[3]["caption_index"]) for s in samples] == [(ids[7], 0), (ids[7], 1)]
+
+    # a release folder without the val list: train and test converted, val named as left out
+    (src / "flickr8kval.txt").unlink()
+    with pytest.warns(UserWarning, match="'val' left out: no flickr8kval.txt"):
+        assert main(["flickr8k_cn", "--src", str(src), "--out", str(tmp_path / "out"), *SMALL]) == 0
+    assert "left out: val (no flickr8kval.txt" in capsys.readouterr().out
+    manifest = read_manifest(tmp_path / "out")
+    assert list(manifest["splits"]) == ["train", "test"]
+    check_split(tmp_path / "out", manifest, "test", ["测试"], {})
+    for split in ("train", "test"):
+        (src / f"flickr8k{split}.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="no Flickr8k-CN split list"):
+        convert("flickr8k_cn", src, tmp_path / "none")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,6 +459,12 @@ def test_flickr30k_clean_caption():
     assert clean_caption("穿 T 恤 的 New York 人") == "穿T恤的New York人"
     assert clean_caption("比分:n ::wm 3:m") == "比分:3"
     assert clean_caption("  ") == ""
+    # train/val: two or more spaces mark where a Chinese comma was removed
+    assert clean_caption("两 个 男人  一个 穿 绿色 衬衫  另 一个 穿 白色 衬衫 。") == "两个男人，一个穿绿色衬衫，另一个穿白色衬衫。"
+    assert clean_caption("一 只 狗 在 雪地 里 奔跑   嘴里 叼 着 一 根 棍子") == "一只狗在雪地里奔跑，嘴里叼着一根棍子"
+    assert clean_caption("一个 女人 ，  手里 拿 着 伞 。  ") == "一个女人，手里拿着伞。"  # punctuation already there
+    assert clean_caption("穿 着 T 恤  戴 着 NBA 帽子 的 男孩") == "穿着T恤，戴着NBA帽子的男孩"
+    assert clean_caption("一个:m 男人:n  骑:v 车:n") == "一个男人，骑车"
 
 
 def test_flickr30k_cn(tmp_path):
@@ -310,6 +481,7 @@ def test_flickr30k_cn(tmp_path):
         "1001#zhb#0 一个 男人 在 骑 自行车", "1001#zhb#1 一个 男人 在 骑 自行车",
         "1002#zhb#0 两 只 狗", "1002#zhb#1  ", "1002#zhb#x 坏行",
         "1004#zhb#0 截断", "1005#zhb#0 没有 图", "1006#zhb#0 太 小", "1003#zhb#0 时间 是 12:30",
+        "1002#zhb#2 两 只 狗 在 草地 上 玩耍  一 只 是 黑色 的  一 只 是 白色 的",
     ])
     # a layout whose file names differ from the documented ones: found by glob
     val = src / "flickr30k_cn_val"
@@ -320,11 +492,16 @@ def test_flickr30k_cn(tmp_path):
     write_lines(test / "TextData" / "seg.flickr30kzhmbosontest.caption.txt",
                 ["1001#zhm#0 一个:m 男人:n 骑:v 车:n", "1002#zhm#0 不在 测试 集"])
     manifest = convert("flickr30k_cn", src, out)
-    check_split(out, manifest, "train", ["一个男人在骑自行车", "两只狗", "时间是12:30"],
+    check_split(out, manifest, "train", ["一个男人在骑自行车", "两只狗", "时间是12:30",
+                                         "两只狗在草地上玩耍，一只是黑色的，一只是白色的"],
                 dict(duplicate_pair=1, empty_caption=1, malformed_row=1, undecodable_image=1, missing_image=1,
                      too_small=1, missing_caption=1))  # 1007: listed, no caption
     check_split(out, manifest, "val", ["验证句子"], {})
     check_split(out, manifest, "test", ["一个男人骑车"], {})
+    shutil.rmtree(val)  # a split folder missing: the others converted, it is named
+    with pytest.warns(UserWarning, match="'val' left out"):
+        manifest = convert("flickr30k_cn", src, tmp_path / "no_val")
+    assert list(manifest["splits"]) == ["train", "test"] and list(manifest["missing_splits"]) == ["val"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,10 @@
 
 Raw layout: `{split}_imgs.tsv` (`image_id<TAB>base64`) and `{split}_texts.jsonl` with lines
 `{"text_id": 8428, "text": "...", "image_ids": [1076345, 517602]}` for split in train, valid,
-test (names kept as the release has them). One text may belong to several images: each
+test (names kept as the release has them), and any other split the folder holds as the same
+pair of files: `test2_imgs.tsv` + `test2_texts.jsonl` becomes split `test2` (choose it with
+`data.splits.test=test2`); such an extra split with only one of its two files is left out,
+warned. One text may belong to several images: each
 (image, text) pair is a row. A text with no image ids (as on test) counts as missing_image,
 an image that no text names as missing_caption.
 """
@@ -10,12 +13,15 @@ an image that no text names as missing_caption.
 from __future__ import annotations
 
 import json
+import re
 
-from t2i.data.convert.common import index_tsv, read_lines, require_dir
+from t2i.data.convert.common import MissingSplit, index_tsv, read_lines, require_dir
 from t2i.data.shards import Row, Skip
 
 DESCRIPTION = "Chinese-CLIP layout"
-SPLITS = ("train", "valid", "test")
+SPLITS = ("train", "valid", "test")  # first, in this order; other names found in the folder follow
+SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # usable in shard file names and sample keys
+SUFFIXES = ("_imgs.tsv", "_texts.jsonl")
 
 
 def add_arguments(parser):
@@ -24,13 +30,21 @@ def add_arguments(parser):
 
 def read_splits(args) -> dict:
     src = require_dir(args.src)
+    found = {path.name[: -len(suffix)] for suffix in SUFFIXES for path in src.glob(f"*{suffix}") if path.is_file()}
     splits = {}
-    for split in SPLITS:
+    for split in [*SPLITS, *sorted(found - set(SPLITS))]:
         images, texts = src / f"{split}_imgs.tsv", src / f"{split}_texts.jsonl"
         if images.is_file() and texts.is_file():
+            if not SPLIT_NAME.fullmatch(split):
+                splits[split] = MissingSplit(f"{split!r} is not usable as a split name (letters, digits, _ and -): "
+                                             f"rename {images.name} and {texts.name}")
+                continue
             splits[split] = _rows(images, texts)
         elif images.is_file() or texts.is_file():
             missing = texts.name if images.is_file() else images.name
+            if split not in SPLITS:  # an extra file beside the release: say so, convert the rest
+                splits[split] = MissingSplit(f"{missing} is missing in {src}")
+                continue
             raise FileNotFoundError(f"Chinese-CLIP {split}: {missing} is missing in {src} (--src)")
     return splits
 

@@ -3,7 +3,8 @@
 Raw layout: `coco-cn_{train,val,test}.txt` (one image id per line) and
 `imageid.human-written-caption.txt` with lines `<image_id>#<n><TAB>sentence`
 (`--captions translated`: `imageid.manually-translated-caption.txt`, same format, test images
-only; splits none of whose images it covers are left out). Images come from the MS-COCO
+only; splits none of whose images it covers are left out, warned). A split whose id list is not
+in the folder is left out (warned, and named in the summary). Images come from the MS-COCO
 download: `COCO_train2014_000000123456` is `train2014/COCO_train2014_000000123456.jpg` under
 `--coco`. One row per caption; caption lines of images in no split list are ignored.
 """
@@ -11,10 +12,9 @@ download: `COCO_train2014_000000123456` is `train2014/COCO_train2014_00000012345
 from __future__ import annotations
 
 import re
-import warnings
 from pathlib import Path
 
-from t2i.data.convert.common import caption_rows, find_file, read_captions, read_ids, require_dir
+from t2i.data.convert.common import MissingSplit, caption_rows, find_file, read_captions, read_ids, require_dir
 
 DESCRIPTION = "COCO-CN"
 SPLITS = ("train", "val", "test")
@@ -33,13 +33,20 @@ def add_arguments(parser):
 
 def read_splits(args) -> dict:
     src = require_dir(args.src)
+    lists = {split: src / f"coco-cn_{split}.txt" for split in SPLITS}
+    if not any(path.is_file() for path in lists.values()):
+        raise FileNotFoundError(f"no COCO-CN split list ({', '.join(p.name for p in lists.values())}) in {src} (--src)")
     coco = _coco_dir(src, args.coco)
     captions = read_captions(find_file(src, "--src", "COCO-CN captions", [CAPTION_FILES[args.captions]]))
     splits = {}
-    for split in SPLITS:
-        ids = read_ids(find_file(src, "--src", f"COCO-CN {split} list", [f"coco-cn_{split}.txt"]))
+    for split, id_list in lists.items():
+        if not id_list.is_file():
+            splits[split] = MissingSplit(f"no {id_list.name} in {src}")
+            continue
+        ids = read_ids(id_list)
         if args.captions != "human" and not any(i in captions for i in ids):
-            warnings.warn(f"COCO-CN {split}: no {args.captions} captions for its images; split left out")
+            splits[split] = MissingSplit(f"the {args.captions} captions ({CAPTION_FILES[args.captions]}) "
+                                         "cover none of its images")
             continue
         splits[split] = caption_rows(ids, captions, lambda image_id: _image_path(coco, image_id))
     return splits

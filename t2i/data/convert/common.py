@@ -4,9 +4,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from t2i.data.shards import IMAGE_EXTENSIONS, Row, Skip, TsvRef
+
+
+@dataclass(frozen=True)
+class MissingSplit:
+    """A split `read_splits` could not convert (its file is not in the release, its captions do not
+    cover it, ...): `convert` leaves it out, warns and names it with `reason` in the summary."""
+
+    reason: str
+
+
+@dataclass
+class Prompts:
+    """A split of texts without images (a test file `idx<TAB>text`): `convert` writes the texts as a
+    prompts file, `<out>/prompts/<split>.txt` (one per line, for `eval.py task=generate
+    prompts_file=...`), with their ids in the same order in `<split>.ids.txt`.
+
+    `items` yields (id, text) pairs or Skips; `source` names the file read.
+    """
+
+    items: Iterable[tuple[str, str] | Skip]
+    source: str
 
 
 def require_dir(path: str | Path | None, option: str = "--src") -> Path:
