@@ -47,7 +47,8 @@ quickstart: $(STAMP)
 		--vqgan $(RUNS)/vqgan/checkpoints/last.ckpt
 	$(PY) -m t2i.data.shards $(DATA)/shapes_codes
 	$(PY) train.py experiment=shapes trainer.max_steps=$(GPT_STEPS) paths.data_dir=$(DATA) hydra.run.dir=$(RUNS)/gpt
-	$(PY) eval.py task=generate ckpt=$(GPT) prompts_file=experiments/prompts/shapes.txt hydra.run.dir=$(RUNS)/generate
+	$(PY) eval.py task=generate ckpt=$(GPT) prompts_file=experiments/prompts/shapes.txt sampling.samples_per_prompt=4 \
+		hydra.run.dir=$(RUNS)/generate
 	$(PY) eval.py ckpt=$(GPT) $(EVAL) eval.rerank=4 hydra.run.dir=$(RUNS)/eval
 	$(PY) eval.py ckpt=$(GPT) $(EVAL) sampling.guidance_scale=1 hydra.run.dir=$(RUNS)/eval_no_guidance
 	@cat $(RUNS)/oracle/results.json | $(PY) -c "import json,sys; print('oracle on real test images:', json.load(sys.stdin)['accuracy'])"
