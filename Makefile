@@ -39,7 +39,7 @@ quickstart: $(STAMP)
 	$(PY) train.py stage=tokenizer data=shapes paths.data_dir=$(DATA) hydra.run.dir=$(RUNS)/tokenizer
 	$(PY) -m t2i.data.shards $(DATA)/shapes
 	$(PY) eval.py task=oracle data=shapes paths.data_dir=$(DATA) hydra.run.dir=$(RUNS)/oracle
-	$(PY) train.py experiment=vqgan_shapes trainer.max_steps=$(VQGAN_STEPS) stage.decay_steps=$(VQGAN_STEPS) \
+	$(PY) train.py experiment=vqgan_shapes trainer.max_steps=$(VQGAN_STEPS) \
 		paths.data_dir=$(DATA) hydra.run.dir=$(RUNS)/vqgan
 	$(PY) eval.py task=reconstruct ckpt=$(RUNS)/vqgan/checkpoints/last.ckpt data=shapes split=val \
 		paths.data_dir=$(DATA) hydra.run.dir=$(RUNS)/vqgan/eval

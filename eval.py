@@ -63,8 +63,6 @@ def reconstruct(cfg: DictConfig, fabric: Fabric) -> dict:
     if not cfg.ckpt:
         raise ValueError("task=reconstruct needs ckpt=PATH (a VQGAN checkpoint; a taming one also needs vqgan=<config>)")
     vqgan = OmegaConf.to_container(cfg.vqgan, resolve=True) if cfg.get("vqgan") else None
-    if vqgan is not None:
-        vqgan.pop("init_ckpt", None)
     model = load_vqgan(cfg.ckpt, VQGANConfig(**vqgan) if vqgan else None)
     dm = ShardDataModule(OmegaConf.to_container(cfg.data, resolve=True))
     metrics = reconstruction_metrics(model, dm.loader(cfg.split), dm.on_after_batch_transfer, device=fabric.device,
