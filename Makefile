@@ -39,7 +39,7 @@ quickstart: $(STAMP)
 	$(PY) train.py stage=tokenizer data=shapes paths.data_dir=$(DATA) hydra.run.dir=$(RUNS)/tokenizer
 	$(PY) -m t2i.data.shards $(DATA)/shapes
 	$(PY) eval.py task=oracle data=shapes paths.data_dir=$(DATA) hydra.run.dir=$(RUNS)/oracle
-	$(PY) train.py experiment=vqgan_shapes trainer.max_steps=$(VQGAN_STEPS) stage.decay_steps=$(VQGAN_STEPS) \
+	$(PY) train.py experiment=vqgan_shapes trainer.max_steps=$(VQGAN_STEPS) \
 		paths.data_dir=$(DATA) hydra.run.dir=$(RUNS)/vqgan
 	$(PY) eval.py task=reconstruct ckpt=$(RUNS)/vqgan/checkpoints/last.ckpt data=shapes split=val \
 		paths.data_dir=$(DATA) hydra.run.dir=$(RUNS)/vqgan/eval
@@ -47,7 +47,8 @@ quickstart: $(STAMP)
 		--vqgan $(RUNS)/vqgan/checkpoints/last.ckpt
 	$(PY) -m t2i.data.shards $(DATA)/shapes_codes
 	$(PY) train.py experiment=shapes trainer.max_steps=$(GPT_STEPS) paths.data_dir=$(DATA) hydra.run.dir=$(RUNS)/gpt
-	$(PY) eval.py task=generate ckpt=$(GPT) prompts_file=experiments/prompts/shapes.txt hydra.run.dir=$(RUNS)/generate
+	$(PY) eval.py task=generate ckpt=$(GPT) prompts_file=experiments/prompts/shapes.txt sampling.samples_per_prompt=4 \
+		hydra.run.dir=$(RUNS)/generate
 	$(PY) eval.py ckpt=$(GPT) $(EVAL) eval.rerank=4 hydra.run.dir=$(RUNS)/eval
 	$(PY) eval.py ckpt=$(GPT) $(EVAL) sampling.guidance_scale=1 hydra.run.dir=$(RUNS)/eval_no_guidance
 	@cat $(RUNS)/oracle/results.json | $(PY) -c "import json,sys; print('oracle on real test images:', json.load(sys.stdin)['accuracy'])"

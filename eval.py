@@ -33,13 +33,15 @@ from t2i.eval.reconstruction import reconstruction_metrics
 from t2i.eval.text_to_image import (
     CaptionScorer,
     EvalConfig,
+    PromptSet,
     evaluate,
     markdown_table,
     prompt_loader,
+    select_prompts,
     warn_unavailable,
 )
 from t2i.models.vqgan import VQGANConfig, load_vqgan
-from t2i.sampling import Generator, resolve_sampling, save_captioned_grid
+from t2i.sampling import Generator, SamplingConfig, resolve_sampling, save_captioned_grid
 
 log = logging.getLogger("eval")
 
@@ -62,13 +64,22 @@ def reconstruct(cfg: DictConfig, fabric: Fabric) -> dict:
     if not cfg.ckpt:
         raise ValueError("task=reconstruct needs ckpt=PATH (a VQGAN checkpoint; a taming one also needs vqgan=<config>)")
     vqgan = OmegaConf.to_container(cfg.vqgan, resolve=True) if cfg.get("vqgan") else None
-    if vqgan is not None:
-        vqgan.pop("init_ckpt", None)
     model = load_vqgan(cfg.ckpt, VQGANConfig(**vqgan) if vqgan else None)
     dm = ShardDataModule(OmegaConf.to_container(cfg.data, resolve=True))
     metrics = reconstruction_metrics(model, dm.loader(cfg.split), dm.on_after_batch_transfer, device=fabric.device,
                                      oracle=cfg.data.name == "shapes")
     return {"task": "reconstruct", "ckpt": str(cfg.ckpt), "data": cfg.data.name, "split": cfg.split, **metrics}
+
+
+def sampling_options(cfg: DictConfig, generator: Generator) -> tuple[SamplingConfig, int]:
+    """(the sampling options, the sequences per sampling batch): those given on the command line, then
+    the checkpoint's (what its training grids used), then SamplingConfig's defaults."""
+    options = OmegaConf.to_container(cfg.sampling, resolve=True)
+    batch_size = options.pop("batch_size", None)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"sampling.batch_size must be an integer >= 1 (sequences per sampling batch), "
+                         f"got {batch_size}")
+    return resolve_sampling(options, generator.record.sampling), batch_size
 
 
 def generate(cfg: DictConfig, fabric: Fabric) -> dict:
@@ -81,10 +92,10 @@ def generate(cfg: DictConfig, fabric: Fabric) -> dict:
     if not prompts:
         raise ValueError("task=generate needs prompts=[...] or prompts_file=PATH")
     generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device)
-    sampling = resolve_sampling(OmegaConf.to_container(cfg.sampling, resolve=True), generator.record.sampling)
+    sampling, batch_size = sampling_options(cfg, generator)
     text_ids = generator.tokenizer(prompts)  # what the model receives, recorded for inspection
-    codes = generator.sample_codes(prompts, sampling, batch_size=cfg.batch_size)
-    images = generator.decode(codes, cfg.batch_size)
+    codes = generator.sample_codes(prompts, sampling, batch_size=batch_size)
+    images = generator.decode(codes, batch_size)
     out = Path(HydraConfig.get().runtime.output_dir) / "samples"
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "codes.npy", codes.cpu().numpy().astype(np.int64))  # [prompts x samples, h, w]
@@ -107,19 +118,29 @@ def text_to_image(cfg: DictConfig, fabric: Fabric) -> dict | None:
     if not cfg.ckpt:
         raise ValueError("eval.py needs ckpt=PATH (a GPT checkpoint from stage=gpt)")
     options = OmegaConf.to_container(cfg.eval, resolve=True)
+    moved = {"samples_per_prompt": "sampling.samples_per_prompt", "batch_size": "sampling.batch_size"}
+    if set(options) & set(moved):
+        raise ValueError("; ".join(f"eval.{key} is now {moved[key]}" for key in sorted(set(options) & set(moved)))
+                         + " (one setting for task=generate and evaluation)")
     eval_cfg = EvalConfig(**{k: options[k] for k in EvalConfig.__dataclass_fields__})
     dm = ShardDataModule(OmegaConf.to_container(cfg.data, resolve=True))
     # The data is checked before other processes start, models load and sampling begins.
-    loader, num_prompts = prompt_loader(dm, cfg.split, options["num_prompts"])
+    prompts = select_prompts(dm, cfg.split, options["num_prompts"], options["caption_seed"])
+    per_prompt = cfg.sampling.samples_per_prompt
+    if per_prompt is None:
+        raise ValueError("sampling.samples_per_prompt=null: evaluation needs a number of images per prompt")
     if options["fid"]:
         if dm.cfg.kind() == "codes":
             raise ValueError(f"FID needs the split's real images: evaluate on image shards (e.g. data=shapes, not "
                              f"data={dm.cfg.name}), or set eval.fid=false")
-        check_image_counts(num_prompts, num_prompts * eval_cfg.samples_per_prompt, str(options["fid_layer"]),
+        check_image_counts(prompts.images, prompts.images * per_prompt, str(options["fid_layer"]),
                            options["isc_splits"])
     fabric.launch()  # with several devices: starts the other processes, each running this script
     generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device)
-    sampling = resolve_sampling(OmegaConf.to_container(cfg.sampling, resolve=True), generator.record.sampling)
+    sampling, batch_size = sampling_options(cfg, generator)
+    # a loader batch is one sampling batch: its prompts' candidates, samples_per_prompt x rerank each
+    prompts_per_batch = max(1, batch_size // (sampling.samples_per_prompt * eval_cfg.rerank))
+    loader = prompt_loader(dm, prompts, prompts_per_batch, fabric.global_rank, fabric.world_size)
     scorer, caption_model = CaptionScorer.for_generator(generator, options["caption_ckpt"])
     if scorer is None:
         warn_unavailable(caption_model)
@@ -127,16 +148,17 @@ def text_to_image(cfg: DictConfig, fabric: Fabric) -> dict | None:
             log.warning("eval.rerank=%d ignored: no captioning model", eval_cfg.rerank)
             eval_cfg.rerank = 1
     out = Path(HydraConfig.get().runtime.output_dir)
-    fidelity = _fidelity_factory(cfg, dm, num_prompts, fabric) if options["fid"] else None
+    fidelity = _fidelity_factory(cfg, dm, prompts, sampling.samples_per_prompt, fabric) if options["fid"] else None
     logger = None
     if fabric.is_global_zero and cfg.get("logger"):
         logger = instantiate(cfg.logger)
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # the resolved config (W&B: the run config)
-    results = evaluate(generator, loader, sampling, eval_cfg, out, scorer, fidelity, logger)
+    results = evaluate(generator, loader, sampling, eval_cfg, out, scorer, fidelity, logger,
+                       seeds=prompts.seeds(sampling.seed), batch_size=batch_size)
     if results is None:  # not the main process
         return None
     results = {"task": "t2i", "name": cfg.name or Path(cfg.ckpt).resolve().parent.parent.name, "ckpt": str(cfg.ckpt),
-               "data": cfg.data.name, "split": cfg.split, **results}
+               "data": cfg.data.name, "split": cfg.split, "prompt_set": prompts.protocol(), **results}
     if scorer is None:
         results["caption_loss_unavailable"] = caption_model
     else:
@@ -147,15 +169,19 @@ def text_to_image(cfg: DictConfig, fabric: Fabric) -> dict | None:
     return results
 
 
-def _fidelity_factory(cfg: DictConfig, dm: ShardDataModule, num_prompts: int, fabric: Fabric):
-    """FID/IS accumulators; the real statistics are cached per (shards, split, size, prompts, layer, weights)."""
+def _fidelity_factory(cfg: DictConfig, dm: ShardDataModule, prompts: PromptSet, samples_per_prompt: int,
+                      fabric: Fabric):
+    """FID/IS accumulators; the real statistics are cached per (shards, split, size, which images, layer, weights)."""
     options = cfg.eval
     layer = str(options.fid_layer)  # eval.fid_layer=64 arrives as an int
     inception = InceptionFeatures([layer, IS_LAYER], options.inception_weights, fabric.device)
     manifest = hashlib.sha256(json.dumps(dm.cfg.manifest(), sort_keys=True, default=str).encode()).hexdigest()
-    # "first-N": the first N samples of the split (earlier versions mixed in samples from further on)
-    key = f"manifest={manifest}|split={cfg.split}|size={dm.cfg.image_size}|images=first-{num_prompts}"
-    return lambda: FidelityAccumulator(inception, options.stats_cache, key, layer, options.isc_splits)
+    # the real images: each distinct image of the prompts once (earlier versions counted every caption
+    # row's image, or mixed in samples from further on)
+    key = f"manifest={manifest}|split={cfg.split}|size={dm.cfg.image_size}|images={prompts.real_set()}"
+    counts = {"captions_available": prompts.captions_available, "caption_choice": prompts.protocol()["caption_choice"]}
+    return lambda: FidelityAccumulator(inception, options.stats_cache, key, layer, options.isc_splits,
+                                       generated_per_real=samples_per_prompt, protocol=counts)
 
 
 TASKS = {"t2i": text_to_image, "generate": generate, "reconstruct": reconstruct, "oracle": oracle_on_real_images}

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.loggers import WandbLogger
@@ -49,12 +51,28 @@ def make_logger(cfg: DictConfig, ckpt_path: str | None):
     return instantiate(cfg.logger, **resume)
 
 
+def refuse_local_processes_in_multirun(trainer: L.Trainer) -> None:
+    """Stop a Hydra multirun (-m) job that would start this machine's other processes itself.
+
+    Lightning starts them by running the command line again, -m and the whole sweep included, so
+    every one of them would run every job of the sweep (Lightning-AI/pytorch-lightning#18175).
+    Processes started by SLURM (hydra/launcher=slurm) or torchrun are fine.
+    """
+    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+        return
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if trainer.num_devices > 1 and environment is not None and not environment.creates_processes_externally:
+        raise RuntimeError(
+            f"a multirun (-m) job with trainer.devices={trainer.num_devices} local processes: Lightning would start "
+            f"the other {trainer.num_devices - 1} by running this command again, -m included, and each of them would "
+            "run the whole sweep (Lightning-AI/pytorch-lightning#18175). Sweep with hydra/launcher=slurm (SLURM starts "
+            "each job's processes: pip install -e '.[sweeps]'), or run the jobs one at a time without -m "
+            "(python train.py <overrides> trainer.devices=N, or under torchrun), or sweep with trainer.devices=1")
+
+
 def train_lightning_stage(cfg: DictConfig) -> dict:
     options = instantiate(cfg.trainer, _convert_="all")  # presets may hold objects (the fsdp strategy)
     check_devices(options["accelerator"], options["devices"])
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule = ShardDataModule(OmegaConf.to_container(cfg.data, resolve=True))
-    stage = LIGHTNING_STAGES[cfg.stage.name].from_config(cfg, datamodule)
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
     ckpt_path = cfg.ckpt_path
     if ckpt_path == "last":  # resolved here (as Lightning would) so the W&B run id comes from the same file
@@ -66,10 +84,16 @@ def train_lightning_stage(cfg: DictConfig) -> dict:
     if ckpt_path is None and SLURMEnvironment.detect():  # a requeued job: Lightning resumes from hpc_ckpt_N.ckpt
         resumed_from = hpc_checkpoint(options["default_root_dir"])
     logger = make_logger(cfg, resumed_from)
-    if logger:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # the resolved config (W&B: the run config)
     trainer = L.Trainer(**options, logger=logger, callbacks=callbacks,
                         plugins=[AtomicCheckpointIO()])  # a killed run never leaves a truncated checkpoint
+    refuse_local_processes_in_multirun(trainer)  # before anything is built or logged
+    if logger:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # the resolved config (W&B: the run config)
+    # the same seed in every process: the same initial weights (FSDP shards them without a broadcast);
+    # ResumeState seeds each process for its rank when training starts
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = ShardDataModule(OmegaConf.to_container(cfg.data, resolve=True))
+    stage = LIGHTNING_STAGES[cfg.stage.name].from_config(cfg, datamodule)
     trainer.fit(stage, datamodule=datamodule, ckpt_path=ckpt_path)
     if isinstance(logger, WandbLogger):  # the next job of a multirun (same process) must start its own run
         logger.experiment.finish()

@@ -78,7 +78,7 @@ def recompute_estimate(model: GPT, text: torch.Tensor, cfg: SamplingConfig, step
     followed by the same sampling of the last position.
     """
     gpt = model.cfg
-    prefix = model.t2i_prefix(text)
+    prefix = model.layout.prefix(text)
     codes = torch.randint(0, gpt.n_image_codes, (len(text), gpt.image_len - 1), device=device)
     full = torch.cat([prefix, codes], 1)
     lengths = torch.linspace(prefix.shape[1], full.shape[1], steps).round().long().unique().tolist()
@@ -228,7 +228,7 @@ def profile(model: GPT, steps: int, device: str, rows: int) -> None:
     steps = min(steps, model.cfg.image_len - 1)
     options = {"head_rows": head_rows_read(model)}  # as generate_codes calls it
     cache = model.new_cache(1)
-    prefix = model.t2i_prefix(prompts(model, 1, device))
+    prefix = model.layout.prefix(prompts(model, 1, device))
     new = torch.zeros(1, 1, dtype=torch.long, device=device)
     with torch.no_grad():
         model(prefix, cache)

@@ -1,67 +1,144 @@
 """Lightning callbacks the configs instantiate (conf/callbacks/), and the pieces train.py resumes runs with:
-the atomic checkpoint writer, `ckpt_path=last`, the W&B run id kept in checkpoints."""
+the atomic checkpoint writer, `ckpt_path=last`, the W&B run id kept in checkpoints; and the Hydra callback
+(conf/hydra/default.yaml) that checks a SLURM sweep's request before anything is submitted."""
 
 from __future__ import annotations
 
 import os
 import random
+import warnings
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
+from hydra.experimental.callback import Callback as HydraCallback
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
+from omegaconf import DictConfig
 
 WANDB_RUN_ID = "wandb_run_id"  # checkpoint key: the W&B run a resumed run continues
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint whose `last.ckpt` always holds the final state of a run.
+    """ModelCheckpoint whose `last.ckpt` always holds the newest state of a run.
 
-    Lightning writes last.ckpt after each validation and, at the end of training, only when no
-    last.ckpt was written before: a run that reaches max_steps between two validations would end
-    with last.ckpt at the earlier validation, and sampling or resuming from it would lose the steps
-    after that.
+    Lightning's own `save_last` writes last.ckpt only together with another checkpoint (a validation
+    that improved the monitored metric, every_n_train_steps, ...) and, at the end of training, only when
+    it never wrote one: a run killed after a validation that did not improve, or one that reaches
+    max_steps between two validations, would leave last.ckpt at an earlier step, and sampling or
+    resuming from it would lose the steps after that. Here last.ckpt is written by this class, through
+    Lightning's public `trainer.save_checkpoint`: after every validation, with every other checkpoint
+    the callback writes, at the end of an epoch without validation, and at the end of training;
+    never twice for one step. (`save_last="link"` writes a file too.)
     """
 
+    def __init__(self, *args, save_last: bool | str | None = None, **kwargs):
+        super().__init__(*args, save_last=False, **kwargs)  # last.ckpt is this class's
+        self.keep_last = bool(save_last)
+        self._last_step: int | None = None  # the global step last.ckpt holds, once this process wrote it
+        self._saved_step: int | None = None  # the global step of the newest checkpoint written
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._saved_step = trainer.global_step  # every trainer.save_checkpoint: the top-k ones as well
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._saved_step == trainer.global_step:  # every_n_train_steps / train_time_interval saved
+            self.save_last_checkpoint(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._saved_step == trainer.global_step:  # an epoch-end checkpoint (runs without validation)
+            self.save_last_checkpoint(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self.save_last_checkpoint(trainer)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.save_last and trainer.global_step != self._last_global_step_saved:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)
+        self.save_last_checkpoint(trainer)
+
+    def save_last_checkpoint(self, trainer: L.Trainer) -> None:
+        """Write last.ckpt unless it holds this step already (collective: every process calls it)."""
+        if not self.keep_last or self._last_step == trainer.global_step or trainer.fast_dev_run \
+                or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        metrics = {**trainer.callback_metrics, "epoch": torch.tensor(trainer.current_epoch),
+                   "step": torch.tensor(trainer.global_step)}
+        path = self.format_checkpoint_name(metrics, self.CHECKPOINT_NAME_LAST)
+        previous, self.last_model_path = self.last_model_path, path  # set first: it is part of the saved state
+        trainer.save_checkpoint(path, self.save_weights_only)
+        self._last_step = trainer.global_step
+        if previous and previous != path:  # a CHECKPOINT_NAME_LAST with a step in it
+            trainer.strategy.remove_checkpoint(previous)
 
 
 class ResumeState(Callback):
-    """Keeps in checkpoints what an exact resume needs beyond Lightning's own state.
+    """Keeps in checkpoints what an exact resume needs beyond Lightning's own state, and gives every
+    process its own random streams.
 
-    * The random generators (torch, CUDA, numpy, Python): dropout and conditioning dropout draw
-      from torch's global generator. They are put back when training starts, just before the
-      first resumed step, so nothing the resumed run does while setting up (building the model,
-      the loaders) shifts them. Rank 0's states are saved and every rank gets them back; train.py
-      seeds all ranks alike, so their states do not differ anyway.
+    * The random generators (torch, CUDA, numpy, Python) of every process: dropout, conditioning
+      dropout and pkeep draw from them. When training starts each process seeds them from (`seed`,
+      its rank), so no two processes draw the same masks (train.py seeds all processes alike before,
+      for identical initial weights). Each checkpoint keeps every process's states (gathered: only
+      rank 0 writes), and a resumed run gives each process its own back, just before the first
+      resumed step, so nothing the resumed run does while setting up shifts them. A checkpoint of
+      fewer processes has no states for the others: those are seeded afresh.
     * The W&B run id, for train.py to continue that run (`saved_wandb_run_id`).
     """
 
-    def __init__(self):
-        self._saved_rng: dict | None = None
+    def __init__(self, seed: int | None = None):
+        self.seed = seed  # None: no seeding per process (the generators stay as they are)
+        self._saved_rng: list[dict] | None = None
 
     def state_dict(self) -> dict:
-        return {"rng": rng_states()}
+        # called on every process while a checkpoint is assembled (trainer.save_checkpoint is collective)
+        states = rng_states()
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, states)
+            return {"rng": gathered}
+        return {"rng": [states]}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._saved_rng = state_dict.get("rng")
+        saved = state_dict.get("rng")
+        self._saved_rng = [saved] if isinstance(saved, dict) else saved  # a dict: rank 0's (older checkpoints)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._saved_rng is not None:
-            set_rng_states(self._saved_rng)
-            self._saved_rng = None
+        rank = trainer.global_rank
+        if self._saved_rng is not None and rank < len(self._saved_rng):
+            if len(self._saved_rng) != trainer.world_size and rank == 0:
+                warnings.warn(f"the checkpoint holds the random states of {len(self._saved_rng)} processes, this run "
+                              f"has {trainer.world_size}: the random streams do not continue exactly")
+            set_rng_states(self._saved_rng[rank])
+        elif self.seed is not None:
+            seed_process(self.seed, rank)
+        self._saved_rng = None
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if trainer.is_global_zero:  # only rank 0 writes checkpoints, and only it has the W&B run
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
                     checkpoint[WANDB_RUN_ID] = logger.experiment.id
+
+
+def process_seed(seed: int, rank: int) -> int:
+    """A 32-bit seed for process `rank` of a run seeded with `seed`: different for every (seed, rank)
+    pair (seed + rank would give rank 1 of seed 0 the streams of rank 0 of seed 1)."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def seed_process(seed: int, rank: int) -> None:
+    """Seed this process's torch (CPU and CUDA), numpy and Python generators for its rank."""
+    value = process_seed(seed, rank)
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)  # every CUDA device too
 
 
 def rng_states() -> dict:
@@ -141,3 +218,28 @@ def saved_wandb_run_id(path: str | Path) -> str | None:
     # mmap: the small entries are read without loading the weights
     checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     return checkpoint.get(WANDB_RUN_ID)
+
+
+class SlurmRequestCheck(HydraCallback):
+    """Hydra callback (conf/hydra/default.yaml): before a sweep submits anything through
+    hydra/launcher=slurm, refuse a request SLURM cannot take.
+
+    The launcher asks for trainer.devices tasks and GPUs per node; trainer=ddp says devices=-1 ("every
+    GPU of this machine"), which the submitting machine cannot know for the compute nodes. The sweep
+    stops with a message naming the setting, before the launcher submits anything.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        launcher = config.hydra.get("launcher")
+        if launcher is None or not str(launcher.get("_target_", "")).endswith("SlurmLauncher"):
+            return
+        for key, setting in (("nodes", "trainer.num_nodes"), ("tasks_per_node", "trainer.devices"),
+                             ("gpus_per_node", "trainer.devices")):
+            value = launcher.get(key)
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                # SystemExit: Hydra turns a callback's exceptions into warnings and would submit anyway
+                raise SystemExit(
+                    f"error: hydra/launcher=slurm would ask SLURM for {key}={value} ({setting}={value}): set {setting} "
+                    f"to the count per node, e.g. trainer.devices=8 for nodes of 8 GPUs (one task per GPU; devices=-1 "
+                    f"means every GPU of the machine it runs on, which the sweep cannot know when it submits), or "
+                    f"set hydra.launcher.{key} yourself")

@@ -12,7 +12,9 @@ other prompts share its batch or its process.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +132,21 @@ def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cach
     return codes
 
 
+def prompt_seeds(seed: int, prompts: Sequence[str]) -> list[int]:
+    """Per prompt, its sampling seed from (seed, its text, how many times that text came before it).
+
+    The same prompt and seed give the same images in any batch, process or task (task=generate,
+    an evaluation grid); a prompt repeated in one run gets new images at each repeat.
+    """
+    seen: Counter[str] = Counter()
+    seeds = []
+    for prompt in prompts:
+        digest = hashlib.sha256(f"{seed}|{seen[prompt]}|{prompt}".encode()).digest()
+        seeds.append(int.from_bytes(digest[:8], "little") >> 1)  # below 2**63: any torch generator takes it
+        seen[prompt] += 1
+    return seeds
+
+
 class Generator:
     """A trained GPT with its tokenizer and VQGAN: prompts in, codes and images out.
 
@@ -157,12 +174,13 @@ class Generator:
                      seeds: Sequence[int] | None = None) -> torch.Tensor:
         """Codes [len(prompts) * samples_per_prompt, h, w], the samples of a prompt adjacent.
 
-        Prompt i is sampled with seeds[i], by default cfg.seed + i: the codes do not depend on batch_size.
+        Prompt i is sampled with seeds[i], by default prompt_seeds(cfg.seed, prompts): the codes do not
+        depend on batch_size.
         """
         if any(not p.strip() for p in prompts):
             warnings.warn("an empty prompt generates unconditionally (the null text)")
         if seeds is None and cfg.seed is not None:
-            seeds = [cfg.seed + i for i in range(len(prompts))]
+            seeds = prompt_seeds(cfg.seed, prompts)
         h, w = self.record.grid
         codes = []
         per_batch = max(1, batch_size // cfg.samples_per_prompt)

@@ -1,5 +1,6 @@
-"""python eval.py trainer.devices=2: two CPU processes (gloo) give the one-process results, and only
-the main one writes and logs (W&B offline, read back from the run file)."""
+"""python eval.py trainer.devices=2: two CPU processes (gloo), their data workers started with spawn
+(as on macOS and in Python 3.14 on Linux), give the one-process results, and only the main one
+writes and logs (W&B offline, read back from the run file)."""
 
 import itertools
 import json
@@ -16,6 +17,15 @@ from t2i.data.datamodule import DataConfig
 
 REPO = Path(__file__).parents[1]
 PROMPTS, SAMPLES, RERANK, GRID_PROMPTS = 7, 2, 2, 3  # 7 prompts: 3 on rank 0, 4 on rank 1
+
+# Imported by every Python process that finds it on PYTHONPATH (the eval processes and their data
+# workers): makes spawn the start method, and leaves a file for each spawned worker.
+SPAWN_EVERYWHERE = """
+import multiprocessing, os, pathlib, sys
+multiprocessing.set_start_method("spawn", force=True)
+if "--multiprocessing-fork" in sys.orig_argv:
+    pathlib.Path(os.environ["SPAWNED_WORKERS"], str(os.getpid())).write_text("")
+"""
 
 
 def _evaluate(args, out, env):
@@ -41,16 +51,22 @@ def runs(codes_root, gpt_run, inception_weights, tmp_path_factory):
     """The same evaluation in one process and in two (the second logging to W&B offline)."""
     root = tmp_path_factory.mktemp("eval_ddp")
     common = [f"ckpt={gpt_run / 'checkpoints' / 'last.ckpt'}", "data=shapes", f"data.root={codes_root.parent / 'shapes'}",
-              "data.batch_size=4", "data.num_workers=0", "split=val", f"eval.num_prompts={PROMPTS}",
-              f"eval.samples_per_prompt={SAMPLES}", f"eval.rerank={RERANK}", f"eval.grid_prompts={GRID_PROMPTS}",
+              "sampling.batch_size=8", "split=val", f"eval.num_prompts={PROMPTS}",
+              f"sampling.samples_per_prompt={SAMPLES}", f"eval.rerank={RERANK}", f"eval.grid_prompts={GRID_PROMPTS}",
               f"eval.inception_weights={inception_weights}", "eval.fid_layer=64", "eval.isc_splits=2",
               "trainer.accelerator=cpu"]
     # separate real-statistics caches: both runs gather and compute the real features themselves
     env = {"WANDB_SILENT": "true", "WANDB_DATA_DIR": str(root / "wandb_data")}  # W&B's staging files stay here
-    one = _evaluate([*common, "trainer.devices=1", f"eval.stats_cache={root / 'stats_one'}"], root / "one", env)
+    one = _evaluate([*common, "trainer.devices=1", "data.num_workers=0", f"eval.stats_cache={root / 'stats_one'}"],
+                    root / "one", env)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _evaluate([*common, "trainer.devices=2", f"eval.stats_cache={root / 'stats_two'}", "logger=wandb",
-                     "logger.offline=true"], root / "two", env)
+    (root / "site").mkdir()
+    (root / "site" / "sitecustomize.py").write_text(SPAWN_EVERYWHERE)
+    (root / "spawned").mkdir()
+    spawn = {"PYTHONPATH": os.pathsep.join(filter(None, [str(root / "site"), os.environ.get("PYTHONPATH")])),
+             "SPAWNED_WORKERS": str(root / "spawned")}
+    two = _evaluate([*common, "trainer.devices=2", "data.num_workers=1", f"eval.stats_cache={root / 'stats_two'}",
+                     "logger=wandb", "logger.offline=true"], root / "two", {**env, **spawn})
     return root, two
 
 
@@ -72,6 +88,7 @@ def test_two_processes_give_the_one_process_results_and_exit_cleanly(runs):
     assert two.returncode == 0, two.stderr[-3000:]
     assert "Traceback" not in two.stderr
     assert "Starting with 2 processes" in two.stderr
+    assert len(list((root / "spawned").iterdir())) >= 2  # each process's data worker was spawned
     one_results, two_results = (json.loads((root / run / "results.json").read_text()) for run in ("one", "two"))
     assert two_results["prompts"] == PROMPTS and two_results["images_per_set"] == PROMPTS * SAMPLES
     assert two_results["plain"]["protocol"]["real_images"] == PROMPTS

@@ -243,3 +243,31 @@ def test_bad_weights_path_and_bad_inputs_raise_clear_errors(inception64, tmp_pat
         fid_from_features(torch.randn(1, 64), torch.randn(10, 64))
     with pytest.raises(ValueError, match="at least 10"):
         isc_from_logits(torch.randn(5, 1008), splits=10)
+
+
+def test_mismatched_real_and_generated_sets_are_refused(tmp_path):
+    """With samples_per_prompt S, FID compares N real images with N x S generated ones: any other
+    pair of sizes means the two sets are not the same prompts' (e.g. statistics cached for another set)."""
+    real, fake = images(6, 11, size=32), images(12, 12, high=110, size=32)
+
+    def accumulator(per_real):
+        return FidelityAccumulator(PixelFeatures(), tmp_path, "per-real-test", layer="64", isc_splits=None,
+                                   generated_per_real=per_real, protocol={"captions_available": 30})
+
+    matched = accumulator(2)
+    matched.add_real(real)
+    matched.add_generated(fake)
+    with pytest.warns(UserWarning, match="covariance is singular"):
+        results = matched.compute()
+    assert results["protocol"]["real_images"] == 6 and results["protocol"]["generated_images"] == 12
+    assert results["protocol"]["captions_available"] == 30  # the caller's protocol entries are reported
+    fewer = accumulator(2)  # the real statistics now come from the cache
+    fewer.add_generated(fake[:10])
+    with pytest.raises(ValueError, match=r"10 generated images against 6 real images read from the cache.*2 generated"):
+        fewer.compute()
+    with pytest.raises(ValueError, match=r"12 generated images against 6 real images.*3 generated per real image"):
+        one_more = accumulator(3)
+        one_more.add_generated(fake)
+        one_more.compute()
+    with pytest.raises(ValueError, match="generated_per_real"):
+        accumulator(0)

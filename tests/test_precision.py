@@ -16,6 +16,8 @@ from lightning.pytorch.plugins import MixedPrecision
 from omegaconf import OmegaConf
 
 from t2i.data.datamodule import ShardDataModule
+from t2i.models import losses
+from t2i.models.losses import adaptive_weight
 from t2i.stages.gpt_stage import GPTStage
 from t2i.stages.vqgan_stage import VQGANStage
 
@@ -71,10 +73,20 @@ def test_gpt_stage_mixed_precision_steps(codes_root, tmp_path, precision):
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
-def test_vqgan_stage_mixed_precision_steps(codes_root, tmp_path, precision):
+def test_vqgan_stage_mixed_precision_steps(codes_root, tmp_path, precision, monkeypatch):
+    # the adaptive GAN weight's gradients are taken of losses scaled as the GradScaler scales them
+    # (fp16: 256, the scaler's initial scale here; without a scaler: 1), see test_vqgan.py
+    scales = []
+
+    def recording(*args, loss_scale=1.0, **kwargs):
+        scales.append(loss_scale)
+        return adaptive_weight(*args, loss_scale=loss_scale, **kwargs)
+
+    monkeypatch.setattr(losses, "adaptive_weight", recording)
     cfg = _vqgan_config(codes_root)
     _, fp32 = _fit(VQGANStage, cfg, "32-true", tmp_path, steps=1)
     _, mixed = _fit(VQGANStage, cfg, precision, tmp_path, steps=1)
-    for name in ("train/grad_norm", "train/disc_grad_norm"):  # both optimizers, after unscaling
+    assert scales == [1.0, 256.0 if precision == "16-mixed" else 1.0]
+    for name in ("train/grad_norm", "train/disc_grad_norm", "train/adaptive_weight"):  # after unscaling
         assert mixed[name] == pytest.approx(fp32[name], rel=0.1), name
     _fit(VQGANStage, cfg, precision, tmp_path, steps=3)

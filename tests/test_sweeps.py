@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from wandb_reader import read_records
 
 REPO = Path(__file__).parents[1]
@@ -67,3 +68,18 @@ def test_slurm_launcher_config_follows_the_trainer():
     # one task per GPU on every node: what Lightning's SLURM environment expects
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (4, 8, 8)
     assert cfg.trainer.strategy == "ddp"
+    instantiate(cfg.hydra.callbacks.slurm_request).on_multirun_start(config=cfg)  # a request SLURM can take
+
+
+def test_slurm_sweep_refuses_all_gpus_before_submitting(tmp_path):
+    # trainer=ddp means every GPU of the machine (devices=-1): SLURM would be asked for -1 GPUs per node
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "trainer=ddp"], return_hydra_config=True)
+    with pytest.raises(SystemExit, match=r"tasks_per_node=-1 \(trainer.devices=-1\): set trainer.devices to the count "
+                                         r"per node, e.g. trainer.devices=8"):
+        instantiate(cfg.hydra.callbacks.slurm_request).on_multirun_start(config=cfg)
+    # train.py: refused before the launcher submits anything
+    result = subprocess.run([sys.executable, "train.py", "-m", "hydra/launcher=slurm", "trainer=ddp",
+                             f"hydra.sweep.dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "set trainer.devices to the count per node" in result.stderr
+    assert not (tmp_path / ".submitit").exists()

@@ -7,6 +7,7 @@ randomly initialised VGG16 saved to a temporary file: the ImageNet weights canno
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import asdict
 
@@ -18,7 +19,7 @@ import torchvision
 from t2i.models.losses import (PatchDiscriminator, VQGANLoss, VQGANLossConfig, adaptive_weight,
                                build_lpips, hinge_d_loss)
 from t2i.models.vqgan import (VectorQuantizer, VQGANConfig, VQModel, load_vqgan, load_weights,
-                              vqgan_state_dict, weights_hash)
+                              read_checkpoint, vqgan_state_dict, weights_hash)
 
 SMALL = dict(resolution=32, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8],
              z_channels=16, embed_dim=8, n_embed=64)
@@ -100,12 +101,74 @@ def test_taming_checkpoint_loads_strictly_and_round_trips(trained_small, tmp_pat
     assert_same_model(loaded, trained_small)
 
 
-def test_taming_checkpoint_with_pickled_lightning_objects_loads_with_a_warning(trained_small, tmp_path):
+def test_taming_checkpoint_with_pickled_lightning_objects_loads_quietly(trained_small, tmp_path):
     path = tmp_path / "last.ckpt"
     torch.save(taming_checkpoint(trained_small, callbacks={"ModelCheckpoint": LightningCallbackState()}), path)
-    with pytest.warns(UserWarning, match="full unpickling"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "full unpickling" warning: nothing from the file runs
         loaded = load_vqgan(path, small_config())
     assert_same_model(loaded, trained_small)
+
+
+LIGHTNING_1X = """
+class ModelCheckpoint:  # what taming's .ckpt pickles: the callback's class as a key, objects with state
+    def __init__(self):
+        self.best_model_path = "logs/2020-11-09T13-31-51_imagenet_vqgan/checkpoints/last.ckpt"
+
+
+class AttributeDict(dict):  # Lightning's hparams container
+    pass
+"""
+
+
+def test_taming_checkpoint_loads_without_the_modules_it_pickles(trained_small, tmp_path, monkeypatch):
+    """A taming .ckpt names Lightning 1.x classes by module path: it loads when that module is gone."""
+    package = tmp_path / "lib" / "pytorch_lightning_1x"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "callbacks.py").write_text(LIGHTNING_1X)
+    monkeypatch.syspath_prepend(str(tmp_path / "lib"))
+    import importlib
+    callbacks = importlib.import_module("pytorch_lightning_1x.callbacks")
+    hparams = callbacks.AttributeDict(n_embed=64)
+    path = tmp_path / "last.ckpt"
+    torch.save(taming_checkpoint(trained_small, callbacks={callbacks.ModelCheckpoint: {"best_model_score": torch.tensor(0.5)}},
+                                 checkpoint_callback=callbacks.ModelCheckpoint(), hyper_parameters=hparams), path)
+    # the module is gone at load time: not importable, not imported
+    monkeypatch.undo()
+    for name in ("pytorch_lightning_1x.callbacks", "pytorch_lightning_1x"):
+        del sys.modules[name]
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("pytorch_lightning_1x.callbacks")
+    checkpoint = read_checkpoint(path)
+    assert "pytorch_lightning_1x" not in sys.modules
+    assert torch.equal(checkpoint["state_dict"]["quantize.embedding.weight"], trained_small.quantize.embedding.weight)
+    assert_same_model(load_vqgan(path, small_config()), trained_small)
+    # the other objects are inert stand-ins that keep what was pickled
+    (key, state), = checkpoint["callbacks"].items()
+    assert key.__name__ == "ModelCheckpoint" and state["best_model_score"] == 0.5
+    assert checkpoint["checkpoint_callback"].state == {"best_model_path": callbacks.ModelCheckpoint().best_model_path}
+    assert dict(checkpoint["hyper_parameters"]) == {"n_embed": 64}
+
+
+class RunsCode:
+    """What a hostile checkpoint could pickle: a call made while unpickling."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_reading_a_checkpoint_runs_no_code_from_it(trained_small, tmp_path):
+    marker = tmp_path / "written_by_the_checkpoint"
+    path = tmp_path / "last.ckpt"
+    torch.save(taming_checkpoint(trained_small, payload=RunsCode(marker)), path)
+    checkpoint = read_checkpoint(path)
+    assert not marker.exists()  # builtins.open was not called: a stand-in took its place
+    assert type(checkpoint["payload"]).__name__ == "open"
+    assert_same_model(load_vqgan(path, small_config()), trained_small)
 
 
 def test_loss_keys_are_left_out_of_the_vqgan_state():
@@ -377,6 +440,33 @@ def test_adaptive_weight_at_the_decoders_last_layer():
     assert torch.allclose(adaptive_weight(rec, g, last, max_weight=expected.item() / 2), expected / 2)
     _, logs = loss.generator_loss(x, x_hat, torch.tensor(0.0), step=10, last_layer=last)
     assert torch.allclose(logs["adaptive_weight"], expected * loss.cfg.disc_weight)
+
+
+def test_adaptive_weight_under_fp16_takes_the_gradients_of_scaled_losses():
+    """Unscaled, the fp16 activation gradients of small losses underflow: the weight comes out 0
+    (the GAN silently off). Taken as the GradScaler takes them, it is the fp32 weight."""
+    if not cpu_autocast_works(torch.float16):
+        pytest.skip("this torch has no CPU autocast for float16")
+    model, loss, x, _, _ = generator_setup()
+    last = model.decoder.last_layer
+    small = 1e-5  # a loss this size: its gradient per pixel (~1e-9) is below fp16's smallest number
+
+    def losses(x_hat):
+        return F.l1_loss(x_hat.float(), x) * small, -loss.discriminator(x_hat).float().mean() * small
+
+    expected = adaptive_weight(*losses(model(x)[0]), last)
+    with torch.autocast("cpu", dtype=torch.float16):
+        x_hat, _, _ = model(x)
+        assert x_hat.dtype == torch.float16
+        rec, g = losses(x_hat)
+    assert adaptive_weight(rec, g, last) == 0  # the defect: the gradients underflowed
+    scaled = adaptive_weight(rec, g, last, loss_scale=2.0 ** 16)
+    assert scaled == pytest.approx(expected.item(), rel=0.05)
+    # overflowing at the scale: NaN, so that the GradScaler skips the step and lowers its scale
+    assert torch.isnan(adaptive_weight(rec / small, g / small, last, loss_scale=2.0 ** 60))
+    with torch.autocast("cpu", dtype=torch.float16):
+        _, logs = loss.generator_loss(x, x_hat, torch.tensor(0.0), step=10, last_layer=last, loss_scale=2.0 ** 8)
+    assert torch.isfinite(logs["adaptive_weight"]) and logs["adaptive_weight"] > 0
 
 
 def test_discriminator_is_inactive_before_disc_start():

@@ -1,5 +1,6 @@
 """VQGANStage in real Lightning trainers: train.py end to end, precision, checkpoints, fine-tuning."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -7,13 +8,17 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import torch.multiprocessing as mp
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import open_dict
 
 from t2i.data.convert import run as convert
 from t2i.data.datamodule import ShardDataModule
 from t2i.data.tokenizer import train_sentencepiece
 from t2i.models.losses import VQGANLossConfig
 from t2i.models.vqgan import VQGANConfig, load_vqgan, weights_hash
-from t2i.stages.vqgan_stage import CodebookConfig, VQGANStage
+from t2i.stages.vqgan_stage import CodebookConfig, VQGANStage, broadcast_from_rank_zero
 
 REPO = Path(__file__).parents[1]
 TINY = dict(resolution=32, ch=16, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], z_channels=16,
@@ -34,11 +39,19 @@ def _datamodule(root):
                             "num_workers": 0, "shuffle_buffer": 16, "splits": {"train": "train", "val": "val", "test": None}})
 
 
-def _stage(**loss):
+def _stage(lr_schedule: str = "constant", **loss):
     loss = {"perceptual_weight": 0, "disc_start": 2, **loss}
     return VQGANStage(VQGANConfig(**TINY), VQGANLossConfig(**loss),
                       lambda params: torch.optim.Adam(params, lr=1e-3, betas=(0.5, 0.9)),
-                      CodebookConfig(restart_every=2), log_images=4)
+                      CodebookConfig(restart_every=2), lr_schedule=lr_schedule, log_images=4)
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    with open_dict(cfg):
+        del cfg.trainer["default_root_dir"]  # a Hydra run's folder: there is no run here
+    return cfg
 
 
 def _trainer(tmp_path, **kwargs):
@@ -61,6 +74,77 @@ def test_global_step_counts_batches_and_discriminator_starts_late(shapes_root, t
     trainer.fit(stage, datamodule=_datamodule(shapes_root))
     assert trainer.global_step == 4
     assert not all(torch.equal(a, b) for a, b in zip(disc_before, stage.loss.discriminator.parameters()))
+    # the optimizers' own counts: 4 autoencoder steps, 2 discriminator steps (batches 2 and 3)
+    opt_ae, opt_disc = trainer.optimizers
+    assert {int(state["step"]) for state in opt_ae.state.values()} == {4}
+    assert {int(state["step"]) for state in opt_disc.state.values()} == {2}
+
+
+def test_cosine_lr_schedule_spans_the_runs_max_steps(shapes_root, tmp_path):
+    stage = _stage(lr_schedule="cosine", disc_start=0)
+    trainer = _trainer(tmp_path, max_steps=5, limit_val_batches=0)
+    trainer.fit(stage, datamodule=_datamodule(shapes_root))
+    # the last step (4 of 0..4) sets the lr from the run's length, 5 steps: nothing to configure twice
+    expected = 1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 5)))
+    for optimizer in trainer.optimizers:
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+    with pytest.raises(ValueError, match="stage.lr_schedule must be one of"):
+        _stage(lr_schedule="linear")
+
+
+@pytest.mark.parametrize("overrides, strategy", [
+    (["stage=vqgan"], "auto"),  # one device: no DDP
+    (["stage=vqgan", "trainer.devices=8"], "ddp_find_unused_parameters_true"),  # strategy auto, several devices
+    (["stage=vqgan", "trainer.devices=[0,1]"], "ddp_find_unused_parameters_true"),
+    (["stage=vqgan", "trainer=ddp"], "ddp_find_unused_parameters_true"),
+    (["stage=vqgan", "trainer=ddp_cpu"], "ddp_find_unused_parameters_true"),
+    (["stage=vqgan", "trainer=multi_node"], "ddp_find_unused_parameters_true"),
+    (["stage=vqgan", "trainer=gpu", "trainer.num_nodes=2"], "ddp_find_unused_parameters_true"),
+    (["experiment=vqgan_shapes"], "auto"),
+    (["stage=gpt", "trainer.devices=8"], "auto"),  # the GPT's DDP needs no search for unused parameters
+    (["stage=gpt", "trainer=ddp"], "ddp"),
+])
+def test_trainer_presets_give_the_vqgan_ddp_that_finds_unused_parameters(overrides, strategy):
+    assert instantiate(_compose(overrides).trainer, _convert_="all")["strategy"] == strategy
+
+
+def test_ddp_that_does_not_find_unused_parameters_is_refused_with_the_setting(shapes_root, tmp_path):
+    # one CPU process under DDP (in a child process: DDP initialises torch.distributed and sets env vars)
+    script = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_vqgan_stage import _datamodule, _stage, _trainer
+from pathlib import Path
+trainer = _trainer(Path({str(tmp_path)!r}), strategy="ddp", max_steps=1)
+trainer.fit(_stage(), datamodule=_datamodule(Path({str(shapes_root)!r})))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "needs find_unused_parameters=True" in result.stderr
+    assert "trainer.strategy=ddp_find_unused_parameters_true" in result.stderr
+
+
+def _broadcast_on_rank(rank: int, init_file: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+
+    def no_object_collectives(*args, **kwargs):  # pickling rank 0's CUDA tensor lands it on cuda:0 everywhere
+        raise AssertionError("the restart picks must travel as a tensor")
+
+    torch.distributed.broadcast_object_list = no_object_collectives
+    picks = torch.full((5, 8), float(rank + 1))
+    out = broadcast_from_rank_zero(picks)
+    torch.save({"out": out, "same_tensor": out is picks}, Path(out_dir) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_restart_picks_are_broadcast_as_a_tensor(tmp_path):
+    mp.spawn(_broadcast_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert torch.equal(result["out"], torch.full((5, 8), 1.0))  # rank 0's values, written in place
+        assert result["same_tensor"] and result["out"].dtype == torch.float32
+    single = torch.ones(2)
+    assert broadcast_from_rank_zero(single) is single  # one process: nothing to do
 
 
 def test_bf16_mixed_steps_run(shapes_root, tmp_path):
@@ -90,9 +174,9 @@ def test_train_py_end_to_end_then_load_and_fine_tune(shapes_root, tmp_path):
     for name in ("val/psnr", "val/ssim", "val/codebook_used", "val/codebook_perplexity", "train/pixel"):
         assert name in metrics
     assert list((run_dir / "csv" / "version_0" / "images").glob("reconstructions-step*.png"))
-    # fine-tuning starts from the checkpoint's weights
-    stage = VQGANStage(VQGANConfig(**TINY), VQGANLossConfig(perceptual_weight=0), torch.optim.Adam,
-                       init_ckpt=str(ckpt))
+    # fine-tuning starts from the checkpoint's weights: stage.init_ckpt
+    stage = VQGANStage.from_config(_compose(["stage=vqgan", *overrides, "stage.loss.perceptual_weight=0",
+                                             f"stage.init_ckpt={ckpt}"]))
     assert weights_hash(stage.vqgan) == weights_hash(model)
 
 

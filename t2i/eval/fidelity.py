@@ -197,9 +197,14 @@ class FidelityAccumulator:
     generation loop produces them, against real images whose statistics are cached on disk.
 
     `real_key` must name everything the real images depend on (the caller passes a hash of the shard
-    manifest, the split, the image size and the number of images); the layer and the weights are
-    added here. When `cache_dir` already holds statistics for the key, `needs_real` is False and
+    manifest, the split, the image size and which images); the layer and the weights are added
+    here. When `cache_dir` already holds statistics for the key, `needs_real` is False and
     add_real() does nothing, so the caller can skip loading real images.
+
+    With `generated_per_real` (the samples per prompt, when every real image is a prompt's image),
+    compute() refuses a generated set of any other size than that many per real image: FID would
+    then compare two different sets of images. `protocol` adds entries to the reported protocol
+    (e.g. how the real images were chosen).
 
     Every image may carry a label (any sortable value, e.g. its sample key); compute() reads the
     features in label order, so the numbers (IS splits depend on the order) do not depend on the
@@ -208,12 +213,15 @@ class FidelityAccumulator:
     """
 
     def __init__(self, inception: InceptionFeatures, cache_dir: str | Path, real_key: str, layer: str = "2048",
-                 isc_splits: int | None = 10):
+                 isc_splits: int | None = 10, generated_per_real: int | None = None, protocol: dict | None = None):
         _check_layers([layer], FID_LAYERS)
+        if generated_per_real is not None and generated_per_real < 1:
+            raise ValueError(f"generated_per_real must be >= 1, got {generated_per_real}")
         needed = [layer] + ([IS_LAYER] if isc_splits is not None else [])
         if any(name not in inception.layers for name in needed):
             raise ValueError(f"FID/IS need the layers {needed}; the extractor computes {list(inception.layers)}")
         self.inception, self.layer, self.isc_splits = inception, layer, isc_splits
+        self.generated_per_real, self.extra_protocol = generated_per_real, dict(protocol or {})
         self.cache_key = f"{real_key}|layer={layer}|weights={inception.weights}"
         self.cache_path = Path(cache_dir) / f"{hashlib.sha256(self.cache_key.encode()).hexdigest()}.npz"
         self.real = self._read_cache()  # the statistics, once known
@@ -282,6 +290,13 @@ class FidelityAccumulator:
         if not self._fake_features[self.layer]:
             raise ValueError("no generated images were added")
         fake = {name: _in_label_order(parts, self._fake_labels) for name, parts in self._fake_features.items()}
+        generated = len(fake[self.layer])
+        if self.generated_per_real is not None and generated != real["n"] * self.generated_per_real:
+            where = (f"read from the cache {real['path']} (delete it if the shards changed)" if real.get("cached")
+                     else "added")
+            raise ValueError(f"FID of mismatched sets: {generated} generated images against {real['n']} real images "
+                             f"{where}; expected {self.generated_per_real} generated per real image (the prompts "
+                             "must be the real images' captions)")
         results = {"fid": fid_from_statistics(real, feature_statistics(fake[self.layer], "generated images"))}
         if self.isc_splits is not None:
             results["is_mean"], results["is_std"] = isc_from_logits(fake[IS_LAYER], self.isc_splits)
@@ -289,9 +304,9 @@ class FidelityAccumulator:
             "feature_extractor": f"torch-fidelity {torch_fidelity.__version__} {EXTRACTOR}",
             "feature_layer": self.layer, "weights": self.inception.weights, "resize": RESIZE,
             "real_images": real["n"], "real_input_size": real["sizes"],
-            "generated_images": len(fake[self.layer]), "generated_input_size": _sizes(self._fake_sizes),
+            "generated_images": generated, "generated_input_size": _sizes(self._fake_sizes),
             "isc_layer": IS_LAYER if self.isc_splits is not None else None, "isc_splits": self.isc_splits,
-            "real_statistics": real["path"]}
+            "real_statistics": real["path"], **self.extra_protocol}
         return results
 
     def _read_cache(self) -> dict | None:

@@ -6,16 +6,20 @@ under a captioning model). Reported with and without reranking (the first candid
 plain sampling gives): FID and IS against the split's real images, mean Caption Loss, and on the
 shapes data the oracle's attribute accuracy.
 
-Prompts are identified by their sample keys: a prompt's seed comes from its key and everything is
-ordered by key before the metrics, so several processes (each evaluating a share of the split)
-give the numbers of one.
+The prompts are one caption of each of the split's first distinct images (multi-caption datasets
+such as COCO-CN and Flickr-CN hold ~5 rows per image; see PromptSet), chosen before the split is
+shared out, so any number of processes evaluates the same prompts. A prompt samples with the seed
+task=generate would give its text (t2i.sampling.prompt_seeds), and everything is ordered by sample
+key before the metrics, so several processes (each evaluating a share) give the numbers of one.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
+import math
+import random
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -23,16 +27,16 @@ import torch
 import torch.distributed
 import torch.nn.functional as F
 import torchvision
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from t2i.data.datamodule import ShardDataModule
 from t2i.data.shapes import oracle_accuracy
-from t2i.data.stream import Shard, ShardStream
 from t2i.checkpoints import load_gpt
+from t2i.data.stream import complete_samples
 from t2i.data.tokenizer import FixedLengthTokenizer
 from t2i.models.gpt import GPT
-from t2i.sampling import Generator, SamplingConfig, save_captioned_grid
+from t2i.sampling import Generator, SamplingConfig, prompt_seeds, save_captioned_grid
 
 
 @torch.no_grad()
@@ -86,54 +90,169 @@ class CaptionScorer:
 
 @dataclass
 class EvalConfig:
-    samples_per_prompt: int = 1
+    """The evaluation's own options (eval.*). How many images per prompt and the sampling batch are
+    sampling options (sampling.samples_per_prompt, sampling.batch_size), shared with task=generate."""
+
     rerank: int = 1  # candidates per sample; the lowest Caption Loss is kept
-    batch_size: int = 16  # sequences per sampling batch
     grid_prompts: int = 16  # prompts shown in the captioned grids (and the logger's table)
     save_images: bool = False  # every generated image as a PNG under samples/
 
     def __post_init__(self):
-        values = {name: getattr(self, name) for name in ("samples_per_prompt", "rerank", "batch_size", "grid_prompts")}
+        values = {name: getattr(self, name) for name in ("rerank", "grid_prompts")}
         if min(values.values()) < 1:
             raise ValueError(f"eval.{', eval.'.join(values)} must be >= 1, got {values}")
 
 
-def first_samples(shards: list[Shard], n: int | None) -> list[Shard]:
-    """The shards cut to the first n samples of their concatenation (all of them when n is None)."""
-    kept, left = [], n
-    for shard in shards:
-        take = shard.samples if left is None else min(shard.samples, left)
-        if take > 0:
-            kept.append(Shard(shard.url, take))
-            left = None if left is None else left - take
-    return kept
+def image_id(key: str, meta: dict) -> str:
+    """Which image a sample shows: its source id (every caption row of an image shares it), the
+    mirrored copies of pre-tokenized shards apart; a sample without one is an image of its own."""
+    source = meta.get("source_id")
+    if source in (None, ""):
+        return f"key:{key}"
+    return f"{source}|flip" if meta.get("hflip") else str(source)
 
 
-def prompt_loader(dm: ShardDataModule, split: str, num_prompts: int | None) -> tuple[DataLoader, int]:
-    """A loader over the first `num_prompts` samples of a split (all when None), and how many that is.
+@dataclass(frozen=True)
+class Pick:
+    """One chosen sample: where it is (the shard's place in the split, its URL, its position among
+    the shard's complete samples), its key and its caption."""
 
-    The prompts are chosen before the split is cut over processes and data workers (whose batches
-    arrive interleaved), so any number of processes evaluates the same prompts; each process's
-    loader reads its share.
+    shard: int
+    url: str
+    index: int
+    key: str
+    caption: str
+
+
+@dataclass
+class PromptSet:
+    """The prompts of an evaluation: one caption row of each of the split's first `len(picks)`
+    distinct images (by source id, in the order they first appear in the split).
+
+    Which caption of an image is drawn from `caption_seed` and the image's id alone, so the set does
+    not depend on the number of processes or data workers, nor on the model evaluated. On data with
+    one caption per image (shapes) it is the split's first samples. FID compares the chosen rows'
+    images (each distinct image once) with the images generated for their captions.
+    """
+
+    split: str
+    picks: list[Pick]
+    captions_available: int  # caption rows of the chosen images in the split
+    split_images: int  # distinct images in the split
+    split_captions: int  # caption rows in the split
+    caption_seed: int
+
+    @property
+    def images(self) -> int:
+        return len(self.picks)
+
+    def seeds(self, seed: int | None) -> dict[str, int] | None:
+        """Each prompt's sampling seed by sample key (None: unseeded), as task=generate seeds the
+        captions in this order: a caption repeated across images gets new images at each repeat."""
+        if seed is None:
+            return None
+        return dict(zip((pick.key for pick in self.picks), prompt_seeds(seed, [pick.caption for pick in self.picks])))
+
+    def real_set(self) -> str:
+        """What the real images of FID are, for the statistics' cache key."""
+        return f"first-{self.images}-distinct-images-by-source-id"
+
+    def protocol(self) -> dict:
+        return {"images": self.images, "captions_available": self.captions_available,
+                "caption_choice": f"one caption row per image, drawn with eval.caption_seed={self.caption_seed}",
+                "split_images": self.split_images, "split_captions": self.split_captions}
+
+
+def select_prompts(dm: ShardDataModule, split: str, num_prompts: int | None, caption_seed: int = 0) -> PromptSet:
+    """The prompts of an evaluation of `split` on its first `num_prompts` distinct images (all when None).
+
+    Reads the split's captions and JSON once (a pass over its shards, images left undecoded): an
+    image's caption rows may lie anywhere in the split (Flickr8k-CN lists every image's first
+    caption, then every second one...).
     """
     if num_prompts is not None and num_prompts < 1:
         raise ValueError(f"eval.num_prompts must be >= 1 (or null: the whole split), got {num_prompts}")
-    full = dm.dataset(split)
-    shards = first_samples(full.shards, num_prompts)
-    count = sum(shard.samples for shard in shards)
-    if count == 0:
+    groups: dict[str, list[Pick]] = {}  # image id -> its caption rows, in the order images first appear
+    for position, shard in enumerate(dm.cfg.shards(split)):
+        for index, sample in enumerate(complete_samples(shard.url)):
+            if index >= shard.samples:  # as the loaders read it: the manifest's count
+                break
+            key = sample["__key__"]
+            try:
+                meta = json.loads(sample["json"]) if "json" in sample else {}
+            except ValueError:  # a corrupt JSON: the decoder skips the sample (with a warning) if it is chosen
+                meta = {}
+            caption = sample["txt"].decode("utf-8", errors="replace")
+            groups.setdefault(image_id(key, meta), []).append(Pick(position, shard.url, index, key, caption))
+    if not groups:
         raise ValueError(f"split={split} of data={dm.cfg.name} ({dm.cfg.root}) has no samples with a caption: "
                          "evaluate another split (split=val or split=test) or convert the data again")
-    stream = ShardStream(shards, full.decode, full.batch_size, mode="eval", shuffle_buffer=0, seed=full.seed,
-                         collate_fn=full.collate_fn)
-    return dm.loader_for(stream), count
+    chosen = list(groups.items())[:num_prompts]
+    picks = [rows[random.Random(f"{caption_seed}|{image}").randrange(len(rows))] for image, rows in chosen]
+    return PromptSet(split, picks, captions_available=sum(len(rows) for _, rows in chosen),
+                     split_images=len(groups), split_captions=sum(len(rows) for rows in groups.values()),
+                     caption_seed=caption_seed)
 
 
-def prompt_seed(seed: int, key: str) -> int:
-    """A prompt's sampling seed, from the run's seed and its sample key: the same whichever process,
-    batch or position the prompt lands in."""
-    digest = hashlib.sha256(f"{seed}|{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1  # below 2**63: any torch generator takes it
+class PromptStream(IterableDataset):
+    """Batches of the chosen samples (decoded as the datamodule decodes evaluation samples) that one
+    process evaluates: rank `rank` of `world_size` reads a contiguous share of the picks, and each
+    data worker a contiguous share of the rank's batches.
+
+    The rank is given, not read from torch.distributed inside the workers: a worker started with
+    spawn or forkserver (macOS; Python 3.14's Linux default) has no process group and would read
+    rank 0's share.
+    """
+
+    def __init__(self, picks: list[Pick], decode, batch_size: int, rank: int, world_size: int, collate_fn):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not one of the {world_size} processes")
+        self.decode, self.batch_size, self.collate_fn = decode, batch_size, collate_fn
+        self.picks = picks[len(picks) * rank // world_size: len(picks) * (rank + 1) // world_size]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.picks) / self.batch_size)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        first, end = len(self) * worker // workers, len(self) * (worker + 1) // workers
+        mine = sorted(self.picks[first * self.batch_size: end * self.batch_size], key=lambda p: (p.shard, p.index))
+        batch = []
+        for sample in self._decoded(mine):
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield self.collate_fn(batch)
+                batch = []
+        if batch:
+            yield self.collate_fn(batch)
+
+    def _decoded(self, picks: list[Pick]) -> Iterator[dict]:
+        """The picks' samples decoded, in shard order (one pass over each shard that holds some)."""
+        by_shard: dict[str, set[int]] = {}
+        for pick in picks:
+            by_shard.setdefault(pick.url, set()).add(pick.index)
+        for url, indices in by_shard.items():
+            last = max(indices)
+            for index, sample in enumerate(complete_samples(url)):
+                if index in indices:
+                    try:
+                        yield self.decode(sample, random.Random(sample["__key__"]))
+                    except Exception as error:  # a bad sample must not end an evaluation
+                        warnings.warn(f"skipped corrupt sample {sample['__key__']} in {url}: {error!r}")
+                if index >= last:
+                    break
+
+
+def prompt_loader(dm: ShardDataModule, prompts: PromptSet, batch_size: int, rank: int = 0,
+                  world_size: int = 1) -> DataLoader:
+    """A loader (the datamodule's workers and pinning) over the prompts process `rank` of
+    `world_size` evaluates, `batch_size` samples a batch. Pass the rank after the processes start
+    (fabric.launch()): the data workers must not guess it."""
+    full = dm.dataset(prompts.split, rank=0, world_size=1)  # its decoder and collation
+    return dm.loader_for(PromptStream(prompts.picks, full.decode, batch_size, rank, world_size, full.collate_fn))
 
 
 def gather_to_main(obj):
@@ -170,9 +289,12 @@ class _ImageSet:
             pixels = images.permute(0, 2, 3, 1).numpy()
             truths = [a for a in attributes for _ in range(per_prompt)]
             self.oracle_hits += [oracle_accuracy([image], [truth]) for image, truth in zip(pixels, truths)]
-        # the grids show the first prompts by key: keep the smallest keys seen so far (as copies: a
-        # view would keep, and send to the main process, its whole batch)
-        self.grid.update(zip(keys, images.view(len(keys), per_prompt, *images.shape[1:]).clone()))
+        # the grids show the first prompts by key: keep the smallest keys seen so far, each a copy of
+        # its own images (a view, even of a copy of the batch, would keep its whole batch alive and
+        # send it to the main process)
+        for key, group in zip(keys, images.view(len(keys), per_prompt, *images.shape[1:])):
+            if len(self.grid) < self.grid_prompts or key < max(self.grid):
+                self.grid[key] = group.clone()
         self.grid = dict(sorted(self.grid.items())[: self.grid_prompts])
 
     def state(self) -> dict:
@@ -194,27 +316,33 @@ class _ImageSet:
             for state in states[1:]:  # this process's own state is already in its accumulator
                 self.fidelity.merge(state["fidelity"])
             out.update(self.fidelity.compute())
-        grid = dict(sorted(item for state in states for item in state["grid"].items())[: self.grid_prompts])
+        items = [item for state in states for item in state["grid"].items()]
+        grid = dict(sorted(items, key=lambda item: item[0])[: self.grid_prompts])
         return out, grid, losses
 
 
 @torch.no_grad()
 def evaluate(generator: Generator, batches: Iterable[dict], sampling: SamplingConfig, cfg: EvalConfig,
-             out_dir: Path, scorer: CaptionScorer | None = None, fidelity_factory=None, logger=None) -> dict | None:
-    """Generate for every caption of `batches` (loader batches of a split, see prompt_loader) and score;
-    see the module doc.
+             out_dir: Path, scorer: CaptionScorer | None = None, fidelity_factory=None, logger=None,
+             seeds: dict[str, int] | None = None, batch_size: int = 16) -> dict | None:
+    """Generate `sampling.samples_per_prompt` images for every caption of `batches` (see prompt_loader)
+    and score them; see the module doc.
 
-    `fidelity_factory()` makes a FidelityAccumulator (FID, IS), or None to skip them. Prompts are
-    ordered by sample key, and prompt `key` samples with seed prompt_seed(sampling.seed, key).
-    Under torch.distributed every process evaluates its share of the split and the main process
-    gathers everything: the results are those of one process. It writes the grids, logs to
-    `logger` (a Lightning logger, e.g. WandbLogger) and returns the results; other processes
-    return None.
+    `seeds` gives each prompt's sampling seed by sample key (PromptSet.seeds; None: unseeded), and
+    `batch_size` the sequences per sampling batch. With reranking a prompt's candidates are drawn
+    as one longer run of its stream: the plain images are its first samples_per_prompt, exactly the
+    images task=generate gives for the caption. `fidelity_factory()` makes a FidelityAccumulator
+    (FID, IS), or None to skip them. Under torch.distributed every process evaluates its share and
+    the main process gathers everything: the results are those of one process. It writes the
+    grids, logs to `logger` (a Lightning logger, e.g. WandbLogger) and returns the results; other
+    processes return None.
     """
     if cfg.rerank > 1 and scorer is None:
         raise ValueError("eval.rerank > 1 needs a captioning model: see caption_loss_unavailable")
-    per_prompt, k = cfg.samples_per_prompt, cfg.rerank
-    candidates = replace(sampling, samples_per_prompt=per_prompt * k)
+    if seeds is None and sampling.seed is not None:
+        raise ValueError("evaluate() needs the prompts' seeds (PromptSet.seeds) when sampling.seed is set")
+    per_prompt, k = sampling.samples_per_prompt, cfg.rerank
+    candidates = replace(sampling, samples_per_prompt=per_prompt * k)  # candidate c of sample s: row c * S + s
     sets = {"plain": _ImageSet(fidelity_factory() if fidelity_factory else None, cfg.grid_prompts)}
     if k > 1:
         sets[f"rerank_{k}"] = _ImageSet(fidelity_factory() if fidelity_factory else None, cfg.grid_prompts)
@@ -228,16 +356,16 @@ def evaluate(generator: Generator, batches: Iterable[dict], sampling: SamplingCo
         attributes = [meta["attributes"] for meta in batch["meta"]] if oracle else None
         if plain.fidelity is not None:  # the reranked set reads the real statistics from the cache
             plain.fidelity.add_real(batch["image"], keys)
-        seeds = None if sampling.seed is None else [prompt_seed(sampling.seed, key) for key in keys]
-        codes = generator.sample_codes(captions, candidates, cfg.batch_size, seeds)
+        codes = generator.sample_codes(captions, candidates, batch_size,
+                                       None if seeds is None else [seeds[key] for key in keys])
         losses = scorer([c for c in captions for _ in range(per_prompt * k)], codes).cpu() if scorer else None
-        codes = codes.view(n, per_prompt, k, *codes.shape[1:])
-        images = generator.decode(codes[:, :, 0].flatten(0, 1), cfg.batch_size)  # the first candidate: plain sampling
-        plain.add(images, keys, per_prompt, losses.view(n, per_prompt, k)[:, :, 0].flatten() if scorer else None,
-                  attributes)
+        codes = codes.view(n, k, per_prompt, *codes.shape[1:])
+        losses = None if losses is None else losses.view(n, k, per_prompt)
+        images = generator.decode(codes[:, 0].flatten(0, 1), batch_size)  # the first candidates: plain sampling
+        plain.add(images, keys, per_prompt, None if losses is None else losses[:, 0].flatten(), attributes)
         if k > 1:
-            chosen, chosen_losses = pick_best(codes, losses.view(n, per_prompt, k))
-            sets[f"rerank_{k}"].add(generator.decode(chosen.flatten(0, 1), cfg.batch_size), keys, per_prompt,
+            chosen, chosen_losses = pick_best(codes, losses)
+            sets[f"rerank_{k}"].add(generator.decode(chosen.flatten(0, 1), batch_size), keys, per_prompt,
                                     chosen_losses.flatten(), attributes)
         if cfg.save_images:  # each process writes its own prompts' images
             _save_images(images, out_dir / "samples", keys, per_prompt)
@@ -248,8 +376,8 @@ def evaluate(generator: Generator, batches: Iterable[dict], sampling: SamplingCo
         return None
     prompts = {key: caption for share in shares for key, caption in share["prompts"].items()}
     if len(prompts) < sum(len(share["prompts"]) for share in shares):
-        warnings.warn("the split has samples with the same key: prompts are ordered and seeded by key, so the "
-                      "results may depend on the number of processes")
+        warnings.warn("the split has samples with the same key: prompts are ordered by key, so the results may "
+                      "depend on the number of processes")
     if not prompts:
         raise ValueError("the split has no captions to generate from")
     if not any(caption.strip() for caption in prompts.values()):
@@ -257,7 +385,7 @@ def evaluate(generator: Generator, batches: Iterable[dict], sampling: SamplingCo
                          "(evaluate another split=)")
     oracle = all(share["oracle"] for share in shares)
     results = {"prompts": len(prompts), "samples_per_prompt": per_prompt, "rerank": k,
-               "sampling": asdict(replace(sampling, samples_per_prompt=per_prompt)),
+               "sampling": asdict(sampling),
                "images_per_set": len(prompts) * per_prompt}
     shown = {}  # set name -> (the grid images, their Caption Losses)
     for name, image_set in sets.items():
@@ -276,10 +404,11 @@ def _grid_file(set_name: str) -> str:
 
 
 def pick_best(codes: torch.Tensor, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Self-reranking: codes [n, S, K, h, w] and Caption Losses [n, S, K] -> the lowest-loss candidate of each."""
-    best = losses.nan_to_num(float("inf")).argmin(-1)  # [n, S]
-    index = best[:, :, None, None, None].expand(-1, -1, 1, *codes.shape[3:])
-    return codes.gather(2, index)[:, :, 0], losses.gather(2, best[:, :, None])[:, :, 0]
+    """Self-reranking: codes [n, K, S, h, w] and Caption Losses [n, K, S] (K candidates of S samples)
+    -> the lowest-loss candidate of each sample: codes [n, S, h, w], losses [n, S]."""
+    best = losses.nan_to_num(float("inf")).argmin(1)  # [n, S]
+    index = best[:, None, :, None, None].expand(-1, 1, -1, *codes.shape[3:])
+    return codes.gather(1, index)[:, 0], losses.gather(1, best[:, None])[:, 0]
 
 
 def _save_images(images: torch.Tensor, folder: Path, keys: list[str], per_prompt: int) -> None:
@@ -343,6 +472,10 @@ def markdown_table(results: dict) -> str:
             row += [f"{100 * metrics['attributes'][a]:.1f}" for a in attribute_names]
         lines.append("| " + " | ".join(row) + " |")
     notes = [f"{results['prompts']} prompts x {results['samples_per_prompt']} samples, sampling {results['sampling']}"]
+    if "prompt_set" in results:
+        chosen = results["prompt_set"]
+        notes.append(f"prompts: one caption of each of {chosen['images']} distinct images "
+                     f"({chosen['captions_available']} captions available; {chosen['caption_choice']})")
     if results["rerank"] > 1:
         notes.append(f"rerank_{results['rerank']}: the lowest Caption Loss of {results['rerank']} candidates per image "
                      f"(scored by {results.get('caption_model')})")

@@ -8,6 +8,8 @@ The terms are taming-transformers' VQLPIPSWithDiscriminator:
 
 with the GAN terms off before `disc_start` and the adaptive weight
 ||grad reconstruction|| / (||grad generator|| + 1e-4) taken at the decoder's last layer.
+Under fp16 autocast those gradients are taken of the losses times the GradScaler's scale (as the
+backward pass is) and divided by it after: unscaled, they can underflow to zero.
 """
 
 from __future__ import annotations
@@ -105,11 +107,23 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
 
 
 def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
-                    max_weight: float = 1e4) -> torch.Tensor:
-    """Balance the GAN gradient against the reconstruction gradient at the decoder's last layer."""
-    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+                    max_weight: float = 1e4, loss_scale: float = 1.0) -> torch.Tensor:
+    """Balance the GAN gradient against the reconstruction gradient at the decoder's last layer.
+
+    `loss_scale`: the fp16 GradScaler's current scale (1 without one). The gradients are taken of
+    the scaled losses, as in the backward pass, so that fp16 activation gradients do not underflow,
+    and unscaled in fp32 after: the ratio is the unscaled one. Should they overflow at this scale,
+    the weight is NaN: the step's gradients are then non-finite, so the GradScaler skips the step
+    and lowers its scale, as for any overflow (a clamped or zero weight would train on silently
+    with the wrong balance).
+    """
+    rec_grad = torch.autograd.grad(rec_loss * loss_scale, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss * loss_scale, last_layer, retain_graph=True)[0]
+    rec_norm, g_norm = rec_grad.float().norm() / loss_scale, g_grad.float().norm() / loss_scale
+    weight = (rec_norm / (g_norm + 1e-4)).clamp(0.0, max_weight)
+    if loss_scale != 1.0:  # a GradScaler is there to skip the step
+        weight = torch.where(torch.isfinite(rec_norm) & torch.isfinite(g_norm), weight, float("nan"))
+    return weight.detach()
 
 
 class VQGANLoss(nn.Module):
@@ -132,13 +146,15 @@ class VQGANLoss(nn.Module):
         return pixel + self.cfg.perceptual_weight * perceptual, logs
 
     def generator_loss(self, x: torch.Tensor, x_hat: torch.Tensor, codebook_loss: torch.Tensor, step: int,
-                       last_layer: torch.Tensor) -> tuple[torch.Tensor, dict]:
+                       last_layer: torch.Tensor, loss_scale: float = 1.0) -> tuple[torch.Tensor, dict]:
+        """`loss_scale`: the fp16 GradScaler's current scale, for the adaptive weight (see adaptive_weight)."""
         rec, logs = self.reconstruction(x, x_hat)
         loss = rec + self.cfg.codebook_weight * codebook_loss
         logs.update(reconstruction=rec.detach(), codebook=codebook_loss.detach())
         if self.gan_active(step):
             g_loss = -self.discriminator(x_hat).mean()
-            weight = adaptive_weight(rec, g_loss, last_layer, self.cfg.max_adaptive_weight) * self.cfg.disc_weight
+            weight = adaptive_weight(rec, g_loss, last_layer, self.cfg.max_adaptive_weight,
+                                     loss_scale=loss_scale) * self.cfg.disc_weight
             loss = loss + weight * g_loss
             logs.update(generator=g_loss.detach(), adaptive_weight=weight)
         logs["total"] = loss.detach()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import math
 import pickle
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -295,16 +294,72 @@ def codebook_usage(counts: torch.Tensor) -> dict:
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """torch.load on the CPU; tensors-only unpickling first, full unpickling for older files."""
+    """torch.load on the CPU that runs no code from the file: tensors and what torch's weights_only allows.
+
+    Tensors-only unpickling first (torch's weights_only). A taming .ckpt also pickles Lightning 1.x
+    objects beside the weights (its callbacks' classes and states, by module path), which that
+    refuses: such a file is read again with every class that torch's weights-only loading does not
+    allow replaced by an inert stand-in (a dict subclass that keeps the pickled state and calls
+    nothing), so its weights load whether or not `pytorch_lightning` is installed. Everything else,
+    tensors and storages included, is rebuilt only by what torch allows, as with weights_only.
+    """
+    import pickletools
+    import types
+    import zipfile
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # taming's .ckpt files pickle Lightning 1.x objects beside the weights
-        warnings.warn(f"{path} holds more than tensors; loading it with full unpickling (trust the file)")
-        return torch.load(path, map_location="cpu", weights_only=False)
+    except pickle.UnpicklingError as error:
+        refused = error
+    if not zipfile.is_zipfile(path):
+        raise pickle.UnpicklingError(
+            f"{path} holds more than tensors and is in torch's pre-1.6 format, which t2i reads tensors-only: "
+            "re-save its state_dict (torch.save({'state_dict': ckpt['state_dict']}, ...)) where it loads") from refused
+    # the globals the file names, and torch's verdict on them (tensors, storages, containers: allowed)
+    with zipfile.ZipFile(path) as archive:
+        pickled = next(name for name in archive.namelist() if name.endswith("/data.pkl") and name.count("/") == 1)
+        named = {arg.replace(" ", ".", 1) for op, arg, _ in pickletools.genops(archive.read(pickled))
+                 if op.name == "GLOBAL"}
+    allowed = named - set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+
+    class StandIn(dict):
+        """An object of a class torch does not allow: its pickled arguments and state, nothing run."""
+
+        def __new__(cls, *args, **kwargs):
+            return dict.__new__(cls)
+
+        def __init__(self, *args, **kwargs):
+            super().__init__()
+            self.__dict__["args"] = args
+
+        def __setstate__(self, state):
+            self.__dict__["state"] = state
+
+        def append(self, item):
+            self.__dict__.setdefault("items", []).append(item)
+
+        def extend(self, items):
+            for item in items:
+                self.append(item)
+
+    stand_ins: dict[str, type] = {}
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            full = f"{module}.{name}"
+            if full in allowed:
+                return super().find_class(module, name)
+            if full not in stand_ins:  # one class per name: classes pickled as dict keys stay distinct
+                stand_ins[full] = type(name, (StandIn,), {"__module__": module, "__qualname__": name})
+            return stand_ins[full]
+
+    restricted = types.ModuleType("t2i_restricted_pickle")
+    restricted.Unpickler = Unpickler
+    restricted.load = lambda file, **kwargs: Unpickler(file, **kwargs).load()
+    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted)
 
 
 def vqgan_state_dict(checkpoint: dict) -> dict:

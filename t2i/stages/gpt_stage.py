@@ -41,7 +41,7 @@ from t2i.checkpoints import GPTRecord, load_gpt, load_record_vqgan, vqgan_identi
 from t2i.models.gpt import GPT, GPTConfig
 from t2i.models.vqgan import VQGANConfig, VQModel, load_vqgan, weights_hash
 from t2i.sampling import SamplingConfig, decode_to_uint8, generate_codes, save_captioned_grid
-from t2i.stages.scaling import StepClock, apply_lr_scaling
+from t2i.stages.scaling import StepClock, apply_lr_scaling, grad_norm, run_steps, warmup_cosine, weight_decay_groups
 
 
 class GPTStage(L.LightningModule):
@@ -219,8 +219,13 @@ class GPTStage(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         every = self.sample_every_n_steps
-        if every and self.vqgan is not None and self.sample_prompts and self.global_step % every == 0 \
-                and self.trainer.is_global_zero:
+        if not (every and self.vqgan is not None and self.sample_prompts and self.trainer.is_global_zero):
+            return
+        # the hook runs after every batch, global_step counts optimizer steps: with accumulate_grad_batches
+        # > 1 only the batch that completed a step (every accumulate_grad_batches-th, or an epoch's last) draws
+        stepped = ((batch_idx + 1) % self.trainer.accumulate_grad_batches == 0
+                   or self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+        if stepped and self.global_step % every == 0:
             self.log_samples()
 
     @torch.no_grad()
@@ -247,28 +252,21 @@ class GPTStage(L.LightningModule):
     # -- optimisation ------------------------------------------------------------------------
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        # before Lightning's clipping (trainer.gradient_clip_val), after fp16 unscaling
-        grads = [p.grad for p in self.gpt.parameters() if p.grad is not None]
-        self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+        # before Lightning's clipping (trainer.gradient_clip_val), after fp16 unscaling; under FSDP the norm of
+        # the whole gradient, not of this process's shard
+        self.log("train/grad_norm", grad_norm(self.gpt.parameters(), self.trainer.model))
 
     def configure_optimizers(self):
-        # weight decay on matrices only: not on biases, LayerNorms, embeddings or positions
-        decay, no_decay = [], []
-        for name, p in self.gpt.named_parameters():
-            (decay if p.dim() == 2 and "emb" not in name else no_decay).append(p)
-        optimizer = self.optimizer([{"params": decay, "weight_decay": self.weight_decay},
-                                    {"params": no_decay, "weight_decay": 0.0}])
+        # weight decay on matrices only: not on biases, LayerNorms, embeddings or positions (by module type:
+        # under FSDP this runs after wrapping, when every parameter is a flat 1-D shard)
+        optimizer = self.optimizer(weight_decay_groups(self.gpt, self.weight_decay))
         apply_lr_scaling(self, [optimizer], self.lr_scaling, self.lr_reference_batch,
                          tokens_per_sample=self.gpt.cfg.block_size - 1)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-
-        def warmup_cosine(step: int) -> float:
-            if step < self.warmup_steps:
-                return (step + 1) / self.warmup_steps
-            progress = min(1.0, (step - self.warmup_steps) / max(1, total - self.warmup_steps))
-            return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine)
+        # linear warmup, then a cosine to min_lr_ratio over the run (no length needed when nothing decays)
+        total = run_steps(self.trainer, constant="stage.min_lr_ratio=1") if self.min_lr_ratio != 1 else None
+        warmup, min_ratio = self.warmup_steps, self.min_lr_ratio
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, total, min_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # -- checkpoints: everything sampling needs ------------------------------------------------
@@ -320,8 +318,7 @@ def _vqgan_for_images(cfg: DictConfig, datamodule, init: GPTRecord | None = None
                          "once and train on code shards, which is much faster: "
                          "python -m t2i.pretokenize --data IMAGE_SHARDS --out CODE_SHARDS --vqgan CKPT")
     else:  # our checkpoints carry their config; taming's get the `vqgan` config group's
-        fallback = {k: v for k, v in OmegaConf.to_container(cfg.vqgan, resolve=True).items() if k != "init_ckpt"}
-        vqgan = load_vqgan(path, fallback=VQGANConfig(**fallback))
+        vqgan = load_vqgan(path, fallback=VQGANConfig(**OmegaConf.to_container(cfg.vqgan, resolve=True)))
     size = datamodule.cfg.image_size
     if size % vqgan.cfg.downsample:
         raise ValueError(f"data.image_size={size} is not a multiple of the VQGAN's downsampling {vqgan.cfg.downsample}")

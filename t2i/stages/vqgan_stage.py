@@ -1,30 +1,34 @@
 """VQGANStage: trains the image tokenizer (VQModel + VQGANLoss) with Lightning.
 
 Two optimizers (autoencoder, discriminator) with manual optimisation, as Lightning 2.x needs for
-a GAN; `manual_backward` and the LightningOptimizer wrappers handle fp16 loss scaling and DDP.
+a GAN; `manual_backward` and the strategy's `optimizer_step` handle fp16 loss scaling and DDP.
 Gradients are clipped in `on_before_optimizer_step`, which Lightning calls after unscaling fp16
 gradients (clipping right after `manual_backward` would clip the scaled ones).
+`global_step` counts autoencoder steps, one per batch (what `trainer.max_steps`, `disc_start` and
+the lr schedule count): the autoencoder steps through its LightningOptimizer, which Lightning
+counts; the discriminator through `trainer.strategy.optimizer_step`, which it does not.
 Validation logs PSNR, SSIM, codebook usage and a grid of inputs above reconstructions.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import lightning as L
 import torch
+import torch.distributed as dist
 import torchvision
 from hydra.utils import instantiate
-from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from t2i.models.losses import VQGANLoss, VQGANLossConfig
 from t2i.models.vqgan import VQGANConfig, VQModel, codebook_usage, load_weights, read_checkpoint, vqgan_state_dict
-from t2i.stages.scaling import StepClock, apply_lr_scaling
+from t2i.stages.scaling import StepClock, apply_lr_scaling, run_steps, warmup_cosine
 
 
 @dataclass
@@ -37,6 +41,34 @@ class CodebookConfig:
     dead_below: float = 0.03
 
 
+LR_SCHEDULES = ("constant", "cosine")
+FIND_UNUSED = "ddp_find_unused_parameters_true"  # Lightning's registered name for DDP(find_unused_parameters=True)
+
+
+def strategy_for(devices, num_nodes: int = 1) -> str:
+    """The trainer strategy of a VQGAN run (conf/stage/vqgan.yaml `strategy`, which conf/trainer/* take).
+
+    Each of the stage's two backward passes (autoencoder, discriminator) reaches only part of the
+    module, so under DDP it must look for the parameters a backward leaves out
+    (find_unused_parameters), or it waits for their gradients forever. One process: "auto".
+    """
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    one_device = devices == 1 or (isinstance(devices, Sequence) and not isinstance(devices, str) and len(devices) == 1)
+    return "auto" if one_device and int(num_nodes) == 1 else FIND_UNUSED
+
+
+def broadcast_from_rank_zero(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's values of `tensor` on every rank, written into it on this rank's device.
+
+    A tensor collective (NCCL on GPUs, gloo on CPUs), not an object one: pickling rank 0's CUDA
+    tensor would unpickle it onto cuda:0 on every rank.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
 class VQGANStage(L.LightningModule):
     def __init__(
         self,
@@ -46,7 +78,7 @@ class VQGANStage(L.LightningModule):
         codebook: CodebookConfig = CodebookConfig(),
         grad_clip: float = 1.0,
         warmup_steps: int = 0,
-        decay_steps: int = 0,
+        lr_schedule: str = "constant",
         lr_scaling: str = "none",
         lr_reference_batch: int = 1,
         init_ckpt: str | None = None,
@@ -61,7 +93,10 @@ class VQGANStage(L.LightningModule):
         self.optimizer = optimizer
         self.codebook_cfg = codebook
         self.grad_clip = grad_clip
-        self.warmup_steps, self.decay_steps = warmup_steps, decay_steps
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"stage.lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+        self.warmup_steps, self.lr_schedule = warmup_steps, lr_schedule
+        self._total_steps = 0  # the run's autoencoder steps (set with the optimizers)
         self.lr_scaling, self.lr_reference_batch = lr_scaling, lr_reference_batch
         self.log_images = log_images
         self.register_buffer("code_usage", torch.zeros(vqgan.n_embed))
@@ -73,9 +108,8 @@ class VQGANStage(L.LightningModule):
 
     @classmethod
     def from_config(cls, cfg: DictConfig, datamodule=None) -> "VQGANStage":
-        """From train.py's composed config: `vqgan` (model + init_ckpt) and `stage` (training)."""
+        """From train.py's composed config: `vqgan` (the model) and `stage` (training, init_ckpt)."""
         vqgan = OmegaConf.to_container(cfg.vqgan, resolve=True)
-        init_ckpt = vqgan.pop("init_ckpt", None)
         stage = OmegaConf.to_container(cfg.stage, resolve=True)
         trainer = cfg.get("trainer", {})
         if trainer.get("accumulate_grad_batches", 1) != 1 or trainer.get("gradient_clip_val"):
@@ -84,25 +118,29 @@ class VQGANStage(L.LightningModule):
                              "data.batch_size or trainer.devices)")
         return cls(VQGANConfig(**vqgan), VQGANLossConfig(**stage["loss"]), instantiate(cfg.optim),
                    CodebookConfig(**stage["codebook"]), grad_clip=stage["grad_clip"],
-                   warmup_steps=stage["warmup_steps"], decay_steps=stage["decay_steps"],
-                   lr_scaling=stage["lr_scaling"], lr_reference_batch=stage["lr_reference_batch"], init_ckpt=init_ckpt, log_images=stage["log_images"])
+                   warmup_steps=stage["warmup_steps"], lr_schedule=stage["lr_schedule"],
+                   lr_scaling=stage["lr_scaling"], lr_reference_batch=stage["lr_reference_batch"],
+                   init_ckpt=stage["init_ckpt"], log_images=stage["log_images"])
 
     # -- optimisation ------------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
-        # under DDP trainer.log_dir is a collective call: ask on every rank, once, not on rank 0 alone later
-        self._image_dir = Path(self.trainer.log_dir) / "images" if self.trainer.log_dir else None
-
-    def setup(self, stage: str) -> None:
         # each backward (autoencoder, discriminator) reaches only part of the module: DDP must look
         # for the parameters a backward leaves out, or it waits for their gradients forever
-        if isinstance(self.trainer.strategy, DDPStrategy):
-            self.trainer.strategy._ddp_kwargs["find_unused_parameters"] = True
+        model = self.trainer.strategy.model
+        if isinstance(model, DistributedDataParallel) and not model.find_unused_parameters:
+            raise ValueError(f"the VQGAN stage under DDP needs find_unused_parameters=True: leave trainer.strategy "
+                             f"to the presets (they take stage.strategy) or set trainer.strategy={FIND_UNUSED}")
+        # under DDP trainer.log_dir is a collective call: ask on every rank, once, not on rank 0 alone later
+        self._image_dir = Path(self.trainer.log_dir) / "images" if self.trainer.log_dir else None
 
     def configure_optimizers(self):
         autoencoder = [p for name, p in self.named_parameters() if name.startswith("vqgan.")]
         optimizers = [self.optimizer(autoencoder), self.optimizer(self.loss.discriminator.parameters())]
         apply_lr_scaling(self, optimizers, self.lr_scaling, self.lr_reference_batch)
+        if self.lr_schedule == "cosine":
+            # global_step counts autoencoder steps, one per batch: so does estimated_stepping_batches
+            self._total_steps = run_steps(self.trainer, "stage.lr_schedule=constant")
         return optimizers
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -112,37 +150,39 @@ class VQGANStage(L.LightningModule):
         if self.grad_clip:
             self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
 
-    def _set_lr(self, optimizer) -> None:
-        """Linear warmup, then constant (taming) or cosine decay to 10% over `decay_steps`."""
-        step = self.global_step
-        scale = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
-        if self.decay_steps and step >= self.warmup_steps:
-            progress = min(1.0, (step - self.warmup_steps) / max(1, self.decay_steps - self.warmup_steps))
-            scale = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    def _set_lr(self, optimizer, step: int) -> None:
+        """Linear warmup, then constant (taming) or cosine decay to 10% over the run."""
+        scale = warmup_cosine(step, self.warmup_steps, self._total_steps if self.lr_schedule == "cosine" else None,
+                              min_ratio=0.1)
         for group in optimizer.param_groups:
             group.setdefault("base_lr", group["lr"])
             group["lr"] = group["base_lr"] * scale
 
-    def _step(self, optimizer, loss: torch.Tensor) -> None:
-        self._set_lr(optimizer)
-        optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        optimizer.step()  # clips in on_before_optimizer_step
+    def _loss_scale(self) -> float:
+        """The fp16 GradScaler's current scale (precision=16-mixed), else 1."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         x = batch["image"]
         opt_ae, opt_disc = self.optimizers()
-        # global_step (max_steps, logging, disc_start) counts batches: the discriminator's steps
-        # must not advance it (Lightning counts every optimizer's steps in manual optimisation)
-        opt_disc._on_before_step = opt_disc._on_after_step = lambda: None
-        step = self.global_step
+        step = self.global_step  # autoencoder steps so far (see the module docstring)
         z = self.vqgan.latents(x)
         x_hat, codebook_loss, codes = self.vqgan.reconstruct(z)
-        loss, logs = self.loss.generator_loss(x, x_hat, codebook_loss, step, self.vqgan.decoder.last_layer)
-        self._step(opt_ae, loss)
+        loss, logs = self.loss.generator_loss(x, x_hat, codebook_loss, step, self.vqgan.decoder.last_layer,
+                                              loss_scale=self._loss_scale())
+        self._set_lr(opt_ae, step)
+        opt_ae.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        opt_ae.step()  # a LightningOptimizer: counted in global_step; clips in on_before_optimizer_step
         if self.loss.gan_active(step):  # the discriminator sleeps until disc_start
             disc_loss, disc_logs = self.loss.discriminator_loss(x, x_hat)
-            self._step(opt_disc, disc_loss)
+            self._set_lr(opt_disc, step)  # this batch's step: global_step has moved on
+            opt_disc.zero_grad(set_to_none=True)
+            self.manual_backward(disc_loss)
+            # the strategy's step does what LightningOptimizer.step does (fp16 unscaling, the
+            # on_before_optimizer_step hook, skipping non-finite steps) but is not counted in global_step
+            self.trainer.strategy.optimizer_step(opt_disc.optimizer, closure=lambda: None)
             logs.update(disc_logs)
         self._track_codes(codes, z, step)
         # averaged over processes (one small all-reduce each): what is logged is the whole batch's loss
@@ -172,7 +212,7 @@ class VQGANStage(L.LightningModule):
             return
         picks = z[torch.randint(len(z), (dead.numel(),), device=z.device)]
         picks = picks + 0.01 * z.std() * torch.randn_like(picks)  # split copies of one vector apart
-        picks = self.trainer.strategy.broadcast(picks, src=0)
+        picks = broadcast_from_rank_zero(picks)
         self.vqgan.quantize.embedding.weight.data[dead] = picks.to(self.vqgan.quantize.embedding.weight.dtype)
         self.code_usage[dead] = self.codebook_cfg.dead_below  # a grace period before the next restart
         self.log("train/codes_restarted", float(dead.numel()))
