@@ -24,7 +24,6 @@ captions unless `stage.sample_prompts` names them) and logs the grid with its ca
 from __future__ import annotations
 
 import itertools
-import math
 import warnings
 from dataclasses import asdict
 from pathlib import Path
