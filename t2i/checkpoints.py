@@ -75,8 +75,7 @@ class GPTRecord:
         return h, w
 
     def tokenizer_model(self) -> FixedLengthTokenizer:
-        t = self.tokenizer
-        return load_tokenizer(t["kind"], t["model"], t["text_len"])
+        return load_tokenizer(**self.tokenizer)
 
 
 def vqgan_identity(vqgan: VQModel, checkpoint: str | Path | None, grid: tuple[int, int] | list[int]) -> dict:

@@ -84,8 +84,8 @@ def fit_tokenizer(captions: Iterable[str], path: str | Path, vocab_size: int, mo
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(model)
     tokenizer = TextTokenizer(model, text_len)
-    lengths = [len(ids) for ids in tokenizer._sp.EncodeAsIds(captions)]
-    byte_pieces = sum(tokenizer._sp.IsByte(i) for i in range(tokenizer.vocab_size))
+    lengths = [len(ids) for ids in tokenizer._backend.EncodeAsIds(captions)]
+    byte_pieces = sum(tokenizer._backend.IsByte(i) for i in range(tokenizer.vocab_size))
     return {
         "path": str(path),
         "captions": len(captions),
@@ -102,13 +102,34 @@ class FixedLengthTokenizer:
     """Text -> `text_len` ids, cut or padded with id 0; subclasses say how a text becomes ids."""
 
     kind = ""
+    missing_hint = ""  # what to do when from_file finds no model file
 
-    def __init__(self, model: bytes, text_len: int):
+    def __init__(self, model: bytes, text_len: int = 32):
         if text_len < 1:
             raise ValueError(f"text_len must be >= 1, got {text_len}")
         self.model = model
         self.text_len = text_len
         self.truncated = 0  # texts cut to text_len so far (warned once)
+        self._backend = self._load_backend()
+
+    def _load_backend(self):
+        """The library object that encodes, built from self.model (rebuilt in each worker process)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_file(cls, path: str | Path, text_len: int = 32) -> "FixedLengthTokenizer":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{cls.kind} model {path} not found: {cls.missing_hint}")
+        return cls(path.read_bytes(), text_len)
+
+    # worker processes get a copy: send the bytes, rebuild the library object there
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_backend"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._backend = self._load_backend()
 
     @property
     def pad_id(self) -> int:
@@ -142,51 +163,29 @@ class TextTokenizer(FixedLengthTokenizer):
     """SentencePiece encode/decode with fixed-length `text_len` output padded with id 0."""
 
     kind = "sentencepiece"
+    missing_hint = "train it with `python train.py stage=tokenizer data=...` or set data.tokenizer.path"
 
-    def __init__(self, model: bytes, text_len: int = 32):
-        super().__init__(model, text_len)
-        self._sp = self._load(model)
-
-    @staticmethod
-    def _load(model: bytes) -> spm.SentencePieceProcessor:
+    def _load_backend(self) -> spm.SentencePieceProcessor:
         sp = spm.SentencePieceProcessor()
         try:
-            sp.LoadFromSerializedProto(model)
+            sp.LoadFromSerializedProto(self.model)
         except RuntimeError as e:
             raise ValueError(f"not a SentencePiece model ({e})") from None
         return sp
 
-    @classmethod
-    def from_file(cls, path: str | Path, text_len: int = 32) -> "TextTokenizer":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"tokenizer model {path} not found: train it with `python train.py stage=tokenizer data=...` "
-                "or set data.tokenizer.path"
-            )
-        return cls(path.read_bytes(), text_len)
-
-    # worker processes get a copy: send the bytes, rebuild the processor there
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_sp"}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._sp = self._load(self.model)
-
     @property
     def vocab_size(self) -> int:
-        return self._sp.GetPieceSize()
+        return self._backend.GetPieceSize()
 
     def encode(self, text: str) -> list[int]:
         """Ids of `text`, unpadded and untruncated."""
-        return self._sp.EncodeAsIds(text)  # one string at a time: a list call spins up threads (~40x slower)
+        return self._backend.EncodeAsIds(text)  # one string at a time: a list call spins up threads (~40x slower)
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Text of one id sequence; padding is dropped."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        return self._sp.DecodeIds([i for i in ids if i != PAD_ID])
+        return self._backend.DecodeIds([i for i in ids if i != PAD_ID])
 
 
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -211,10 +210,11 @@ class WordPieceTokenizer(FixedLengthTokenizer):
 
     kind = "wordpiece"
 
-    def __init__(self, vocab: bytes, text_len: int = 32):
-        super().__init__(vocab, text_len)
-        self._vocab = self._read_vocab(vocab)
-        self._pieces = self._build(self._vocab)
+    missing_hint = "give the vocab.txt of the pai-painter checkpoint folder"
+
+    def _load_backend(self) -> Tokenizer:
+        self._vocab = self._read_vocab(self.model)
+        return Tokenizer(WordPiece(self._vocab, unk_token="[UNK]", max_input_chars_per_word=100))
 
     @staticmethod
     def _read_vocab(vocab: bytes) -> dict[str, int]:
@@ -228,24 +228,6 @@ class WordPieceTokenizer(FixedLengthTokenizer):
             raise ValueError(f"vocab.txt has [PAD] at line {tokens['[PAD]'] + 1}: t2i needs it first (id 0), as in "
                              "BERT-Chinese's vocabulary")
         return tokens
-
-    @staticmethod
-    def _build(vocab: dict[str, int]) -> Tokenizer:
-        return Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-
-    @classmethod
-    def from_file(cls, path: str | Path, text_len: int = 32) -> "WordPieceTokenizer":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"vocab.txt {path} not found")
-        return cls(path.read_bytes(), text_len)
-
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_pieces"}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._pieces = self._build(self._vocab)
 
     @property
     def vocab_size(self) -> int:
@@ -262,7 +244,7 @@ class WordPieceTokenizer(FixedLengthTokenizer):
         words = self.words(text)
         if not words:
             return []
-        return self._pieces.encode(words, is_pretokenized=True, add_special_tokens=False).ids
+        return self._backend.encode(words, is_pretokenized=True, add_special_tokens=False).ids
 
     def _split_specials(self, text: str) -> list[str]:
         specials = [t for t in BERT_SPECIAL_TOKENS if t in self._vocab]
@@ -276,7 +258,7 @@ class WordPieceTokenizer(FixedLengthTokenizer):
         """Text of one id sequence: pieces joined (Chinese needs no spaces), padding dropped."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        pieces = [self._pieces.id_to_token(i) for i in ids if i != PAD_ID]
+        pieces = [self._backend.id_to_token(i) for i in ids if i != PAD_ID]
         return "".join(p[2:] if p and p.startswith("##") else p for p in pieces if p is not None)
 
 

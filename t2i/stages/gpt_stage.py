@@ -37,9 +37,10 @@ from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from t2i.checkpoints import GPTRecord, load_gpt, load_record_vqgan, vqgan_identity
+from t2i.data.tokenizer import load_tokenizer
 from t2i.models.gpt import GPT, GPTConfig
 from t2i.models.vqgan import VQGANConfig, VQModel, load_vqgan, weights_hash
-from t2i.sampling import SamplingConfig, decode_to_uint8, generate_codes, save_captioned_grid
+from t2i.sampling import SamplingConfig, decode_to_uint8, generate_codes, prompt_seeds, save_captioned_grid
 from t2i.stages.scaling import StepClock, apply_lr_scaling, grad_norm, run_steps, warmup_cosine, weight_decay_groups
 
 
@@ -92,28 +93,27 @@ class GPTStage(L.LightningModule):
     def from_config(cls, cfg: DictConfig, datamodule) -> "GPTStage":
         """Architecture from `model` and sizes from the data it will read, or everything from `stage.init_ckpt`."""
         stage = OmegaConf.to_container(cfg.stage, resolve=True)
-        init = None
-        if stage.get("init_ckpt"):  # fine-tune: the checkpoint's model, layout and tokenizer
-            init = load_gpt(stage["init_ckpt"])
-            datamodule.use_tokenizer(init[1].tokenizer_model())
+        init_gpt, init_record = load_gpt(stage["init_ckpt"]) if stage.get("init_ckpt") else (None, None)
+        if init_record is not None:  # fine-tune: the checkpoint's model, layout and tokenizer
+            datamodule.use_tokenizer(init_record.tokenizer_model())
         manifest = datamodule.cfg.manifest()
         if manifest.get("kind") == "codes":  # fast path: the VQGAN is needed only to draw sample grids
             vqgan_info = {"config": manifest["vqgan"], "checkpoint": manifest.get("vqgan_checkpoint"),
                           "sha256": manifest.get("vqgan_sha256"), "grid": list(manifest["grid"])}
             vqgan = _vqgan_for_samples(vqgan_info) if stage["sample_every_n_steps"] else None
         else:
-            vqgan, vqgan_info = _vqgan_for_images(cfg, datamodule, init[1] if init else None)
+            vqgan, vqgan_info = _vqgan_for_images(cfg, datamodule, init_record)
         h, w = vqgan_info["grid"]
         tokenizer = datamodule.tokenizer
-        if init is None:
+        if init_record is None:
             model = GPTConfig(**OmegaConf.to_container(cfg.model, resolve=True),
                               n_image_codes=vqgan_info["config"]["n_embed"], n_text_tokens=tokenizer.vocab_size,
                               text_len=tokenizer.text_len, image_len=h * w)
             origin = "trained from scratch"
         else:
-            model, record = init[1].config, init[1]
-            _check_same_vqgan(stage["init_ckpt"], record, vqgan_info)
-            origin = f"fine-tuned from {stage['init_ckpt']} ({record.training.get('origin', 'a t2i run')})"
+            model = init_record.config
+            _check_same_vqgan(stage["init_ckpt"], init_record, vqgan_info)
+            origin = f"fine-tuned from {stage['init_ckpt']} ({init_record.training.get('origin', 'a t2i run')})"
         record = {"tokenizer": {"kind": tokenizer.kind, "model": tokenizer.model, "text_len": tokenizer.text_len},
                   "vqgan": vqgan_info, "origin": origin}
         prompts = stage["sample_prompts"]
@@ -129,8 +129,8 @@ class GPTStage(L.LightningModule):
                      lr_reference_batch=stage["lr_reference_batch"], record=record, vqgan=vqgan,
                      sample_prompts=prompts, sample_every_n_steps=stage["sample_every_n_steps"],
                      sampling=SamplingConfig(**stage["sampling"]))
-        if init is not None:
-            module.gpt.load_state_dict(init[0].state_dict())
+        if init_gpt is not None:
+            module.gpt.load_state_dict(init_gpt.state_dict())
         return module
 
     @property
@@ -231,11 +231,13 @@ class GPTStage(L.LightningModule):
     def log_samples(self) -> None:
         """Images for the fixed prompts: a PNG grid (a row per prompt) + captions, and the logger's image panel."""
         if self._sample_text is None:  # the prompts are fixed: tokenize them once
-            self._sample_text = self.checkpoint_record().tokenizer_model()(self.sample_prompts)
+            self._sample_text = load_tokenizer(**self.record["tokenizer"])(self.sample_prompts)
         text = self._sample_text.to(self.device)
         was_training = self.gpt.training
         self.gpt.eval()
-        codes = generate_codes(self.gpt, text, self.sampling)
+        # seeded as task=generate seeds the same prompts: the grid shows what generate would draw
+        seeds = None if self.sampling.seed is None else prompt_seeds(self.sampling.seed, self.sample_prompts)
+        codes = generate_codes(self.gpt, text, self.sampling, seeds=seeds)
         self.gpt.train(was_training)
         h, w = self.record["vqgan"]["grid"]
         images = decode_to_uint8(self.vqgan, codes.view(-1, h, w)).cpu()
