@@ -3,6 +3,7 @@
     python experiments/bench_generate.py                      # base size, fp32 CPU, batches 1 and 8 (~16 min)
     python experiments/bench_generate.py --quick              # tiny model, a smoke test in seconds
     python experiments/bench_generate.py --recompute-steps 32 # estimate recomputation from 32 of its 256 forwards
+    python experiments/bench_generate.py --layout paipainter  # pai-painter-base: EasyNLP's loop vs t2i's sampler
 
 Random weights at the base size (12 layers, 12 heads, 768 wide, 32 text + 256 image positions,
 16,384 image codes, 16,000 text ids): speed does not depend on the weights. For each batch (number
@@ -12,6 +13,9 @@ the KV cache. The floor is the time to read, once per generated code, every weig
 forward touches (blocks, final LayerNorm, output head), at the memory bandwidth measured in the same
 run (best .sum() over a 1 GB fp32 tensor). Peak memory at the largest batch is measured in fresh
 subprocesses (peak RSS with and without sampling) on the CPU, max_memory_allocated on a GPU.
+With `--layout paipainter` the model is pai-painter-base's GPT exactly (pre-LN, 32 text + 256 image
+positions, a 37,512-id vocabulary of 16,384 codes + 21,128 BERT ids, a head over the image codes
+only), so recomputation is EasyNLP's own generation algorithm on its own architecture.
 Targets: KV cache >= 12x faster than recomputation at batch 1 and >= 20x at batch 8; KV-cache
 batch 1 within 1.5x of the floor.
 """
@@ -47,9 +51,13 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def build(quick: bool, device: str) -> GPT:
+PAIPAINTER = {"layout": "paipainter", "norm": "pre", "n_text_tokens": 21128}  # on top of BASE (or QUICK)
+
+
+def build(quick: bool, device: str, layout: str = "t2i") -> GPT:
     torch.manual_seed(0)
-    return GPT(GPTConfig(**(QUICK if quick else BASE))).eval().to(device)
+    size = {**(QUICK if quick else BASE), **(PAIPAINTER if layout == "paipainter" else {})}
+    return GPT(GPTConfig(**size)).eval().to(device)
 
 
 def prompts(model: GPT, batch: int, device: str) -> torch.Tensor:
@@ -167,7 +175,7 @@ def cache_bytes(model: GPT, batch: int) -> int:
 
 def memory_probe(args: argparse.Namespace) -> None:
     """Child process: build the model (and sample when asked), then print the peak RSS in bytes."""
-    model = build(args.quick, "cpu")
+    model = build(args.quick, "cpu", args.layout)
     text = prompts(model, args.probe_batch, "cpu")
     torch.ones(64, 64) @ torch.ones(64, 64)  # start the thread pool in both probes
     if args.memory_probe == "sample":
@@ -202,7 +210,7 @@ def peak_memory(args: argparse.Namespace, model: GPT, batch: int) -> tuple[int, 
     peaks = []
     for mode in ("build", "sample"):
         command = [sys.executable, __file__, "--memory-probe", mode, "--probe-batch", str(batch),
-                   "--top-k", str(args.top_k), *(["--quick"] if args.quick else []),
+                   "--top-k", str(args.top_k), "--layout", args.layout, *(["--quick"] if args.quick else []),
                    *(["--threads", str(args.threads)] if args.threads else [])]
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         peaks.append(json.loads(out.strip().splitlines()[-1])["peak"])
@@ -260,6 +268,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="tiny model (2 layers, 128 wide, 64 codes): a smoke test")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--layout", choices=["t2i", "paipainter"], default="t2i",
+                        help="paipainter: pai-painter-base's own GPT (EasyNLP's layout and vocabulary)")
     parser.add_argument("--top-k", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3, help="KV-cache runs per batch; the fastest counts")
     parser.add_argument("--recompute-repeats", type=int, default=1, help="recomputation runs per batch")
@@ -280,9 +290,9 @@ def main() -> None:
         memory_probe(args)
         return
 
-    model = build(args.quick, args.device)
+    model = build(args.quick, args.device, args.layout)
     cfg, sample_cfg = model.cfg, sampling(args.top_k)
-    size = "quick" if args.quick else "base"
+    size = ("quick" if args.quick else "base") + (" pai-painter" if args.layout == "paipainter" else "")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"\n{machine(args.device)}")
     print(f"{size} GPT: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, {cfg.text_len} text + "
@@ -316,7 +326,7 @@ def main() -> None:
             "-" if kv is None else f"{kv:.4f}", "-" if kv is None else f"{kv / floor:.2f}x", f"<= {FLOOR_TARGET}x",
             "-" if kv is None else ("met" if kv / floor <= FLOOR_TARGET else "MISSED")]])
     kv_read = kv_read_per_step(model, 1)
-    print(f"\nfloor = {read / MB:.1f} MB (blocks, final LayerNorm, {head_rows_read(model)} of {cfg.vocab_size} head "
+    print(f"\nfloor = {read / MB:.1f} MB (blocks, final LayerNorm, {head_rows_read(model)} of {model.head.out_features} head "
           f"rows) x {cfg.image_len} steps / {rate / 1e9:.1f} GB/s (best of 10 sums over {args.bandwidth_gb:g} GB).\n"
           f"The batch-1 attention also reads {kv_read / MB:.1f} MB of cached keys and values per step on average "
           f"({kv_read / read:.1%} more), not counted.\nLinears alone: one position through every linear layer and "
