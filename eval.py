@@ -40,7 +40,8 @@ from t2i.eval.text_to_image import (
     select_prompts,
     warn_unavailable,
 )
-from t2i.models.vqgan import VQGANConfig, load_vqgan
+from t2i.checkpoints import load_vqgan
+from t2i.models.vqgan import VQGANConfig
 from t2i.sampling import Generator, SamplingConfig, resolve_sampling, save_captioned_grid
 
 log = logging.getLogger("eval")

@@ -47,7 +47,8 @@ from tqdm import tqdm
 from t2i.data.shards import (IMAGE_EXTENSIONS, MANIFEST, ShardStats, describe, read_manifest, shard_done, stats_path,
                              write_atomic, write_manifest, write_shard)
 from t2i.data.stream import complete_samples, decode_image, to_unit_range
-from t2i.models.vqgan import VQGANConfig, VQModel, load_vqgan, weights_hash
+from t2i.checkpoints import load_vqgan, weights_hash
+from t2i.models.vqgan import VQGANConfig, VQModel
 
 VQGAN_CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf" / "vqgan"
 TOKENIZER = "tokenizer.model"

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from t2i.checkpoints import RECORD_VERSION, GPTRecord, load_gpt
-from t2i.models.vqgan import read_checkpoint
+from t2i.checkpoints import RECORD_VERSION, GPTRecord, load_gpt, read_checkpoint
 
 
 def test_a_version_1_record_is_upgraded(gpt_run, tmp_path):

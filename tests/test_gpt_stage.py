@@ -13,10 +13,9 @@ from PIL import Image
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from t2i.checkpoints import RECORD_VERSION
+from t2i.checkpoints import RECORD_VERSION, read_checkpoint
 from t2i.data.datamodule import DataConfig, ShardDataModule
 from t2i.models.gpt import GPTConfig
-from t2i.models.vqgan import read_checkpoint
 from t2i.stages.gpt_stage import GPTStage
 
 REPO = Path(__file__).parents[1]

@@ -20,12 +20,12 @@ import pytest
 import torch
 
 from t2i import pretokenize
-from t2i.checkpoints import GPTRecord, load_gpt, save_gpt
+from t2i.checkpoints import GPTRecord, load_gpt, load_vqgan, save_gpt
 from t2i.data.datamodule import DataConfig
 from t2i.interop.__main__ import main as interop
 from t2i.interop.paipainter import TAMING_KEYS, export_paipainter, import_paipainter
 from t2i.models.gpt import GPT, GPTConfig
-from t2i.models.vqgan import VQGANConfig, VQModel, load_vqgan
+from t2i.models.vqgan import VQGANConfig, VQModel
 from t2i.sampling import Generator, SamplingConfig
 
 REPO = Path(__file__).parents[1]

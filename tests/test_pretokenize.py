@@ -19,7 +19,8 @@ from t2i.data.convert import run as convert
 from t2i.data.datamodule import DataConfig, ShardDataModule
 from t2i.data.stream import decode_codes
 from t2i.data.tokenizer import train_sentencepiece
-from t2i.models.vqgan import VQGANConfig, VQModel, weights_hash
+from t2i.checkpoints import weights_hash
+from t2i.models.vqgan import VQGANConfig, VQModel
 
 N_TRAIN, N_VAL, SHARD, BATCH = 40, 8, 16, 5  # 3 train shards (16, 16, 8); batches of 5 leave partial ones
 CFG = VQGANConfig(resolution=32, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], z_channels=16,

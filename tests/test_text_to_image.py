@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from t2i.checkpoints import read_checkpoint
 from t2i.data.datamodule import DataConfig, ShardDataModule
 from t2i.data.shards import ImageOptions, Row, write_manifest, write_split
 from t2i.data.stream import complete_samples
@@ -31,7 +32,6 @@ from t2i.eval.text_to_image import (
     select_prompts,
 )
 from t2i.models.gpt import GPT, GPTConfig
-from t2i.models.vqgan import read_checkpoint
 from t2i.sampling import SamplingConfig, generate_codes, prompt_seeds
 
 REPO = Path(__file__).parents[1]

@@ -18,8 +18,8 @@ import torchvision
 
 from t2i.models.losses import (PatchDiscriminator, VQGANLoss, VQGANLossConfig, adaptive_weight,
                                build_lpips, hinge_d_loss)
-from t2i.models.vqgan import (VectorQuantizer, VQGANConfig, VQModel, load_vqgan, load_weights,
-                              read_checkpoint, vqgan_state_dict, weights_hash)
+from t2i.checkpoints import load_vqgan, load_weights, read_checkpoint, vqgan_state_dict, weights_hash
+from t2i.models.vqgan import VectorQuantizer, VQGANConfig, VQModel
 
 SMALL = dict(resolution=32, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8],
              z_channels=16, embed_dim=8, n_embed=64)

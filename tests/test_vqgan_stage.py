@@ -17,7 +17,8 @@ from t2i.data.convert import run as convert
 from t2i.data.datamodule import ShardDataModule
 from t2i.data.tokenizer import train_sentencepiece
 from t2i.models.losses import VQGANLossConfig
-from t2i.models.vqgan import VQGANConfig, load_vqgan, weights_hash
+from t2i.checkpoints import load_vqgan, weights_hash
+from t2i.models.vqgan import VQGANConfig
 from t2i.stages.vqgan_stage import CodebookConfig, VQGANStage, broadcast_from_rank_zero
 
 REPO = Path(__file__).parents[1]

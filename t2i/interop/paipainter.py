@@ -25,10 +25,19 @@ from pathlib import Path
 
 import torch
 
-from t2i.checkpoints import GPTRecord, load_gpt, load_record_vqgan, save_gpt, save_vqgan, vqgan_identity
+from t2i.checkpoints import (
+    GPTRecord,
+    load_gpt,
+    load_record_vqgan,
+    load_weights,
+    read_checkpoint,
+    save_gpt,
+    save_vqgan,
+    vqgan_identity,
+)
 from t2i.data.tokenizer import WordPieceTokenizer
 from t2i.models.gpt import GPT, GPTConfig
-from t2i.models.vqgan import VQGANConfig, VQModel, load_weights, read_checkpoint
+from t2i.models.vqgan import VQGANConfig, VQModel
 from t2i.sampling import SamplingConfig
 
 GPT_PREFIX, VQGAN_PREFIX = "transformer.", "first_stage_model."

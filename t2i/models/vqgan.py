@@ -1,7 +1,7 @@
 """VQGAN image tokenizer with taming-transformers' architecture and parameter names.
 
 A taming checkpoint (e.g. the ImageNet f16_16384 model EasyNLP uses) loads into `VQModel` with
-strict key and shape checks and encodes/decodes as taming does. Layout, top to bottom:
+strict key and shape checks (t2i.checkpoints.load_vqgan) and encodes/decodes as taming does. Layout, top to bottom:
 
     image -> Encoder -> quant_conv -> VectorQuantizer -> codes [B, h, w]
     codes -> embedding -> post_quant_conv -> Decoder -> image
@@ -11,11 +11,8 @@ Everything here is a plain nn.Module; training (losses, optimizers) lives in sta
 
 from __future__ import annotations
 
-import hashlib
 import math
-import pickle
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -286,128 +283,3 @@ def codebook_usage(counts: torch.Tensor) -> dict:
     p = counts / counts.sum().clamp_min(1)
     entropy = -(p * p.clamp_min(1e-12).log()).sum()
     return {"used": (counts > 0).float().mean(), "perplexity": entropy.exp()}
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: taming-transformers' (weights at the top level, LPIPS/discriminator under
-# `loss.*`, no config inside) and ours (VQGANStage: weights under `vqgan.`, config under "t2i").
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """torch.load on the CPU that runs no code from the file: tensors and what torch's weights_only allows.
-
-    Tensors-only unpickling first (torch's weights_only). A taming .ckpt also pickles Lightning 1.x
-    objects beside the weights (its callbacks' classes and states, by module path), which that
-    refuses: such a file is read again with every class that torch's weights-only loading does not
-    allow replaced by an inert stand-in (a dict subclass that keeps the pickled state and calls
-    nothing), so its weights load whether or not `pytorch_lightning` is installed. Everything else,
-    tensors and storages included, is rebuilt only by what torch allows, as with weights_only.
-    """
-    import pickletools
-    import types
-    import zipfile
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        refused = error
-    if not zipfile.is_zipfile(path):
-        raise pickle.UnpicklingError(
-            f"{path} holds more than tensors and is in torch's pre-1.6 format, which t2i reads tensors-only: "
-            "re-save its state_dict (torch.save({'state_dict': ckpt['state_dict']}, ...)) where it loads") from refused
-    # the globals the file names, and torch's verdict on them (tensors, storages, containers: allowed)
-    with zipfile.ZipFile(path) as archive:
-        pickled = next(name for name in archive.namelist() if name.endswith("/data.pkl") and name.count("/") == 1)
-        named = {arg.replace(" ", ".", 1) for op, arg, _ in pickletools.genops(archive.read(pickled))
-                 if op.name == "GLOBAL"}
-    allowed = named - set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-
-    class StandIn(dict):
-        """An object of a class torch does not allow: its pickled arguments and state, nothing run."""
-
-        def __new__(cls, *args, **kwargs):
-            return dict.__new__(cls)
-
-        def __init__(self, *args, **kwargs):
-            super().__init__()
-            self.__dict__["args"] = args
-
-        def __setstate__(self, state):
-            self.__dict__["state"] = state
-
-        def append(self, item):
-            self.__dict__.setdefault("items", []).append(item)
-
-        def extend(self, items):
-            for item in items:
-                self.append(item)
-
-    stand_ins: dict[str, type] = {}
-
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module: str, name: str):
-            full = f"{module}.{name}"
-            if full in allowed:
-                return super().find_class(module, name)
-            if full not in stand_ins:  # one class per name: classes pickled as dict keys stay distinct
-                stand_ins[full] = type(name, (StandIn,), {"__module__": module, "__qualname__": name})
-            return stand_ins[full]
-
-    restricted = types.ModuleType("t2i_restricted_pickle")
-    restricted.Unpickler = Unpickler
-    restricted.load = lambda file, **kwargs: Unpickler(file, **kwargs).load()
-    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted)
-
-
-def vqgan_state_dict(checkpoint: dict) -> dict:
-    """The VQModel weights inside a checkpoint (or a bare state dict), `loss.*` left out."""
-    state = checkpoint.get("state_dict", checkpoint)
-    if any(key.startswith("vqgan.") for key in state):
-        state = {key[len("vqgan."):]: value for key, value in state.items() if key.startswith("vqgan.")}
-    return {key: value for key, value in state.items() if not key.startswith("loss.")}
-
-
-def load_weights(model: nn.Module, state: dict, source: str, what: str = "VQGAN") -> None:
-    """Strict load that says which keys are missing, unexpected or mis-shaped (`what`: the model's name)."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    misshaped = [f"{key}: checkpoint {tuple(state[key].shape)}, model {tuple(expected[key].shape)}"
-                 for key in expected if key in state and state[key].shape != expected[key].shape]
-    if missing or unexpected or misshaped:
-        parts = [f"{name} ({len(keys)}): {', '.join(keys[:20])}{' ...' if len(keys) > 20 else ''}"
-                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
-        raise ValueError(f"{source} does not fit this {what} config:\n  " + "\n  ".join(parts))
-    model.load_state_dict(state, strict=True)
-
-
-def load_vqgan(path: str | Path, cfg: VQGANConfig | None = None, fallback: VQGANConfig | None = None) -> VQModel:
-    """A VQModel from our checkpoint (config inside) or taming's (pass its config, e.g. f16_16384).
-
-    `cfg` overrides the saved config; `fallback` is used only when the checkpoint carries none.
-    """
-    checkpoint = read_checkpoint(path)
-    saved = checkpoint.get("t2i", {}).get("vqgan")
-    if cfg is None and saved is None:
-        cfg = fallback
-    if cfg is None:
-        if saved is None:
-            raise ValueError(f"{path} carries no VQGAN config (a taming checkpoint?): give its config, "
-                             "e.g. vqgan=f16_16384")
-        cfg = VQGANConfig(**saved)
-    model = VQModel(cfg)
-    load_weights(model, vqgan_state_dict(checkpoint), str(path))
-    return model.eval()
-
-
-def weights_hash(model: nn.Module) -> str:
-    """sha256 of the weights (names, shapes and bytes), to tie code shards to the VQGAN that made them."""
-    digest = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(str(tuple(value.shape)).encode())
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()

@@ -36,10 +36,10 @@ from hydra.utils import instantiate
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
-from t2i.checkpoints import GPTRecord, load_gpt, load_record_vqgan, vqgan_identity
+from t2i.checkpoints import GPTRecord, load_gpt, load_record_vqgan, load_vqgan, vqgan_identity, weights_hash
 from t2i.data.tokenizer import load_tokenizer
 from t2i.models.gpt import GPT, GPTConfig
-from t2i.models.vqgan import VQGANConfig, VQModel, load_vqgan, weights_hash
+from t2i.models.vqgan import VQGANConfig, VQModel
 from t2i.sampling import SamplingConfig, decode_to_uint8, generate_codes, prompt_seeds, save_captioned_grid
 from t2i.stages.scaling import StepClock, apply_lr_scaling, grad_norm, run_steps, warmup_cosine, weight_decay_groups
 

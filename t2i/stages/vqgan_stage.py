@@ -27,7 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from t2i.models.losses import VQGANLoss, VQGANLossConfig
-from t2i.models.vqgan import VQGANConfig, VQModel, codebook_usage, load_weights, read_checkpoint, vqgan_state_dict
+from t2i.checkpoints import load_weights, read_checkpoint, vqgan_state_dict
+from t2i.models.vqgan import VQGANConfig, VQModel, codebook_usage
 from t2i.stages.scaling import StepClock, apply_lr_scaling, run_steps, warmup_cosine
 
 
