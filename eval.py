@@ -41,6 +41,7 @@ from t2i.eval.text_to_image import (
     warn_unavailable,
 )
 from t2i.checkpoints import load_vqgan
+from t2i.precision import set_matmul_precision
 from t2i.models.vqgan import VQGANConfig
 from t2i.sampling import Generator, SamplingConfig, resolve_sampling, save_captioned_grid
 
@@ -95,8 +96,9 @@ def generate(cfg: DictConfig, fabric: Fabric) -> dict:
     generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device)
     sampling, batch_size = sampling_options(cfg, generator)
     text_ids = generator.tokenizer(prompts)  # what the model receives, recorded for inspection
-    codes = generator.sample_codes(prompts, sampling, batch_size=batch_size)
-    images = generator.decode(codes, batch_size)
+    with fabric.autocast():  # trainer.precision (fp32 unless asked)
+        codes = generator.sample_codes(prompts, sampling, batch_size=batch_size)
+        images = generator.decode(codes, batch_size)
     out = Path(HydraConfig.get().runtime.output_dir) / "samples"
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "codes.npy", codes.cpu().numpy().astype(np.int64))  # [prompts x samples, h, w]
@@ -154,12 +156,14 @@ def text_to_image(cfg: DictConfig, fabric: Fabric) -> dict | None:
     if fabric.is_global_zero and cfg.get("logger"):
         logger = instantiate(cfg.logger)
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # the resolved config (W&B: the run config)
-    results = evaluate(generator, loader, sampling, eval_cfg, out, scorer, fidelity, logger,
-                       seeds=prompts.seeds(sampling.seed), batch_size=batch_size)
+    with fabric.autocast():  # trainer.precision (fp32 unless asked)
+        results = evaluate(generator, loader, sampling, eval_cfg, out, scorer, fidelity, logger,
+                           seeds=prompts.seeds(sampling.seed), batch_size=batch_size)
     if results is None:  # not the main process
         return None
     results = {"task": "t2i", "name": cfg.name or Path(cfg.ckpt).resolve().parent.parent.name, "ckpt": str(cfg.ckpt),
-               "data": cfg.data.name, "split": cfg.split, "prompt_set": prompts.protocol(), **results}
+               "data": cfg.data.name, "split": cfg.split, "prompt_set": prompts.protocol(), **results,
+               "precision": precision_record(cfg)}
     if scorer is None:
         results["caption_loss_unavailable"] = caption_model
     else:
@@ -185,6 +189,11 @@ def _fidelity_factory(cfg: DictConfig, dm: ShardDataModule, prompts: PromptSet, 
                                        generated_per_real=samples_per_prompt, protocol=counts)
 
 
+def precision_record(cfg: DictConfig) -> dict:
+    """What the numbers were computed in: the autocast precision and the float32 matmul precision."""
+    return {"trainer": str(cfg.trainer.precision), "matmul": cfg.matmul_precision}
+
+
 TASKS = {"t2i": text_to_image, "generate": generate, "reconstruct": reconstruct, "oracle": oracle_on_real_images}
 
 
@@ -193,6 +202,7 @@ def main(cfg: DictConfig):
     if cfg.task not in TASKS:
         raise ValueError(f"task={cfg.task} is not one of: {', '.join(TASKS)}")
     check_devices(cfg.trainer.accelerator, cfg.trainer.devices)
+    set_matmul_precision(cfg.matmul_precision)
     fabric = Fabric(**OmegaConf.to_container(cfg.trainer, resolve=True))
     if fabric.world_size > 1 and cfg.task != "t2i":
         raise ValueError(f"task={cfg.task} runs in one process: set trainer.devices=1 trainer.num_nodes=1 "
@@ -200,6 +210,7 @@ def main(cfg: DictConfig):
     results = TASKS[cfg.task](cfg, fabric)
     if not fabric.is_global_zero:
         return None
+    results.setdefault("precision", precision_record(cfg))
     out = Path(HydraConfig.get().runtime.output_dir) / "results.json"
     out.write_text(json.dumps(results, ensure_ascii=False, indent=1))
     log.info("%s\nwritten to %s", json.dumps(results, ensure_ascii=False, indent=1), out)

@@ -17,6 +17,7 @@ from t2i.callbacks import AtomicCheckpointIO, hpc_checkpoint, last_checkpoint, s
 from t2i.data.datamodule import DataConfig, ShardDataModule
 from t2i.data.tokenizer import fit_tokenizer
 from t2i.devices import check_devices
+from t2i.precision import set_matmul_precision
 from t2i.stages.gpt_stage import GPTStage
 from t2i.stages.vqgan_stage import VQGANStage
 
@@ -114,6 +115,7 @@ def objective(cfg: DictConfig, metrics: dict) -> float | None:
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig):
+    set_matmul_precision(cfg.matmul_precision)
     if cfg.stage.name == "tokenizer":
         return train_tokenizer(cfg)
     metrics = train_lightning_stage(cfg)

@@ -1,4 +1,5 @@
-"""Lightning callbacks the configs instantiate (conf/callbacks/), and the pieces train.py resumes runs with:
+"""Lightning callbacks the configs instantiate (conf/callbacks/): throughput and MFU, checkpoints and resumes;
+and the pieces train.py resumes runs with:
 the atomic checkpoint writer, `ckpt_path=last`, the W&B run id kept in checkpoints; and the Hydra callback
 (conf/hydra/default.yaml) that checks a SLURM sweep's request before anything is submitted."""
 
@@ -6,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 import warnings
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.experimental.callback import Callback as HydraCallback
+from lightning.fabric.utilities.throughput import Throughput, get_available_flops
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -20,6 +23,74 @@ from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig
 
 WANDB_RUN_ID = "wandb_run_id"  # checkpoint key: the W&B run a resumed run continues
+
+
+class TrainingThroughput(Callback):
+    """Training speed as users compare it: samples/s, tokens/s, FLOP/s and MFU (model FLOPs utilisation:
+    the model's FLOP/s over the device's peak), per device, in the logs, W&B and (MFU, tokens/s) the
+    progress bar.
+
+    Rates come from Lightning's `Throughput` (rolling averages over the last `window` batches) and the
+    peak from Lightning's table of devices for the trainer's compute dtype (bf16 for bf16-mixed, ...);
+    `peak_flops` gives it where the table has no entry (it names CUDA chips only, not every variant:
+    a plain "NVIDIA H200", say) or to compare against another figure. Lightning's ThroughputMonitor
+    wraps the same class but writes to the logger alone and cannot take a peak.
+    The stage says what a batch is worth: `throughput_counts(batch) -> (samples, tokens, flops)` for
+    this device. Time counts from the end of one training batch to the end of the next (data loading
+    included), validation excluded.
+    """
+
+    def __init__(self, window: int = 20, peak_flops: float | None = None):
+        if window < 2:
+            raise ValueError(f"callbacks.throughput.window must be >= 2 batches, got {window}")
+        self.window, self.peak_flops = window, peak_flops
+        self._throughput: Throughput | None = None
+        self._elapsed, self._last = 0.0, None
+        self._samples = self._tokens = self._batches = 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        peak = self.peak_flops
+        if peak is None and trainer.strategy.root_device.type == "cuda":
+            peak = get_available_flops(trainer.strategy.root_device, _compute_dtype(trainer))
+        self._throughput = Throughput(available_flops=peak, world_size=trainer.world_size, window_size=self.window)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last = time.perf_counter()  # the next batch's time starts after validation
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()  # the batch's kernels, not only their launches
+        now = time.perf_counter()
+        self._elapsed += now - self._last
+        self._last = now
+        samples, tokens, flops = pl_module.throughput_counts(batch)
+        self._samples, self._tokens, self._batches = self._samples + samples, self._tokens + tokens, self._batches + 1
+        # Throughput takes per-device samples and lengths but the FLOPs of all devices together
+        self._throughput.update(time=self._elapsed, batches=self._batches, samples=self._samples,
+                                lengths=self._tokens, flops=flops * trainer.world_size)
+        metrics = self._throughput.compute()
+        logged = {"train/samples_per_s": metrics.get("device/samples_per_sec"),
+                  "train/tokens_per_s": metrics.get("device/items_per_sec"),
+                  "train/flops_per_s": metrics.get("device/flops_per_sec")}
+        pl_module.log_dict({k: v for k, v in logged.items() if v is not None}, rank_zero_only=True)
+        if "device/items_per_sec" in metrics:
+            pl_module.log("tok/s", metrics["device/items_per_sec"], prog_bar=True, logger=False, rank_zero_only=True)
+        if "device/mfu" in metrics:
+            pl_module.log("train/mfu", metrics["device/mfu"], prog_bar=True, rank_zero_only=True)
+
+
+def _compute_dtype(trainer: L.Trainer) -> torch.dtype:
+    """The dtype the matmuls run in under the trainer's precision: the peak MFU is measured against."""
+    precision = str(trainer.precision)
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return torch.float64 if precision.startswith("64") else torch.float32
 
 
 class LastCheckpoint(ModelCheckpoint):

@@ -47,6 +47,7 @@ def gpt_run(codes_root, tmp_path_factory):
          "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
          "trainer.enable_progress_bar=false", "stage.warmup_steps=2", "stage.sample_every_n_steps=3",
          "stage.num_sample_prompts=2", "stage.sampling.samples_per_prompt=3", "stage.caption_prob=0.5",
+         "callbacks.throughput.window=2", "callbacks.throughput.peak_flops=1e9",
          f"hydra.run.dir={run_dir}"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

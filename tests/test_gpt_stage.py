@@ -88,7 +88,7 @@ def test_paipainter_layout_trains_on_image_codes_only():
 def test_train_py_on_code_shards_writes_a_self_contained_checkpoint(codes_root, gpt_run):
     run_dir = gpt_run
     metrics = (run_dir / "csv" / "version_0" / "metrics.csv").read_text()
-    for name in ("train/image_loss", "train/text_loss", "train/tokens_per_s", "val/loss"):
+    for name in ("train/image_loss", "train/text_loss", "train/tokens_per_s", "train/mfu", "val/loss"):
         assert name in metrics
     checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     record = checkpoint["t2i"]

@@ -190,6 +190,7 @@ def test_eval_py_scores_with_and_without_reranking(codes_root, gpt_run, inceptio
         assert metrics["fid"] > 0 and math.isfinite(metrics["is_mean"])
         protocol = metrics["protocol"]
         assert protocol["real_images"] == 6 and protocol["generated_images"] == 12 and protocol["feature_layer"] == "64"
+    assert results["precision"] == {"trainer": "32-true", "matmul": "highest"}  # recorded with the numbers
     assert len(list((tmp_path / "stats").glob("*.npz"))) == 1  # real statistics computed once, shared
     assert results["sampling"]["top_k"] == 100  # the checkpoint's sampling options (stage.sampling)
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "grid_rerank_3.png").is_file()

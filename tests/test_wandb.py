@@ -21,6 +21,7 @@ def test_gpt_run_logs_metrics_samples_and_config_offline(codes_root, tmp_path):
          "data=shapes_codes", f"data.root={codes_root}", "data.batch_size=16", "data.num_workers=0", "trainer=cpu",
          "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
          "trainer.enable_progress_bar=false", "stage.sample_every_n_steps=2", "stage.num_sample_prompts=2",
+         "callbacks.throughput.window=2", "callbacks.throughput.peak_flops=1e9",
          "logger=wandb", "logger.tags=[test]", "logger.log_model=true", f"hydra.run.dir={tmp_path}"],
         # offline through wandb's own switch: Lightning refuses logger.offline=true with log_model
         cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -30,7 +31,7 @@ def test_gpt_run_logs_metrics_samples_and_config_offline(codes_root, tmp_path):
     records = read_records(run_file)
     items = [item for r in records if r.HasField("history") for item in r.history.item]
     logged = {item.key or item.nested_key[0] for item in items}  # media are logged as nested fields
-    assert {"train/loss", "train/image_loss", "train/text_loss", "train/tokens_per_s", "val/loss"} <= logged
+    assert {"train/loss", "train/image_loss", "train/text_loss", "train/tokens_per_s", "train/mfu", "val/loss"} <= logged
     captions = [json.loads(item.value_json) for item in items if list(item.nested_key) == ["val/samples", "captions"]]
     first_prompt = next(DataConfig(root=str(codes_root)).captions("val"))
     assert captions and first_prompt in captions[0]  # the sample grid panel, captioned with its prompts

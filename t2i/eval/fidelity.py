@@ -35,6 +35,8 @@ from torch_fidelity.metric_isc import (
 )
 from tqdm import tqdm
 
+from t2i.precision import exact_fp32
+
 FID_LAYERS = ("64", "192", "768", "2048")  # pooled activations; "2048" is the standard FID
 IS_LAYER = "logits_unbiased"  # the fc layer without its bias: what the original TF Inception Score used
 LAYERS = (*FID_LAYERS, IS_LAYER, "logits")
@@ -94,7 +96,9 @@ class InceptionFeatures:
         """Features of one batch, float32 on the CPU, keyed by layer."""
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 images [N, 3, H, W], got {images.dtype} {list(images.shape)}")
-        features = self.model(images.to(self.device))
+        # fp32 as the reference statistics were computed: no autocast, no TF32 (t2i.precision)
+        with exact_fp32(torch.device(self.device).type):
+            features = self.model(images.to(self.device))
         return {layer: feature.cpu() for layer, feature in zip(self.layers, features)}
 
     def extract(self, batches: Iterable[torch.Tensor], desc: str = "inception") -> dict[str, torch.Tensor]:

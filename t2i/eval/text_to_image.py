@@ -479,6 +479,9 @@ def markdown_table(results: dict) -> str:
     if results["rerank"] > 1:
         notes.append(f"rerank_{results['rerank']}: the lowest Caption Loss of {results['rerank']} candidates per image "
                      f"(scored by {results.get('caption_model')})")
+    if "precision" in results:
+        notes.append(f"computed in {results['precision']['trainer']}, float32 matmuls at "
+                     f"'{results['precision']['matmul']}' precision")
     if results.get("caption_loss_unavailable"):
         notes.append(f"Caption Loss and reranking unavailable: {results['caption_loss_unavailable']}")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"

@@ -13,6 +13,9 @@ attention runs through F.scaled_dot_product_attention (flash attention on GPUs).
 
 `forward(tokens, cache=...)` with a `KVCache` appends the new positions' keys and values to
 preallocated per-layer buffers, so sampling costs one position per step.
+
+`checkpoint_activations` (a training switch, not part of the architecture) recomputes each block's
+activations in the backward pass instead of keeping them: memory for depth (`large` on one GPU).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from t2i.models.layout import TokenLayout
 
@@ -160,6 +164,7 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         if cfg.tie_head:
             self.head.weight = self.tok_emb.weight
+        self.checkpoint_activations = False
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -185,8 +190,10 @@ class GPT(nn.Module):
         if start + tokens.shape[1] > self.cfg.block_size:
             raise ValueError(f"sequence of {start + tokens.shape[1]} exceeds block_size {self.cfg.block_size}")
         x = self.drop(self.tok_emb(tokens) + self.pos_emb[:, start:start + tokens.shape[1]])
+        recompute = self.checkpoint_activations and self.training and cache is None and torch.is_grad_enabled()
         for layer, block in enumerate(self.blocks):
-            x = block(x, cache, layer)
+            # non-reentrant checkpointing replays dropout with the same random state in the recomputation
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x, cache, layer)
         if cache is not None:
             cache.length += tokens.shape[1]
         if last:
@@ -196,6 +203,16 @@ class GPT(nn.Module):
             return self.head(x)
         rows = slice(0, head_rows) if isinstance(head_rows, int) else head_rows
         return F.linear(x, self.head.weight[rows])  # a block of rows: a view, no copy
+
+    def flops_per_sequence(self, length: int) -> int:
+        """Training FLOPs (forward + backward) of one sequence of `length` positions, as MFU counts them
+        (PaLM's convention): 6 per weight of every linear layer and position (2 forward, 4 backward),
+        plus 12 * n_embd * length per layer and position for the attention scores and the weighted
+        values over the whole sequence (causal masking not subtracted; norms, softmax and the
+        embedding lookup not counted, nor the recomputation of activation checkpointing)."""
+        cfg = self.cfg
+        linear_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6 * linear_weights * length + 12 * cfg.n_layer * cfg.n_embd * length * length
 
     def new_cache(self, batch_size: int) -> KVCache:
         param = self.pos_emb

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from t2i.precision import exact_fp32
+
 
 @dataclass
 class VQGANConfig:
@@ -210,8 +212,9 @@ class VectorQuantizer(nn.Module):
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """Code index for each vector of z [..., embed_dim]."""
-        # in float32 even under autocast: a bf16 matmul picks a non-nearest code for a few % of vectors
-        with torch.autocast(z.device.type, enabled=False):
+        # exact fp32 whatever autocast or TF32 say: a bf16 or TF32 distance picks a non-nearest code for a
+        # few % of vectors
+        with exact_fp32(z.device.type):
             return self._nearest(z.float())
 
     def _nearest(self, z: torch.Tensor) -> torch.Tensor:

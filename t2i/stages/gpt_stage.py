@@ -19,10 +19,17 @@ Codes come from code shards (fast path: `python -m t2i.pretokenize`) or from ima
 on the fly by a frozen VQGAN (`stage.vqgan_ckpt`, EasyNLP's way): the data manifest decides.
 Every `sample_every_n_steps` steps rank 0 samples images for fixed prompts (the first validation
 captions unless `stage.sample_prompts` names them) and logs the grid with its captions.
+
+Speed switches (conf/stage/gpt.yaml; none changes what is computed): `compile` runs the GPT's training
+and validation forward through torch.compile (sampling stays eager: its shapes change every step);
+`fused_optimizer` picks the optimizer's single-kernel implementation (auto: on CUDA);
+`activation_checkpointing` recomputes each block's activations in the backward pass. The run's log
+records what each resolved to (run/...).
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import warnings
 from dataclasses import asdict
@@ -41,7 +48,7 @@ from t2i.data.tokenizer import load_tokenizer
 from t2i.models.gpt import GPT, GPTConfig
 from t2i.models.vqgan import VQGANConfig, VQModel
 from t2i.sampling import SamplingConfig, decode_to_uint8, generate_codes, prompt_seeds, save_captioned_grid
-from t2i.stages.scaling import StepClock, apply_lr_scaling, grad_norm, run_steps, warmup_cosine, weight_decay_groups
+from t2i.stages.scaling import apply_lr_scaling, grad_norm, run_steps, warmup_cosine, weight_decay_groups
 
 
 class GPTStage(L.LightningModule):
@@ -63,6 +70,10 @@ class GPTStage(L.LightningModule):
         sample_prompts: list[str] | None = None,
         sample_every_n_steps: int = 0,  # 0: no sample grids during training
         sampling: SamplingConfig | None = None,
+        compile: bool = False,
+        compile_mode: str | None = None,  # torch.compile's mode: None (default), "max-autotune", ...
+        fused_optimizer: bool | str = "auto",
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         for name, p in (("pkeep", pkeep), ("cond_drop", cond_drop), ("caption_prob", caption_prob)):
@@ -73,7 +84,14 @@ class GPTStage(L.LightningModule):
                              "stage.caption_prob=0 (experiment=paipainter_finetune does)")
         if txt_loss_scale < 0:
             raise ValueError(f"stage.txt_loss_scale must be >= 0, got {txt_loss_scale}")
+        if fused_optimizer not in (True, False, "auto"):
+            raise ValueError(f"stage.fused_optimizer must be true, false or auto, got {fused_optimizer!r}")
         self.gpt = GPT(model)
+        self.gpt.checkpoint_activations = activation_checkpointing
+        # counted once, before any strategy shards the weights
+        self.flops_per_sequence = self.gpt.flops_per_sequence(model.block_size - 1)
+        self.compile, self.compile_mode, self.fused_optimizer = compile, compile_mode, fused_optimizer
+        self._compiled_forward = None  # the GPT's forward through torch.compile (configure_model)
         self.optimizer = optimizer
         self.txt_loss_scale, self.pkeep = txt_loss_scale, pkeep
         self.cond_drop, self.caption_prob = cond_drop, caption_prob
@@ -86,7 +104,6 @@ class GPTStage(L.LightningModule):
         self.sample_every_n_steps = sample_every_n_steps
         self.sampling = sampling or SamplingConfig()
         self._sample_text = None  # token ids of sample_prompts
-        self._clock = StepClock()
         self._image_dir: Path | None = None  # <log dir>/images, set when fitting starts
 
     @classmethod
@@ -128,7 +145,9 @@ class GPTStage(L.LightningModule):
                      min_lr_ratio=stage["min_lr_ratio"], lr_scaling=stage["lr_scaling"],
                      lr_reference_batch=stage["lr_reference_batch"], record=record, vqgan=vqgan,
                      sample_prompts=prompts, sample_every_n_steps=stage["sample_every_n_steps"],
-                     sampling=SamplingConfig(**stage["sampling"]))
+                     sampling=SamplingConfig(**stage["sampling"]), compile=stage["compile"],
+                     compile_mode=stage["compile_mode"], fused_optimizer=stage["fused_optimizer"],
+                     activation_checkpointing=stage["activation_checkpointing"])
         if init_gpt is not None:
             module.gpt.load_state_dict(init_gpt.state_dict())
         return module
@@ -186,6 +205,16 @@ class GPTStage(L.LightningModule):
         with torch.autocast(self.device.type, enabled=False):
             return self.vqgan.encode(batch["image"].float()).flatten(1)
 
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The training and validation forward (compiled with stage.compile)."""
+        return self.gpt(inputs) if self._compiled_forward is None else self._compiled_forward(inputs)
+
+    def configure_model(self) -> None:
+        if self.compile and self._compiled_forward is None:
+            # the module's forward, compiled: the GPT's parameters, state dict and checkpoints stay as they are
+            # (torch.compile of the module would rename every key to _orig_mod.*), and sampling stays eager
+            self._compiled_forward = torch.compile(self.gpt.forward, mode=self.compile_mode)
+
     def on_fit_start(self) -> None:
         if self.vqgan is not None:
             self.vqgan.to(self.device)
@@ -199,18 +228,20 @@ class GPTStage(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         inputs, targets = self.sequences(self._codes(batch), batch["text"], train=True)
-        loss, logs = self.loss(self.gpt(inputs), targets)
+        loss, logs = self.loss(self.logits(inputs), targets)
         # averaged over processes (one small all-reduce each): what is logged is the whole batch's loss
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, sync_dist=True)
-        seconds = self._clock.tick()
-        if seconds:  # all processes together: they step in lockstep
-            self.log("train/tokens_per_s", inputs.numel() * self.trainer.world_size / seconds)
         return loss
+
+    def throughput_counts(self, batch: dict) -> tuple[int, int, int]:
+        """(samples, input tokens, training FLOPs) of a batch on this device (t2i.callbacks.TrainingThroughput)."""
+        samples = len(batch["text"])
+        return samples, samples * (self.gpt.cfg.block_size - 1), samples * self.flops_per_sequence
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         inputs, targets = self.sequences(self._codes(batch), batch["text"], train=False)
-        loss, logs = self.loss(self.gpt(inputs), targets)
+        loss, logs = self.loss(self.logits(inputs), targets)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(inputs))
         self.log_dict({f"val/{k}": v for k, v in logs.items()}, sync_dist=True, batch_size=len(inputs))
 
@@ -260,7 +291,13 @@ class GPTStage(L.LightningModule):
     def configure_optimizers(self):
         # weight decay on matrices only: not on biases, LayerNorms, embeddings or positions (by module type:
         # under FSDP this runs after wrapping, when every parameter is a flat 1-D shard)
-        optimizer = self.optimizer(weight_decay_groups(self.gpt, self.weight_decay))
+        fused = self._fused_optimizer()
+        optimizer = self.optimizer(weight_decay_groups(self.gpt, self.weight_decay), **({"fused": True} if fused else {}))
+        if self.logger is not None:  # what the switches resolved to on this machine
+            self.logger.log_hyperparams({"run/compile": self.compile, "run/fused_optimizer": fused,
+                                         "run/activation_checkpointing": self.gpt.checkpoint_activations,
+                                         "run/matmul_precision": torch.get_float32_matmul_precision(),
+                                         "run/precision": str(self.trainer.precision)})
         apply_lr_scaling(self, [optimizer], self.lr_scaling, self.lr_reference_batch,
                          tokens_per_sample=self.gpt.cfg.block_size - 1)
         # linear warmup, then a cosine to min_lr_ratio over the run (no length needed when nothing decays)
@@ -269,6 +306,18 @@ class GPTStage(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, warmup, total, min_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _fused_optimizer(self) -> bool:
+        """Whether to build the optimizer fused: "auto" on CUDA when the optimizer class can be."""
+        factory = self.optimizer
+        cls = getattr(factory, "func", factory)  # a Hydra partial
+        takes_fused = "fused" in inspect.signature(cls).parameters
+        if self.fused_optimizer is True and not takes_fused:
+            raise ValueError(f"stage.fused_optimizer=true but {getattr(cls, '__name__', cls)} has no fused "
+                             "implementation: set stage.fused_optimizer=auto or false")
+        if self.fused_optimizer == "auto":
+            return takes_fused and self.device.type == "cuda"
+        return bool(self.fused_optimizer)
 
     # -- checkpoints: everything sampling needs ------------------------------------------------
 

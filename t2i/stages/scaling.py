@@ -1,10 +1,9 @@
 """What one optimizer step sees across all processes: the batch, the learning rate that follows
-from it and its schedule over the run, the parameter groups, the gradient norm, and the throughput."""
+from it and its schedule over the run, the parameter groups and the gradient norm."""
 
 from __future__ import annotations
 
 import math
-import time
 from typing import Iterable
 
 import lightning as L
@@ -138,15 +137,3 @@ def grad_norm(parameters: Iterable[nn.Parameter], root: nn.Module | None = None)
         # max_norm=inf: measures without clipping (the gradients are multiplied by 1)
         return root.clip_grad_norm_(math.inf)
     return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
-
-
-class StepClock:
-    """Seconds since the previous tick (None at the first): a step's wall time for throughput logs."""
-
-    def __init__(self):
-        self._last: float | None = None
-
-    def tick(self) -> float | None:
-        now = time.perf_counter()
-        last, self._last = self._last, now
-        return None if last is None else now - last

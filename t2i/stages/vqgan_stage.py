@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torchvision
 from hydra.utils import instantiate
+from lightning.fabric.utilities.throughput import measure_flops
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
@@ -29,7 +30,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from t2i.models.losses import VQGANLoss, VQGANLossConfig
 from t2i.checkpoints import load_weights, read_checkpoint, vqgan_state_dict
 from t2i.models.vqgan import VQGANConfig, VQModel, codebook_usage
-from t2i.stages.scaling import StepClock, apply_lr_scaling, run_steps, warmup_cosine
+from t2i.stages.scaling import apply_lr_scaling, run_steps, warmup_cosine
 
 
 @dataclass
@@ -102,7 +103,7 @@ class VQGANStage(L.LightningModule):
         self.log_images = log_images
         self.register_buffer("code_usage", torch.zeros(vqgan.n_embed))
         self.register_buffer("val_code_counts", torch.zeros(vqgan.n_embed), persistent=False)
-        self._clock = StepClock()
+        self._flops_per_image: int | None = None  # counted at the first batch (t2i.callbacks.TrainingThroughput)
         self._image_dir: Path | None = None  # <log dir>/images, set when fitting starts
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
@@ -189,9 +190,19 @@ class VQGANStage(L.LightningModule):
         # averaged over processes (one small all-reduce each): what is logged is the whole batch's loss
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, sync_dist=True)
         self.log("train/loss", logs["total"], prog_bar=True, sync_dist=True)
-        seconds = self._clock.tick()
-        if seconds:  # all processes together: they step in lockstep
-            self.log("train/images_per_s", len(x) * self.trainer.world_size / seconds)
+
+    def throughput_counts(self, batch: dict) -> tuple[int, int, int]:
+        """(images, codes, FLOPs) of a batch on this device (t2i.callbacks.TrainingThroughput). FLOPs: the
+        autoencoder's forward and backward, counted once on the meta device (no memory, no time); the
+        discriminator and LPIPS are not counted, so MFU is a lower bound."""
+        images = batch["image"]
+        if self._flops_per_image is None:
+            with torch.device("meta"):
+                model = VQModel(self.vqgan.cfg)
+            x = torch.empty(1, *images.shape[1:], device="meta")
+            self._flops_per_image = measure_flops(model, lambda: model(x)[0], lambda y: y.sum())
+        grid = images.shape[-1] // self.vqgan.cfg.downsample
+        return len(images), len(images) * grid * grid, len(images) * self._flops_per_image
 
     # -- codebook usage and restarts ---------------------------------------------------------
 
