@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.14.1 torchvision==0.29.1
 DATA   ?= data
 
-.PHONY: setup test test-fast quickstart bench clean
+.PHONY: setup test test-fast quickstart bench clean gpu-wheels gpu-check
 
 setup: $(STAMP)
 
@@ -63,3 +63,15 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
+
+# The GPU check (experiments/gpu_check.sh): wheels of what a GPU image may lack, downloaded beforehand
+# (online) for the GPU machine's Python (GPU_PYTHON, e.g. 3.12), then the check itself on that machine.
+GPU_PYTHON ?= 3.12
+GPU_WHEELS := hydra-core==1.3.8 omegaconf==2.3.1 webdataset==1.0.2 braceexpand==0.1.7 torch-fidelity==0.4.0 lpips==0.1.4
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+		--platform manylinux2014_x86_64 --platform any -d .whl $(GPU_WHEELS)
+	$(PY) -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3  # a source release only
+
+gpu-check:
+	bash experiments/gpu_check.sh .whl

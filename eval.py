@@ -78,6 +78,7 @@ def sampling_options(cfg: DictConfig, generator: Generator) -> tuple[SamplingCon
     the checkpoint's (what its training grids used), then SamplingConfig's defaults."""
     options = OmegaConf.to_container(cfg.sampling, resolve=True)
     batch_size = options.pop("batch_size", None)
+    options.pop("decode", None)  # how steps run, not what they sample: the Generator's
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"sampling.batch_size must be an integer >= 1 (sequences per sampling batch), "
                          f"got {batch_size}")
@@ -93,7 +94,8 @@ def generate(cfg: DictConfig, fabric: Fabric) -> dict:
         prompts += [line.strip() for line in Path(cfg.prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise ValueError("task=generate needs prompts=[...] or prompts_file=PATH")
-    generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device)
+    generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device,
+                                          decode=cfg.sampling.decode)
     sampling, batch_size = sampling_options(cfg, generator)
     text_ids = generator.tokenizer(prompts)  # what the model receives, recorded for inspection
     with fabric.autocast():  # trainer.precision (fp32 unless asked)
@@ -139,7 +141,8 @@ def text_to_image(cfg: DictConfig, fabric: Fabric) -> dict | None:
         check_image_counts(prompts.images, prompts.images * per_prompt, str(options["fid_layer"]),
                            options["isc_splits"])
     fabric.launch()  # with several devices: starts the other processes, each running this script
-    generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device)
+    generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device,
+                                          decode=cfg.sampling.decode)
     sampling, batch_size = sampling_options(cfg, generator)
     # a loader batch is one sampling batch: its prompts' candidates, samples_per_prompt x rerank each
     prompts_per_batch = max(1, batch_size // (sampling.samples_per_prompt * eval_cfg.rerank))

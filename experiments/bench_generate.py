@@ -4,6 +4,7 @@
     python experiments/bench_generate.py --quick              # tiny model, a smoke test in seconds
     python experiments/bench_generate.py --recompute-steps 32 # estimate recomputation from 32 of its 256 forwards
     python experiments/bench_generate.py --layout paipainter  # pai-painter-base: EasyNLP's loop vs t2i's sampler
+    python experiments/bench_generate.py --device cuda --steps-table --batches 1 64 256  # GPU decoding (bf16)
 
 Random weights at the base size (12 layers, 12 heads, 768 wide, 32 text + 256 image positions,
 16,384 image codes, 16,000 text ids): speed does not depend on the weights. For each batch (number
@@ -18,6 +19,12 @@ positions, a 37,512-id vocabulary of 16,384 codes + 21,128 BERT ids, a head over
 only), so recomputation is EasyNLP's own generation algorithm on its own architecture.
 Targets: KV cache >= 12x faster than recomputation at batch 1 and >= 20x at batch 8; KV-cache
 batch 1 within 1.5x of the floor.
+
+`--steps-table` times the decode modes instead (sampling.decode: eager, static, compiled = a CUDA
+graph on GPUs), in bf16 on a GPU (fp32 on the CPU), with guidance 3 (both halves in one batch): ms per
+image step at each batch, images/s including the VQGAN f16 decode (bf16 autocast, the VQ lookup
+exact), the memory floor per step (weights read once at the bandwidth measured) and peak memory.
+GPU goal: <= 1 ms per step at batch 1 with guidance, base size, on one H100.
 """
 
 from __future__ import annotations
@@ -29,13 +36,16 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import torch
 
 from t2i.models.gpt import GPT, GPTConfig
-from t2i.sampling import SamplingConfig, filter_logits, generate_codes
+from t2i.models.vqgan import VQModel
+from t2i.pretokenize import load_vqgan_config
+from t2i.sampling import SamplingConfig, decode_to_uint8, filter_logits, generate_codes
 
 BASE = {"n_layer": 12, "n_head": 12, "n_embd": 768, "text_len": 32, "image_len": 256, "n_image_codes": 16384,
         "n_text_tokens": 16000}
@@ -263,6 +273,62 @@ def table(headers: list[str], rows: list[list]) -> None:
             print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
 
 
+@torch.no_grad()
+def steps_table(args: argparse.Namespace, model: GPT) -> dict:
+    """ms per image step for each decode mode and batch (guidance 3), images/s with the VQGAN decode, the floor:
+    printed, and returned (experiments/gpu_check.py reads them)."""
+    device = args.device
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = model.to(dtype)
+    vqgan_cfg = replace(load_vqgan_config("shapes" if args.quick else "f16_16384"), n_embed=model.cfg.n_image_codes)
+    vqgan = VQModel(vqgan_cfg).to(device).eval()
+    cfg = SamplingConfig(top_k=args.top_k, seed=0, guidance_scale=3.0)
+    steps = model.cfg.image_len
+    rows, best, results = [], {}, {"steps": {}, "images": {}}
+    for batch in args.batches:
+        text = prompts(model, batch, device)
+        for decode in args.decodes:
+            run = partial(generate_codes, model, text, cfg, decode=decode)
+            started = time.perf_counter()
+            run()  # warm-up: compiles and captures for this batch
+            warmup = time.perf_counter() - started
+            seconds = min(timed(run, device) for _ in range(args.repeats))
+            best[batch] = min(best.get(batch, (float("inf"), "")), (seconds, decode))
+            results["steps"][batch, decode] = {"ms_per_step": seconds / steps * 1e3, "images_per_s": batch / seconds}
+            rows.append([batch, decode, f"{seconds / steps * 1e3:.3f}", f"{batch / seconds:.1f}", f"{warmup:.1f}"])
+    table(["batch (x2 guidance)", "decode", "ms / step", "images/s, codes only", "first call s"], rows)
+
+    rows = []
+    for batch, (seconds, decode) in best.items():
+        text = prompts(model, batch, device)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        grid = int(steps ** 0.5)
+        codes = generate_codes(model, text, cfg, decode=decode).view(-1, grid, grid)
+
+        def images() -> None:
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                for chunk in codes.split(64):
+                    decode_to_uint8(vqgan, chunk)
+
+        images()
+        pixels = min(timed(images, device) for _ in range(args.repeats))
+        peak = f"{torch.cuda.max_memory_allocated() / MB:.0f}" if device == "cuda" else "-"
+        rows.append([batch, decode, f"{batch / (seconds + pixels):.1f}", f"{pixels / batch * 1e3:.2f}", peak])
+        results["images"][batch] = {"decode": decode, "images_per_s": batch / (seconds + pixels), "peak_mb": peak}
+    table(["batch", "decode", "images/s with VQGAN decode", "VQGAN ms / image", "peak MB (sampling + decode)"], rows)
+
+    read = bytes_per_step(model)
+    rate = bandwidth(device, args.bandwidth_gb)
+    one = best.get(1)
+    table(["weights read per step", "bandwidth", "floor ms / step", "batch 1 ms / step", "x floor"],
+          [[f"{read / MB:.1f} MB ({str(dtype).split('.')[-1]})", f"{rate / 1e9:.0f} GB/s", f"{read / rate * 1e3:.3f}",
+            "-" if one is None else f"{one[0] / steps * 1e3:.3f} ({one[1]})",
+            "-" if one is None else f"{one[0] / steps / (read / rate):.1f}x"]])
+    results.update(floor_ms=read / rate * 1e3, weights_mb=read / MB, bandwidth_gbs=rate / 1e9)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -281,6 +347,9 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="also print a torch.profiler summary of this many batch-1 KV-cache steps")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--steps-table", action="store_true",
+                        help="time the decode modes (eager, static, compiled) with guidance instead; bf16 on CUDA")
+    parser.add_argument("--decodes", nargs="+", default=["eager", "compiled"], choices=["eager", "static", "compiled"])
     parser.add_argument("--memory-probe", choices=["build", "sample"], help=argparse.SUPPRESS)
     parser.add_argument("--probe-batch", type=int, default=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -297,7 +366,11 @@ def main() -> None:
     print(f"\n{machine(args.device)}")
     print(f"{size} GPT: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, {cfg.text_len} text + "
           f"{cfg.image_len} image positions, vocabulary {cfg.vocab_size}, {n_params / 1e6:.1f}M parameters, fp32, "
-          f"{args.device}; top-k {args.top_k}, seed 0, one sample per prompt, no guidance")
+          f"{args.device}; top-k {args.top_k}, seed 0, one sample per prompt, "
+          + ("guidance 3, bf16 on CUDA" if args.steps_table else "no guidance"))
+    if args.steps_table:
+        steps_table(args, model)
+        return
 
     speed = {}
     for batch in args.batches:

@@ -8,12 +8,18 @@ Each prompt draws from its own random stream (its seed), so its samples do not d
 other prompts share its batch or its process.
 `use_cache=False` recomputes the whole sequence at every step, as EasyNLP's generate loop does
 (kept for the benchmark and the equivalence test).
+
+How a step runs (`decode`, the same codes up to float rounding): "eager" (the cache's length a Python
+int, attention over the filled part), "static" (GPT.forward_at: fixed shapes, the position a tensor)
+or "compiled" (the static step through torch.compile; on CUDA mode "reduce-overhead", which captures
+it once as a CUDA graph and replays it: no per-kernel launch cost, the gpt-fast / LlamaGen pattern).
 """
 
 from __future__ import annotations
 
 import hashlib
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,6 +51,18 @@ class SamplingConfig:
             raise ValueError(f"sampling.top_k must be >= 0 and sampling.top_p in (0, 1], got {self.top_k}, {self.top_p}")
         if self.samples_per_prompt < 1:
             raise ValueError(f"sampling.samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+
+
+DECODES = ("eager", "static", "compiled")
+_compiled_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # GPT -> its compiled forward_at
+
+
+def compiled_step(model: GPT):
+    """model.forward_at through torch.compile, once per model (CUDA: captured as a CUDA graph)."""
+    if model not in _compiled_steps:
+        mode = "reduce-overhead" if model.pos_emb.is_cuda else None
+        _compiled_steps[model] = torch.compile(model.forward_at, mode=mode, fullgraph=True, dynamic=False)
+    return _compiled_steps[model]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -84,12 +102,14 @@ def _draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cache: bool = True,
-                   seeds: Sequence[int] | None = None) -> torch.Tensor:
+                   seeds: Sequence[int] | None = None, decode: str = "eager") -> torch.Tensor:
     """Text ids [P, text_len] -> image codes [P * samples_per_prompt, image_len] (samples of a prompt adjacent).
 
     Prompt i samples from its own random stream, seeded with seeds[i]; by default cfg.seed + i
-    (unseeded when cfg.seed is None).
+    (unseeded when cfg.seed is None). `decode`: how each step runs (DECODES; the module docstring).
     """
+    if decode not in DECODES:
+        raise ValueError(f"sampling.decode must be one of {DECODES}, got {decode!r}")
     gpt = model.cfg
     if seeds is None and cfg.seed is not None:
         seeds = [cfg.seed + i for i in range(len(text))]
@@ -110,6 +130,10 @@ def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cach
         logits = model(prefix, cache, last=1, head_rows=rows)[:, -1]
     else:  # EasyNLP's loop: every position, the whole head
         logits = model(prefix)[:, -1, :rows]
+    step_fn = None
+    if use_cache and decode != "eager":
+        step_fn = compiled_step(model) if decode == "compiled" else model.forward_at
+        position = torch.full((1,), cache.length, dtype=torch.long, device=prefix.device)
     for i in range(gpt.image_len):
         logits = logits.float()
         if guided:
@@ -124,7 +148,13 @@ def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cach
         if i == gpt.image_len - 1:
             break
         new = step.repeat(2)[:, None] if guided else step[:, None]
-        if use_cache:
+        if step_fn is not None:
+            if decode == "compiled":  # a new replay: the previous step's outputs are consumed
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = step_fn(new, position, cache, rows)
+            position += 1
+            cache.length += 1
+        elif use_cache:
             logits = model(new, cache, head_rows=rows)[:, -1]
         else:
             tokens = torch.cat([tokens, new], 1)
@@ -154,16 +184,20 @@ class Generator:
     training options, sampling defaults.
     """
 
-    def __init__(self, gpt: GPT, tokenizer: FixedLengthTokenizer, vqgan: VQModel, record: GPTRecord):
+    def __init__(self, gpt: GPT, tokenizer: FixedLengthTokenizer, vqgan: VQModel, record: GPTRecord,
+                 decode: str = "eager"):
+        if decode not in DECODES:
+            raise ValueError(f"sampling.decode must be one of {DECODES}, got {decode!r}")
         self.gpt, self.tokenizer, self.vqgan = gpt.eval(), tokenizer, vqgan.eval()
-        self.record = record
+        self.record, self.decode_mode = record, decode
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, vqgan_ckpt: str | Path | None = None, device: str = "cpu") -> Generator:
+    def from_checkpoint(cls, path: str | Path, vqgan_ckpt: str | Path | None = None, device: str = "cpu",
+                        decode: str = "eager") -> Generator:
         """Everything from a GPT checkpoint; the VQGAN it names (or `vqgan_ckpt`) must match its hash."""
         gpt, record = load_gpt(path)
         vqgan = load_record_vqgan(record, str(path), vqgan_ckpt)
-        return cls(gpt.to(device), record.tokenizer_model(), vqgan.to(device), record)
+        return cls(gpt.to(device), record.tokenizer_model(), vqgan.to(device), record, decode)
 
     @property
     def device(self) -> torch.device:
@@ -187,7 +221,7 @@ class Generator:
         for start in range(0, len(prompts), per_batch):
             text = self.tokenizer(prompts[start:start + per_batch]).to(self.device)
             batch_seeds = None if seeds is None else seeds[start:start + per_batch]
-            codes.append(generate_codes(self.gpt, text, cfg, seeds=batch_seeds).view(-1, h, w))
+            codes.append(generate_codes(self.gpt, text, cfg, seeds=batch_seeds, decode=self.decode_mode).view(-1, h, w))
         return torch.cat(codes)
 
     @torch.no_grad()

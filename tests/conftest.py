@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 from t2i import pretokenize
 from t2i.data.convert import run as convert
 from t2i.data.tokenizer import train_sentencepiece
+from t2i.eval.fidelity import save_random_inception
 from t2i.models.vqgan import VQGANConfig, VQModel
 
 REPO = Path(__file__).parents[1]
@@ -57,19 +56,4 @@ def gpt_run(codes_root, tmp_path_factory):
 @pytest.fixture(scope="session")
 def inception_weights(tmp_path_factory):
     """A randomly initialised InceptionV3 saved the way torch-fidelity loads weights: a plain state dict."""
-    root = tmp_path_factory.mktemp("inception")
-    empty = root / "empty.pt"
-    torch.save({}, empty)
-    torch.manual_seed(0)
-    with pytest.MonkeyPatch.context() as patch:
-        # The constructor always loads a state dict (strictly); skip that to get the bare network.
-        patch.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state_dict, strict=True: None)
-        model = FeatureExtractorInceptionV3("inception-v3-compat", ["64"], feature_extractor_weights_path=str(empty))
-    for module in model.modules():
-        # PyTorch's default conv init shrinks activations layer by layer; He init keeps the features
-        # (and the logits at the far end) at a scale where differences between images show.
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    path = root / "inception-random.pth"
-    torch.save(model.state_dict(), path)
-    return str(path)
+    return save_random_inception(tmp_path_factory.mktemp("inception") / "inception-random.pth")

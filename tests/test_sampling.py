@@ -60,3 +60,14 @@ def test_bad_options_are_named():
         SamplingConfig(temperature=0)
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(top_p=0)
+
+
+@pytest.mark.parametrize("layout", ["t2i", "paipainter"])
+@pytest.mark.parametrize("decode", ["static", "compiled"])
+def test_fixed_shape_decode_steps_sample_what_the_eager_step_samples(text, layout, decode):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY, norm="sandwich", layout=layout)).eval()
+    for cfg in (SamplingConfig(greedy=True, guidance_scale=3.0), SamplingConfig(seed=3, top_k=10, samples_per_prompt=2)):
+        assert torch.equal(generate_codes(model, text, cfg, decode=decode), generate_codes(model, text, cfg))
+    with pytest.raises(ValueError, match="sampling.decode must be one of"):
+        generate_codes(model, text, SamplingConfig(), decode="graph")

@@ -14,6 +14,7 @@ import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -335,3 +336,27 @@ class FidelityAccumulator:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def save_random_inception(path: str | Path, seed: int = 0) -> str:
+    """Write a randomly initialised InceptionV3 the way torch-fidelity loads weights (a plain state dict).
+
+    For checks that need the pipeline, not the figures: the tests, and the GPU check's GPU-vs-CPU
+    agreement on a machine with no copy of the real weights (which download from GitHub).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    empty = path.with_name(path.name + ".empty")
+    torch.save({}, empty)
+    torch.manual_seed(seed)
+    # The constructor always loads a state dict (strictly); skip that to get the bare network.
+    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state_dict, strict=True: None):
+        model = FeatureExtractorInceptionV3("inception-v3-compat", ["64"], feature_extractor_weights_path=str(empty))
+    empty.unlink()
+    for module in model.modules():
+        # PyTorch's default conv init shrinks activations layer by layer; He init keeps the features
+        # (and the logits at the far end) at a scale where differences between images show.
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    torch.save(model.state_dict(), path)
+    return str(path)

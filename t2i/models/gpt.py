@@ -12,7 +12,10 @@ equal to the plain forms in exact arithmetic but free of fp16 overflow). Without
 attention runs through F.scaled_dot_product_attention (flash attention on GPUs).
 
 `forward(tokens, cache=...)` with a `KVCache` appends the new positions' keys and values to
-preallocated per-layer buffers, so sampling costs one position per step.
+preallocated per-layer buffers, so sampling costs one position per step. `forward_at(token, position,
+cache)` does the same for one position with fixed shapes (the position a tensor, attention over the
+whole cache with the positions after it masked): a step that torch.compile can capture once as a CUDA
+graph (the gpt-fast pattern).
 
 `checkpoint_activations` (a training switch, not part of the architecture) recomputes each block's
 activations in the backward pass instead of keeping them: memory for depth (`large` on one GPU).
@@ -83,13 +86,21 @@ class LayerNorm(nn.LayerNorm):
         return super().forward(x)
 
 
-class KVCache:
-    """Preallocated keys and values for every layer: [B, H, block_size, head_dim] each."""
+class KVCache(nn.Module):
+    """Preallocated keys and values for every layer: [B, H, block_size, head_dim] each.
+
+    Module buffers, so that a compiled decode step sees them at fixed addresses and may write them in a
+    CUDA graph (torch.compile treats module buffers as static; plain tensor arguments it copies)."""
 
     def __init__(self, cfg: GPTConfig, batch_size: int, device, dtype):
+        super().__init__()
         shape = (batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
-        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        for layer in range(cfg.n_layer):
+            # zeros, not empty: a masked position's weight is 0, and 0 x a NaN left in memory would be NaN
+            self.register_buffer(f"keys{layer}", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+            self.register_buffer(f"values{layer}", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.keys = [getattr(self, f"keys{layer}") for layer in range(cfg.n_layer)]
+        self.values = [getattr(self, f"values{layer}") for layer in range(cfg.n_layer)]
         self.length = 0  # positions filled so far
 
 
@@ -105,10 +116,21 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.dropout)
         self.pb_relax, self.alpha = cfg.pb_relax, cfg.pb_relax_alpha
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                position: torch.Tensor | None = None) -> torch.Tensor:
         b, t, c = x.shape
         q, k, v = (proj(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)
                    for proj in (self.query, self.key, self.value))
+        if position is not None:  # one position, fixed shapes: write it, attend over the whole cache up to it
+            keys, values = cache.keys[layer], cache.values[layer]
+            keys.index_copy_(2, position, k)
+            values.index_copy_(2, position, v)
+            visible = torch.arange(keys.shape[2], device=x.device) <= position
+            if self.pb_relax:
+                y = self._pb_relax_attention(q, keys, values, visible[None])
+            else:
+                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[None])
+            return self.proj(y.transpose(1, 2).reshape(b, t, c))
         start = 0
         if cache is not None:  # write the new positions, attend over everything so far
             start = cache.length
@@ -144,8 +166,9 @@ class Block(nn.Module):
             self.ln3 = LayerNorm(cfg.n_embd, cfg.pb_relax)
             self.ln4 = LayerNorm(cfg.n_embd, cfg.pb_relax)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        a = self.attn(self.ln1(x), cache, layer)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                position: torch.Tensor | None = None) -> torch.Tensor:
+        a = self.attn(self.ln1(x), cache, layer, position)
         x = x + (self.ln3(a) if hasattr(self, "ln3") else a)
         m = self.mlp(self.ln2(x))
         return x + (self.ln4(m) if hasattr(self, "ln4") else m)
@@ -203,6 +226,15 @@ class GPT(nn.Module):
             return self.head(x)
         rows = slice(0, head_rows) if isinstance(head_rows, int) else head_rows
         return F.linear(x, self.head.weight[rows])  # a block of rows: a view, no copy
+
+    def forward_at(self, token: torch.Tensor, position: torch.Tensor, cache: KVCache, head_rows: int) -> torch.Tensor:
+        """One token per row [B, 1] at `position` (a [1] long tensor on the model's device) -> logits over the
+        first `head_rows` rows of the head [B, head_rows]. Writes the cache at `position` and leaves
+        cache.length to the caller: nothing here depends on Python values that change between steps."""
+        x = self.tok_emb(token) + self.pos_emb[:, position]
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer, position)
+        return F.linear(self.ln_f(x[:, -1]), self.head.weight[:head_rows])
 
     def flops_per_sequence(self, length: int) -> int:
         """Training FLOPs (forward + backward) of one sequence of `length` positions, as MFU counts them

@@ -269,11 +269,15 @@ class VQModel(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] in [-1, 1] -> codes [B, h, w] (long)."""
-        z = self.latents(images).permute(0, 2, 3, 1)
-        if self.cfg.l2_normalize:
-            z = F.normalize(z, dim=-1)
-        return self.quantize.nearest(z)
+        """Images [B, 3, H, W] in [-1, 1] -> codes [B, h, w] (long).
+
+        In exact fp32 whatever autocast, TF32 or matmul_precision say: an image's codes (pre-tokenized
+        shards, the slow path's codes, a fine-tuning's data) do not depend on the run's settings."""
+        with exact_fp32(images.device.type):
+            z = self.latents(images.float()).permute(0, 2, 3, 1)
+            if self.cfg.l2_normalize:
+                z = F.normalize(z, dim=-1)
+            return self.quantize.nearest(z)
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

@@ -201,9 +201,8 @@ class GPTStage(L.LightningModule):
     def _codes(self, batch: dict) -> torch.Tensor:
         if "codes" in batch:
             return batch["codes"].flatten(1)
-        # slow path (image shards): in fp32 whatever the trainer's precision, as pre-tokenization encodes
-        with torch.autocast(self.device.type, enabled=False):
-            return self.vqgan.encode(batch["image"].float()).flatten(1)
+        # slow path (image shards): encode is exact fp32 whatever the trainer's precision, as pre-tokenization
+        return self.vqgan.encode(batch["image"]).flatten(1)
 
     def logits(self, inputs: torch.Tensor) -> torch.Tensor:
         """The training and validation forward (compiled with stage.compile)."""
