@@ -262,7 +262,8 @@ def main() -> None:
     parser.add_argument("--gpt-steps", type=int, default=30)
     parser.add_argument("--large-batch", type=int, default=32)
     parser.add_argument("--inception-weights", default=None)
-    parser.add_argument("--only", nargs="+", default=["gpt", "large", "vqgan", "sampling", "fid"])
+    parser.add_argument("--only", nargs="+", default=["gpt", "sampling", "vqgan", "large", "fid"],
+                        help="checks to run, in this order")
     args = parser.parse_args()
     args.precision = "bf16-mixed" if args.device == "cuda" else "32-true"
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"

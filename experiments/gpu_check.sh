@@ -27,5 +27,5 @@ if [ -n "$missing" ]; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-timeout 150 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py || echo "GPU tests: FAILED or timed out (above)"
+timeout 90 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py || echo "GPU tests: FAILED or timed out (above)"
 timeout 420 $PY experiments/gpu_check.py "$@"
