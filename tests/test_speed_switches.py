@@ -98,7 +98,7 @@ def test_compiled_training_matches_eager_and_keeps_the_checkpoint_keys(codes_roo
                             num_sanity_val_steps=0, default_root_dir=tmp_path)
         trainer.fit(stage, datamodule=datamodule)
         losses[compiled] = float(trainer.callback_metrics["train/loss"])
-        assert (stage._compiled_forward is not None) == compiled
+        assert (stage._compiled_step is not None) == compiled
         assert list(stage.state_dict()) == ["gpt." + key for key in stage.gpt.state_dict()]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 

@@ -91,7 +91,7 @@ class GPTStage(L.LightningModule):
         # counted once, before any strategy shards the weights
         self.flops_per_sequence = self.gpt.flops_per_sequence(model.block_size - 1)
         self.compile, self.compile_mode, self.fused_optimizer = compile, compile_mode, fused_optimizer
-        self._compiled_forward = None  # the GPT's forward through torch.compile (configure_model)
+        self._compiled_step = None  # forward_loss through torch.compile (configure_model)
         self.optimizer = optimizer
         self.txt_loss_scale, self.pkeep = txt_loss_scale, pkeep
         self.cond_drop, self.caption_prob = cond_drop, caption_prob
@@ -183,20 +183,28 @@ class GPTStage(L.LightningModule):
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """CogView's per-token weighting: sum(w * CE) / sum(w), w = 1 per image token and txt_loss_scale
-        per text token (padding excluded); image and text CE are logged apart (their means)."""
+        per text token (padding excluded); image and text CE are logged apart (their means).
+
+        Every position's CE is computed over its id range and the positions that count are summed by
+        mask, not picked out by boolean indexing: no data-dependent shapes, so no host synchronisation,
+        and one graph with the model under stage.compile."""
         layout = self.gpt.layout
-        image = layout.image_targets(targets)
-        image_ce = F.cross_entropy(layout.image_logits(logits[image]).float(), targets[image], reduction="none")
-        text_ce = image_ce.new_zeros(0)
+
+        def summed_ce(range_logits: torch.Tensor, where: torch.Tensor, ids: torch.Tensor):
+            ce = F.cross_entropy(range_logits.float().flatten(0, 1), torch.where(where, ids, 0).flatten(),
+                                 reduction="none").view_as(ids)
+            weight = where.float()
+            return (ce * weight).sum(), weight.sum()
+
+        image_sum, n_image = summed_ce(layout.image_logits(logits), layout.image_targets(targets), targets)
+        text_sum = n_text = logits.new_zeros((), dtype=torch.float32)
         if layout.predicts_text:
-            text = layout.text_targets(targets)
-            if text.any():
-                text_ce = F.cross_entropy(layout.text_logits(logits[text]).float(), targets[text] - layout.text_offset,
-                                          reduction="none")
+            text_sum, n_text = summed_ce(layout.text_logits(logits), layout.text_targets(targets),
+                                         targets - layout.text_offset)
         w = self.txt_loss_scale
-        loss = (image_ce.sum() + w * text_ce.sum()) / (image_ce.numel() + w * text_ce.numel())
-        text_loss = text_ce.mean() if len(text_ce) else logits.new_zeros((), dtype=torch.float32)
-        return loss, {"image_loss": image_ce.mean().detach(), "text_loss": text_loss.detach()}
+        loss = (image_sum + w * text_sum) / (n_image + w * n_text)
+        return loss, {"image_loss": (image_sum / n_image.clamp_min(1)).detach(),
+                      "text_loss": (text_sum / n_text.clamp_min(1)).detach()}
 
     def _codes(self, batch: dict) -> torch.Tensor:
         if "codes" in batch:
@@ -204,15 +212,18 @@ class GPTStage(L.LightningModule):
         # slow path (image shards): encode is exact fp32 whatever the trainer's precision, as pre-tokenization
         return self.vqgan.encode(batch["image"]).flatten(1)
 
-    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        """The training and validation forward (compiled with stage.compile)."""
-        return self.gpt(inputs) if self._compiled_forward is None else self._compiled_forward(inputs)
+    def forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The training and validation step's model and loss (one compiled graph with stage.compile)."""
+        if self._compiled_step is not None:
+            return self._compiled_step(inputs, targets)
+        return self.loss(self.gpt(inputs), targets)
 
     def configure_model(self) -> None:
-        if self.compile and self._compiled_forward is None:
-            # the module's forward, compiled: the GPT's parameters, state dict and checkpoints stay as they are
-            # (torch.compile of the module would rename every key to _orig_mod.*), and sampling stays eager
-            self._compiled_forward = torch.compile(self.gpt.forward, mode=self.compile_mode)
+        if self.compile and self._compiled_step is None:
+            # a compiled function, not a compiled module: the GPT's parameters, state dict and checkpoints stay
+            # as they are (torch.compile of the module would rename every key to _orig_mod.*), sampling stays eager
+            self._compiled_step = torch.compile(lambda inputs, targets: self.loss(self.gpt(inputs), targets),
+                                                mode=self.compile_mode)
 
     def on_fit_start(self) -> None:
         if self.vqgan is not None:
@@ -227,7 +238,7 @@ class GPTStage(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         inputs, targets = self.sequences(self._codes(batch), batch["text"], train=True)
-        loss, logs = self.loss(self.logits(inputs), targets)
+        loss, logs = self.forward_loss(inputs, targets)
         # averaged over processes (one small all-reduce each): what is logged is the whole batch's loss
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, sync_dist=True)
@@ -240,7 +251,7 @@ class GPTStage(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         inputs, targets = self.sequences(self._codes(batch), batch["text"], train=False)
-        loss, logs = self.loss(self.logits(inputs), targets)
+        loss, logs = self.forward_loss(inputs, targets)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(inputs))
         self.log_dict({f"val/{k}": v for k, v in logs.items()}, sync_dist=True, batch_size=len(inputs))
 
