@@ -8,8 +8,9 @@ Blocks follow minGPT (separate key/query/value/proj linears, 4x GELU MLP, learne
 with CogView's stabilisers as options: Sandwich-LN (one more LayerNorm on each branch output
 before the residual add) and PB-relax (attention scores computed as
 softmax((QK^T / (alpha sqrt(d)) - max) * alpha), and LayerNorm inputs divided by max|x| / 8, both
-equal to the plain forms in exact arithmetic but free of fp16 overflow). Without PB-relax,
-attention runs through F.scaled_dot_product_attention (flash attention on GPUs).
+equal to the plain forms in exact arithmetic but free of fp16 overflow). Attention runs through
+F.scaled_dot_product_attention (flash attention on GPUs), PB-relax's too wherever that computes it
+exactly; only fp16 off CUDA writes it out.
 
 `forward(tokens, cache=...)` with a `KVCache` appends the new positions' keys and values to
 preallocated per-layer buffers, so sampling costs one position per step. `forward_at(token, position,
@@ -24,11 +25,13 @@ activations in the backward pass instead of keeping them: memory for depth (`lar
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from t2i.models.layout import TokenLayout
@@ -126,10 +129,11 @@ class CausalSelfAttention(nn.Module):
             keys.index_copy_(2, position, k)
             values.index_copy_(2, position, v)
             visible = torch.arange(keys.shape[2], device=x.device) <= position
-            if self.pb_relax:
+            if self._written_out(q):
                 y = self._pb_relax_attention(q, keys, values, visible[None])
             else:
-                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[None])
+                with self._fused_kernels(q):
+                    y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[None])
             return self.proj(y.transpose(1, 2).reshape(b, t, c))
         start = 0
         if cache is not None:  # write the new positions, attend over everything so far
@@ -139,12 +143,26 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.keys[layer][:b, :, :start + t], cache.values[layer][:b, :, :start + t]
         # query i (absolute position start + i) sees keys 0 .. start + i; one new query sees them all
         mask = None if start == 0 or t == 1 else torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(start)
-        if self.pb_relax:
+        if self._written_out(q):
             y = self._pb_relax_attention(q, k, v, torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(start))
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0 and t > 1,
-                                               dropout_p=self.dropout if self.training else 0.0)
+            with self._fused_kernels(q):
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0 and t > 1,
+                                                   dropout_p=self.dropout if self.training else 0.0)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, c)))
+
+    def _written_out(self, q: torch.Tensor) -> bool:
+        """PB-relax's attention is written out only where it is needed and SDPA cannot stand in: fp16 off
+        CUDA. In fp32 and bf16 (fp32's range) scores cannot overflow; on CUDA the fused SDPA kernels
+        (flash, memory-efficient) accumulate scores in fp32 and subtract the row max themselves, which is
+        PB-relax's attention computed exactly (its LayerNorm scaling stays on)."""
+        return self.pb_relax and q.dtype == torch.float16 and not q.is_cuda
+
+    def _fused_kernels(self, q: torch.Tensor):
+        """Under PB-relax in fp16 on CUDA, only the fused kernels (never SDPA's fp16 math fallback)."""
+        if self.pb_relax and q.dtype == torch.float16:
+            return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+        return nullcontext()
 
     def _pb_relax_attention(self, q, k, v, mask):
         scores = (q / (self.alpha * math.sqrt(self.head_dim))) @ k.transpose(-2, -1)
