@@ -175,7 +175,7 @@ def kv_read_per_step(model: GPT, batch: int) -> float:
     cfg = model.cfg
     prefix = cfg.block_size - cfg.image_len
     mean_positions = prefix + (cfg.image_len - 1) / 2  # step i (prefix forward = 0) attends to prefix + i positions
-    return 2 * cfg.n_layer * batch * mean_positions * cfg.n_embd * model.pos_emb.element_size()
+    return 2 * cfg.n_layer * batch * mean_positions * cfg.n_embd * model.tok_emb.weight.element_size()
 
 
 def cache_bytes(model: GPT, batch: int) -> int:

@@ -60,7 +60,7 @@ _compiled_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # GPT 
 def compiled_step(model: GPT):
     """model.forward_at through torch.compile, once per model (CUDA: captured as a CUDA graph)."""
     if model not in _compiled_steps:
-        mode = "reduce-overhead" if model.pos_emb.is_cuda else None
+        mode = "reduce-overhead" if model.tok_emb.weight.is_cuda else None
         _compiled_steps[model] = torch.compile(model.forward_at, mode=mode, fullgraph=True, dynamic=False)
     return _compiled_steps[model]
 
@@ -201,7 +201,7 @@ class Generator:
 
     @property
     def device(self) -> torch.device:
-        return self.gpt.pos_emb.device
+        return self.gpt.tok_emb.weight.device
 
     @torch.no_grad()
     def sample_codes(self, prompts: list[str], cfg: SamplingConfig, batch_size: int = 16,

@@ -5,12 +5,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import FSDPStrategy
 
 from t2i.devices import check_devices
-from t2i.models.gpt import Block, GPTConfig
+from t2i.models.gpt import GPT, Block, GPTConfig
 from t2i.stages.scaling import scaled_lr
 
 REPO = Path(__file__).parents[1]
@@ -99,3 +100,17 @@ def test_lr_scaling_rules():
     assert scaled_lr(4.5e-6, 64, "linear", 1) == pytest.approx(2.88e-4)  # taming's VQGAN rule
     with pytest.raises(ValueError, match="stage.lr_scaling must be one of"):
         scaled_lr(1e-3, 8, "cubic", 1)
+
+
+@pytest.mark.parametrize("size, blocks", [("base", ("layer", "gelu", "learned")), ("large", ("layer", "gelu", "learned")),
+                                          ("llamagen_b", ("rms", "swiglu", "rope2d"))])
+def test_model_sizes_build(size, blocks):
+    cfg = _compose(["stage=gpt", f"model={size}"])
+    gpt = GPTConfig(**cfg.model, n_image_codes=16384, n_text_tokens=16000, text_len=32, image_len=256)
+    assert (gpt.norm_type, gpt.mlp, gpt.pos) == blocks
+    if size == "llamagen_b":
+        with torch.device("meta"):
+            model = GPT(gpt)
+        blocks_only = sum(p.numel() for p in model.blocks.parameters())
+        assert 80e6 < blocks_only < 90e6  # 12 x (4 x 768^2 attention + 3 x 768 x 2048 SwiGLU): LlamaGen-B's blocks
+        assert not any(name.endswith("bias") for name in model.state_dict())

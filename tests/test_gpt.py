@@ -1,10 +1,11 @@
-"""The GPT model: vocabulary layout, KV cache equivalence, CogView's numerics (PB-relax, Sandwich-LN)."""
+"""The GPT model: vocabulary layout, KV cache equivalence, CogView's numerics (PB-relax, Sandwich-LN),
+the Llama-style options."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from t2i.models.gpt import GPT, Block, CausalSelfAttention, GPTConfig
+from t2i.models.gpt import GPT, Block, CausalSelfAttention, GPTConfig, rotate
 
 TINY = dict(n_image_codes=40, n_text_tokens=30, text_len=6, image_len=9, n_layer=2, n_head=2, n_embd=32)
 
@@ -119,3 +120,91 @@ def test_sandwich_ln_bounds_the_residual_stream():
     pre, sandwich = residual_peak("pre"), residual_peak("sandwich")
     assert sandwich < 12 * 2 * 6  # each added branch is a LayerNorm output (|value| <~ sqrt(32))
     assert pre > 10 * sandwich
+
+
+LLAMA_OPTIONS = [
+    {"norm_type": "rms", "mlp": "swiglu", "pos": "rope2d", "bias": False},  # LlamaGen's blocks
+    {"pos": "rope", "qk_norm": True},
+    {"norm": "sandwich", "pb_relax": True, "norm_type": "rms", "pos": "rope2d", "qk_norm": True},
+    {"mlp": "swiglu", "pos": "rope", "layout": "paipainter", "norm": "pre"},
+]
+
+
+@pytest.mark.parametrize("options", LLAMA_OPTIONS)
+def test_llama_options_cache_and_fixed_shape_steps_equal_recomputation(options):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**TINY, "n_embd": 64, "n_head": 4}, **options)).eval()
+    layout = model.layout
+    tokens = torch.randint(0, 40, (3, model.cfg.block_size))
+    if layout.predicts_text:  # a text-to-image row, an image-to-text row, and a row of neither
+        tokens[0, :layout.prefix_len] = layout.prefix(torch.randint(1, 30, (1, 6)))
+        tokens[1] = layout.image_to_text(torch.randint(0, 40, (1, 9)), torch.randint(1, 30, (1, 6)))
+    with torch.no_grad():
+        full = model(tokens)
+        for step in ("forward", "forward_at"):
+            cache = model.new_cache(3)
+            outputs = [model(tokens[:, :5], cache)]
+            for position in range(5, model.cfg.block_size):
+                token = tokens[:, position:position + 1]
+                if step == "forward":
+                    outputs.append(model(token, cache))
+                else:
+                    rows = model.head.out_features
+                    outputs.append(model.forward_at(token, torch.tensor([position]), cache, rows)[:, None])
+                    cache.length += 1
+            torch.testing.assert_close(torch.cat(outputs, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_positions_rotate_by_relative_offset():
+    # rope: a query-key score depends on the offset between their positions, not on where they are
+    model = GPT(GPTConfig(**{**TINY, "n_embd": 64, "n_head": 4}, pos="rope"))
+    head = 16
+    q, k = torch.randn(1, 1, 1, head), torch.randn(1, 1, 1, head)
+    caption = torch.zeros(1, dtype=torch.bool)
+
+    def score(i: int, j: int) -> torch.Tensor:
+        cos_i, sin_i = model._rotary(caption, torch.tensor([i]))
+        cos_j, sin_j = model._rotary(caption, torch.tensor([j]))
+        return (rotate(q, cos_i, sin_i) * rotate(k, cos_j, sin_j)).sum()
+
+    assert torch.allclose(score(7, 3), score(12, 8), atol=1e-5)
+    assert not torch.allclose(score(7, 3), score(7, 5), atol=1e-3)
+
+
+def test_rope2d_coordinates_put_the_image_on_its_grid():
+    layout = GPTConfig(**TINY).tokens  # 3 x 3 grid after [T2I] 6 text [BOI]
+    coords = layout.rotary_coordinates(caption=False, two_d=True)
+    start = layout.prefix_len
+    assert coords[:start].tolist() == [[i, i] for i in range(start)]
+    assert coords[start:].tolist() == [[start + r, start + c] for r in range(3) for c in range(3)]
+    caption = layout.rotary_coordinates(caption=True, two_d=True)
+    assert caption[1:10].tolist() == [[1 + r, 1 + c] for r in range(3) for c in range(3)]
+    assert caption[10:].tolist() == [[i - 9 + 3] * 2 for i in range(10, layout.block_size)]  # text after the grid
+    with pytest.raises(ValueError, match="square code grid"):
+        GPTConfig(**{**TINY, "image_len": 8}, pos="rope2d")
+    with pytest.raises(ValueError, match="model.mlp"):
+        GPTConfig(**TINY, mlp="relu")
+
+
+def test_default_blocks_keep_their_state_dict_keys():
+    # every earlier checkpoint and the pai-painter import name these keys
+    keys = set(GPT(GPTConfig(**TINY)).state_dict())
+    assert {"pos_emb", "blocks.0.mlp.0.weight", "blocks.0.mlp.2.bias", "blocks.0.ln1.bias"} <= keys
+    assert not any("q_norm" in key or "rotary" in key for key in keys)
+    assert "pos_emb" not in GPT(GPTConfig(**TINY, pos="rope")).state_dict()
+
+
+@pytest.mark.parametrize("options", LLAMA_OPTIONS[:2])
+def test_llama_options_train_with_activation_checkpointing(options):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**TINY, "n_embd": 64, "n_head": 4}, **options)).train()
+    tokens = torch.randint(0, 40, (2, model.cfg.block_size))
+    grads = []
+    for recompute in (False, True):
+        model.checkpoint_activations = recompute
+        model.zero_grad()
+        torch.manual_seed(1)
+        model(tokens).logsumexp(-1).mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

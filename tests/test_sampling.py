@@ -71,3 +71,15 @@ def test_fixed_shape_decode_steps_sample_what_the_eager_step_samples(text, layou
         assert torch.equal(generate_codes(model, text, cfg, decode=decode), generate_codes(model, text, cfg))
     with pytest.raises(ValueError, match="sampling.decode must be one of"):
         generate_codes(model, text, SamplingConfig(), decode="graph")
+
+
+@pytest.mark.parametrize("options", [{"norm_type": "rms", "mlp": "swiglu", "pos": "rope2d", "bias": False},
+                                     {"pos": "rope", "qk_norm": True, "layout": "paipainter"}])
+def test_llama_style_models_sample_alike_on_every_path(text, options):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**TINY, "image_len": 9, "n_embd": 64, "n_head": 4}, **options)).eval()
+    cfg = SamplingConfig(greedy=True, guidance_scale=3.0)
+    eager = generate_codes(model, text, cfg)
+    assert torch.equal(generate_codes(model, text, cfg, use_cache=False), eager)
+    for decode in ("static", "compiled"):
+        assert torch.equal(generate_codes(model, text, cfg, decode=decode), eager)

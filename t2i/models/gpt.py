@@ -4,8 +4,11 @@ The vocabulary and the sequences (which id means what, which position holds what
 layout's, `t2i.models.layout`: t2i's own ([T2I] text [BOI] codes, and [I2T] codes [BOT] text for
 captioning) or EasyNLP pai-painter's (text then codes, a head over the image codes only).
 
-Blocks follow minGPT (separate key/query/value/proj linears, 4x GELU MLP, learned positions),
-with CogView's stabilisers as options: Sandwich-LN (one more LayerNorm on each branch output
+Blocks follow minGPT (separate key/query/value/proj linears, 4x GELU MLP, learned positions) by
+default; the options of today's Llama-style image models (LlamaGen, Lumina-mGPT) switch each part:
+`norm_type=rms` (RMSNorm), `mlp=swiglu` (SiLU-gated MLP, 8/3 x wide rounded to 256), `pos=rope`
+(rotary positions) or `pos=rope2d` (rotary: 1-D over text, 2-D over the image grid, as LlamaGen),
+`qk_norm` (queries and keys normalised per head), `bias=false`. CogView's stabilisers are options too: Sandwich-LN (one more LayerNorm on each branch output
 before the residual add) and PB-relax (attention scores computed as
 softmax((QK^T / (alpha sqrt(d)) - max) * alpha), and LayerNorm inputs divided by max|x| / 8, both
 equal to the plain forms in exact arithmetic but free of fp16 overflow). Attention runs through
@@ -51,16 +54,31 @@ class GPTConfig:
     pb_relax_alpha: float = 32.0
     tie_head: bool = False  # output head shares the token embedding
     layout: str = "t2i"  # the token layout: "t2i" or "paipainter" (t2i.models.layout)
+    norm_type: str = "layer"  # "layer" (LayerNorm) or "rms" (RMSNorm); `norm` is where the norms sit
+    mlp: str = "gelu"  # "gelu" (4x, GPT-2) or "swiglu" (Llama)
+    pos: str = "learned"  # "learned" table, "rope" (1-D rotary) or "rope2d" (rotary, 2-D over the image grid)
+    rope_base: float = 10000.0
+    qk_norm: bool = False  # normalise queries and keys per head (norm_type) before attention
+    bias: bool = True  # biases in the linear layers and LayerNorms
 
     def __post_init__(self):
-        if self.norm not in ("pre", "sandwich"):
-            raise ValueError(f"model.norm must be 'pre' or 'sandwich', got {self.norm!r}")
+        for name, value, allowed in (("norm", self.norm, ("pre", "sandwich")), ("norm_type", self.norm_type, ("layer", "rms")),
+                                     ("mlp", self.mlp, ("gelu", "swiglu")), ("pos", self.pos, ("learned", "rope", "rope2d"))):
+            if value not in allowed:
+                raise ValueError(f"model.{name} must be one of {allowed}, got {value!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
         tokens = self.tokens  # checks the layout's name
         if self.tie_head and tokens.head_size != tokens.vocab_size:
             raise ValueError(f"model.tie_head=true needs a head over the whole vocabulary; the {self.layout} "
                              "layout's head covers the image codes only")
+        head_dim = self.n_embd // self.n_head
+        if self.pos != "learned" and head_dim % (4 if self.pos == "rope2d" else 2):
+            raise ValueError(f"model.pos={self.pos} rotates pairs of dimensions{' per axis' if self.pos == 'rope2d' else ''}: "
+                             f"the head size n_embd / n_head = {head_dim} must be a multiple of "
+                             f"{4 if self.pos == 'rope2d' else 2}")
+        if self.pos == "rope2d":
+            tokens.rotary_coordinates(caption=False, two_d=True)  # checks the grid is square
 
     @property
     def tokens(self) -> TokenLayout:
@@ -76,17 +94,58 @@ class GPTConfig:
         return self.tokens.block_size
 
 
+def _relaxed(x: torch.Tensor) -> torch.Tensor:
+    """PB-relax: scale each vector to max|x| = 8 before a scale-invariant norm (no fp16 overflow)."""
+    return x / (x.detach().abs().amax(-1, keepdim=True).clamp_min(1e-6) / 8)
+
+
 class LayerNorm(nn.LayerNorm):
     """LayerNorm; with PB-relax the input is first scaled to max|x| = 8 (LN is scale invariant)."""
 
-    def __init__(self, dim: int, pb_relax: bool = False):
-        super().__init__(dim)
+    def __init__(self, dim: int, pb_relax: bool = False, bias: bool = True):
+        super().__init__(dim, bias=bias)
         self.pb_relax = pb_relax
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pb_relax:
-            x = x / (x.detach().abs().amax(-1, keepdim=True).clamp_min(1e-6) / 8)
-        return super().forward(x)
+        return super().forward(_relaxed(x) if self.pb_relax else x)
+
+
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm (Llama); with PB-relax the input is first scaled as for LayerNorm (RMSNorm is scale invariant)."""
+
+    def __init__(self, dim: int, pb_relax: bool = False):
+        super().__init__(dim, eps=1e-5)
+        self.pb_relax = pb_relax
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(_relaxed(x) if self.pb_relax else x)
+
+
+def make_norm(cfg: GPTConfig, dim: int | None = None) -> nn.Module:
+    dim = dim or cfg.n_embd
+    return RMSNorm(dim, cfg.pb_relax) if cfg.norm_type == "rms" else LayerNorm(dim, cfg.pb_relax, cfg.bias)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary positions: dimension pairs (i, i + d/2) of x [B, H, T, d] turned by each position's angle i,
+    in fp32 (the angles of far positions need its mantissa); cos, sin [B, 1, T, d/2]."""
+    x1, x2 = x.float().chunk(2, -1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """Llama's MLP: down(silu(gate(x)) * up(x)), hidden 8/3 x n_embd rounded up to a multiple of 256."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        hidden = -(-int(8 * cfg.n_embd / 3) // 256) * 256
+        self.gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.up = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.down = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.down(F.silu(self.gate(x)) * self.up(x)))
 
 
 class KVCache(nn.Module):
@@ -98,6 +157,8 @@ class KVCache(nn.Module):
     def __init__(self, cfg: GPTConfig, batch_size: int, device, dtype):
         super().__init__()
         shape = (batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+        # which rows are image-to-text sequences (their rotary coordinates differ), set by the first forward
+        self.register_buffer("caption", torch.zeros(batch_size, dtype=torch.bool, device=device), persistent=False)
         for layer in range(cfg.n_layer):
             # zeros, not empty: a masked position's weight is 0, and 0 x a NaN left in memory would be NaN
             self.register_buffer(f"keys{layer}", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
@@ -111,19 +172,25 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
-        self.key = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.query = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.value = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.key = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.query = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.value = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = make_norm(cfg, self.head_dim), make_norm(cfg, self.head_dim)
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
         self.pb_relax, self.alpha = cfg.pb_relax, cfg.pb_relax_alpha
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                position: torch.Tensor | None = None) -> torch.Tensor:
+                position: torch.Tensor | None = None, rotary: tuple | None = None) -> torch.Tensor:
         b, t, c = x.shape
         q, k, v = (proj(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)
                    for proj in (self.query, self.key, self.value))
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rotary is not None:
+            q, k = rotate(q, *rotary), rotate(k, *rotary)
         if position is not None:  # one position, fixed shapes: write it, attend over the whole cache up to it
             keys, values = cache.keys[layer], cache.values[layer]
             keys.index_copy_(2, position, k)
@@ -175,18 +242,19 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.ln1 = LayerNorm(cfg.n_embd, cfg.pb_relax)
-        self.ln2 = LayerNorm(cfg.n_embd, cfg.pb_relax)
+        self.ln1, self.ln2 = make_norm(cfg), make_norm(cfg)
         self.attn = CausalSelfAttention(cfg)
-        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
-                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
+        if cfg.mlp == "swiglu":
+            self.mlp = SwiGLU(cfg)
+        else:  # indices 0 and 2: the state-dict keys of every earlier and imported checkpoint
+            self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias), nn.GELU(),
+                                     nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias), nn.Dropout(cfg.dropout))
         if cfg.norm == "sandwich":  # CogView: normalise each branch's output before the add
-            self.ln3 = LayerNorm(cfg.n_embd, cfg.pb_relax)
-            self.ln4 = LayerNorm(cfg.n_embd, cfg.pb_relax)
+            self.ln3, self.ln4 = make_norm(cfg), make_norm(cfg)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                position: torch.Tensor | None = None) -> torch.Tensor:
-        a = self.attn(self.ln1(x), cache, layer, position)
+                position: torch.Tensor | None = None, rotary: tuple | None = None) -> torch.Tensor:
+        a = self.attn(self.ln1(x), cache, layer, position, rotary)
         x = x + (self.ln3(a) if hasattr(self, "ln3") else a)
         m = self.mlp(self.ln2(x))
         return x + (self.ln4(m) if hasattr(self, "ln4") else m)
@@ -197,10 +265,15 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.pos_emb = nn.Parameter(torch.zeros(1, cfg.block_size, cfg.n_embd))
+        if cfg.pos == "learned":
+            self.pos_emb = nn.Parameter(torch.zeros(1, cfg.block_size, cfg.n_embd))
+        else:  # rotary: each position's coordinates, per direction (0: text to image, 1: image to text)
+            layout = cfg.tokens
+            coords = [layout.rotary_coordinates(caption, cfg.pos == "rope2d") for caption in (False, True)]
+            self.register_buffer("rotary_coords", torch.stack(coords), persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = LayerNorm(cfg.n_embd, cfg.pb_relax)
+        self.ln_f = make_norm(cfg)
         self.head = nn.Linear(cfg.n_embd, cfg.tokens.head_size, bias=False)
         self.apply(self._init_weights)
         if cfg.tie_head:
@@ -228,13 +301,26 @@ class GPT(nn.Module):
         bound by reading the weights.
         """
         start = cache.length if cache is not None else 0
-        if start + tokens.shape[1] > self.cfg.block_size:
-            raise ValueError(f"sequence of {start + tokens.shape[1]} exceeds block_size {self.cfg.block_size}")
-        x = self.drop(self.tok_emb(tokens) + self.pos_emb[:, start:start + tokens.shape[1]])
+        t = tokens.shape[1]
+        if start + t > self.cfg.block_size:
+            raise ValueError(f"sequence of {start + t} exceeds block_size {self.cfg.block_size}")
+        x = self.tok_emb(tokens)
+        rotary = None
+        if self.cfg.pos == "learned":
+            x = x + self.pos_emb[:, start:start + t]
+        else:
+            caption = self.layout.caption_rows(tokens) if start == 0 else cache.caption[:len(tokens)]
+            if cache is not None and start == 0:
+                cache.caption[:len(tokens)] = caption
+            rotary = self._rotary(caption, torch.arange(start, start + t, device=tokens.device))
+        x = self.drop(x)
         recompute = self.checkpoint_activations and self.training and cache is None and torch.is_grad_enabled()
         for layer, block in enumerate(self.blocks):
             # non-reentrant checkpointing replays dropout with the same random state in the recomputation
-            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x, cache, layer)
+            if recompute:
+                x = checkpoint(block, x, None, layer, None, rotary, use_reentrant=False)
+            else:
+                x = block(x, cache, layer, rotary=rotary)
         if cache is not None:
             cache.length += tokens.shape[1]
         if last:
@@ -249,10 +335,31 @@ class GPT(nn.Module):
         """One token per row [B, 1] at `position` (a [1] long tensor on the model's device) -> logits over the
         first `head_rows` rows of the head [B, head_rows]. Writes the cache at `position` and leaves
         cache.length to the caller: nothing here depends on Python values that change between steps."""
-        x = self.tok_emb(token) + self.pos_emb[:, position]
+        x = self.tok_emb(token)
+        rotary = None
+        if self.cfg.pos == "learned":
+            x = x + self.pos_emb[:, position]
+        else:
+            rotary = self._rotary(cache.caption[:len(token)], position)
         for layer, block in enumerate(self.blocks):
-            x = block(x, cache, layer, position)
+            x = block(x, cache, layer, position, rotary)
         return F.linear(self.ln_f(x[:, -1]), self.head.weight[:head_rows])
+
+    def _rotary(self, caption: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [B, 1, T, head_dim / 2] of the rotary angles at `positions` for rows of each direction.
+
+        Frequencies base^(-j / n) over n = head_dim / 2 angles (1-D), or n = head_dim / 4 per axis (2-D:
+        the first half of the angles follow a position's first coordinate, the second half its second)."""
+        cfg = self.cfg
+        coords = self.rotary_coords[caption.long()][:, positions].float()  # [B, T, 2]
+        angles_per_axis = (cfg.n_embd // cfg.n_head) // (4 if cfg.pos == "rope2d" else 2)
+        freqs = cfg.rope_base ** -(torch.arange(angles_per_axis, device=coords.device, dtype=torch.float32)
+                                   / angles_per_axis)
+        if cfg.pos == "rope2d":
+            angles = torch.cat([coords[..., :1] * freqs, coords[..., 1:] * freqs], -1)
+        else:
+            angles = coords[..., :1] * freqs
+        return angles.cos()[:, None], angles.sin()[:, None]
 
     def flops_per_sequence(self, length: int) -> int:
         """Training FLOPs (forward + backward) of one sequence of `length` positions, as MFU counts them
@@ -265,5 +372,5 @@ class GPT(nn.Module):
         return 6 * linear_weights * length + 12 * cfg.n_layer * cfg.n_embd * length * length
 
     def new_cache(self, batch_size: int) -> KVCache:
-        param = self.pos_emb
+        param = self.tok_emb.weight
         return KVCache(self.cfg, batch_size, param.device, param.dtype)

@@ -20,6 +20,7 @@ pai-painter interop) asks a TokenLayout, so they never disagree about what a pos
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,34 @@ class TokenLayout:
     @property
     def block_size(self) -> int:
         return self.prefix_len + self.image_len
+
+    def rotary_coordinates(self, caption: bool, two_d: bool) -> torch.Tensor:
+        """Each position's rotary coordinates [block_size, 2] (long), for one direction of sequence.
+
+        1-D (RoPE): (i, i), the index. 2-D (LlamaGen's image RoPE): an image code at grid (r, c) gets
+        (s + r, s + c), s its sequence's first image index, and the other positions count on past the
+        grid from where they sit, (i, i) before the image and (i + h - n, i + w - n) after it (n = h * w):
+        text and specials stay 1-D, the image is 2-D, and nothing overlaps.
+        """
+        index = torch.arange(self.block_size)
+        if not two_d:
+            return torch.stack([index, index], 1)
+        side = math.isqrt(self.image_len)
+        if side * side != self.image_len:
+            raise ValueError(f"model.pos=rope2d needs a square code grid, got image_len={self.image_len}")
+        start = 1 if caption else self.prefix_len  # the first image code's index
+        code = (index - start).clamp(0, self.image_len - 1)
+        grid = torch.stack([start + code // side, start + code % side], 1)
+        after = torch.stack([index - self.image_len + side] * 2, 1)
+        coords = torch.where((index < start)[:, None], torch.stack([index, index], 1), after)
+        image = (index >= start) & (index < start + self.image_len)
+        return torch.where(image[:, None], grid, coords)
+
+    def caption_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Which rows [B] of whole sequences [B, T] are image-to-text ones (their first token)."""
+        if not self.predicts_text:
+            return torch.zeros(len(tokens), dtype=torch.bool, device=tokens.device)
+        return tokens[:, 0] == self.special("I2T")
 
     # -- sequences -----------------------------------------------------------------------------
 
