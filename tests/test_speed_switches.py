@@ -147,3 +147,19 @@ def test_vq_search_picks_the_nearest_code_under_reduced_precision():
             assert torch.equal(quantizer.nearest(z), exact)
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_llama_style_blocks_train_in_the_stage_with_captioning(codes_root, tmp_path):
+    cfg = _gpt_config(codes_root)
+    for key, value in {"model.norm_type": "rms", "model.mlp": "swiglu", "model.pos": "rope2d", "model.bias": False,
+                       "model.qk_norm": True, "stage.caption_prob": 0.5}.items():
+        OmegaConf.update(cfg, key, value)
+    torch.manual_seed(0)
+    datamodule = ShardDataModule(OmegaConf.to_container(cfg.data, resolve=True))
+    stage = GPTStage.from_config(cfg, datamodule)
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer.fit(stage, datamodule=datamodule)
+    assert stage.gpt.cfg.pos == "rope2d" and torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert float(trainer.callback_metrics["train/text_loss"]) > 0  # the captioning rows trained too
