@@ -20,6 +20,13 @@ only), so recomputation is EasyNLP's own generation algorithm on its own archite
 Targets: KV cache >= 12x faster than recomputation at batch 1 and >= 20x at batch 8; KV-cache
 batch 1 within 1.5x of the floor.
 
+The batch-1 table interleaves the methods compared there (`--interleave N` rounds, each method once
+per round; median and spread): recomputation (estimated from `--recompute-steps` forwards, default
+32), the KV cache with eager and compiled steps (sampling.decode), and taming-transformers' KV
+sampler as an algorithm on t2i's own module (`taming_style_codes`: per layer the past keys and values
+concatenated with the new ones at every step, attention written out, the whole head projected).
+Targets there: >= 12x recompute, <= 1.5x the fp32 floor, >= 1.3x faster than taming's sampler.
+
 `--steps-table` times the decode modes instead (sampling.decode: eager, static, compiled = a CUDA
 graph on GPUs), in bf16 on a GPU (fp32 on the CPU), with guidance 3 (both halves in one batch): ms per
 image step at each batch, images/s including the VQGAN f16 decode (bf16 autocast, the VQ lookup
@@ -31,6 +38,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import platform
 import resource
 import subprocess
@@ -125,6 +134,77 @@ def generation_seconds(model: GPT, batch: int, cfg: SamplingConfig, use_cache: b
             model(torch.zeros(batch, model.cfg.block_size - 1, dtype=torch.long, device=device))
     best = min(timed(lambda: generate_codes(model, text, cfg, use_cache=use_cache), device) for _ in range(repeats))
     return best, f"best of {repeats}" if repeats > 1 else "1 run"
+
+
+@torch.no_grad()
+def taming_style_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """taming-transformers' sampling algorithm (`forward_with_past`, which EasyNLP carries) on t2i's blocks:
+    every step concatenates each layer's past keys and values with the new ones (new tensors each step),
+    writes attention out, projects the whole head and samples with torch.multinomial. Learned positions,
+    pre-LN or Sandwich-LN (the benchmark's model)."""
+    gpt = model.cfg
+    past: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * gpt.n_layer
+    generator = torch.Generator(device=text.device).manual_seed(0)
+
+    def forward(tokens: torch.Tensor, start: int) -> torch.Tensor:
+        x = model.tok_emb(tokens) + model.pos_emb[:, start:start + tokens.shape[1]]
+        for layer, block in enumerate(model.blocks):
+            attn, h = block.attn, block.ln1(x)
+            b, t, c = h.shape
+            q, k, v = (proj(h).view(b, t, attn.n_head, attn.head_dim).transpose(1, 2)
+                       for proj in (attn.query, attn.key, attn.value))
+            if past[layer] is not None:
+                k, v = torch.cat([past[layer][0], k], -2), torch.cat([past[layer][1], v], -2)
+            past[layer] = (k, v)
+            scores = q @ k.transpose(-2, -1) / math.sqrt(attn.head_dim)
+            if t > 1:
+                scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+            a = attn.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, c))
+            x = x + (block.ln3(a) if hasattr(block, "ln3") else a)
+            m = block.mlp(block.ln2(x))
+            x = x + (block.ln4(m) if hasattr(block, "ln4") else m)
+        return model.head(model.ln_f(x))[:, -1, :gpt.n_image_codes]
+
+    tokens = model.layout.prefix(text)
+    logits = forward(tokens, 0)
+    codes = []
+    for i in range(gpt.image_len):
+        probs = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
+        codes.append(torch.multinomial(probs, 1, generator=generator))
+        if i < gpt.image_len - 1:
+            logits = forward(codes[-1], tokens.shape[1] + i)
+    return torch.cat(codes, 1)
+
+
+def batch_one_table(args: argparse.Namespace, model: GPT, floor: float) -> None:
+    """Batch 1, the methods interleaved over `args.interleave` rounds: median s/image and spread, ratios."""
+    text = prompts(model, 1, args.device)
+    cfg = sampling(args.top_k)
+    steps = args.recompute_steps or 32
+    methods = {
+        f"recompute (est. from {steps} forwards)": lambda: recompute_estimate(model, text, cfg, steps, args.device),
+        "KV cache, eager steps": lambda: timed(lambda: generate_codes(model, text, cfg), args.device),
+        "KV cache, compiled steps": lambda: timed(lambda: generate_codes(model, text, cfg, decode="compiled"),
+                                                  args.device),
+        "taming-style KV (concatenated)": lambda: timed(lambda: taming_style_codes(model, text, cfg), args.device),
+    }
+    generate_codes(model, text, cfg, decode="compiled")  # compiles (not timed)
+    taming_style_codes(model, text, cfg)
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(args.interleave):
+        for name, run in methods.items():
+            times[name].append(run())
+    median = {name: statistics.median(values) for name, values in times.items()}
+    recompute, taming = median[next(iter(methods))], median["taming-style KV (concatenated)"]
+    rows = []
+    for name, values in times.items():
+        rows.append([name, f"{median[name]:.3f}", f"{min(values):.3f}-{max(values):.3f}", f"{recompute / median[name]:.1f}x",
+                     f"{taming / median[name]:.2f}x", f"{median[name] / floor:.2f}x"])
+    table(["batch 1, no guidance", "median s/image", f"spread ({args.interleave} rounds)", "vs recompute",
+           "vs taming-style", "x fp32 floor"], rows)
+    best = min(median["KV cache, eager steps"], median["KV cache, compiled steps"])
+    print(f"\ntargets (the faster KV row): >= 12x recompute: {recompute / best:.1f}x; <= 1.5x floor: "
+          f"{best / floor:.2f}x; >= 1.3x taming-style: {taming / best:.2f}x")
 
 
 def bandwidth(device: str, gigabytes: float, repeats: int = 10) -> float:
@@ -347,6 +427,8 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="also print a torch.profiler summary of this many batch-1 KV-cache steps")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--interleave", type=int, default=5, metavar="ROUNDS",
+                        help="rounds of the interleaved batch-1 table (0: skip it)")
     parser.add_argument("--steps-table", action="store_true",
                         help="time the decode modes (eager, static, compiled) with guidance instead; bf16 on CUDA")
     parser.add_argument("--decodes", nargs="+", default=["eager", "compiled"], choices=["eager", "static", "compiled"])
@@ -404,6 +486,9 @@ def main() -> None:
           f"The batch-1 attention also reads {kv_read / MB:.1f} MB of cached keys and values per step on average "
           f"({kv_read / read:.1%} more), not counted.\nLinears alone: one position through every linear layer and "
           f"nothing else, x {cfg.image_len} (torch's matrix-vector kernels; best of 5).")
+
+    if args.interleave and args.layout == "t2i":
+        batch_one_table(args, model, floor)
 
     if not args.no_memory:
         batch = max(args.batches)
