@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 import torch
@@ -38,10 +39,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from t2i.data.tokenizer import FixedLengthTokenizer
-from t2i.eval.text_to_image import CaptionScorer, pick_best
 from t2i.grids import FONT_HINT, captioned_grid, find_cjk_font
 from t2i.models.gpt import GPT
 from t2i.sampling import Generator, SamplingConfig, prompt_seeds, resolve_sampling
+
+if TYPE_CHECKING:
+    from t2i.eval.text_to_image import CaptionScorer
+# t2i.eval.text_to_image (Lightning, torchmetrics: seconds to import) is imported once a checkpoint has
+# loaded, so that a wrong path stops the command at once
 
 log = logging.getLogger("demo")
 
@@ -85,9 +90,9 @@ class Settings:
 
 def clean_prompt(prompt: str | None) -> str:
     """Any text the page or an API client sends, as a valid str: lone UTF-16 surrogates (which no
-    encoder takes) become U+FFFD, surrogate pairs the character they stand for; whitespace-only is empty."""
-    text = (prompt or "").encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    return text if text.strip() else ""
+    encoder takes) become U+FFFD, surrogate pairs the character they stand for; the whitespace around
+    it dropped (as prompts_file lines are: a stray space changes no image), so whitespace-only is empty."""
+    return (prompt or "").encode("utf-16", "surrogatepass").decode("utf-16", "replace").strip()
 
 
 def prompt_notes(tokenizer: FixedLengthTokenizer, prompt: str) -> list[str]:
@@ -159,12 +164,17 @@ class Job:
 class Engine:
     """The model's thread: takes waiting jobs in order, batching those with equal settings."""
 
-    def __init__(self, generator: Generator, scorer: CaptionScorer | None, batch_size: int = 16, max_batch: int = 4):
+    def __init__(self, generator: Generator, scorer: CaptionScorer | None, batch_size: int = 16, max_batch: int = 4,
+                 start: bool = True):
         self.generator, self.scorer = generator, scorer
         self.batch_size, self.max_batch = batch_size, max_batch
         self._waiting: deque[Job] = deque()
         self._lock = threading.Condition()
         self.batches = 0  # batches sampled so far
+        if start:
+            self.start()
+
+    def start(self) -> None:
         threading.Thread(target=self._serve, name="t2i-demo-model", daemon=True).start()
 
     def submit(self, prompt: str, seed: int, settings: Settings) -> Job:
@@ -228,6 +238,8 @@ class Engine:
             losses = self.scorer(captions, codes).cpu().view(n, k, s)
         codes = codes.view(n, k, s, *codes.shape[1:])  # candidate c of image i: row c * S + i
         if k > 1:
+            from t2i.eval.text_to_image import pick_best
+
             codes, losses = pick_best(codes, losses)
         else:
             codes, losses = codes[:, 0], None if losses is None else losses[:, 0]
@@ -248,8 +260,8 @@ class Results:
         self._lock = threading.Lock()
         self._count = 0
 
-    def save(self, job: Job, notes: list[str], random_seed: bool) -> tuple[list[tuple[str, str]], list[str]]:
-        """(gallery entries (PNG path, caption), the files to download)."""
+    def save(self, job: Job, notes: list[str], random_seed: bool) -> tuple[list[tuple[str, str]], list[str], str]:
+        """(gallery entries (PNG path, caption), the files to download, the result's name)."""
         with self._lock:
             self._count += 1
             folder = self.root / f"{time.strftime('%Y%m%d-%H%M%S')}-{self._count:05d}"
@@ -277,7 +289,7 @@ class Results:
         with zipfile.ZipFile(archive, "w") as zf:
             for path in [*pngs, grid_path, folder / "settings.json"]:
                 zf.write(path, path.name)
-        return gallery, [str(grid_path), str(archive)]
+        return gallery, [str(grid_path), str(archive)], folder.name
 
     def _prune(self):
         folders = sorted(p for p in self.root.iterdir() if p.is_dir())
@@ -398,9 +410,10 @@ def build_page(engine: Engine, results: Results, defaults: Settings, seed: int |
                 progress(None, desc=f"waiting for the model: {job.ahead} request(s) ahead")
         if job.error is not None:
             raise gr.Error(f"sampling failed: {job.error}")
-        gallery, files = results.save(job, notes, bool(random_seed))
+        gallery, files, name = results.save(job, notes, bool(random_seed))
         summary = [f"{settings.samples} image(s), seed {seed}{' (random)' if random_seed else ''}, {settings.describe()}"
-                   + (f"; sampled in a batch of {job.batched_with} requests" if job.batched_with > 1 else "")]
+                   + (f"; sampled in a batch of {job.batched_with} requests" if job.batched_with > 1 else "")
+                   + f". Result `{name}`."]
         return gallery, "\n\n".join(notes + summary), files
 
     with gr.Blocks(title="t2i demo", analytics_enabled=False, delete_cache=(3600, 3600)) as page:
@@ -468,6 +481,8 @@ def setup(cfg: DictConfig, out_dir: Path):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=resolve_device(cfg.device), decode=cfg.decode)
+    from t2i.eval.text_to_image import CaptionScorer
+
     scorer, caption_source = CaptionScorer.for_generator(generator, cfg.caption_ckpt)
     options = OmegaConf.to_container(cfg.sampling, resolve=True)
     rerank, batch_size, seed = options.pop("rerank"), options.pop("batch_size"), options.pop("seed")
