@@ -263,6 +263,7 @@ def _generate(page, prompt: str, count: int) -> list[str]:
     return page.evaluate("window.progressSeen")
 
 
+@pytest.mark.slow  # the server starts in ~20 s
 def test_page_in_a_browser(server, ckpt, generator):
     browser_path = _chromium()
     from playwright.sync_api import expect, sync_playwright
@@ -303,6 +304,7 @@ def test_page_in_a_browser(server, ckpt, generator):
         browser.close()
 
 
+@pytest.mark.slow
 def test_gradio_client_calls_the_same_endpoint(server, generator):
     from gradio_client import Client
     from gradio_client.exceptions import AppError
