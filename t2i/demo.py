@@ -453,7 +453,8 @@ def build_page(engine: Engine, results: Results, defaults: Settings, seed: int |
         with gr.Accordion("Model", open=False):
             gr.Markdown(card, elem_id="model-card")
         inputs = [prompt, samples, guidance, temperature, top_k, top_p, seed_box, random_seed, rerank]
-        button.click(generate, inputs, [gallery, note, files], api_name="generate", concurrency_limit=concurrency)
+        button.click(generate, inputs, [gallery, note, files], api_name="generate", concurrency_limit=concurrency,
+                     concurrency_id="generate")
         prompt.submit(generate, inputs, [gallery, note, files], api_name=False, concurrency_limit=concurrency,
                       concurrency_id="generate")
     return page

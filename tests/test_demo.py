@@ -37,8 +37,10 @@ PROMPT = "画面左上角有一个红色的小圆形"
 
 
 @pytest.fixture(scope="module")
-def ckpt(gpt_run):
-    return os.environ.get("T2I_DEMO_CKPT") or str(gpt_run / "checkpoints" / "last.ckpt")
+def ckpt(request):
+    if os.environ.get("T2I_DEMO_CKPT"):
+        return os.environ["T2I_DEMO_CKPT"]
+    return str(request.getfixturevalue("gpt_run") / "checkpoints" / "last.ckpt")
 
 
 @pytest.fixture(scope="module")
@@ -287,8 +289,10 @@ def test_page_in_a_browser(server, ckpt, generator):
         assert PROMPT in page.inner_text("#gallery")  # the prompt and settings under each image
         page.wait_for_function("""() => [...document.querySelectorAll('#downloads a')]
             .map(a => a.href.split('/').pop()).sort().join() === 'grid.png,images.zip'""")
-        if os.environ.get("T2I_DEMO_SCREENSHOT"):
-            page.screenshot(path=os.environ["T2I_DEMO_SCREENSHOT"], full_page=True)
+        if os.environ.get("T2I_DEMO_SCREENSHOT"):  # the README's picture, as 256-colour PNG (a small file)
+            shot = os.environ["T2I_DEMO_SCREENSHOT"]
+            page.screenshot(path=shot, full_page=True)
+            Image.open(shot).convert("RGB").quantize(256).save(shot, optimize=True)
         # the same seed: the same images
         _generate(page, PROMPT + " ", 3)  # spaces around it are dropped: the same prompt
         assert _gallery_pngs(page) == first
