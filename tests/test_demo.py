@@ -77,6 +77,15 @@ def test_settings_refused_with_the_setting_named():
         Settings(rerank=2).check(16, 8, can_rerank=False)
 
 
+def test_progress_text():
+    from t2i.demo import progress_text
+
+    assert progress_text(13, 256, 256) == "sampling: step 13 of 256"
+    assert progress_text(256, 256, 256) == "sampling: step 256 of 256"
+    assert progress_text(70, 128, 64) == "sampling: step 6 of 64, batch 2 of 2"
+    assert progress_text(128, 128, 64) == "sampling: step 64 of 64, batch 2 of 2"
+
+
 def test_engine_batches_equal_settings_in_order():
     engine = Engine(generator=None, scorer=None, max_batch=3, start=False)
     a, b = Settings(samples=2), Settings(samples=2, temperature=0.5)
@@ -109,13 +118,10 @@ def test_a_batch_gives_each_request_its_own_images(generator):
     image_len = generator.gpt.cfg.image_len
     for job in jobs:
         assert job.total == 2 * image_len and job.steps == job.total and job.batched_with == 3
-        alone = Job(job.prompt, job.seed, settings)
-        engine.sample([alone])
-        assert alone.total == image_len
-        assert torch.equal(job.images, alone.images)
+        # alone, as task=generate samples the prompt: the same images
         cfg = settings.sampling()
-        expected = generator.decode(generator.sample_codes([job.prompt], cfg, seeds=prompt_seeds(job.seed, [job.prompt])))
-        assert torch.equal(job.images, expected)
+        alone = generator.decode(generator.sample_codes([job.prompt], cfg, seeds=prompt_seeds(job.seed, [job.prompt])))
+        assert torch.equal(job.images, alone)
     assert not torch.equal(jobs[0].images, jobs[2].images)
 
 
@@ -147,6 +153,17 @@ def test_grid_draws_chinese_captions_with_a_font_and_falls_back_without(tmp_path
     assert (np.asarray(grid)[4:20] == 255).all()
     with pytest.raises(FileNotFoundError, match="install a CJK font package"):
         find_cjk_font(str(tmp_path / "missing.ttc"))
+
+
+def test_examples_from_the_file_and_the_checkpoints_run(ckpt):
+    from t2i.demo import example_prompts
+
+    lines = (REPO / "experiments" / "prompts" / "shapes.txt").read_text(encoding="utf-8").split()
+    examples = example_prompts(str(REPO / "experiments" / "prompts" / "shapes.txt"), ckpt, 5)
+    assert examples[: len(lines)] == lines
+    if not os.environ.get("T2I_DEMO_CKPT"):  # the tests' run: its val split is there, 16 captions
+        assert len(examples) == len(lines) + 5
+    assert example_prompts(None, ckpt, 0) == []
 
 
 def _demo_cfg(overrides):
