@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("demo")
 
+MAX_SEED = 2 ** 53 - 1  # the largest whole number a browser's numbers hold exactly
 EMPTY_NOTE = ("**Empty prompt**: these images are unconditional, sampled from the model's null text "
               "(no description), not from a prompt.")
 
@@ -395,15 +396,15 @@ def build_page(engine: Engine, results: Results, defaults: Settings, seed: int |
             settings = Settings(int(samples), float(guidance_scale), float(temperature), int(top_k), float(top_p),
                                 int(rerank or 1))
             settings.check(limits["max_samples"], limits["max_rerank"], can_rerank)
-            if not random_seed and (seed is None or int(seed) != seed or not 0 <= int(seed) < 2 ** 63):
-                raise ValueError(f"the seed must be a whole number from 0 to 2^63 - 1, got {seed} "
+            if not random_seed and (seed is None or int(seed) != seed or not 0 <= int(seed) <= MAX_SEED):
+                raise ValueError(f"the seed must be a whole number from 0 to {MAX_SEED}, got {seed} "
                                  "(or tick 'random seed')")
         except (ValueError, TypeError) as error:
             raise gr.Error(str(error)) from None
         notes = prompt_notes(tokenizer, prompt)
         seed = secrets.randbelow(2 ** 31) if random_seed else int(seed)
         job = engine.submit(prompt, seed, settings)
-        while not job.done.wait(0.25):
+        while not job.done.wait(0.1):
             if job.total:
                 progress((job.steps, job.total), desc=progress_text(job.steps, job.total, image_len), unit="steps")
             else:
@@ -439,8 +440,8 @@ def build_page(engine: Engine, results: Results, defaults: Settings, seed: int |
                         top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.01, label="Top-p (1: all)",
                                           elem_id="top-p")
                     with gr.Row():
-                        seed_box = gr.Number(value=0 if seed is None else seed, precision=0, minimum=0, label="Seed",
-                                             elem_id="seed")
+                        seed_box = gr.Number(value=0 if seed is None else seed, precision=0, minimum=0, maximum=MAX_SEED,
+                                             label="Seed", elem_id="seed")
                         random_seed = gr.Checkbox(value=seed is None, label="Random seed", elem_id="random-seed")
                     rerank = gr.Slider(1, limits["max_rerank"], value=defaults.rerank if can_rerank else 1, step=1,
                                        label="Rerank: best of N by Caption Loss", interactive=can_rerank,

@@ -10,6 +10,7 @@ T2I_DEMO_SCREENSHOT=PATH.png saves a screenshot of the page after its first gene
 """
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import socket
@@ -239,9 +240,7 @@ def _chromium() -> str:
     browser = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
     if browser is None:
         missing.append("Debian's chromium (apt-get install chromium; `make test` does it as root)")
-    try:
-        import playwright  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("playwright") is None:
         missing.append("the playwright package (pip install -e '.[dev]')")
     if missing:
         message = "the browser test needs " + " and ".join(missing)
