@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.14.1 torchvision==0.29.1
 DATA   ?= data
 
-.PHONY: setup test test-fast quickstart bench clean gpu-wheels gpu-check
+.PHONY: setup test test-fast browser-deps demo quickstart bench clean gpu-wheels gpu-check
 
 setup: $(STAMP)
 
@@ -17,11 +17,26 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) browser-deps
 	$(PY) -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) browser-deps
 	$(PY) -m pytest -q -m 'not slow'
+
+# The demo's browser test (tests/test_demo.py) drives Debian's chromium through Playwright (no browser
+# download), and grids draw Chinese captions with a CJK font from a package: as root, apt installs
+# what is missing; otherwise this says what to install and the browser test skips naming it.
+browser-deps:
+	@if [ -x /usr/bin/chromium ] && fc-list :lang=zh 2>/dev/null | grep -q .; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-microhei >/dev/null; \
+	else \
+		echo "browser-deps: not root: install Debian's chromium and a CJK font (apt-get install chromium fonts-wqy-microhei)"; \
+	fi
+
+# The web demo on the quickstart's GPT (python -m t2i.demo ckpt=... for any other): http://127.0.0.1:7860
+demo: $(STAMP)
+	$(PY) -m t2i.demo ckpt=$(GPT)
 
 # The whole pipeline on the built-in shapes dataset, on the CPU (runs land in logs/quickstart/):
 # data, tokenizer, oracle reference, VQGAN, code shards, GPT, a captioned grid for the prompts in

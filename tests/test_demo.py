@@ -1,0 +1,363 @@
+"""The web demo (t2i/demo.py): its parts in process, then the real command on a free local port,
+used as a person does through headless Chromium (Debian's `chromium`, driven by Playwright) and as
+a program does through gradio_client.
+
+The browser needs /usr/bin/chromium (or `chromium` on PATH) and the playwright package: `make test`
+installs both (chromium through apt as root). Without them the browser test is skipped with what is
+missing, and fails under CI=true, where `make test` must have installed them.
+Env: T2I_DEMO_CKPT=PATH serves another checkpoint (e.g. the quickstart's) instead of the tests' tiny one;
+T2I_DEMO_SCREENSHOT=PATH.png saves a screenshot of the page after its first generation (the README's).
+"""
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from t2i.checkpoints import save_vqgan
+from t2i.demo import EMPTY_NOTE, Engine, Job, Settings, StepCounter, clean_prompt, file_sha256, prompt_notes, setup
+from t2i.grids import captioned_grid, find_cjk_font
+from t2i.models.vqgan import VQGANConfig, VQModel
+from t2i.sampling import Generator, prompt_seeds
+
+REPO = Path(__file__).parents[1]
+PROMPT = "画面左上角有一个红色的小圆形"
+
+
+@pytest.fixture(scope="module")
+def ckpt(request):
+    if os.environ.get("T2I_DEMO_CKPT"):
+        return os.environ["T2I_DEMO_CKPT"]
+    return str(request.getfixturevalue("gpt_run") / "checkpoints" / "last.ckpt")
+
+
+@pytest.fixture(scope="module")
+def generator(ckpt):
+    return Generator.from_checkpoint(ckpt)
+
+
+def test_prompts_any_unicode_empty_and_too_long(generator):
+    tokenizer = generator.tokenizer
+    assert clean_prompt(None) == "" and clean_prompt(" \n\t ") == "" and clean_prompt(" 红色 \n") == "红色"
+    assert clean_prompt("a\ud83d") == "a\ufffd"  # a lone surrogate (JSON can carry one) becomes U+FFFD
+    assert clean_prompt("\ud83d\ude00") == "😀"  # a surrogate pair, the character it stands for
+    assert prompt_notes(tokenizer, "") == [EMPTY_NOTE]
+    for text in ["红色的圆 😀", "עברית و عربي", "e\u0301\u0303 \u200b\x00 ＡＢＣ１２３", "𠀀𪚥 \U0010fffd"]:
+        ids = tokenizer.encode(clean_prompt(text))
+        notes = prompt_notes(tokenizer, clean_prompt(text))
+        assert ids and (notes == [] if len(ids) <= tokenizer.text_len else "Prompt cut" in notes[0])
+    long = PROMPT * 6
+    n = len(tokenizer.encode(long))
+    assert n > tokenizer.text_len
+    (note,) = prompt_notes(tokenizer, long)
+    assert f"it is {n} tokens long and the model reads {tokenizer.text_len}" in note
+    assert f"the last {n - tokenizer.text_len} token(s) were cut" in note
+    assert tokenizer.decode(tokenizer.encode(long)[: tokenizer.text_len]) in note
+
+
+def test_settings_refused_with_the_setting_named():
+    Settings(4, 3.0, 1.0, 10, 0.9, 2).check(16, 8, can_rerank=True)
+    for settings, message in [(Settings(samples=17), "samples per prompt"), (Settings(rerank=9), "rerank"),
+                              (Settings(top_p=0.0), "top_p"), (Settings(temperature=0.0), "temperature")]:
+        with pytest.raises(ValueError, match=message):
+            settings.check(16, 8, can_rerank=True)
+    with pytest.raises(ValueError, match="reranking needs a captioning model"):
+        Settings(rerank=2).check(16, 8, can_rerank=False)
+
+
+def test_progress_text():
+    from t2i.demo import progress_text
+
+    assert progress_text(13, 256, 256) == "sampling: step 13 of 256"
+    assert progress_text(256, 256, 256) == "sampling: step 256 of 256"
+    assert progress_text(70, 128, 64) == "sampling: step 6 of 64, batch 2 of 2"
+    assert progress_text(128, 128, 64) == "sampling: step 64 of 64, batch 2 of 2"
+
+
+def test_engine_batches_equal_settings_in_order():
+    engine = Engine(generator=None, scorer=None, max_batch=3, start=False)
+    a, b = Settings(samples=2), Settings(samples=2, temperature=0.5)
+    jobs = [engine.submit(p, 0, s) for p, s in [("1", a), ("2", b), ("3", a), ("4", a), ("5", a)]]
+    assert [job.ahead for job in jobs] == [0, 1, 2, 3, 4]
+    assert engine._take() == [jobs[0], jobs[2], jobs[3]]  # the oldest and the next equal ones, max_batch in all
+    assert jobs[1].ahead == 0 and jobs[4].ahead == 1
+    assert engine._take() == [jobs[1]]
+    assert engine._take() == [jobs[4]]
+
+
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_step_counter_counts_every_step(generator, decode):
+    seen = []
+    text = generator.tokenizer([PROMPT])
+    from t2i.sampling import SamplingConfig, generate_codes
+
+    with StepCounter(generator.gpt, decode, seen.append):
+        generate_codes(generator.gpt, text, SamplingConfig(seed=0), decode=decode)
+    assert seen == list(range(1, generator.gpt.cfg.image_len + 1))
+    assert "forward_at" not in generator.gpt.__dict__ and not generator.gpt._forward_hooks  # left as found
+
+
+def test_a_batch_gives_each_request_its_own_images(generator):
+    """Batched requests get the images each would get alone, which are task=generate's for the prompt and seed."""
+    settings = Settings(samples=2, guidance_scale=3.0, top_k=10)
+    engine = Engine(generator, scorer=None, batch_size=4, start=False)  # 2 prompts per sampling batch: 2 batches
+    jobs = [Job(PROMPT, 5, settings), Job("", 5, settings), Job("蓝色的大方块", 9, settings)]
+    engine.sample(jobs)
+    image_len = generator.gpt.cfg.image_len
+    for job in jobs:
+        assert job.total == 2 * image_len and job.steps == job.total and job.batched_with == 3
+        # alone, as task=generate samples the prompt: the same images
+        cfg = settings.sampling()
+        alone = generator.decode(generator.sample_codes([job.prompt], cfg, seeds=prompt_seeds(job.seed, [job.prompt])))
+        assert torch.equal(job.images, alone)
+    assert not torch.equal(jobs[0].images, jobs[2].images)
+
+
+def test_reranking_keeps_the_lowest_caption_loss(generator):
+    from t2i.eval.text_to_image import CaptionScorer
+
+    scorer, source = CaptionScorer.for_generator(generator, None)
+    if scorer is None:
+        pytest.skip(f"the checkpoint cannot rerank: {source}")
+    engine = Engine(generator, scorer, start=False)
+    plain, reranked = Job(PROMPT, 3, Settings(samples=2)), Job(PROMPT, 3, Settings(samples=2, rerank=3))
+    engine.sample([plain])
+    engine.sample([reranked])
+    # candidate 0 of each image is the plain sample: the best of 3 is never worse
+    assert (reranked.losses <= plain.losses + 1e-6).all()
+    assert reranked.images.shape == plain.images.shape
+
+
+def test_grid_draws_chinese_captions_with_a_font_and_falls_back_without(tmp_path):
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    font = find_cjk_font()
+    if font is not None:
+        grid, drawn = captioned_grid(images, [PROMPT, "ascii"], 3, font)
+        assert drawn and grid.width == 3 * 128 + 4 * 4
+        caption_band = np.asarray(grid)[4:20]  # the first caption's line, above the first row of images
+        assert (caption_band < 128).any()  # dark text pixels
+    grid, drawn = captioned_grid(images, [PROMPT, "ascii"], 3, None)
+    assert not drawn  # no font for Chinese: that caption is left off, the ASCII one drawn
+    assert (np.asarray(grid)[4:20] == 255).all()
+    with pytest.raises(FileNotFoundError, match="install a CJK font package"):
+        find_cjk_font(str(tmp_path / "missing.ttc"))
+
+
+def test_examples_from_the_file_and_the_checkpoints_run(ckpt):
+    from t2i.demo import example_prompts
+
+    lines = (REPO / "experiments" / "prompts" / "shapes.txt").read_text(encoding="utf-8").split()
+    examples = example_prompts(str(REPO / "experiments" / "prompts" / "shapes.txt"), ckpt, 5)
+    assert examples[: len(lines)] == lines
+    if not os.environ.get("T2I_DEMO_CKPT"):  # the tests' run: its val split is there, 16 captions
+        assert len(examples) == len(lines) + 5
+    assert example_prompts(None, ckpt, 0) == []
+
+
+def _demo_cfg(overrides):
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        return compose("demo", overrides=overrides)
+
+
+def test_missing_or_mismatched_checkpoint_stops_with_a_clear_error(ckpt, tmp_path):
+    with pytest.raises(ValueError, match="needs ckpt=PATH"):
+        setup(_demo_cfg([]), tmp_path)
+    with pytest.raises(FileNotFoundError, match="checkpoint .*missing.ckpt not found"):
+        setup(_demo_cfg([f"ckpt={tmp_path / 'missing.ckpt'}"]), tmp_path)
+    config = VQGANConfig(**Generator.from_checkpoint(ckpt).record.vqgan["config"])
+    torch.manual_seed(1)
+    other = tmp_path / "other_vqgan.ckpt"
+    save_vqgan(other, VQModel(config))
+    with pytest.raises(ValueError, match="is not the one .* was trained with"):
+        setup(_demo_cfg([f"ckpt={ckpt}", f"vqgan_ckpt={other}"]), tmp_path)
+    with pytest.raises(ValueError, match="queue.max_batch must be an integer >= 1"):
+        setup(_demo_cfg([f"ckpt={ckpt}", "queue.max_batch=0"]), tmp_path)
+
+
+def test_the_command_exits_with_the_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "t2i.demo", f"ckpt={tmp_path / 'missing.ckpt'}",
+                             f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "missing.ckpt not found" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The real command on a local port
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ckpt, tmp_path_factory):
+    """`python -m t2i.demo ckpt=...` on a free port of 127.0.0.1; its URL once it answers."""
+    run_dir = tmp_path_factory.mktemp("demo_run")
+    port = _free_port()
+    log = open(run_dir / "server.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "t2i.demo", f"ckpt={ckpt}", f"port={port}", "device=cpu",
+                                f"hydra.run.dir={run_dir}", "queue.max_batch=2", "sampling.samples_per_prompt=2"],
+                               cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail("the demo did not start:\n" + (run_dir / "server.log").read_text()[-3000:])
+            time.sleep(0.5)
+    yield url, run_dir
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
+
+
+def _chromium() -> str:
+    """Debian's chromium and the playwright package, or a skip (a failure under CI) naming what is missing."""
+    missing = []
+    browser = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+    if browser is None:
+        missing.append("Debian's chromium (apt-get install chromium; `make test` does it as root)")
+    if importlib.util.find_spec("playwright") is None:
+        missing.append("the playwright package (pip install -e '.[dev]')")
+    if missing:
+        message = "the browser test needs " + " and ".join(missing)
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return browser
+
+
+def _gallery_pngs(page) -> list[bytes]:
+    sources = page.eval_on_selector_all("#gallery img", "els => els.map(e => e.src)")
+    return [page.request.get(src).body() for src in sources]
+
+
+def _generate(page, prompt: str, count: int) -> list[str]:
+    """Type the prompt, press Generate, wait for a new result (its name in the note) with `count` images;
+    the progress texts the page showed meanwhile."""
+    page.fill("#prompt textarea", prompt)
+    page.evaluate("""() => {
+        window.progressSeen = [];
+        window.progressObserver?.disconnect();
+        window.progressObserver = new MutationObserver(() => {
+            const found = document.body.innerText.match(/sampling: step \\d+ of \\d+/);
+            if (found) window.progressSeen.push(found[0]);
+        });
+        window.progressObserver.observe(document.body, {subtree: true, childList: true, characterData: true});
+    }""")
+    before = page.inner_text("#note")
+    page.click("#generate")
+    page.wait_for_function(
+        """([count, before]) => {
+            const name = text => (text.match(/Result (\\S+)\\./) || [])[1];
+            const note = document.querySelector('#note').innerText;
+            const imgs = [...document.querySelectorAll('#gallery img')];
+            return name(note) && name(note) !== name(before) && !note.includes('sampling:')
+                && imgs.length === count && imgs.every(e => e.complete && e.naturalWidth > 0);
+        }""", arg=[count, before], timeout=120_000)
+    return page.evaluate("window.progressSeen")
+
+
+@pytest.mark.slow  # the server starts in ~20 s
+def test_page_in_a_browser(server, ckpt, generator):
+    browser_path = _chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    url, _ = server
+    image_len = generator.gpt.cfg.image_len
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(url)
+        page.wait_for_selector("#prompt textarea")
+        page.fill("#seed input", "11")
+        page.fill("#samples input[type=number]", "3")
+        page.press("#samples input[type=number]", "Enter")
+        progress = _generate(page, PROMPT, 3)
+        assert progress and progress[-1].endswith(f"of {image_len}")  # steps done of image_len, shown while sampling
+        note = page.inner_text("#note")
+        assert "3 image(s), seed 11" in note and "Empty prompt" not in note
+        first = _gallery_pngs(page)
+        assert len(first) == 3 and all(png.startswith(b"\x89PNG") for png in first)
+        assert PROMPT in page.inner_text("#gallery")  # the prompt and settings under each image
+        page.wait_for_function("""() => [...document.querySelectorAll('#downloads a')]
+            .map(a => a.href.split('/').pop()).sort().join() === 'grid.png,images.zip'""")
+        if os.environ.get("T2I_DEMO_SCREENSHOT"):  # the README's picture, as 256-colour PNG (a small file)
+            shot = os.environ["T2I_DEMO_SCREENSHOT"]
+            page.screenshot(path=shot, full_page=True)
+            Image.open(shot).convert("RGB").quantize(256).save(shot, optimize=True)
+        # the same seed: the same images
+        _generate(page, PROMPT + " ", 3)  # spaces around it are dropped: the same prompt
+        assert _gallery_pngs(page) == first
+        # an empty prompt: unconditional images, and the page says so
+        _generate(page, "", 3)
+        assert "Empty prompt" in page.inner_text("#note")
+        # the model panel: size, layout, VQGAN, training origin, checkpoint hash, device
+        page.get_by_role("button", name="Model").click()
+        expect(page.locator("#model-card")).to_contain_text("Checkpoint")
+        card = page.inner_text("#model-card")
+        for fact in ["parameters", "layers", "t2i", "VQGAN", "trained from scratch", file_sha256(ckpt)[:16], "cpu"]:
+            assert fact in card, fact
+        browser.close()
+
+
+@pytest.mark.slow
+def test_gradio_client_calls_the_same_endpoint(server, generator):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    url, run_dir = server
+    client = Client(url, verbose=False)
+    gallery, note, files = client.predict(PROMPT, 2, 3.0, 1.0, 10, 1.0, 4, False, 1, api_name="/generate")
+    assert len(gallery) == 2 and "seed 4" in note and PROMPT in gallery[0]["caption"]
+    assert sorted(Path(f).name for f in files) == ["grid.png", "images.zip"]
+    # the images task=generate gives this prompt and seed
+    cfg = Settings(2, 3.0, 1.0, 10, 1.0).sampling()
+    expected = generator.decode(generator.sample_codes([PROMPT], cfg, seeds=prompt_seeds(4, [PROMPT])))
+    for entry, image in zip(gallery, expected):
+        assert np.array_equal(np.asarray(Image.open(entry["image"])), image.permute(1, 2, 0).numpy())
+    # refused requests are answered with the reason (Gradio's checks of the controls' ranges, then the
+    # demo's), and the server goes on
+    with pytest.raises(AppError, match="less than minimum value 0.1"):
+        client.predict(PROMPT, 2, 3.0, 0.0, 10, 1.0, 4, False, 1, api_name="/generate")
+    with pytest.raises(AppError, match="the prompt has 1200 characters; this page takes at most 1000"):
+        client.predict("红" * 1200, 2, 3.0, 1.0, 10, 1.0, 4, False, 1, api_name="/generate")
+    # several at once: all answered with their own images
+    answers = {}
+
+    def ask(seed):
+        answers[seed] = Client(url, verbose=False).predict(PROMPT, 2, 3.0, 1.0, 10, 1.0, seed, False, 1,
+                                                           api_name="/generate")
+
+    threads = [threading.Thread(target=ask, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sorted(answers) == [0, 1, 2, 3] and all(len(answer[0]) == 2 for answer in answers.values())
+    hashes = {hashlib.sha256(Path(answer[0][0]["image"]).read_bytes()).hexdigest() for answer in answers.values()}
+    assert len(hashes) == 4
+    assert len(list((run_dir / "results").iterdir())) >= 6  # each request's PNGs, grid and zip on disk
