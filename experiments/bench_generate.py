@@ -4,6 +4,7 @@
     python experiments/bench_generate.py --quick              # tiny model, a smoke test in seconds
     python experiments/bench_generate.py --recompute-steps 32 # estimate recomputation from 32 of its 256 forwards
     python experiments/bench_generate.py --layout paipainter  # pai-painter-base: EasyNLP's loop vs t2i's sampler
+    python experiments/bench_generate.py --sjd-ckpt logs/quickstart/gpt/checkpoints/last.ckpt  # + SJD on a trained model
 
 Random weights at the base size (12 layers, 12 heads, 768 wide, 32 text + 256 image positions,
 16,384 image codes, 16,000 text ids): speed does not depend on the weights. For each batch (number
@@ -18,6 +19,10 @@ positions, a 37,512-id vocabulary of 16,384 codes + 21,128 BERT ids, a head over
 only), so recomputation is EasyNLP's own generation algorithm on its own architecture.
 Targets: KV cache >= 12x faster than recomputation at batch 1 and >= 20x at batch 8; KV-cache
 batch 1 within 1.5x of the floor.
+The SJD rows time speculative Jacobi decoding (sampling.method=sjd) against the KV sampler at batch 1,
+the two interleaved: random weights predict near-uniform codes, where almost no draft is accepted, so
+they are timed at temperature 1 and at 0.05 (near-deterministic predictions); `--sjd-ckpt` adds a
+trained GPT with its own sampling options. Target: SJD >= 1.5x faster.
 """
 
 from __future__ import annotations
@@ -29,13 +34,14 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import torch
 
 from t2i.models.gpt import GPT, GPTConfig
-from t2i.sampling import SamplingConfig, filter_logits, generate_codes
+from t2i.sampling import SamplingConfig, SamplingStats, filter_logits, generate_codes
 
 BASE = {"n_layer": 12, "n_head": 12, "n_embd": 768, "text_len": 32, "image_len": 256, "n_image_codes": 16384,
         "n_text_tokens": 16000}
@@ -43,6 +49,7 @@ QUICK = {"n_layer": 2, "n_head": 4, "n_embd": 128, "text_len": 8, "image_len": 6
          "n_text_tokens": 1000}
 TARGETS = {1: 12.0, 8: 20.0}  # speed-up of the KV cache over recomputation, per batch size
 FLOOR_TARGET = 1.5
+SJD_TARGET = 1.5  # SJD's wall-clock speed-up over the KV sampler at batch 1
 MB = 1e6
 
 
@@ -115,6 +122,42 @@ def generation_seconds(model: GPT, batch: int, cfg: SamplingConfig, use_cache: b
             model(torch.zeros(batch, model.cfg.block_size - 1, dtype=torch.long, device=device))
     best = min(timed(lambda: generate_codes(model, text, cfg, use_cache=use_cache), device) for _ in range(repeats))
     return best, f"best of {repeats}" if repeats > 1 else "1 run"
+
+
+def sjd_row(label: str, model: GPT, text: torch.Tensor, cfg: SamplingConfig, window: int, repeats: int,
+            device: str) -> list:
+    """SJD vs the KV sampler on one prompt (batch 1), interleaved: best seconds of each, model calls."""
+    sjd = replace(cfg, method="sjd", sjd_window=window)
+    stats = SamplingStats()
+    generate_codes(model, text, sjd, stats=stats)  # warm-up, and its model calls (seeded: every run the same)
+    generate_codes(model, text, cfg)
+    times = {"ar": [], "sjd": []}
+    for _ in range(repeats):
+        times["ar"].append(timed(lambda: generate_codes(model, text, cfg), device))
+        times["sjd"].append(timed(lambda: generate_codes(model, text, sjd), device))
+    ar, fast = min(times["ar"]), min(times["sjd"])
+    return [label, f"{ar:.3f}", f"{fast:.3f}", f"{ar / fast:.2f}x", f"{stats.model_calls} / {stats.token_by_token_calls}",
+            f">= {SJD_TARGET}x", "met" if ar / fast >= SJD_TARGET else "MISSED"]
+
+
+def sjd_rows(args: argparse.Namespace, model: GPT) -> None:
+    """The SJD table: random weights at temperature 1 and 0.05, and the --sjd-ckpt model (its own sampling)."""
+    text = prompts(model, 1, args.device)
+    rows = [sjd_row(f"random weights, T={t:g}", model, text, replace(sampling(args.top_k), temperature=t),
+                    args.sjd_window, args.repeats, args.device) for t in (1.0, 0.05)]
+    if args.sjd_ckpt:
+        from t2i.checkpoints import load_gpt
+
+        trained, record = load_gpt(args.sjd_ckpt)
+        trained = trained.eval().to(args.device)
+        prompt = "画面左上角有一个红色的小圆形，背景是白色的"  # experiments/prompts/shapes.txt's first
+        cfg = SamplingConfig(**{**record.sampling, "samples_per_prompt": 1, "seed": 0})
+        rows.append(sjd_row(f"{Path(args.sjd_ckpt).parent.parent.name} (its sampling: T={cfg.temperature:g}, "
+                            f"top-k {cfg.top_k}, guidance {cfg.guidance_scale:g})", trained,
+                            record.tokenizer_model()([prompt]).to(args.device), cfg, args.sjd_window, args.repeats,
+                            args.device))
+    table(["batch 1", "KV s/image", f"SJD (window {args.sjd_window}) s/image", "speed-up",
+           "SJD model calls / token by token", "target", "met"], rows)
 
 
 def bandwidth(device: str, gigabytes: float, repeats: int = 10) -> float:
@@ -281,6 +324,8 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="also print a torch.profiler summary of this many batch-1 KV-cache steps")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--sjd-window", type=int, default=16, help="SJD's draft window (0: skip the SJD rows)")
+    parser.add_argument("--sjd-ckpt", default=None, help="also time SJD on this trained GPT checkpoint")
     parser.add_argument("--memory-probe", choices=["build", "sample"], help=argparse.SUPPRESS)
     parser.add_argument("--probe-batch", type=int, default=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -342,6 +387,8 @@ def main() -> None:
               [[batch, f"{weights / MB:.1f}", f"{cache_bytes(model, batch) / MB:.1f}", f"{built / MB:.1f}",
                 f"{sampled / MB:.1f}", f"{(sampled - built) / MB:.1f}"]])
 
+    if args.sjd_window:
+        sjd_rows(args, model)
     if args.quick:
         print("\n(--quick: the targets are for the base size; these figures only show the script runs)")
     if args.profile:

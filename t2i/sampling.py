@@ -49,7 +49,7 @@ class SamplingConfig:
     seed: int | None = None
     # how the guidance scale moves over the image positions: constant, linear (VAR), power_cosine (RAR)
     guidance_schedule: str = "constant"
-    guidance_power: float = 1.0  # power_cosine's exponent p
+    guidance_power: float = 2.75  # power_cosine's exponent p (RAR-B's released value)
     # guidance only for image positions t with start <= t / image_len < end (scale 1 elsewhere)
     guidance_interval: tuple[float, float] = (0.0, 1.0)
     method: str = "ar"  # "ar": one position per model call; "sjd": speculative Jacobi decoding

@@ -387,9 +387,9 @@ def evaluate(generator: Generator, batches: Iterable[dict], sampling: SamplingCo
     oracle = all(share["oracle"] for share in shares)
     results = {"prompts": len(prompts), "samples_per_prompt": per_prompt, "rerank": k,
                "sampling": asdict(sampling),
-               "images_per_set": len(prompts) * per_prompt,
-               # summed over processes and sampling batches
-               "model_calls": {name: sum(share["calls"][name] for share in shares) for name in asdict(calls)}}
+               "images_per_set": len(prompts) * per_prompt}
+    if sampling.method != "ar":  # the calls saved; summed over processes and batches, so they depend on both
+        results["model_calls"] = {name: sum(share["calls"][name] for share in shares) for name in asdict(calls)}
     shown = {}  # set name -> (the grid images, their Caption Losses)
     for name, image_set in sets.items():
         results[name], grid, losses = image_set.metrics([share["sets"][name] for share in shares], oracle)
@@ -481,7 +481,8 @@ def markdown_table(results: dict) -> str:
                      f"({chosen['captions_available']} captions available; {chosen['caption_choice']})")
     if "model_calls" in results:
         calls = results["model_calls"]
-        notes.append(f"sampling made {calls['model_calls']} model calls ({calls['token_by_token_calls']} token by token)")
+        notes.append(f"sampling made {calls['model_calls']} model calls ({calls['token_by_token_calls']} token by token; "
+                     "both depend on the sampling batch and the number of processes)")
     if results["rerank"] > 1:
         notes.append(f"rerank_{results['rerank']}: the lowest Caption Loss of {results['rerank']} candidates per image "
                      f"(scored by {results.get('caption_model')})")
