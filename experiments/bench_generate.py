@@ -5,6 +5,7 @@
     python experiments/bench_generate.py --recompute-steps 32 # estimate recomputation from 32 of its 256 forwards
     python experiments/bench_generate.py --layout paipainter  # pai-painter-base: EasyNLP's loop vs t2i's sampler
     python experiments/bench_generate.py --device cuda --steps-table --batches 1 64 256  # GPU decoding (bf16)
+    python experiments/bench_generate.py --sjd-ckpt logs/quickstart/gpt/checkpoints/last.ckpt  # + SJD on a trained model
 
 Random weights at the base size (12 layers, 12 heads, 768 wide, 32 text + 256 image positions,
 16,384 image codes, 16,000 text ids): speed does not depend on the weights. For each batch (number
@@ -32,6 +33,11 @@ graph on GPUs), in bf16 on a GPU (fp32 on the CPU), with guidance 3 (both halves
 image step at each batch, images/s including the VQGAN f16 decode (bf16 autocast, the VQ lookup
 exact), the memory floor per step (weights read once at the bandwidth measured) and peak memory.
 GPU goal: <= 1 ms per step at batch 1 with guidance, base size, on one H100.
+
+The SJD rows time speculative Jacobi decoding (sampling.method=sjd) against the KV sampler at batch 1,
+the two interleaved: random weights predict near-uniform codes, where almost no draft is accepted, so
+they are timed at temperature 1 and at 0.05 (near-deterministic predictions); `--sjd-ckpt` adds a
+trained GPT with its own sampling options. Target: SJD >= 1.5x faster.
 """
 
 from __future__ import annotations
@@ -39,9 +45,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -54,7 +60,7 @@ import torch
 from t2i.models.gpt import GPT, GPTConfig
 from t2i.models.vqgan import VQModel
 from t2i.pretokenize import load_vqgan_config
-from t2i.sampling import SamplingConfig, decode_to_uint8, filter_logits, generate_codes
+from t2i.sampling import SamplingConfig, SamplingStats, decode_to_uint8, filter_logits, generate_codes
 
 BASE = {"n_layer": 12, "n_head": 12, "n_embd": 768, "text_len": 32, "image_len": 256, "n_image_codes": 16384,
         "n_text_tokens": 16000}
@@ -62,6 +68,7 @@ QUICK = {"n_layer": 2, "n_head": 4, "n_embd": 128, "text_len": 8, "image_len": 6
          "n_text_tokens": 1000}
 TARGETS = {1: 12.0, 8: 20.0}  # speed-up of the KV cache over recomputation, per batch size
 FLOOR_TARGET = 1.5
+SJD_TARGET = 1.5  # SJD's wall-clock speed-up over the KV sampler at batch 1
 MB = 1e6
 
 
@@ -205,6 +212,42 @@ def batch_one_table(args: argparse.Namespace, model: GPT, floor: float) -> None:
     best = min(median["KV cache, eager steps"], median["KV cache, compiled steps"])
     print(f"\ntargets (the faster KV row): >= 12x recompute: {recompute / best:.1f}x; <= 1.5x floor: "
           f"{best / floor:.2f}x; >= 1.3x taming-style: {taming / best:.2f}x")
+
+
+def sjd_row(label: str, model: GPT, text: torch.Tensor, cfg: SamplingConfig, window: int, repeats: int,
+            device: str) -> list:
+    """SJD vs the KV sampler on one prompt (batch 1), interleaved: best seconds of each, model calls."""
+    sjd = replace(cfg, method="sjd", sjd_window=window)
+    stats = SamplingStats()
+    generate_codes(model, text, sjd, stats=stats)  # warm-up, and its model calls (seeded: every run the same)
+    generate_codes(model, text, cfg)
+    times = {"ar": [], "sjd": []}
+    for _ in range(repeats):
+        times["ar"].append(timed(lambda: generate_codes(model, text, cfg), device))
+        times["sjd"].append(timed(lambda: generate_codes(model, text, sjd), device))
+    ar, fast = min(times["ar"]), min(times["sjd"])
+    return [label, f"{ar:.3f}", f"{fast:.3f}", f"{ar / fast:.2f}x", f"{stats.model_calls} / {stats.token_by_token_calls}",
+            f">= {SJD_TARGET}x", "met" if ar / fast >= SJD_TARGET else "MISSED"]
+
+
+def sjd_rows(args: argparse.Namespace, model: GPT) -> None:
+    """The SJD table: random weights at temperature 1 and 0.05, and the --sjd-ckpt model (its own sampling)."""
+    text = prompts(model, 1, args.device)
+    rows = [sjd_row(f"random weights, T={t:g}", model, text, replace(sampling(args.top_k), temperature=t),
+                    args.sjd_window, args.repeats, args.device) for t in (1.0, 0.05)]
+    if args.sjd_ckpt:
+        from t2i.checkpoints import load_gpt
+
+        trained, record = load_gpt(args.sjd_ckpt)
+        trained = trained.eval().to(args.device)
+        prompt = "画面左上角有一个红色的小圆形，背景是白色的"  # experiments/prompts/shapes.txt's first
+        cfg = SamplingConfig(**{**record.sampling, "samples_per_prompt": 1, "seed": 0})
+        rows.append(sjd_row(f"{Path(args.sjd_ckpt).parent.parent.name} (its sampling: T={cfg.temperature:g}, "
+                            f"top-k {cfg.top_k}, guidance {cfg.guidance_scale:g})", trained,
+                            record.tokenizer_model()([prompt]).to(args.device), cfg, args.sjd_window, args.repeats,
+                            args.device))
+    table(["batch 1", "KV s/image", f"SJD (window {args.sjd_window}) s/image", "speed-up",
+           "SJD model calls / token by token", "target", "met"], rows)
 
 
 def bandwidth(device: str, gigabytes: float, repeats: int = 10) -> float:
@@ -432,6 +475,8 @@ def main() -> None:
     parser.add_argument("--steps-table", action="store_true",
                         help="time the decode modes (eager, static, compiled) with guidance instead; bf16 on CUDA")
     parser.add_argument("--decodes", nargs="+", default=["eager", "compiled"], choices=["eager", "static", "compiled"])
+    parser.add_argument("--sjd-window", type=int, default=16, help="SJD's draft window (0: skip the SJD rows)")
+    parser.add_argument("--sjd-ckpt", default=None, help="also time SJD on this trained GPT checkpoint")
     parser.add_argument("--memory-probe", choices=["build", "sample"], help=argparse.SUPPRESS)
     parser.add_argument("--probe-batch", type=int, default=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -500,6 +545,8 @@ def main() -> None:
               [[batch, f"{weights / MB:.1f}", f"{cache_bytes(model, batch) / MB:.1f}", f"{built / MB:.1f}",
                 f"{sampled / MB:.1f}", f"{(sampled - built) / MB:.1f}"]])
 
+    if args.sjd_window:
+        sjd_rows(args, model)
     if args.quick:
         print("\n(--quick: the targets are for the base size; these figures only show the script runs)")
     if args.profile:

@@ -13,11 +13,20 @@ How a step runs (`decode`, the same codes up to float rounding): "eager" (the ca
 int, attention over the filled part), "static" (GPT.forward_at: fixed shapes, the position a tensor)
 or "compiled" (the static step through torch.compile; on CUDA mode "reduce-overhead", which captures
 it once as a CUDA graph and replays it: no per-kernel launch cost, the gpt-fast / LlamaGen pattern).
+
+Guidance schedules move the scale over the image positions t = 0 .. T-1: constant, a linear ramp
+(VAR: 1 + (g - 1) t / T), power-cosine (RAR: 1 + (g - 1) (1 - cos(pi (t / T)^p)) / 2), and an
+interval (LlamaGen's cfg_interval) outside which the scale is 1.
+
+`method="sjd"` is speculative Jacobi decoding (Teng et al. 2024, arXiv 2410.01699): each model call
+verifies a window of draft codes at once and keeps the sampling distribution exactly; see
+`_sjd_codes`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
 import weakref
 from collections import Counter
@@ -26,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision
 
 from t2i.checkpoints import GPTRecord, load_gpt, load_record_vqgan
@@ -43,6 +53,13 @@ class SamplingConfig:
     greedy: bool = False  # argmax instead of sampling
     samples_per_prompt: int = 1
     seed: int | None = None
+    # how the guidance scale moves over the image positions: constant, linear (VAR), power_cosine (RAR)
+    guidance_schedule: str = "constant"
+    guidance_power: float = 2.75  # power_cosine's exponent p (RAR-B's released value)
+    # guidance only for image positions t with start <= t / image_len < end (scale 1 elsewhere)
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+    method: str = "ar"  # "ar": one position per model call; "sjd": speculative Jacobi decoding
+    sjd_window: int = 16  # draft codes verified per model call (method=sjd)
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -51,6 +68,58 @@ class SamplingConfig:
             raise ValueError(f"sampling.top_k must be >= 0 and sampling.top_p in (0, 1], got {self.top_k}, {self.top_p}")
         if self.samples_per_prompt < 1:
             raise ValueError(f"sampling.samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        if self.guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(f"sampling.guidance_schedule must be one of {', '.join(GUIDANCE_SCHEDULES)}, "
+                             f"got {self.guidance_schedule!r}")
+        if self.guidance_power <= 0:
+            raise ValueError(f"sampling.guidance_power must be > 0, got {self.guidance_power}")
+        interval = tuple(self.guidance_interval)  # a list from YAML
+        if len(interval) != 2 or not 0 <= interval[0] < interval[1] <= 1:
+            raise ValueError(f"sampling.guidance_interval must be [start, end] with 0 <= start < end <= 1 (fractions "
+                             f"of the image positions), got {self.guidance_interval}")
+        self.guidance_interval = (float(interval[0]), float(interval[1]))
+        if self.method not in METHODS:
+            raise ValueError(f"sampling.method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.sjd_window < 1:
+            raise ValueError(f"sampling.sjd_window must be >= 1, got {self.sjd_window}")
+
+
+GUIDANCE_SCHEDULES = ("constant", "linear", "power_cosine")
+METHODS = ("ar", "sjd")
+
+
+@dataclass
+class SamplingStats:
+    """Model calls made, and how many token-by-token sampling (method=ar) would have made for the same codes."""
+    model_calls: int = 0
+    token_by_token_calls: int = 0
+
+    @property
+    def speedup(self) -> float:
+        return self.token_by_token_calls / max(self.model_calls, 1)
+
+
+def guidance_scales(cfg: SamplingConfig, image_len: int) -> torch.Tensor:
+    """The guidance scale at each image position [image_len] (float32, as the logits are guided)."""
+    t = torch.arange(image_len, dtype=torch.float64) / image_len
+    g = cfg.guidance_scale
+    if cfg.guidance_schedule == "constant":
+        scales = torch.full_like(t, g)
+    elif cfg.guidance_schedule == "linear":
+        scales = 1 + (g - 1) * t
+    else:  # power_cosine
+        scales = 1 + (g - 1) * (1 - torch.cos(math.pi * t ** cfg.guidance_power)) / 2
+    start, end = cfg.guidance_interval
+    return torch.where((t >= start) & (t < end), scales, torch.ones_like(t)).float()
+
+
+def _guide(logits: torch.Tensor, n: int, scales: torch.Tensor) -> torch.Tensor:
+    """Rows [cond (n); uncond (n)] -> uncond + scale * (cond - uncond); where the scale is 1 (or the
+    unconditional half is no longer run) the conditional logits as they are, so every path agrees."""
+    cond, uncond = logits[:n], logits[n:]
+    if not len(uncond):
+        return cond
+    return torch.where(scales == 1, cond, uncond + scales * (cond - uncond))
 
 
 DECODES = ("eager", "static", "compiled")
@@ -100,27 +169,57 @@ def _draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, (uniforms.double() * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
 
 
+def _row_generators(seeds: Sequence[int] | None, n_prompts: int, samples_per_prompt: int,
+                    greedy: bool) -> list[torch.Generator]:
+    """One CPU generator per sequence (sample s of prompt i), seeded from (seeds[i], s): speculative decoding
+    draws a varying number of values per sequence, so each needs its own stream for its codes to depend
+    neither on the other prompts of its batch nor on how many samples its prompt has."""
+    if seeds is None:  # unseeded: from torch's global generator (greedy draws only drafts, which never change its codes)
+        seeds = [0] * n_prompts if greedy else torch.randint(2 ** 62, (n_prompts,)).tolist()
+    if len(seeds) != n_prompts:
+        raise ValueError(f"{len(seeds)} seeds for {n_prompts} prompts")
+    generators = []
+    for seed in seeds:
+        for sample in range(samples_per_prompt):
+            digest = hashlib.sha256(f"{seed}|sample {sample}".encode()).digest()
+            generators.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1))
+    return generators
+
+
 @torch.no_grad()
 def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cache: bool = True,
-                   seeds: Sequence[int] | None = None, decode: str = "eager") -> torch.Tensor:
+                   seeds: Sequence[int] | None = None, stats: SamplingStats | None = None,
+                   decode: str = "eager") -> torch.Tensor:
     """Text ids [P, text_len] -> image codes [P * samples_per_prompt, image_len] (samples of a prompt adjacent).
 
     Prompt i samples from its own random stream, seeded with seeds[i]; by default cfg.seed + i
-    (unseeded when cfg.seed is None). `decode`: how each step runs (DECODES; the module docstring).
+    (unseeded when cfg.seed is None). `stats`, when given, counts the model calls. `decode`: how each
+    step of method=ar runs (DECODES; the module docstring); SJD's windows run eagerly.
     """
     if decode not in DECODES:
         raise ValueError(f"sampling.decode must be one of {DECODES}, got {decode!r}")
     gpt = model.cfg
+    stats = stats if stats is not None else SamplingStats()
     if seeds is None and cfg.seed is not None:
         seeds = [cfg.seed + i for i in range(len(text))]
-    uniforms = None if cfg.greedy else _prompt_uniforms(seeds, len(text), cfg.samples_per_prompt, gpt.image_len,
-                                                       text.device)
+    n_prompts = len(text)
     text = text.repeat_interleave(cfg.samples_per_prompt, dim=0)
     layout = model.layout
     prefix = layout.prefix(text)
-    guided = cfg.guidance_scale != 1.0
-    if guided:  # the null text (all padding) as the unconditional half
+    scales = guidance_scales(cfg, gpt.image_len).to(prefix.device)
+    # the null-text half runs until the last position whose scale is not 1 (never when none is)
+    guided = (scales != 1).nonzero()
+    guided_until = int(guided.max()) + 1 if len(guided) else 0
+    if guided_until:  # the null text (all padding) as the unconditional half
         prefix = torch.cat([prefix, layout.prefix(layout.null_text(text))])
+    stats.token_by_token_calls += gpt.image_len
+    if cfg.method == "sjd":
+        if not use_cache:
+            raise ValueError("sampling.method=sjd runs on the KV cache (use_cache=True)")
+        generators = _row_generators(seeds, n_prompts, cfg.samples_per_prompt, cfg.greedy)
+        return _sjd_codes(model, prefix, len(text), cfg, scales, guided_until, generators, stats)
+    uniforms = None if cfg.greedy else _prompt_uniforms(seeds, n_prompts, cfg.samples_per_prompt, gpt.image_len,
+                                                       text.device)
     n = len(text)
     codes = torch.empty(n, gpt.image_len, dtype=torch.long, device=prefix.device)
     cache = model.new_cache(len(prefix)) if use_cache else None
@@ -130,15 +229,13 @@ def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cach
         logits = model(prefix, cache, last=1, head_rows=rows)[:, -1]
     else:  # EasyNLP's loop: every position, the whole head
         logits = model(prefix)[:, -1, :rows]
+    stats.model_calls += 1
     step_fn = None
     if use_cache and decode != "eager":
         step_fn = compiled_step(model) if decode == "compiled" else model.forward_at
         position = torch.full((1,), cache.length, dtype=torch.long, device=prefix.device)
     for i in range(gpt.image_len):
-        logits = logits.float()
-        if guided:
-            cond, uncond = logits[:n], logits[n:]
-            logits = uncond + cfg.guidance_scale * (cond - uncond)
+        logits = _guide(logits.float(), n, scales[i])
         if cfg.greedy:
             step = logits.argmax(-1)
         else:
@@ -147,7 +244,10 @@ def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cach
         codes[:, i] = step
         if i == gpt.image_len - 1:
             break
-        new = step.repeat(2)[:, None] if guided else step[:, None]
+        # past the guided positions only the conditional half runs (the cache's first n rows); a fixed-shape
+        # step keeps its batch, both halves (where the scale is 1 the conditional logits are taken as they are)
+        halves = 2 if i + 1 < guided_until or (step_fn is not None and guided_until) else 1
+        new = step.repeat(halves)[:, None]
         if step_fn is not None:
             if decode == "compiled":  # a new replay: the previous step's outputs are consumed
                 torch.compiler.cudagraph_mark_step_begin()
@@ -157,9 +257,107 @@ def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cach
         elif use_cache:
             logits = model(new, cache, head_rows=rows)[:, -1]
         else:
-            tokens = torch.cat([tokens, new], 1)
+            tokens = torch.cat([tokens[:len(new)], new], 1)
             logits = model(tokens)[:, -1, :rows]
+        stats.model_calls += 1
     return codes
+
+
+def _sjd_codes(model: GPT, prefix: torch.Tensor, n: int, cfg: SamplingConfig, scales: torch.Tensor,
+               guided_until: int, generators: list[torch.Generator], stats: SamplingStats) -> torch.Tensor:
+    """Speculative Jacobi decoding (Teng et al. 2024): prefix [n (+ n null-text rows), L] -> codes [n, image_len].
+
+    Each model call feeds the last committed code and every sequence's window of draft codes (the KV
+    cache is first rolled back to the committed codes: later writes overwrite the rest), then verifies
+    each sequence's drafts left to right as speculative sampling does: a draft x drawn from q is
+    accepted with probability min(1, p(x) / q(x)), p the model's distribution given the codes before it
+    (guided, tempered and filtered as token-by-token sampling does); at the first rejection the code is
+    drawn from the residual max(0, p - q) normalised, and when the whole window is accepted the call's
+    last output gives one more code. So every code is distributed as token-by-token sampling draws it,
+    and every call gives at least one. The unverified rest of the window becomes the next drafts, drawn
+    from this call's p at those positions (the Jacobi iteration; q = that p), and the positions new to
+    the window start as uniformly random codes with q a point mass on the drawn code (the paper's
+    random initialisation; accepted with probability p(x)). Greedy: a draft is accepted when it is the
+    argmax, which gives exactly the greedy codes.
+
+    Batches: sequences accept different numbers of codes. Each keeps its own count (`done`) and random
+    stream; the cache keeps the codes all sequences have accepted (the minimum) and the sequences ahead
+    re-feed theirs. A sequence more than a window ahead waits (draws nothing) until the others catch
+    up, so each sequence's codes are those it gets alone.
+    """
+    gpt = model.cfg
+    T, V, W = gpt.image_len, gpt.n_image_codes, cfg.sjd_window
+    device = prefix.device
+    start = prefix.shape[1] - 1  # the position of the token before the first code
+    cache = model.new_cache(len(prefix))
+    if start:  # the prompt but its last token, which the first window feeds
+        model(prefix[:, :-1], cache, last=1, head_rows=1)
+        stats.model_calls += 1
+    before = prefix[:, -1]  # each row's token before code 0 (the null text's own in the unconditional half)
+    scales = torch.cat([scales, scales.new_ones(1)])[:, None]  # position T: the output past the last code (unused)
+    tokens = torch.zeros(n, T + W, dtype=torch.long, device=device)  # codes before done[i], then the drafts
+    done = torch.zeros(n, dtype=torch.long, device=device)
+    steps = torch.arange(W, device=device)
+    init = torch.stack([torch.rand(W, generator=g) for g in generators]).to(device)
+    drafts = (init * V).long().clamp(max=V - 1)
+    q = F.one_hot(drafts, V).float()  # each draft's distribution
+    while True:
+        c = int(done.min())  # codes every sequence has accepted
+        if c == T:
+            return tokens[:, :T]
+        active = (done < T) & (done - c <= W)
+        ends = (done + W).clamp(max=T)  # each verifies its drafts at done .. ends - 1
+        count = torch.where(active, ends - done, 0)
+        end = int(ends[active].max())  # the window: codes c .. end - 1 (a waiting sequence's own beyond it wait too)
+        tokens.scatter_(1, done[:, None] + steps, drafts)
+        halves = 2 if c < guided_until else 1
+        first = before[:halves * n] if c == 0 else tokens[:, c - 1].repeat(halves)
+        window = torch.cat([first[:, None], tokens[:, c:end].repeat(halves, 1)], 1)
+        cache.length = start + c
+        logits = _guide(model(window, cache, head_rows=V).float(), n, scales[c:end + 1])  # output j: code c + j
+        stats.model_calls += 1
+        # the window's outputs at each sequence's positions done .. done + W
+        at = ((done - c)[:, None] + torch.arange(W + 1, device=device)).clamp(max=end - c)
+        draws = torch.zeros(n, 3 * W + 1)
+        for row in active.nonzero().squeeze(1).tolist():
+            draws[row] = torch.rand(3 * W + 1, generator=generators[row])
+        draws = draws.to(device)
+        u_accept, u_code, u_draft, u_init = draws[:, :W], draws[:, W], draws[:, W + 1:2 * W + 1], draws[:, 2 * W + 1:]
+        if cfg.greedy:
+            best = logits.argmax(-1).gather(1, at)  # [n, W + 1]
+            accepted = (drafts == best[:, :W]) & (steps < count[:, None])
+            m = accepted.long().cumprod(1).sum(1)  # drafts accepted, in order
+            code = best.gather(1, m[:, None]).squeeze(1)
+        else:
+            probs = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
+            p = probs.gather(1, at[..., None].expand(-1, -1, V))  # [n, W + 1, V]
+            px = p[:, :W].gather(-1, drafts[..., None]).squeeze(-1)
+            qx = q.gather(-1, drafts[..., None]).squeeze(-1)  # > 0: each draft was drawn from its q
+            accepted = (u_accept < px / qx) & (steps < count[:, None])
+            m = accepted.long().cumprod(1).sum(1)
+            p_m = p.gather(1, m[:, None, None].expand(-1, 1, V)).squeeze(1)
+            q_m = q.gather(1, m.clamp(max=W - 1)[:, None, None].expand(-1, 1, V)).squeeze(1)
+            residual = (p_m - q_m).clamp_min(0)
+            # rejected: the residual; the window all accepted: the next position's p (p == q up to rounding: p)
+            rejected = (m < count) & (residual.sum(-1) > 0)
+            code = _draw(torch.where(rejected[:, None], residual, p_m), u_code)
+        new = active & (done + m < T)  # the window all accepted up to the last code gives none more
+        rows = new.nonzero().squeeze(1)
+        tokens[rows, done[rows] + m[rows]] = code[rows]
+        # the next window: positions new_done + k, which this call's outputs cover up to ends
+        source = m[:, None] + 1 + steps  # their index in `at`
+        refined = source <= count[:, None]
+        random = (u_init * V).long().clamp(max=V - 1)
+        if cfg.greedy:
+            drafted = best.gather(1, source.clamp(max=W))
+            q_next = q
+        else:
+            p_source = p.gather(1, source.clamp(max=W)[..., None].expand(-1, -1, V))
+            drafted = _draw(p_source.flatten(0, 1), u_draft.flatten()).view(n, W)
+            q_next = torch.where(refined[..., None], p_source, F.one_hot(random, V).float())
+        drafts = torch.where(active[:, None], torch.where(refined, drafted, random), drafts)
+        q = torch.where(active[:, None, None], q_next, q)
+        done = torch.where(active, (done + m + 1).clamp(max=T), done)
 
 
 def prompt_seeds(seed: int, prompts: Sequence[str]) -> list[int]:
@@ -205,11 +403,11 @@ class Generator:
 
     @torch.no_grad()
     def sample_codes(self, prompts: list[str], cfg: SamplingConfig, batch_size: int = 16,
-                     seeds: Sequence[int] | None = None) -> torch.Tensor:
+                     seeds: Sequence[int] | None = None, stats: SamplingStats | None = None) -> torch.Tensor:
         """Codes [len(prompts) * samples_per_prompt, h, w], the samples of a prompt adjacent.
 
         Prompt i is sampled with seeds[i], by default prompt_seeds(cfg.seed, prompts): the codes do not
-        depend on batch_size.
+        depend on batch_size. `stats`, when given, counts the model calls.
         """
         if any(not p.strip() for p in prompts):
             warnings.warn("an empty prompt generates unconditionally (the null text)")
@@ -221,7 +419,8 @@ class Generator:
         for start in range(0, len(prompts), per_batch):
             text = self.tokenizer(prompts[start:start + per_batch]).to(self.device)
             batch_seeds = None if seeds is None else seeds[start:start + per_batch]
-            codes.append(generate_codes(self.gpt, text, cfg, seeds=batch_seeds, decode=self.decode_mode).view(-1, h, w))
+            codes.append(generate_codes(self.gpt, text, cfg, seeds=batch_seeds, stats=stats,
+                                        decode=self.decode_mode).view(-1, h, w))
         return torch.cat(codes)
 
     @torch.no_grad()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from t2i.models.gpt import GPT, GPTConfig
-from t2i.sampling import SamplingConfig, filter_logits, generate_codes
+from t2i.sampling import SamplingConfig, _draw, _prompt_uniforms, filter_logits, generate_codes, guidance_scales
 
 TINY = dict(n_image_codes=40, n_text_tokens=30, text_len=6, image_len=9, n_layer=2, n_head=2, n_embd=32)
 
@@ -83,3 +83,94 @@ def test_llama_style_models_sample_alike_on_every_path(text, options):
     assert torch.equal(generate_codes(model, text, cfg, use_cache=False), eager)
     for decode in ("static", "compiled"):
         assert torch.equal(generate_codes(model, text, cfg, decode=decode), eager)
+
+
+# -- guidance schedules ----------------------------------------------------------------------------
+
+def reference_codes(model, text, scale_at, seeds=None, temperature=1.0, top_k=0):
+    """Token-by-token sampling as it was before the schedules, the whole sequence recomputed at every
+    step, with the guidance scale of position t given by scale_at(t) (greedy when seeds is None)."""
+    layout, n_codes = model.layout, model.cfg.n_image_codes
+    cond, uncond = layout.prefix(text), layout.prefix(layout.null_text(text))
+    uniforms = None if seeds is None else _prompt_uniforms(seeds, len(text), 1, model.cfg.image_len, text.device)
+    codes = torch.empty(len(text), 0, dtype=torch.long)
+    with torch.no_grad():
+        for t in range(model.cfg.image_len):
+            logits = model(torch.cat([cond, codes], 1))[:, -1, :n_codes]
+            scale = scale_at(t)
+            if scale != 1:
+                unguided = model(torch.cat([uncond, codes], 1))[:, -1, :n_codes]
+                logits = unguided + scale * (logits - unguided)
+            if seeds is None:
+                step = logits.argmax(-1)
+            else:
+                step = _draw(filter_logits(logits / temperature, top_k).softmax(-1), uniforms[:, t])
+            codes = torch.cat([codes, step[:, None]], 1)
+    return codes
+
+
+def test_constant_schedule_is_the_plain_guidance(model, text):
+    seeds = [4, 5, 6]
+    cfg = SamplingConfig(guidance_scale=1.7, top_k=10, temperature=1.5)
+    assert torch.equal(generate_codes(model, text, cfg, seeds=seeds),
+                       reference_codes(model, text, lambda t: 1.7, seeds, temperature=1.5, top_k=10))
+    assert torch.equal(generate_codes(model, text, SamplingConfig(guidance_scale=1.7, greedy=True)),
+                       reference_codes(model, text, lambda t: 1.7))
+
+
+def test_schedule_scales_follow_their_formulas():
+    import math
+    g, T = 4.0, 16
+    cases = {
+        "constant": (dict(), lambda t: g),
+        "linear": (dict(guidance_schedule="linear"), lambda t: 1 + (g - 1) * t / T),
+        "power_cosine": (dict(guidance_schedule="power_cosine", guidance_power=2.5),
+                         lambda t: 1 + (g - 1) * (1 - math.cos(math.pi * (t / T) ** 2.5)) / 2),
+        "interval": (dict(guidance_schedule="linear", guidance_interval=[0.25, 0.75]),
+                     lambda t: 1 + (g - 1) * t / T if 4 <= t < 12 else 1.0),
+    }
+    for name, (options, formula) in cases.items():
+        scales = guidance_scales(SamplingConfig(guidance_scale=g, **options), T)
+        expected = torch.tensor([formula(t) for t in range(T)], dtype=torch.float32)
+        assert torch.allclose(scales, expected, rtol=1e-6), name
+    assert guidance_scales(SamplingConfig(guidance_scale=g, guidance_schedule="linear"), T)[0] == 1  # t = 0: none
+
+
+@pytest.mark.parametrize("options", [dict(guidance_schedule="linear"),
+                                     dict(guidance_schedule="power_cosine", guidance_power=3.0),
+                                     dict(guidance_interval=[0.0, 0.5]),  # the null-text half stops half way
+                                     dict(guidance_interval=[0.3, 0.7], guidance_schedule="linear")])
+def test_schedules_guide_each_position_with_its_scale(model, text, options):
+    cfg = SamplingConfig(greedy=True, guidance_scale=6.0, **options)
+    scales = guidance_scales(cfg, 9).tolist()
+    expected = reference_codes(model, text, lambda t: scales[t])
+    assert torch.equal(generate_codes(model, text, cfg), expected)
+    assert torch.equal(generate_codes(model, text, cfg, use_cache=False), expected)
+    assert not torch.equal(expected, generate_codes(model, text, SamplingConfig(greedy=True, guidance_scale=6.0)))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "power_cosine"])
+def test_schedules_at_scale_one_are_unguided(model, text, schedule):
+    cfg = SamplingConfig(guidance_scale=1.0, guidance_schedule=schedule, guidance_interval=[0.2, 0.9], seed=3,
+                         samples_per_prompt=2)
+    assert torch.equal(generate_codes(model, text, cfg),
+                       generate_codes(model, text, SamplingConfig(seed=3, samples_per_prompt=2)))
+
+
+def test_bad_schedule_options_are_named():
+    with pytest.raises(ValueError, match="sampling.guidance_schedule"):
+        SamplingConfig(guidance_schedule="cosine")
+    with pytest.raises(ValueError, match="sampling.guidance_power"):
+        SamplingConfig(guidance_power=0)
+    for interval in ([0.5, 0.5], [0.2], [-0.1, 1.0], [0.0, 1.5]):
+        with pytest.raises(ValueError, match="sampling.guidance_interval"):
+            SamplingConfig(guidance_interval=interval)
+
+
+@pytest.mark.parametrize("decode", ["static", "compiled"])
+def test_fixed_shape_steps_follow_a_guidance_interval(text, decode):
+    # past the interval the eager step drops the null-text half; the fixed-shape step keeps it at scale 1
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY)).eval()
+    cfg = SamplingConfig(seed=5, top_k=10, guidance_scale=3.0, guidance_interval=(0.0, 0.5))
+    assert torch.equal(generate_codes(model, text, cfg, decode=decode), generate_codes(model, text, cfg))

@@ -36,7 +36,7 @@ from t2i.checkpoints import load_gpt
 from t2i.data.stream import complete_samples
 from t2i.data.tokenizer import FixedLengthTokenizer
 from t2i.models.gpt import GPT
-from t2i.sampling import Generator, SamplingConfig, prompt_seeds, save_captioned_grid
+from t2i.sampling import Generator, SamplingConfig, SamplingStats, prompt_seeds, save_captioned_grid
 
 
 @torch.no_grad()
@@ -348,6 +348,7 @@ def evaluate(generator: Generator, batches: Iterable[dict], sampling: SamplingCo
         sets[f"rerank_{k}"] = _ImageSet(fidelity_factory() if fidelity_factory else None, cfg.grid_prompts)
     plain = sets["plain"]
     prompts: dict[str, str] = {}  # sample key -> caption
+    calls = SamplingStats()  # model calls (sampling.method=sjd makes fewer than token-by-token sampling)
     oracle = True  # every sample knows its true attributes (the shapes data)
     for batch in tqdm(batches, desc="evaluate"):
         keys, captions = list(batch["key"]), list(batch["caption"])
@@ -357,7 +358,7 @@ def evaluate(generator: Generator, batches: Iterable[dict], sampling: SamplingCo
         if plain.fidelity is not None:  # the reranked set reads the real statistics from the cache
             plain.fidelity.add_real(batch["image"], keys)
         codes = generator.sample_codes(captions, candidates, batch_size,
-                                       None if seeds is None else [seeds[key] for key in keys])
+                                       None if seeds is None else [seeds[key] for key in keys], stats=calls)
         losses = scorer([c for c in captions for _ in range(per_prompt * k)], codes).cpu() if scorer else None
         codes = codes.view(n, k, per_prompt, *codes.shape[1:])
         losses = None if losses is None else losses.view(n, k, per_prompt)
@@ -370,7 +371,7 @@ def evaluate(generator: Generator, batches: Iterable[dict], sampling: SamplingCo
         if cfg.save_images:  # each process writes its own prompts' images
             _save_images(images, out_dir / "samples", keys, per_prompt)
         prompts.update(zip(keys, captions))
-    shares = gather_to_main({"prompts": prompts, "oracle": oracle,
+    shares = gather_to_main({"prompts": prompts, "oracle": oracle, "calls": asdict(calls),
                              "sets": {name: image_set.state() for name, image_set in sets.items()}})
     if shares is None:
         return None
@@ -387,6 +388,8 @@ def evaluate(generator: Generator, batches: Iterable[dict], sampling: SamplingCo
     results = {"prompts": len(prompts), "samples_per_prompt": per_prompt, "rerank": k,
                "sampling": asdict(sampling),
                "images_per_set": len(prompts) * per_prompt}
+    if sampling.method != "ar":  # the calls saved; summed over processes and batches, so they depend on both
+        results["model_calls"] = {name: sum(share["calls"][name] for share in shares) for name in asdict(calls)}
     shown = {}  # set name -> (the grid images, their Caption Losses)
     for name, image_set in sets.items():
         results[name], grid, losses = image_set.metrics([share["sets"][name] for share in shares], oracle)
@@ -476,6 +479,10 @@ def markdown_table(results: dict) -> str:
         chosen = results["prompt_set"]
         notes.append(f"prompts: one caption of each of {chosen['images']} distinct images "
                      f"({chosen['captions_available']} captions available; {chosen['caption_choice']})")
+    if "model_calls" in results:
+        calls = results["model_calls"]
+        notes.append(f"sampling made {calls['model_calls']} model calls ({calls['token_by_token_calls']} token by token; "
+                     "both depend on the sampling batch and the number of processes)")
     if results["rerank"] > 1:
         notes.append(f"rerank_{results['rerank']}: the lowest Caption Loss of {results['rerank']} candidates per image "
                      f"(scored by {results.get('caption_model')})")
