@@ -119,6 +119,21 @@ def test_simvq_moves_every_code_in_one_step_and_plain_moves_only_those_in_use(l2
     assert moved["plain"][0] == moved["plain"][1] <= 4
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_simvq_codebook_stays_float32_under_autocast(dtype):
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(64, 8, legacy_beta=False, l2_normalize=True, kind="simvq")
+    z = torch.randn(2, 8, 4, 4)
+    expected = quantizer.codebook()
+    with torch.autocast("cpu", dtype=dtype):
+        codebook = quantizer.codebook()
+        z_q, loss, codes = quantizer(z)
+    assert codebook.dtype == torch.float32 and torch.equal(codebook, expected)
+    assert torch.equal(codes, quantizer.nearest(z.permute(0, 2, 3, 1))) and torch.isfinite(loss)
+    loss.backward()
+    assert quantizer.projection.weight.grad.abs().sum() > 0
+
+
 def test_simvq_basis_is_frozen_and_random_and_lives_beside_the_projection():
     torch.manual_seed(0)
     quantizer = VectorQuantizer(4096, 8, kind="simvq")

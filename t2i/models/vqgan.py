@@ -237,8 +237,9 @@ class VectorQuantizer(nn.Module):
 
     def codebook(self) -> torch.Tensor:
         w = self.embedding.weight
-        if self.kind == "simvq":
-            w = self.projection(w)
+        if self.kind == "simvq":  # outside autocast: the codes keep the parameters' precision
+            with torch.autocast(w.device.type, enabled=False):
+                w = self.projection(w)
         return F.normalize(w, dim=1) if self.l2_normalize else w
 
     @torch.no_grad()
