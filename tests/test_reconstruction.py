@@ -14,6 +14,7 @@ import torch
 import torchvision
 
 from t2i.data.convert import run as convert
+from t2i.data.tokenizer import train_sentencepiece
 from t2i.eval.fidelity import FidelityAccumulator, InceptionFeatures, fid_from_features
 from t2i.eval.reconstruction import markdown_table, reconstruction_metrics
 from t2i.models.losses import build_lpips
@@ -122,6 +123,7 @@ def test_lpips_errors_name_the_eval_settings(tmp_path, monkeypatch):
 def shapes_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data") / "shapes"
     convert(["shapes", "--out", str(root), "--train", "8", "--val", "24", "--test", "0", "--size", "32", "--quiet"])
+    (root / "tokenizer.model").write_bytes(train_sentencepiece(["红色的圆形", "蓝色的方块", "绿色三角形"] * 20, 300))
     return root
 
 
