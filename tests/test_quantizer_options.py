@@ -140,7 +140,7 @@ def test_simvq_basis_is_frozen_and_random_and_lives_beside_the_projection():
     basis = quantizer.embedding.weight
     assert not basis.requires_grad
     assert basis.std().item() == pytest.approx(8 ** -0.5, rel=0.05)
-    assert set(quantizer.state_dict()) == {"embedding.weight", "projection.weight", "projection.bias"}
+    assert set(quantizer.state_dict()) == {"embedding.weight", "projection.weight"}
     assert torch.allclose(quantizer.codebook(), quantizer.projection(basis))
     codes = torch.tensor([[[0, 5], [4095, 7]]])
     assert torch.allclose(quantizer.lookup(codes).permute(0, 2, 3, 1), quantizer.codebook()[codes])
@@ -181,8 +181,7 @@ def test_plain_quantizer_keeps_tamings_single_key():
     model = VQModel(VQGANConfig(**SMALL))
     assert [k for k in model.state_dict() if k.startswith("quantize.")] == ["quantize.embedding.weight"]
     simvq = VQModel(VQGANConfig(**SMALL, codebook="simvq"))
-    assert set(simvq.state_dict()) - set(model.state_dict()) == {"quantize.projection.weight",
-                                                                 "quantize.projection.bias"}
+    assert set(simvq.state_dict()) - set(model.state_dict()) == {"quantize.projection.weight"}
 
 
 def test_checkpoint_saved_before_the_options_still_loads(tmp_path):

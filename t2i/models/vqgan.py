@@ -216,7 +216,7 @@ class VectorQuantizer(nn.Module):
     key). `kind="simvq"` (SimVQ): `embedding` holds a frozen random basis N(0, 1/embed_dim) and
     the codes are `projection(embedding)`, a learned linear map: the codebook loss reaches every
     code through the map, so no code is left behind. The basis stays in the state dict (it is
-    random), beside `projection.weight` / `projection.bias`.
+    random), beside `projection.weight`.
     """
 
     def __init__(self, n_embed: int, embed_dim: int, beta: float = 0.25, legacy_beta: bool = True,
@@ -233,7 +233,8 @@ class VectorQuantizer(nn.Module):
         else:
             nn.init.normal_(self.embedding.weight, std=embed_dim ** -0.5)
             self.embedding.weight.requires_grad_(False)  # frozen: only the projection learns
-            self.projection = nn.Linear(embed_dim, embed_dim)
+            # a linear map, as in the paper (no bias: a shared offset would pull every l2-normalised code one way)
+            self.projection = nn.Linear(embed_dim, embed_dim, bias=False)
 
     def codebook(self) -> torch.Tensor:
         w = self.embedding.weight
@@ -248,9 +249,8 @@ class VectorQuantizer(nn.Module):
         frozen basis rows are solved for so that the projection maps them onto `vectors`."""
         weight = self.embedding.weight
         if self.kind == "simvq":
-            linear = self.projection
-            # projection(x) = W x + b = v  ->  x = pinv(W) (v - b): exact while W is invertible
-            vectors = (vectors.float() - linear.bias.float()) @ torch.linalg.pinv(linear.weight.float()).t()
+            # projection(x) = W x = v  ->  x = pinv(W) v: exact while W is invertible
+            vectors = vectors.float() @ torch.linalg.pinv(self.projection.weight.float()).t()
         weight.data[indices] = vectors.to(weight.dtype)
 
     def entropy_loss(self, z: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
