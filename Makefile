@@ -42,7 +42,8 @@ demo: $(STAMP)
 # data, tokenizer, oracle reference, VQGAN, code shards, GPT, a captioned grid for the prompts in
 # experiments/prompts/shapes.txt, and the evaluation on 200 held-out test prompts (plain, with
 # reranking, without guidance). FID/IS need torch-fidelity's Inception weights: FID=true downloads
-# them (or add `eval.inception_weights=PATH` to EVAL).
+# them (or add `eval.inception_weights=PATH` to EVAL), and also gives the VQGAN's rFID and LPIPS
+# (torchvision's VGG16 weights, downloaded too).
 RUNS := logs/quickstart
 VQGAN_STEPS ?= 2200
 GPT_STEPS ?= 2200
@@ -57,7 +58,7 @@ quickstart: $(STAMP)
 	$(PY) train.py experiment=vqgan_shapes trainer.max_steps=$(VQGAN_STEPS) \
 		paths.data_dir=$(DATA) hydra.run.dir=$(RUNS)/vqgan
 	$(PY) eval.py task=reconstruct ckpt=$(RUNS)/vqgan/checkpoints/last.ckpt data=shapes split=val \
-		paths.data_dir=$(DATA) hydra.run.dir=$(RUNS)/vqgan/eval
+		eval.rfid=$(FID) eval.lpips=$(FID) paths.data_dir=$(DATA) hydra.run.dir=$(RUNS)/vqgan/eval
 	$(PY) -m t2i.pretokenize --data $(DATA)/shapes --out $(DATA)/shapes_codes \
 		--vqgan $(RUNS)/vqgan/checkpoints/last.ckpt
 	$(PY) -m t2i.data.shards $(DATA)/shapes_codes

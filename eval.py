@@ -29,7 +29,8 @@ from t2i.eval.fidelity import (
     InceptionFeatures,
     check_image_counts,
 )
-from t2i.eval.reconstruction import reconstruction_metrics
+from t2i.eval.reconstruction import LPIPS_INPUT, reconstruction_metrics
+from t2i.eval.reconstruction import markdown_table as reconstruction_table
 from t2i.eval.text_to_image import (
     CaptionScorer,
     EvalConfig,
@@ -41,6 +42,7 @@ from t2i.eval.text_to_image import (
     warn_unavailable,
 )
 from t2i.checkpoints import load_vqgan
+from t2i.models.losses import build_lpips
 from t2i.precision import set_matmul_precision
 from t2i.models.vqgan import VQGANConfig
 from t2i.sampling import Generator, SamplingConfig, resolve_sampling, save_captioned_grid
@@ -62,15 +64,52 @@ def oracle_on_real_images(cfg: DictConfig, fabric: Fabric) -> dict:
 
 
 def reconstruct(cfg: DictConfig, fabric: Fabric) -> dict:
-    """A VQGAN checkpoint's reconstructions of a split: PSNR, SSIM, codebook usage (+ oracle on shapes)."""
+    """A VQGAN checkpoint's reconstructions of a split: PSNR, SSIM, codebook usage (+ oracle on shapes),
+    rFID (eval.rfid) and LPIPS (eval.lpips); writes results.md beside results.json."""
     if not cfg.ckpt:
         raise ValueError("task=reconstruct needs ckpt=PATH (a VQGAN checkpoint; a taming one also needs vqgan=<config>)")
+    options = cfg.eval
     vqgan = OmegaConf.to_container(cfg.vqgan, resolve=True) if cfg.get("vqgan") else None
     model = load_vqgan(cfg.ckpt, VQGANConfig(**vqgan) if vqgan else None)
     dm = ShardDataModule(OmegaConf.to_container(cfg.data, resolve=True))
+    if dm.cfg.kind() == "codes":
+        raise ValueError(f"task=reconstruct needs the split's images: evaluate on image shards (e.g. data=shapes, not "
+                         f"data={dm.cfg.name})")
+    fidelity = _rfid_accumulator(cfg, dm, fabric) if options.rfid else None
+    lpips = build_lpips(options.lpips_vgg_path, setting="eval.lpips_vgg_path", off="skip LPIPS: eval.lpips=false") \
+        if options.lpips else None
     metrics = reconstruction_metrics(model, dm.loader(cfg.split), dm.on_after_batch_transfer, device=fabric.device,
-                                     oracle=cfg.data.name == "shapes")
-    return {"task": "reconstruct", "ckpt": str(cfg.ckpt), "data": cfg.data.name, "split": cfg.split, **metrics}
+                                     oracle=cfg.data.name == "shapes", fidelity=fidelity, lpips=lpips)
+    results = {"task": "reconstruct", "ckpt": str(cfg.ckpt), "data": cfg.data.name, "split": cfg.split, **metrics}
+    if lpips is not None:
+        results["lpips_protocol"] = {"net": "lpips 0.1 vgg (linear heads from the lpips package)",
+                                     "backbone": options.lpips_vgg_path or "torchvision VGG16_Weights.IMAGENET1K_V1",
+                                     "input": LPIPS_INPUT, "reduction": "mean over images"}
+    off = {"rfid": "eval.rfid=false (torch-fidelity's InceptionV3 weights: eval.inception_weights=PATH or a download)",
+           "lpips": "eval.lpips=false (torchvision's VGG16 weights: eval.lpips_vgg_path=PATH or a download)"}
+    results["not_computed"] = {key: reason for key, reason in off.items() if not options[key]}
+    (Path(HydraConfig.get().runtime.output_dir) / "results.md").write_text(reconstruction_table(results),
+                                                                          encoding="utf-8")
+    return results
+
+
+def _real_images_key(cfg: DictConfig, dm: ShardDataModule, images: str) -> str:
+    """What FID's real statistics depend on, for their cache: the shards, the split, the size, which images."""
+    manifest = hashlib.sha256(json.dumps(dm.cfg.manifest(), sort_keys=True, default=str).encode()).hexdigest()
+    return f"manifest={manifest}|split={cfg.split}|size={dm.cfg.image_size}|images={images}"
+
+
+def _rfid_accumulator(cfg: DictConfig, dm: ShardDataModule, fabric: Fabric) -> FidelityAccumulator:
+    """FID of the reconstructions against every image of the split, as task=t2i's FID (no IS)."""
+    options = cfg.eval
+    layer = str(options.fid_layer)
+    images = sum(shard.samples for shard in dm.cfg.shards(cfg.split))
+    check_image_counts(images, images, layer, None, fix="evaluate a larger split= or skip rFID with eval.rfid=false")
+    inception = InceptionFeatures([layer], options.inception_weights, fabric.device)
+    protocol = {"real_images_choice": "every sample of the split, as the loader reads it (data.image_size)",
+                "generated": "the VQGAN's reconstruction of each real image"}
+    return FidelityAccumulator(inception, options.stats_cache, _real_images_key(cfg, dm, "every-sample"), layer,
+                               isc_splits=None, generated_per_real=1, protocol=protocol)
 
 
 def sampling_options(cfg: DictConfig, generator: Generator) -> tuple[SamplingConfig, int]:
@@ -183,10 +222,9 @@ def _fidelity_factory(cfg: DictConfig, dm: ShardDataModule, prompts: PromptSet, 
     options = cfg.eval
     layer = str(options.fid_layer)  # eval.fid_layer=64 arrives as an int
     inception = InceptionFeatures([layer, IS_LAYER], options.inception_weights, fabric.device)
-    manifest = hashlib.sha256(json.dumps(dm.cfg.manifest(), sort_keys=True, default=str).encode()).hexdigest()
     # the real images: each distinct image of the prompts once (earlier versions counted every caption
     # row's image, or mixed in samples from further on)
-    key = f"manifest={manifest}|split={cfg.split}|size={dm.cfg.image_size}|images={prompts.real_set()}"
+    key = _real_images_key(cfg, dm, prompts.real_set())
     counts = {"captions_available": prompts.captions_available, "caption_choice": prompts.protocol()["caption_choice"]}
     return lambda: FidelityAccumulator(inception, options.stats_cache, key, layer, options.isc_splits,
                                        generated_per_real=samples_per_prompt, protocol=counts)

@@ -1,6 +1,7 @@
 """Fixtures shared across test files: a small shapes set pre-tokenized with a random VQGAN, one
 short GPT training run on it (its checkpoint serves the generation and evaluation tests), and a
-randomly initialised InceptionV3 weights file for FID/IS (nothing is downloaded)."""
+randomly initialised InceptionV3 weights file for FID/IS and a random VGG16 for LPIPS (nothing is
+downloaded)."""
 
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 from t2i import pretokenize
 from t2i.data.convert import run as convert
@@ -57,3 +59,18 @@ def gpt_run(codes_root, tmp_path_factory):
 def inception_weights(tmp_path_factory):
     """A randomly initialised InceptionV3 saved the way torch-fidelity loads weights: a plain state dict."""
     return save_random_inception(tmp_path_factory.mktemp("inception") / "inception-random.pth")
+
+
+@pytest.fixture(scope="session")
+def random_vgg16(tmp_path_factory):
+    """A torchvision vgg16 state dict: random feature layers, zero classifier (LPIPS never uses it)."""
+    torch.manual_seed(0)
+    features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
+    with torch.device("meta"):
+        reference = torchvision.models.vgg16().state_dict()
+    state = {key: torch.zeros(value.shape) for key, value in reference.items()}
+    state.update({"features." + key: value for key, value in features.state_dict().items()})
+    assert set(state) == set(reference)
+    path = tmp_path_factory.mktemp("vgg") / "vgg16-random.pth"
+    torch.save(state, path)
+    return path, state

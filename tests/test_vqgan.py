@@ -533,22 +533,7 @@ def test_pixel_loss_choice():
 
 
 # ---------------------------------------------------------------------------------------------
-# LPIPS (offline, from a local random VGG16)
-
-
-@pytest.fixture(scope="module")
-def random_vgg16(tmp_path_factory):
-    """A torchvision vgg16 state dict: random feature layers, zero classifier (LPIPS never uses it)."""
-    torch.manual_seed(0)
-    features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
-    with torch.device("meta"):
-        reference = torchvision.models.vgg16().state_dict()
-    state = {key: torch.zeros(value.shape) for key, value in reference.items()}
-    state.update({"features." + key: value for key, value in features.state_dict().items()})
-    assert set(state) == set(reference)
-    path = tmp_path_factory.mktemp("vgg") / "vgg16-random.pth"
-    torch.save(state, path)
-    return path, state
+# LPIPS (offline, from a local random VGG16: the random_vgg16 fixture in conftest.py)
 
 
 @pytest.fixture

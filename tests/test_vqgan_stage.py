@@ -195,3 +195,48 @@ def test_eval_reconstruct_reports_psnr_and_usage(shapes_root, tmp_path):
     assert results["images"] == 32 and results["grid"] == [16, 16]
     assert 0 < results["codebook_used"] <= 1 and results["psnr"] > 0
     assert set(results["oracle_on_reconstructions"]) >= {"color", "shape", "position", "all"}
+
+
+@pytest.mark.parametrize("options, restart_every", [
+    ({"entropy_weight": 0.1}, 2),
+    ({"codebook": "simvq"}, 0),
+    ({"codebook": "simvq", "entropy_weight": 0.1}, 2),  # restarts through the projection
+])
+def test_codebook_options_train_with_finite_losses(shapes_root, tmp_path, options, restart_every):
+    stage = VQGANStage(VQGANConfig(**{**TINY, **options}), VQGANLossConfig(perceptual_weight=0, disc_start=2),
+                       lambda params: torch.optim.Adam(params, lr=1e-3, betas=(0.5, 0.9)),
+                       CodebookConfig(restart_every=restart_every), log_images=0)
+    quantizer = stage.vqgan.quantize
+    codebook_before = quantizer.codebook().detach().clone()
+    basis_before = quantizer.embedding.weight.detach().clone()
+    trainer = _trainer(tmp_path, max_steps=4, limit_val_batches=0)
+    trainer.fit(stage, datamodule=_datamodule(shapes_root))
+    assert trainer.global_step == 4
+    metrics = trainer.callback_metrics  # every step's (logged_metrics only every log_every_n_steps)
+    assert math.isfinite(float(metrics["train/loss"]))
+    assert all(torch.isfinite(p).all() for p in stage.parameters())
+    if options.get("entropy_weight"):
+        entropy = float(metrics["train/entropy"])
+        assert entropy == pytest.approx(float(metrics["train/entropy_per_vector"]) - float(metrics["train/entropy_batch"]),
+                                        abs=1e-5)
+        assert math.isfinite(entropy) and float(metrics["train/entropy_batch"]) > 0
+    else:
+        assert "train/entropy" not in metrics
+    moved = (quantizer.codebook().detach() - codebook_before).abs().sum(1) > 0
+    if options.get("codebook") == "simvq":
+        assert moved.all()  # every code, used or not
+        assert not quantizer.embedding.weight.requires_grad
+        if not restart_every:  # the frozen basis is untouched: the projection moved the codes
+            assert torch.equal(quantizer.embedding.weight, basis_before)
+
+
+def test_codebook_options_from_the_hydra_config():
+    stage = VQGANStage.from_config(_compose(["stage=vqgan", "vqgan=shapes", "stage.loss.perceptual_weight=0",
+                                             "vqgan.codebook=simvq", "vqgan.entropy_weight=0.05",
+                                             "vqgan.entropy_temperature=0.02"]))
+    cfg = stage.vqgan.cfg
+    assert (cfg.codebook, cfg.entropy_weight, cfg.entropy_temperature) == ("simvq", 0.05, 0.02)
+    assert stage.vqgan.quantize.kind == "simvq" and stage.vqgan.quantize.entropy_temperature == 0.02
+    assert "vqgan.quantize.projection.weight" in dict(stage.named_parameters())
+    plain = VQGANStage.from_config(_compose(["stage=vqgan", "vqgan=shapes", "stage.loss.perceptual_weight=0"]))
+    assert plain.vqgan.cfg.codebook == "plain" and plain.vqgan.cfg.entropy_weight == 0

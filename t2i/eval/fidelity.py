@@ -123,10 +123,11 @@ def _check_count(n: int, dim: int, what: str) -> None:
                       stacklevel=3)
 
 
-def check_image_counts(real: int, generated: int, layer: str, isc_splits: int | None) -> None:
+def check_image_counts(real: int, generated: int, layer: str, isc_splits: int | None, fix: str | None = None) -> None:
     """Before any sampling: are there enough images for FID (and IS)? An error (or a warning) that
-    says which setting to change, rather than a failure after hours of sampling."""
-    fix = "evaluate more prompts (eval.num_prompts, or a larger split=), or skip FID/IS with eval.fid=false"
+    says which setting to change (`fix`: what the caller's user can do), rather than a failure after
+    hours of sampling."""
+    fix = fix or "evaluate more prompts (eval.num_prompts, or a larger split=), or skip FID/IS with eval.fid=false"
     if real < 2 or generated < 2:
         raise ValueError(f"FID needs at least 2 real and 2 generated images (it estimates covariances); this "
                          f"evaluation has {real} real and {generated} generated: {fix}")

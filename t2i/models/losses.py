@@ -42,10 +42,12 @@ class VQGANLossConfig:
             raise ValueError(f"stage.loss.pixel_loss must be l1 or l2, got {self.pixel_loss!r}")
 
 
-def build_lpips(vgg_path: str | None) -> nn.Module:
+def build_lpips(vgg_path: str | None, setting: str = "stage.loss.lpips_vgg_path",
+                off: str = "train without the perceptual term: stage.loss.perceptual_weight=0") -> nn.Module:
     """The `lpips` package's VGG LPIPS, frozen; backbone from `vgg_path` or torchvision's download.
 
     The small linear heads ship inside the package; only the VGG16 backbone needs the network.
+    `setting` and `off` name the caller's options in errors (the path's, and how to do without).
     """
     import lpips
     import torchvision
@@ -55,7 +57,7 @@ def build_lpips(vgg_path: str | None) -> nn.Module:
         metric = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
     if vgg_path is not None:
         if not Path(vgg_path).is_file():
-            raise FileNotFoundError(f"stage.loss.lpips_vgg_path={vgg_path} does not exist")
+            raise FileNotFoundError(f"{setting}={vgg_path} does not exist")
         state = torch.load(vgg_path, map_location="cpu", weights_only=True)
     else:
         try:
@@ -64,8 +66,7 @@ def build_lpips(vgg_path: str | None) -> nn.Module:
             raise RuntimeError(
                 f"LPIPS needs torchvision's ImageNet VGG16 weights and the download failed ({e}). "
                 f"Download {VGG16_FILE} on a machine with internet (torchvision.models.vgg16(weights='DEFAULT') "
-                "puts it in ~/.cache/torch/hub/checkpoints/) and set stage.loss.lpips_vgg_path=PATH, "
-                "or train without the perceptual term: stage.loss.perceptual_weight=0"
+                f"puts it in ~/.cache/torch/hub/checkpoints/) and set {setting}=PATH, or {off}"
             ) from None
     vgg = torchvision.models.vgg16()
     vgg.load_state_dict(state)

@@ -21,6 +21,9 @@ from torch import nn
 from t2i.precision import exact_fp32
 
 
+CODEBOOKS = ("plain", "simvq")
+
+
 @dataclass
 class VQGANConfig:
     resolution: int = 256
@@ -37,6 +40,20 @@ class VQGANConfig:
     beta: float = 0.25  # commitment weight
     legacy_beta: bool = True  # taming's placement of beta (on the codebook term), for checkpoint fidelity
     l2_normalize: bool = False  # cosine-similarity codebook lookup (LlamaGen)
+    # plain: the codebook is learned entry by entry (taming). simvq: a frozen random codebook through
+    # a learned linear map (SimVQ, Zhu et al. 2024): every step moves every code, none can die
+    codebook: str = "plain"
+    # entropy (usage) loss on soft assignments (MAGVIT-v2, LlamaGen): per-vector entropy low, the batch's
+    # average assignment's entropy high; the VQGAN stage adds entropy_weight x it (0: off)
+    entropy_weight: float = 0.0
+    entropy_temperature: float = 0.01  # softmax(-distance / T) over the codes; LlamaGen's 0.01
+
+    def __post_init__(self):
+        if self.codebook not in CODEBOOKS:
+            raise ValueError(f"vqgan.codebook must be one of {CODEBOOKS}, got {self.codebook!r}")
+        if self.entropy_weight < 0 or self.entropy_temperature <= 0:
+            raise ValueError(f"vqgan.entropy_weight must be >= 0 and vqgan.entropy_temperature > 0, got "
+                             f"{self.entropy_weight} and {self.entropy_temperature}")
 
     @property
     def downsample(self) -> int:
@@ -196,19 +213,70 @@ class VectorQuantizer(nn.Module):
 
     Loss: `codebook + beta * commitment` (standard), or taming's legacy placement
     `commitment + beta * codebook` that its checkpoints were trained with.
+
+    `kind="plain"`: the codes are the rows of `embedding` (taming's parameter, its checkpoints'
+    key). `kind="simvq"` (SimVQ): `embedding` holds a frozen random basis N(0, 1/embed_dim) and
+    the codes are `projection(embedding)`, a learned linear map: the codebook loss reaches every
+    code through the map, so no code is left behind. The basis stays in the state dict (it is
+    random), beside `projection.weight`.
     """
 
     def __init__(self, n_embed: int, embed_dim: int, beta: float = 0.25, legacy_beta: bool = True,
-                 l2_normalize: bool = False):
+                 l2_normalize: bool = False, kind: str = "plain", entropy_temperature: float = 0.01):
         super().__init__()
+        if kind not in CODEBOOKS:
+            raise ValueError(f"codebook kind must be one of {CODEBOOKS}, got {kind!r}")
         self.n_embed, self.embed_dim = n_embed, embed_dim
         self.beta, self.legacy_beta, self.l2_normalize = beta, legacy_beta, l2_normalize
+        self.kind, self.entropy_temperature = kind, entropy_temperature
         self.embedding = nn.Embedding(n_embed, embed_dim)
-        self.embedding.weight.data.uniform_(-1.0 / n_embed, 1.0 / n_embed)
+        if kind == "plain":
+            self.embedding.weight.data.uniform_(-1.0 / n_embed, 1.0 / n_embed)
+        else:
+            nn.init.normal_(self.embedding.weight, std=embed_dim ** -0.5)
+            self.embedding.weight.requires_grad_(False)  # frozen: only the projection learns
+            # a linear map, as in the paper (no bias: a shared offset would pull every l2-normalised code one way)
+            self.projection = nn.Linear(embed_dim, embed_dim, bias=False)
 
     def codebook(self) -> torch.Tensor:
         w = self.embedding.weight
+        if self.kind == "simvq":  # outside autocast: the codes keep the parameters' precision
+            with torch.autocast(w.device.type, enabled=False):
+                w = self.projection(w)
         return F.normalize(w, dim=1) if self.l2_normalize else w
+
+    @torch.no_grad()
+    def set_codes(self, indices: torch.Tensor, vectors: torch.Tensor) -> None:
+        """Make the codes `indices` point at `vectors` [n, embed_dim] (dead-code restarts). For SimVQ the
+        frozen basis rows are solved for so that the projection maps them onto `vectors`."""
+        weight = self.embedding.weight
+        if self.kind == "simvq":
+            # projection(x) = W x = v  ->  x = pinv(W) v: exact while W is invertible
+            vectors = vectors.float() @ torch.linalg.pinv(self.projection.weight.float()).t()
+        weight.data[indices] = vectors.to(weight.dtype)
+
+    def entropy_loss(self, z: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The entropy (usage) loss of quantizer inputs z [B, embed_dim, h, w], and its two terms.
+
+        Soft assignments p = softmax(-distance / entropy_temperature) over the codes, one per vector
+        (the distance the nearest-code search uses; cosine-based with l2_normalize). The loss is the
+        mean per-vector entropy H(p), which makes each vector commit to a code, minus the entropy of
+        the batch's average assignment, which spreads the vectors over the whole codebook. Its
+        gradient reaches the encoder and the codebook. Computed in float32, even under autocast.
+        """
+        with torch.autocast(z.device.type, enabled=False):
+            flat = z.permute(0, 2, 3, 1).reshape(-1, self.embed_dim).float()
+            codebook = self.codebook().float()
+            if self.l2_normalize:
+                flat = F.normalize(flat, dim=-1)
+                logits = 2 * flat @ codebook.t()  # -|f - c|^2 = 2 f.c - 2 for unit vectors; a constant drops out
+            else:
+                logits = -(flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * flat @ codebook.t())
+            log_p = F.log_softmax(logits / self.entropy_temperature, dim=1)
+            per_vector = -(log_p.exp() * log_p).sum(1).mean()
+            average = log_p.exp().mean(0)
+            batch = -(average * average.clamp_min(1e-12).log()).sum()
+        return per_vector - batch, {"entropy_per_vector": per_vector.detach(), "entropy_batch": batch.detach()}
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """Code index for each vector of z [..., embed_dim]."""
@@ -250,7 +318,8 @@ class VQModel(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.quantize = VectorQuantizer(cfg.n_embed, cfg.embed_dim, cfg.beta, cfg.legacy_beta, cfg.l2_normalize)
+        self.quantize = VectorQuantizer(cfg.n_embed, cfg.embed_dim, cfg.beta, cfg.legacy_beta, cfg.l2_normalize,
+                                        cfg.codebook, cfg.entropy_temperature)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
 

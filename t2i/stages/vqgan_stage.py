@@ -8,6 +8,8 @@ gradients (clipping right after `manual_backward` would clip the scaled ones).
 the lr schedule count): the autoencoder steps through its LightningOptimizer, which Lightning
 counts; the discriminator through `trainer.strategy.optimizer_step`, which it does not.
 Validation logs PSNR, SSIM, codebook usage and a grid of inputs above reconstructions.
+With `vqgan.entropy_weight` > 0 the generator loss adds the quantizer's entropy (usage) loss, logged
+as train/entropy with its two terms (computed on each process's own batch under DDP).
 """
 
 from __future__ import annotations
@@ -173,6 +175,10 @@ class VQGANStage(L.LightningModule):
         x_hat, codebook_loss, codes = self.vqgan.reconstruct(z)
         loss, logs = self.loss.generator_loss(x, x_hat, codebook_loss, step, self.vqgan.decoder.last_layer,
                                               loss_scale=self._loss_scale())
+        if self.vqgan.cfg.entropy_weight > 0:  # the usage loss (vqgan.entropy_weight), beside the codebook loss
+            entropy, terms = self.vqgan.quantize.entropy_loss(z)
+            loss = loss + self.vqgan.cfg.entropy_weight * entropy
+            logs.update(entropy=entropy.detach(), **terms, total=loss.detach())
         self._set_lr(opt_ae, step)
         opt_ae.zero_grad(set_to_none=True)
         self.manual_backward(loss)
@@ -225,7 +231,7 @@ class VQGANStage(L.LightningModule):
         picks = z[torch.randint(len(z), (dead.numel(),), device=z.device)]
         picks = picks + 0.01 * z.std() * torch.randn_like(picks)  # split copies of one vector apart
         picks = broadcast_from_rank_zero(picks)
-        self.vqgan.quantize.embedding.weight.data[dead] = picks.to(self.vqgan.quantize.embedding.weight.dtype)
+        self.vqgan.quantize.set_codes(dead, picks)  # SimVQ: through its projection
         self.code_usage[dead] = self.codebook_cfg.dead_below  # a grace period before the next restart
         self.log("train/codes_restarted", float(dead.numel()))
 
