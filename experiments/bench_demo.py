@@ -133,7 +133,7 @@ def load_round(url: str, prompts: list[str], args, round_index: int) -> dict:
             ok = (len(gallery) == args.samples and len(files) == 2
                   and all(Path(entry["image"]).read_bytes()[:4] == b"\x89PNG" for entry in gallery)
                   and f"seed {seed}" in note)
-            found = re.search(r"sampled in a batch of (\d+) requests", note)
+            found = re.search(r"in a batch of (\d+) requests", note)
             with lock:
                 latencies.append(elapsed)
                 batches.append(int(found.group(1)) if found else 1)

@@ -159,6 +159,7 @@ class Job:
     losses: torch.Tensor | None = None  # Caption Loss of each image, when there is a captioning model
     error: BaseException | None = None
     batched_with: int = 1  # requests in the batch it was sampled in
+    seconds: float = 0.0  # how long its codes took to sample
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -229,9 +230,12 @@ class Engine:
             for job in jobs:
                 job.steps = min(steps, total)
 
+        started = time.perf_counter()
         with StepCounter(generator.gpt, generator.decode_mode, on_step):
             codes = generator.sample_codes(prompts, sampling, self.batch_size, seeds)
         on_step(total)
+        for job in jobs:
+            job.seconds = time.perf_counter() - started
         n, k, s = len(jobs), settings.rerank, settings.samples
         losses = None
         if self.scorer is not None:
@@ -413,7 +417,8 @@ def build_page(engine: Engine, results: Results, defaults: Settings, seed: int |
             raise gr.Error(f"sampling failed: {job.error}")
         gallery, files, name = results.save(job, notes, bool(random_seed))
         summary = [f"{settings.samples} image(s), seed {seed}{' (random)' if random_seed else ''}, {settings.describe()}"
-                   + (f"; sampled in a batch of {job.batched_with} requests" if job.batched_with > 1 else "")
+                   + f"; sampled in {job.seconds:.2f} s"
+                   + (f", in a batch of {job.batched_with} requests" if job.batched_with > 1 else "")
                    + f". Result `{name}`."]
         return gallery, "\n\n".join(notes + summary), files
 
