@@ -4,6 +4,7 @@ the fused optimizer's resolution, and the computations kept in exact fp32 whatev
 
 import csv
 import functools
+import math
 
 import lightning as L
 import pytest
@@ -11,12 +12,12 @@ import torch
 from lightning.fabric.utilities.throughput import measure_flops
 from omegaconf import OmegaConf
 
-from t2i.data.datamodule import ShardDataModule
+from t2i.checkpoints import read_checkpoint
 from t2i.models.gpt import GPT, GPTConfig
 from t2i.models.vqgan import VectorQuantizer
 from t2i.precision import exact_fp32, set_matmul_precision
 from t2i.stages.gpt_stage import GPTStage
-from test_precision import _gpt_config
+from test_precision import _fit, _gpt_config
 
 TINY = dict(n_image_codes=64, n_text_tokens=50, text_len=6, image_len=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -89,15 +90,9 @@ def test_compiled_training_matches_eager_and_keeps_the_checkpoint_keys(codes_roo
     cfg = _gpt_config(codes_root)
     losses = {}
     for compiled in (False, True):
-        torch.manual_seed(0)
         OmegaConf.update(cfg, "stage.compile", compiled)
-        datamodule = ShardDataModule(OmegaConf.to_container(cfg.data, resolve=True))
-        stage = GPTStage.from_config(cfg, datamodule)
-        trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
-                            enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
-                            num_sanity_val_steps=0, default_root_dir=tmp_path)
-        trainer.fit(stage, datamodule=datamodule)
-        losses[compiled] = float(trainer.callback_metrics["train/loss"])
+        stage, metrics = _fit(GPTStage, cfg, "32-true", tmp_path, steps=3)
+        losses[compiled] = metrics["train/loss"]
         assert (stage._compiled_step is not None) == compiled
         assert list(stage.state_dict()) == ["gpt." + key for key in stage.gpt.state_dict()]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
@@ -108,7 +103,7 @@ def test_throughput_logs_consistent_tokens_flops_and_mfu(gpt_run):
     with open(gpt_run / "csv" / "version_0" / "metrics.csv") as f:
         rows = [row for row in csv.DictReader(f) if row.get("train/mfu")]
     assert rows
-    checkpoint = torch.load(gpt_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint(gpt_run / "checkpoints" / "last.ckpt")
     cfg = GPTConfig(**checkpoint["t2i"]["gpt"])
     length = cfg.block_size - 1
     for row in rows:
@@ -154,12 +149,6 @@ def test_llama_style_blocks_train_in_the_stage_with_captioning(codes_root, tmp_p
     for key, value in {"model.norm_type": "rms", "model.mlp": "swiglu", "model.pos": "rope2d", "model.bias": False,
                        "model.qk_norm": True, "stage.caption_prob": 0.5}.items():
         OmegaConf.update(cfg, key, value)
-    torch.manual_seed(0)
-    datamodule = ShardDataModule(OmegaConf.to_container(cfg.data, resolve=True))
-    stage = GPTStage.from_config(cfg, datamodule)
-    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, default_root_dir=tmp_path)
-    trainer.fit(stage, datamodule=datamodule)
-    assert stage.gpt.cfg.pos == "rope2d" and torch.isfinite(trainer.callback_metrics["train/loss"])
-    assert float(trainer.callback_metrics["train/text_loss"]) > 0  # the captioning rows trained too
+    stage, metrics = _fit(GPTStage, cfg, "32-true", tmp_path, steps=3)
+    assert stage.gpt.cfg.pos == "rope2d" and math.isfinite(metrics["train/loss"])
+    assert metrics["train/text_loss"] > 0  # the captioning rows trained too
