@@ -13,7 +13,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from t2i.callbacks import AtomicCheckpointIO, hpc_checkpoint, last_checkpoint, saved_wandb_run_id
+from t2i.callbacks import AtomicCheckpointIO, fit_outcome, hpc_checkpoint, last_checkpoint, saved_wandb_run_id
 from t2i.data.datamodule import DataConfig, ShardDataModule
 from t2i.data.tokenizer import fit_tokenizer
 from t2i.devices import check_devices
@@ -100,7 +100,21 @@ def train_lightning_stage(cfg: DictConfig) -> dict:
         logger.experiment.finish()
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     log.info("final metrics: %s", json.dumps(metrics))
+    report_outcome(trainer, metrics)
     return metrics
+
+
+def report_outcome(trainer: L.Trainer, metrics: dict) -> None:
+    """Say how the run ended (a warning when it stopped before its steps: that model is not the recipe's)
+    and keep it, with the final metrics, in <run dir>/fit.json for scripts (the quickstart's summary)."""
+    outcome = fit_outcome(trainer)
+    if outcome["stopped_early"]:
+        log.warning("training stopped early, at step %d of trainer.max_steps=%d: %s", outcome["steps"],
+                    outcome["max_steps"], outcome["reason"])
+    else:
+        log.info("training ran to the end: step %d, %s", outcome["steps"], outcome["reason"])
+    if trainer.is_global_zero:
+        Path(trainer.default_root_dir, "fit.json").write_text(json.dumps({**outcome, "metrics": metrics}, indent=1))
 
 
 def objective(cfg: DictConfig, metrics: dict) -> float | None:

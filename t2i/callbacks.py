@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from hydra.experimental.callback import Callback as HydraCallback
 from lightning.fabric.utilities.throughput import Throughput, get_available_flops
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, Timer
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
@@ -274,6 +274,31 @@ def last_checkpoint(callbacks: list[Callback]) -> str | None:
             found += [path for path in Path(callback.dirpath).glob("*" + callback.FILE_EXTENSION)
                       if path.stem.startswith(callback.CHECKPOINT_NAME_LAST)]
     return str(max(found, key=lambda path: path.stat().st_mtime)) if found else None
+
+
+def fit_outcome(trainer: L.Trainer) -> dict:
+    """How a finished `trainer.fit` ended: the steps done and, when it stopped before trainer.max_steps (or,
+    with no step limit, before trainer.max_epochs), why, in words a user can act on."""
+    steps, max_steps, epochs = trainer.global_step, trainer.max_steps, trainer.current_epoch
+    timers = [callback for callback in trainer.callbacks if isinstance(callback, Timer)]
+    remaining = timers[0].time_remaining() if timers else None
+    if trainer.interrupted:
+        reason = "interrupted"
+    elif max_steps > 0 and steps >= max_steps:
+        reason = None
+    elif remaining is not None and remaining <= 0:
+        reason = f"time limit reached (trainer.max_time, after {timers[0].time_elapsed():.0f} s of training)"
+    elif any(callback.stopped_epoch > 0 for callback in trainer.callbacks if isinstance(callback, EarlyStopping)):
+        reason = "early stopping"
+    elif max_steps > 0 and trainer.max_epochs is not None and epochs >= trainer.max_epochs:
+        reason = f"trainer.max_epochs={trainer.max_epochs} reached first"
+    elif max_steps > 0:
+        reason = "stopped before max_steps"
+    else:
+        reason = None  # an epoch-limited run that ran its epochs
+    done = f"max_steps={max_steps} reached" if max_steps > 0 else f"max_epochs={trainer.max_epochs} reached"
+    return {"steps": steps, "max_steps": max_steps, "epochs": epochs, "stopped_early": reason is not None,
+            "reason": reason or done}
 
 
 def hpc_checkpoint(folder: str | Path) -> str | None:

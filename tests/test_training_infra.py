@@ -4,12 +4,15 @@ every process's own random streams under DDP and their resume, last.ckpt after e
 multirun guard."""
 
 import copy
+import importlib.util
 import json
+import logging
 import math
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -209,6 +212,45 @@ def test_last_checkpoint_follows_every_validation(codes_root, tmp_path, monkeypa
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["global_step"] == 4  # the validation at step 4, the last before the "kill"
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["last.ckpt"]
+
+
+# -- how a run ended: fit.json, the warning, and the quickstart's summary ------------------------------
+
+
+def test_a_run_says_how_it_ended_and_the_quickstart_summary_names_an_early_stop(codes_root, tmp_path, monkeypatch,
+                                                                                  caplog):
+    full = tmp_path / "full"
+    _train(_config(codes_root, full, "trainer.max_steps=3"), monkeypatch)
+    fit = json.loads((full / "fit.json").read_text())
+    assert (fit["steps"], fit["stopped_early"], fit["reason"]) == (3, False, "max_steps=3 reached")
+    assert "train/loss" in fit["metrics"]
+    epochs = tmp_path / "epochs"  # 64 training samples: 4 steps per epoch
+    _train(_config(codes_root, epochs, "trainer.max_steps=100", "trainer.max_epochs=1"), monkeypatch)
+    fit = json.loads((epochs / "fit.json").read_text())
+    assert (fit["steps"], fit["stopped_early"], fit["reason"]) == (4, True, "trainer.max_epochs=1 reached first")
+
+    training_step = GPTStage.training_step
+
+    def slow_step(self, batch, batch_idx):
+        time.sleep(0.4)
+        return training_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(GPTStage, "training_step", slow_step)
+    runs = tmp_path / "runs"
+    with caplog.at_level(logging.WARNING, logger="train"):
+        _train(_config(codes_root, runs / "gpt", "trainer.max_steps=100", "trainer.max_time=00:00:00:01"), monkeypatch)
+    fit = json.loads((runs / "gpt" / "fit.json").read_text())
+    assert fit["stopped_early"] and 0 < fit["steps"] < 100
+    assert fit["reason"].startswith("time limit reached (trainer.max_time, after ")
+    assert f"training stopped early, at step {fit['steps']} of trainer.max_steps=100: time limit" in caplog.text
+
+    spec = importlib.util.spec_from_file_location("quickstart", REPO / "experiments" / "quickstart.py")
+    quickstart = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quickstart)
+    report = quickstart.summary(runs, 0, {"data": 12.0, "GPT": 70.5})
+    assert f"| GPT | 1 min 10.5 s | **STOPPED EARLY** {fit['steps']} of 100 steps: time limit reached" in report
+    assert "| **total** | **1 min 22.5 s** |" in report
+    assert f"Note: the GPT training stopped at step {fit['steps']} of 100 (time limit reached" in report
 
 
 # -- random streams of every process (2-process DDP over gloo) --------------------------------------
