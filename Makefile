@@ -43,13 +43,15 @@ demo: $(STAMP)
 # experiments/prompts/shapes.txt, and the evaluation on 200 held-out test prompts (plain, with
 # reranking, without guidance). FID/IS need torch-fidelity's Inception weights: FID=true downloads
 # them (or add `eval.inception_weights=PATH` to EVAL), and also gives the VQGAN's rFID and LPIPS
-# (torchvision's VGG16 weights, downloaded too).
+# (torchvision's VGG16 weights, downloaded too). CLIP=true adds the Chinese-CLIP score and R-precision
+# (OFA-Sys/chinese-clip-vit-base-patch16, downloaded once; or `eval.clip_model=PATH`).
 RUNS := logs/quickstart
 VQGAN_STEPS ?= 2200
 GPT_STEPS ?= 2200
 FID ?= false
 GPT := $(RUNS)/gpt/checkpoints/last.ckpt
-EVAL := data=shapes split=test eval.num_prompts=200 eval.fid=$(FID) paths.data_dir=$(DATA)
+CLIP ?= false
+EVAL := data=shapes split=test eval.num_prompts=200 eval.fid=$(FID) eval.clip=$(CLIP) paths.data_dir=$(DATA)
 quickstart: $(STAMP)
 	$(PY) -m t2i.data.convert shapes --out $(DATA)/shapes
 	$(PY) train.py stage=tokenizer data=shapes paths.data_dir=$(DATA) hydra.run.dir=$(RUNS)/tokenizer

@@ -47,14 +47,14 @@ def _processes_running_in(folder: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(codes_root, gpt_run, inception_weights, tmp_path_factory):
+def runs(codes_root, gpt_run, inception_weights, chinese_clip, tmp_path_factory):
     """The same evaluation in one process and in two (the second logging to W&B offline)."""
     root = tmp_path_factory.mktemp("eval_ddp")
     common = [f"ckpt={gpt_run / 'checkpoints' / 'last.ckpt'}", "data=shapes", f"data.root={codes_root.parent / 'shapes'}",
               "sampling.batch_size=8", "split=val", f"eval.num_prompts={PROMPTS}",
               f"sampling.samples_per_prompt={SAMPLES}", f"eval.rerank={RERANK}", f"eval.grid_prompts={GRID_PROMPTS}",
               f"eval.inception_weights={inception_weights}", "eval.fid_layer=64", "eval.isc_splits=2",
-              "trainer.accelerator=cpu"]
+              f"eval.clip_model={chinese_clip}", "eval.rprecision_distractors=5", "trainer.accelerator=cpu"]
     # separate real-statistics caches: both runs gather and compute the real features themselves
     env = {"WANDB_SILENT": "true", "WANDB_DATA_DIR": str(root / "wandb_data")}  # W&B's staging files stay here
     one = _evaluate([*common, "trainer.devices=1", "data.num_workers=0", f"eval.stats_cache={root / 'stats_one'}"],
