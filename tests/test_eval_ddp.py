@@ -118,7 +118,10 @@ def test_main_process_logs_metrics_and_a_sample_table_to_wandb(runs, codes_root)
                 "eval/caption_loss": results["plain"]["caption_loss"],
                 "eval/attributes/all": results["plain"]["attributes"]["all"],
                 f"eval/rerank_{RERANK}/fid": reranked["fid"],
-                f"eval/rerank_{RERANK}/caption_loss": reranked["caption_loss"]}
+                f"eval/rerank_{RERANK}/caption_loss": reranked["caption_loss"],
+                "eval/clip_score": results["plain"]["clip_score"], "eval/r_precision": results["plain"]["r_precision"],
+                f"eval/rerank_{RERANK}/clip_score": reranked["clip_score"],
+                "eval/real/clip_score": results["real"]["clip_score"]}
     for key, value in expected.items():
         assert json.loads(logged[key].value_json) == pytest.approx(value), key
 
