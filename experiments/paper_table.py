@@ -54,7 +54,8 @@ def table(files: list[Path]) -> str:
                 print(f"{path}: its real-image CLIP row differs from an earlier file's on {results['data']} (other "
                       "prompts or another CLIP model); the table keeps the first", file=sys.stderr)
     order = [d for d in DATASETS if d in datasets] + [d for d in datasets if d not in DATASETS]
-    metrics_shown = METRICS + tuple(m for m in CLIP_METRICS if any(m[0] in v for c in cells.values() for v in c.values()))
+    evaluated = {metric for by_dataset in cells.values() for metrics in by_dataset.values() for metric in metrics}
+    metrics_shown = METRICS + tuple(m for m in CLIP_METRICS if m[0] in evaluated)
     if REAL in cells:  # the reference row last
         cells[REAL] = cells.pop(REAL)
     header = ["model"] + [f"{DATASETS.get(d, d)} {label}" for d in order for _, label, _ in metrics_shown]

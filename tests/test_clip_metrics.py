@@ -136,8 +136,8 @@ def _evaluate(args, out, env=None):
 
 def test_offline_without_the_clip_model_eval_py_says_how_to_provide_it(codes_root, gpt_run, tmp_path):
     result = _evaluate([f"ckpt={gpt_run / 'checkpoints' / 'last.ckpt'}", "data=shapes",
-                        f"data.root={codes_root.parent / 'shapes'}", "split=val", "eval.num_prompts=2", "eval.fid=false",
-                        "eval.rprecision_distractors=5", "data.num_workers=0", "trainer.accelerator=cpu"], tmp_path,
+                        f"data.root={codes_root.parent / 'shapes'}", "split=val", "eval.num_prompts=2",
+                        "eval.fid=false", "eval.rprecision_distractors=5", "data.num_workers=0", "trainer.accelerator=cpu"], tmp_path,
                        {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})  # nothing cached, no network
     assert result.returncode != 0
     assert "OFA-Sys/chinese-clip-vit-base-patch16" in result.stderr
@@ -173,7 +173,8 @@ def test_eval_py_reports_clip_metrics_of_every_set_and_the_real_images(clip_eval
     assert len(files) == 10
     images = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files])
     clip = ChineseClip.load(chinese_clip)
-    scores = 100 * (clip.image_embeddings(images) * clip.text_embeddings([captions[f.name[:-7]] for f in files])).sum(-1)
+    prompts = [captions[f.name[:-len("_00.png")]] for f in files]
+    scores = 100 * (clip.image_embeddings(images) * clip.text_embeddings(prompts)).sum(-1)
     assert plain["clip_score"] == pytest.approx(float(scores.clamp(min=0).mean()), abs=1e-3)
     table = (clip_eval / "results.md").read_text()
     assert "clip_score | r_precision" in table and "| real |" in table and "highest CLIP score of 3" in table

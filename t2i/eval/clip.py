@@ -165,7 +165,8 @@ class ClipMetrics:
                 "library": "transformers ChineseCLIPModel + ChineseCLIPProcessor (its resize, crop, normalisation)",
                 "clip_score": SCORE, "text_max_tokens": self.clip.max_tokens,
                 "r_precision": f"top-1 among the prompt and {distractors} distinct captions of the split's other "
-                               f"images, drawn with eval.rprecision_seed={self.seed} (chance {1 / (1 + distractors):.3f})"}
+                               f"images, drawn with eval.rprecision_seed={self.seed} "
+                               f"(chance {1 / (1 + distractors):.3f})"}
 
 
 class ClipTally:

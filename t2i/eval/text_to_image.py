@@ -347,8 +347,8 @@ def evaluate(generator: Generator, batches: Iterable[dict], sampling: SamplingCo
     as one longer run of its stream: the plain images are its first samples_per_prompt, exactly the
     images task=generate gives for the caption. `fidelity_factory()` makes a FidelityAccumulator
     (FID, IS), or None to skip them. `clip` (ClipMetrics) adds the CLIP score and R-precision of
-    every set and of the real images (the "real" row). Under torch.distributed every process evaluates its share and
-    the main process gathers everything: the results are those of one process. It writes the
+    every set and of the real images (the "real" row). Under torch.distributed every process
+    evaluates its share and the main process gathers everything: the results are those of one process. It writes the
     grids, logs to `logger` (a Lightning logger, e.g. WandbLogger) and returns the results; other
     processes return None.
     """
@@ -387,7 +387,8 @@ def evaluate(generator: Generator, batches: Iterable[dict], sampling: SamplingCo
         scores = None if clip is None else clip(images, keys, per_prompt)
         plain.add(images, keys, per_prompt, None if losses is None else losses[:, 0].flatten(), attributes, scores)
         if k > 1 and cfg.rerank_by == "clip_score":  # every candidate's image and CLIP score, the highest kept
-            others = generator.decode(codes[:, 1:].flatten(0, 2), batch_size).view(n, k - 1, per_prompt, *images.shape[1:])
+            others = generator.decode(codes[:, 1:].flatten(0, 2), batch_size)
+            others = others.view(n, k - 1, per_prompt, *images.shape[1:])
             every = torch.cat([images.view(n, 1, per_prompt, *images.shape[1:]), others], 1)
             other_scores = clip(others.flatten(0, 2), keys, (k - 1) * per_prompt)  # a prompt's candidates together
             every_scores = {name: torch.cat([scores[name].view(n, 1, per_prompt), value.view(n, k - 1, per_prompt)], 1)
