@@ -3,8 +3,9 @@
 For every caption: `samples_per_prompt` images, each the best of `rerank` candidates by Caption
 Loss (CogView: the mean negative log-likelihood per text token of the caption given the image,
 under a captioning model). Reported with and without reranking (the first candidate is what
-plain sampling gives): FID and IS against the split's real images, mean Caption Loss, and on the
-shapes data the oracle's attribute accuracy.
+plain sampling gives): FID and IS against the split's real images, mean Caption Loss, the
+Chinese-CLIP score and R-precision (t2i.eval.clip; also of the real images, the reference row; reranking
+may use the CLIP score instead), and on the shapes data the oracle's attribute accuracy.
 
 The prompts are one caption of each of the split's first distinct images (multi-caption datasets
 such as COCO-CN and Flickr-CN hold ~5 rows per image; see PromptSet), chosen before the split is
