@@ -44,13 +44,15 @@ demo: $(STAMP)
 # reranking, without guidance), then a summary: each stage's wall time, whether each training ran
 # its steps, the scores against the targets (also logs/quickstart/summary.md). SEED is the training
 # seed. FID/IS need torch-fidelity's Inception weights: FID=true downloads them, and also gives the
-# VQGAN's rFID and LPIPS (torchvision's VGG16 weights, downloaded too).
+# VQGAN's rFID and LPIPS (torchvision's VGG16 weights, downloaded too). CLIP=true adds the Chinese-CLIP
+# score and R-precision (OFA-Sys/chinese-clip-vit-base-patch16, downloaded once).
 RUNS := logs/quickstart
 SEED ?= 0
 FID ?= false
+CLIP ?= false
 GPT := $(RUNS)/gpt/checkpoints/last.ckpt
 quickstart: $(STAMP)
-	$(PY) experiments/quickstart.py --data $(DATA) --runs $(RUNS) --seed $(SEED) $(if $(filter true,$(FID)),--fid)
+	$(PY) experiments/quickstart.py --data $(DATA) --runs $(RUNS) --seed $(SEED) $(if $(filter true,$(FID)),--fid) $(if $(filter true,$(CLIP)),--clip)
 
 bench: $(STAMP)
 	$(PY) experiments/bench_data.py

@@ -29,6 +29,7 @@ from t2i.eval.fidelity import (
     InceptionFeatures,
     check_image_counts,
 )
+from t2i.eval.clip import ChineseClip, ClipMetrics, draw_distractors
 from t2i.eval.reconstruction import LPIPS_INPUT, reconstruction_metrics
 from t2i.eval.reconstruction import markdown_table as reconstruction_table
 from t2i.eval.text_to_image import (
@@ -157,7 +158,8 @@ def generate(cfg: DictConfig, fabric: Fabric) -> dict:
 
 
 def text_to_image(cfg: DictConfig, fabric: Fabric) -> dict | None:
-    """A GPT checkpoint on a split's captions: FID, IS, Caption Loss (with/without reranking), shapes attributes.
+    """A GPT checkpoint on a split's captions: FID, IS, Caption Loss, Chinese-CLIP score and R-precision (with/without
+    reranking), shapes attributes.
     Every process evaluates its share of the prompts; the main one returns the results, the others None."""
     if not cfg.ckpt:
         raise ValueError("eval.py needs ckpt=PATH (a GPT checkpoint from stage=gpt)")
@@ -179,6 +181,11 @@ def text_to_image(cfg: DictConfig, fabric: Fabric) -> dict | None:
                              f"data={dm.cfg.name}), or set eval.fid=false")
         check_image_counts(prompts.images, prompts.images * per_prompt, str(options["fid_layer"]),
                            options["isc_splits"])
+    if eval_cfg.rerank_by == "clip_score" and not options["clip"]:
+        raise ValueError("eval.rerank_by=clip_score needs the CLIP metrics: set eval.clip=true (and eval.clip_model)")
+    distractors = draw_distractors(prompts.captions_by_image, {p.key: (p.image, p.caption) for p in prompts.picks},
+                                   options["rprecision_distractors"], options["rprecision_seed"],
+                                   f"split={cfg.split}") if options["clip"] else None
     fabric.launch()  # with several devices: starts the other processes, each running this script
     generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device,
                                           decode=cfg.sampling.decode)
@@ -189,9 +196,13 @@ def text_to_image(cfg: DictConfig, fabric: Fabric) -> dict | None:
     scorer, caption_model = CaptionScorer.for_generator(generator, options["caption_ckpt"])
     if scorer is None:
         warn_unavailable(caption_model)
-        if eval_cfg.rerank > 1:
+        if eval_cfg.rerank > 1 and eval_cfg.rerank_by == "caption_loss":
             log.warning("eval.rerank=%d ignored: no captioning model", eval_cfg.rerank)
             eval_cfg.rerank = 1
+    clip = None
+    if options["clip"]:  # a Hub id downloads once; offline, a local folder (the error says how)
+        clip = ClipMetrics(ChineseClip.load(options["clip_model"], fabric.device, options["clip_batch_size"]),
+                           {p.key: p.caption for p in prompts.picks}, distractors, options["rprecision_seed"])
     out = Path(HydraConfig.get().runtime.output_dir)
     fidelity = _fidelity_factory(cfg, dm, prompts, sampling.samples_per_prompt, fabric) if options["fid"] else None
     logger = None
@@ -200,7 +211,7 @@ def text_to_image(cfg: DictConfig, fabric: Fabric) -> dict | None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # the resolved config (W&B: the run config)
     with fabric.autocast():  # trainer.precision (fp32 unless asked)
         results = evaluate(generator, loader, sampling, eval_cfg, out, scorer, fidelity, logger,
-                           seeds=prompts.seeds(sampling.seed), batch_size=batch_size)
+                           seeds=prompts.seeds(sampling.seed), batch_size=batch_size, clip=clip)
     if results is None:  # not the main process
         return None
     results = {"task": "t2i", "name": cfg.name or Path(cfg.ckpt).resolve().parent.parent.name, "ckpt": str(cfg.ckpt),

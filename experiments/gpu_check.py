@@ -239,6 +239,7 @@ def fid_gpu_vs_cpu(args) -> None:
         run(["eval.py", f"ckpt={work / 'gpt' / 'checkpoints' / 'last.ckpt'}", "data=shapes", f"data.root={images}",
              "split=test", "eval.num_prompts=64", f"eval.inception_weights={weights}", "eval.isc_splits=4",
              f"eval.stats_cache={out / 'stats'}", "eval.save_images=true", f"trainer.accelerator={device}",
+             "eval.clip=false",  # no Chinese-CLIP weights on an offline GPU machine
              f"hydra.run.dir={out}"], work)
         results[str(out)] = json.loads((out / "results.json").read_text())
     (gpu_dir, gpu), (cpu_dir, cpu) = results.items()

@@ -29,14 +29,14 @@ TARGETS = {"color": 0.95, "shape": 0.90, "position": 0.90, "all": 0.80}
 ATTRIBUTES = ("color", "shape", "position", "all")
 
 
-def stages(data: Path, runs: Path, seed: int, fid: bool, vqgan_steps: int | None,
+def stages(data: Path, runs: Path, seed: int, fid: bool, clip: bool, vqgan_steps: int | None,
            gpt_steps: int | None) -> list[tuple[str, list[str]]]:
     """(name, command) of each step, in order; commands run from the repository root."""
     py = [sys.executable]
     vqgan, gpt = runs / "vqgan/checkpoints/last.ckpt", runs / "gpt/checkpoints/last.ckpt"
     fid_flag = str(fid).lower()
     evaluation = ["eval.py", f"ckpt={gpt}", "data=shapes", "split=test", "eval.num_prompts=200",
-                  f"eval.fid={fid_flag}", f"paths.data_dir={data}"]
+                  f"eval.fid={fid_flag}", f"eval.clip={str(clip).lower()}", f"paths.data_dir={data}"]
     vqgan_steps = [f"trainer.max_steps={vqgan_steps}"] if vqgan_steps else []  # none: the recipe's
     gpt_steps = [f"trainer.max_steps={gpt_steps}"] if gpt_steps else []
     return [
@@ -132,13 +132,14 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("logs/quickstart"), help="the runs' folders")
     parser.add_argument("--seed", type=int, default=0, help="training seed of the VQGAN and the GPT")
     parser.add_argument("--fid", action="store_true", help="FID/IS, rFID and LPIPS (downloads their weights once)")
+    parser.add_argument("--clip", action="store_true", help="the Chinese-CLIP score and R-precision (downloads the model)")
     parser.add_argument("--vqgan-steps", type=int, help="override the VQGAN recipe's trainer.max_steps")
     parser.add_argument("--gpt-steps", type=int, help="override the GPT recipe's trainer.max_steps")
     args = parser.parse_args()
     # the commands run from the repository root: paths given relative to where this was started follow them
     args.data, args.runs = (Path(os.path.relpath(path.resolve(), REPO)) for path in (args.data, args.runs))
     times: dict[str, float] = {}
-    for name, command in stages(args.data, args.runs, args.seed, args.fid, args.vqgan_steps, args.gpt_steps):
+    for name, command in stages(args.data, args.runs, args.seed, args.fid, args.clip, args.vqgan_steps, args.gpt_steps):
         print(f"\n[quickstart] {name}: {' '.join(command[1:])}", flush=True)
         start = time.perf_counter()
         if subprocess.run(command, cwd=REPO).returncode:

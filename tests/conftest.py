@@ -1,7 +1,7 @@
 """Fixtures shared across test files: a small shapes set pre-tokenized with a random VQGAN, one
 short GPT training run on it (its checkpoint serves the generation and evaluation tests), and a
-randomly initialised InceptionV3 weights file for FID/IS and a random VGG16 for LPIPS (nothing is
-downloaded)."""
+randomly initialised InceptionV3 weights file for FID/IS, a random VGG16 for LPIPS and a tiny random
+Chinese-CLIP for the CLIP metrics (nothing is downloaded)."""
 
 import subprocess
 import sys
@@ -14,7 +14,9 @@ import torchvision
 
 from t2i import pretokenize
 from t2i.data.convert import run as convert
+from t2i.data.datamodule import DataConfig
 from t2i.data.tokenizer import train_sentencepiece
+from t2i.eval.clip import save_random_chinese_clip
 from t2i.eval.fidelity import save_random_inception
 from t2i.models.vqgan import VQGANConfig, VQModel
 
@@ -74,3 +76,12 @@ def random_vgg16(tmp_path_factory):
     path = tmp_path_factory.mktemp("vgg") / "vgg16-random.pth"
     torch.save(state, path)
     return path, state
+
+
+@pytest.fixture(scope="session")
+def chinese_clip(codes_root, tmp_path_factory):
+    """A tiny randomly initialised Chinese-CLIP (transformers' classes, save_pretrained's folder) whose
+    vocabulary holds every character of the shapes captions: eval.clip_model=<this folder>."""
+    captions = DataConfig(root=str(codes_root.parent / "shapes")).captions("train")
+    return save_random_chinese_clip(tmp_path_factory.mktemp("clip") / "chinese-clip-tiny",
+                                    sorted({char for caption in captions for char in caption}))

@@ -47,14 +47,14 @@ def _processes_running_in(folder: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(codes_root, gpt_run, inception_weights, tmp_path_factory):
+def runs(codes_root, gpt_run, inception_weights, chinese_clip, tmp_path_factory):
     """The same evaluation in one process and in two (the second logging to W&B offline)."""
     root = tmp_path_factory.mktemp("eval_ddp")
     common = [f"ckpt={gpt_run / 'checkpoints' / 'last.ckpt'}", "data=shapes", f"data.root={codes_root.parent / 'shapes'}",
               "sampling.batch_size=8", "split=val", f"eval.num_prompts={PROMPTS}",
               f"sampling.samples_per_prompt={SAMPLES}", f"eval.rerank={RERANK}", f"eval.grid_prompts={GRID_PROMPTS}",
               f"eval.inception_weights={inception_weights}", "eval.fid_layer=64", "eval.isc_splits=2",
-              "trainer.accelerator=cpu"]
+              f"eval.clip_model={chinese_clip}", "eval.rprecision_distractors=5", "trainer.accelerator=cpu"]
     # separate real-statistics caches: both runs gather and compute the real features themselves
     env = {"WANDB_SILENT": "true", "WANDB_DATA_DIR": str(root / "wandb_data")}  # W&B's staging files stay here
     one = _evaluate([*common, "trainer.devices=1", "data.num_workers=0", f"eval.stats_cache={root / 'stats_one'}"],
@@ -118,7 +118,10 @@ def test_main_process_logs_metrics_and_a_sample_table_to_wandb(runs, codes_root)
                 "eval/caption_loss": results["plain"]["caption_loss"],
                 "eval/attributes/all": results["plain"]["attributes"]["all"],
                 f"eval/rerank_{RERANK}/fid": reranked["fid"],
-                f"eval/rerank_{RERANK}/caption_loss": reranked["caption_loss"]}
+                f"eval/rerank_{RERANK}/caption_loss": reranked["caption_loss"],
+                "eval/clip_score": results["plain"]["clip_score"], "eval/r_precision": results["plain"]["r_precision"],
+                f"eval/rerank_{RERANK}/clip_score": reranked["clip_score"],
+                "eval/real/clip_score": results["real"]["clip_score"]}
     for key, value in expected.items():
         assert json.loads(logged[key].value_json) == pytest.approx(value), key
 

@@ -169,7 +169,8 @@ def test_a_split_without_samples_is_a_clear_error(codes_root, tmp_path):
 
 
 def _evaluate(args, out):
-    return subprocess.run([sys.executable, "eval.py", *args, f"hydra.run.dir={out}"], cwd=REPO,
+    # the CLIP metrics are tests/test_clip_metrics.py's: here nothing downloads their model
+    return subprocess.run([sys.executable, "eval.py", "eval.clip=false", *args, f"hydra.run.dir={out}"], cwd=REPO,
                           capture_output=True, text=True, timeout=300, check=False)
 
 

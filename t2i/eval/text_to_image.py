@@ -3,8 +3,9 @@
 For every caption: `samples_per_prompt` images, each the best of `rerank` candidates by Caption
 Loss (CogView: the mean negative log-likelihood per text token of the caption given the image,
 under a captioning model). Reported with and without reranking (the first candidate is what
-plain sampling gives): FID and IS against the split's real images, mean Caption Loss, and on the
-shapes data the oracle's attribute accuracy.
+plain sampling gives): FID and IS against the split's real images, mean Caption Loss, the
+Chinese-CLIP score and R-precision (t2i.eval.clip; also of the real images, the reference row; reranking
+may use the CLIP score instead), and on the shapes data the oracle's attribute accuracy.
 
 The prompts are one caption of each of the split's first distinct images (multi-caption datasets
 such as COCO-CN and Flickr-CN hold ~5 rows per image; see PromptSet), chosen before the split is
@@ -20,7 +21,7 @@ import math
 import random
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from t2i.data.shapes import oracle_accuracy
 from t2i.checkpoints import load_gpt
 from t2i.data.stream import complete_samples
 from t2i.data.tokenizer import FixedLengthTokenizer
+from t2i.eval.clip import ClipMetrics, ClipTally
 from t2i.models.gpt import GPT
 from t2i.sampling import Generator, SamplingConfig, SamplingStats, prompt_seeds, save_captioned_grid
 
@@ -93,7 +95,8 @@ class EvalConfig:
     """The evaluation's own options (eval.*). How many images per prompt and the sampling batch are
     sampling options (sampling.samples_per_prompt, sampling.batch_size), shared with task=generate."""
 
-    rerank: int = 1  # candidates per sample; the lowest Caption Loss is kept
+    rerank: int = 1  # candidates per sample; the best by rerank_by is kept
+    rerank_by: str = "caption_loss"  # the lowest Caption Loss, or the highest (Chinese-)CLIP score: clip_score
     grid_prompts: int = 16  # prompts shown in the captioned grids (and the logger's table)
     save_images: bool = False  # every generated image as a PNG under samples/
 
@@ -101,6 +104,8 @@ class EvalConfig:
         values = {name: getattr(self, name) for name in ("rerank", "grid_prompts")}
         if min(values.values()) < 1:
             raise ValueError(f"eval.{', eval.'.join(values)} must be >= 1, got {values}")
+        if self.rerank_by not in ("caption_loss", "clip_score"):
+            raise ValueError(f"eval.rerank_by must be caption_loss or clip_score, got {self.rerank_by!r}")
 
 
 def image_id(key: str, meta: dict) -> str:
@@ -122,6 +127,7 @@ class Pick:
     index: int
     key: str
     caption: str
+    image: str = ""  # the image's id (image_id): its other caption rows share it
 
 
 @dataclass
@@ -141,6 +147,7 @@ class PromptSet:
     split_images: int  # distinct images in the split
     split_captions: int  # caption rows in the split
     caption_seed: int
+    captions_by_image: dict[str, list[str]] = field(default_factory=dict, repr=False)  # the split's rows (R-precision)
 
     @property
     def images(self) -> int:
@@ -183,7 +190,8 @@ def select_prompts(dm: ShardDataModule, split: str, num_prompts: int | None, cap
             except ValueError:  # a corrupt JSON: the decoder skips the sample (with a warning) if it is chosen
                 meta = {}
             caption = sample["txt"].decode("utf-8", errors="replace")
-            groups.setdefault(image_id(key, meta), []).append(Pick(position, shard.url, index, key, caption))
+            image = image_id(key, meta)
+            groups.setdefault(image, []).append(Pick(position, shard.url, index, key, caption, image))
     if not groups:
         raise ValueError(f"split={split} of data={dm.cfg.name} ({dm.cfg.root}) has no samples with a caption: "
                          "evaluate another split (split=val or split=test) or convert the data again")
@@ -191,7 +199,8 @@ def select_prompts(dm: ShardDataModule, split: str, num_prompts: int | None, cap
     picks = [rows[random.Random(f"{caption_seed}|{image}").randrange(len(rows))] for image, rows in chosen]
     return PromptSet(split, picks, captions_available=sum(len(rows) for _, rows in chosen),
                      split_images=len(groups), split_captions=sum(len(rows) for rows in groups.values()),
-                     caption_seed=caption_seed)
+                     caption_seed=caption_seed,
+                     captions_by_image={image: [row.caption for row in rows] for image, rows in groups.items()})
 
 
 class PromptStream(IterableDataset):
@@ -268,7 +277,8 @@ def gather_to_main(obj):
 
 class _ImageSet:
     """What one image set (plain or reranked) collects on this process: per image its label
-    (sample key, sample index), Caption Loss and oracle reading, plus the grid prompts' images."""
+    (sample key, sample index), Caption Loss, oracle reading and CLIP score / R-precision hit, plus the
+    grid prompts' images."""
 
     def __init__(self, fidelity, grid_prompts: int):
         self.fidelity, self.grid_prompts = fidelity, grid_prompts
@@ -276,11 +286,14 @@ class _ImageSet:
         self.caption_losses: list[torch.Tensor] = []
         self.oracle_hits: list[dict] = []  # per image: oracle_accuracy of that image alone (1.0 / 0.0)
         self.grid: dict[str, torch.Tensor] = {}  # sample key -> its images, for the smallest keys seen
+        self.clip = ClipTally()
 
     def add(self, images: torch.Tensor, keys: list[str], per_prompt: int, losses: torch.Tensor | None,
-            attributes: list[dict] | None) -> None:
+            attributes: list[dict] | None, clip: dict[str, torch.Tensor] | None = None) -> None:
         labels = [(key, sample) for key in keys for sample in range(per_prompt)]
         self.labels += labels
+        if clip is not None:
+            self.clip.add(clip)
         if self.fidelity is not None:
             self.fidelity.add_generated(images, labels)
         if losses is not None:
@@ -299,7 +312,8 @@ class _ImageSet:
 
     def state(self) -> dict:
         return {"labels": self.labels, "caption_losses": self.caption_losses, "oracle_hits": self.oracle_hits,
-                "grid": self.grid, "fidelity": self.fidelity.state() if self.fidelity is not None else None}
+                "grid": self.grid, "fidelity": self.fidelity.state() if self.fidelity is not None else None,
+                "clip": self.clip.state()}
 
     def metrics(self, states: list[dict], oracle: bool) -> tuple[dict, dict[str, torch.Tensor], torch.Tensor | None]:
         """(metrics, the grid prompts' images by key, Caption Losses in label order) from every process's state()."""
@@ -309,6 +323,7 @@ class _ImageSet:
         if any(state["caption_losses"] for state in states):
             losses = torch.cat([loss for state in states for loss in state["caption_losses"]])[order]
             out["caption_loss"] = float(losses[~losses.isnan()].mean())
+        out.update(ClipTally.metrics([state["clip"] for state in states]))
         if oracle:
             hits = [hit for state in states for hit in state["oracle_hits"]]
             out["attributes"] = {name: sum(hit[name] for hit in hits) / len(hits) for name in hits[0]}
@@ -324,7 +339,7 @@ class _ImageSet:
 @torch.no_grad()
 def evaluate(generator: Generator, batches: Iterable[dict], sampling: SamplingConfig, cfg: EvalConfig,
              out_dir: Path, scorer: CaptionScorer | None = None, fidelity_factory=None, logger=None,
-             seeds: dict[str, int] | None = None, batch_size: int = 16) -> dict | None:
+             seeds: dict[str, int] | None = None, batch_size: int = 16, clip: ClipMetrics | None = None) -> dict | None:
     """Generate `sampling.samples_per_prompt` images for every caption of `batches` (see prompt_loader)
     and score them; see the module doc.
 
@@ -332,13 +347,17 @@ def evaluate(generator: Generator, batches: Iterable[dict], sampling: SamplingCo
     `batch_size` the sequences per sampling batch. With reranking a prompt's candidates are drawn
     as one longer run of its stream: the plain images are its first samples_per_prompt, exactly the
     images task=generate gives for the caption. `fidelity_factory()` makes a FidelityAccumulator
-    (FID, IS), or None to skip them. Under torch.distributed every process evaluates its share and
-    the main process gathers everything: the results are those of one process. It writes the
+    (FID, IS), or None to skip them. `clip` (ClipMetrics) adds the CLIP score and R-precision of
+    every set and of the real images (the "real" row). Under torch.distributed every process
+    evaluates its share and the main process gathers everything: the results are those of one process. It writes the
     grids, logs to `logger` (a Lightning logger, e.g. WandbLogger) and returns the results; other
     processes return None.
     """
-    if cfg.rerank > 1 and scorer is None:
-        raise ValueError("eval.rerank > 1 needs a captioning model: see caption_loss_unavailable")
+    if cfg.rerank > 1 and cfg.rerank_by == "caption_loss" and scorer is None:
+        raise ValueError("eval.rerank > 1 needs a captioning model: see caption_loss_unavailable "
+                         "(or rerank by eval.rerank_by=clip_score)")
+    if cfg.rerank > 1 and cfg.rerank_by == "clip_score" and clip is None:
+        raise ValueError("eval.rerank_by=clip_score needs the CLIP model (eval.clip=true)")
     if seeds is None and sampling.seed is not None:
         raise ValueError("evaluate() needs the prompts' seeds (PromptSet.seeds) when sampling.seed is set")
     per_prompt, k = sampling.samples_per_prompt, cfg.rerank
@@ -347,6 +366,7 @@ def evaluate(generator: Generator, batches: Iterable[dict], sampling: SamplingCo
     if k > 1:
         sets[f"rerank_{k}"] = _ImageSet(fidelity_factory() if fidelity_factory else None, cfg.grid_prompts)
     plain = sets["plain"]
+    real = ClipTally()  # the real images' CLIP score and R-precision: the reference row
     prompts: dict[str, str] = {}  # sample key -> caption
     calls = SamplingStats()  # model calls (sampling.method=sjd makes fewer than token-by-token sampling)
     oracle = True  # every sample knows its true attributes (the shapes data)
@@ -357,21 +377,36 @@ def evaluate(generator: Generator, batches: Iterable[dict], sampling: SamplingCo
         attributes = [meta["attributes"] for meta in batch["meta"]] if oracle else None
         if plain.fidelity is not None:  # the reranked set reads the real statistics from the cache
             plain.fidelity.add_real(batch["image"], keys)
+        if clip is not None and "image" in batch:  # code shards carry no real images
+            real.add(clip(batch["image"], keys))
         codes = generator.sample_codes(captions, candidates, batch_size,
                                        None if seeds is None else [seeds[key] for key in keys], stats=calls)
         losses = scorer([c for c in captions for _ in range(per_prompt * k)], codes).cpu() if scorer else None
         codes = codes.view(n, k, per_prompt, *codes.shape[1:])
         losses = None if losses is None else losses.view(n, k, per_prompt)
         images = generator.decode(codes[:, 0].flatten(0, 1), batch_size)  # the first candidates: plain sampling
-        plain.add(images, keys, per_prompt, None if losses is None else losses[:, 0].flatten(), attributes)
-        if k > 1:
+        scores = None if clip is None else clip(images, keys, per_prompt)
+        plain.add(images, keys, per_prompt, None if losses is None else losses[:, 0].flatten(), attributes, scores)
+        if k > 1 and cfg.rerank_by == "clip_score":  # every candidate's image and CLIP score, the highest kept
+            others = generator.decode(codes[:, 1:].flatten(0, 2), batch_size)
+            others = others.view(n, k - 1, per_prompt, *images.shape[1:])
+            every = torch.cat([images.view(n, 1, per_prompt, *images.shape[1:]), others], 1)
+            other_scores = clip(others.flatten(0, 2), keys, (k - 1) * per_prompt)  # a prompt's candidates together
+            every_scores = {name: torch.cat([scores[name].view(n, 1, per_prompt), value.view(n, k - 1, per_prompt)], 1)
+                            for name, value in other_scores.items()}
+            best = every_scores["clip_score"].argmax(1)  # [n, S]
+            sets[f"rerank_{k}"].add(take(every, best).flatten(0, 1), keys, per_prompt,
+                                    None if losses is None else take(losses, best).flatten(), attributes,
+                                    {name: take(value, best).flatten() for name, value in every_scores.items()})
+        elif k > 1:
             chosen, chosen_losses = pick_best(codes, losses)
-            sets[f"rerank_{k}"].add(generator.decode(chosen.flatten(0, 1), batch_size), keys, per_prompt,
-                                    chosen_losses.flatten(), attributes)
+            chosen_images = generator.decode(chosen.flatten(0, 1), batch_size)
+            sets[f"rerank_{k}"].add(chosen_images, keys, per_prompt, chosen_losses.flatten(), attributes,
+                                    None if clip is None else clip(chosen_images, keys, per_prompt))
         if cfg.save_images:  # each process writes its own prompts' images
             _save_images(images, out_dir / "samples", keys, per_prompt)
         prompts.update(zip(keys, captions))
-    shares = gather_to_main({"prompts": prompts, "oracle": oracle, "calls": asdict(calls),
+    shares = gather_to_main({"prompts": prompts, "oracle": oracle, "calls": asdict(calls), "real": real.state(),
                              "sets": {name: image_set.state() for name, image_set in sets.items()}})
     if shares is None:
         return None
@@ -388,6 +423,13 @@ def evaluate(generator: Generator, batches: Iterable[dict], sampling: SamplingCo
     results = {"prompts": len(prompts), "samples_per_prompt": per_prompt, "rerank": k,
                "sampling": asdict(sampling),
                "images_per_set": len(prompts) * per_prompt}
+    if k > 1:
+        results["reranked_by"] = cfg.rerank_by  # (not "rerank_...": those keys are image sets)
+    if clip is not None:
+        results["clip"] = clip.protocol()
+        real_metrics = ClipTally.metrics([share["real"] for share in shares])
+        if real_metrics:
+            results["real"] = real_metrics
     if sampling.method != "ar":  # the calls saved; summed over processes and batches, so they depend on both
         results["model_calls"] = {name: sum(share["calls"][name] for share in shares) for name in asdict(calls)}
     shown = {}  # set name -> (the grid images, their Caption Losses)
@@ -406,12 +448,17 @@ def _grid_file(set_name: str) -> str:
     return "grid.png" if set_name == "plain" else f"grid_{set_name}.png"
 
 
+def take(values: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """values [n, K, S, ...] (K candidates of S samples) and the chosen candidates [n, S] -> [n, S, ...]."""
+    index = best.view(*best.shape[:1], 1, best.shape[1], *[1] * (values.dim() - 3))
+    return values.gather(1, index.expand(-1, 1, -1, *values.shape[3:]))[:, 0]
+
+
 def pick_best(codes: torch.Tensor, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-reranking: codes [n, K, S, h, w] and Caption Losses [n, K, S] (K candidates of S samples)
     -> the lowest-loss candidate of each sample: codes [n, S, h, w], losses [n, S]."""
     best = losses.nan_to_num(float("inf")).argmin(1)  # [n, S]
-    index = best[:, None, :, None, None].expand(-1, 1, -1, *codes.shape[3:])
-    return codes.gather(1, index)[:, 0], losses.gather(1, best[:, None])[:, 0]
+    return take(codes, best), take(losses, best)
 
 
 def _save_images(images: torch.Tensor, folder: Path, keys: list[str], per_prompt: int) -> None:
@@ -424,9 +471,9 @@ def _save_images(images: torch.Tensor, folder: Path, keys: list[str], per_prompt
 
 def flat_metrics(results: dict) -> dict[str, float]:
     """The numbers of every image set as flat logger keys: eval/fid, eval/attributes/color,
-    eval/rerank_4/fid... (the protocol is left to results.json)."""
+    eval/rerank_4/fid..., and the real images' eval/real/clip_score... (the protocol is left to results.json)."""
     flat = {}
-    for name in (s for s in results if s == "plain" or s.startswith("rerank_")):
+    for name in (s for s in results if s in ("plain", "real") or s.startswith("rerank_")):
         prefix = "eval" if name == "plain" else f"eval/{name}"
         for metric, value in results[name].items():
             if metric == "attributes":
@@ -461,9 +508,11 @@ def log_results(logger, results: dict, grid_prompts: list[str], shown: dict) -> 
 
 
 def markdown_table(results: dict) -> str:
-    """results.md: one row per image set (plain, reranked)."""
-    sets = [name for name in results if name == "plain" or name.startswith("rerank_")]
-    columns = ["fid", "is_mean", "caption_loss"]
+    """results.md: one row per image set (plain, reranked), and the real images' row when the CLIP
+    metrics were computed."""
+    sets = [name for name in results if name == "plain" or name.startswith("rerank_")] + \
+        (["real"] if "real" in results else [])
+    columns = ["fid", "is_mean", "caption_loss"] + (["clip_score", "r_precision"] if "clip" in results else [])
     attribute_names = ["color", "shape", "position", "all"]
     has_attributes = any("attributes" in results[s] for s in sets)
     header = ["set", *columns] + ([f"{a} %" for a in attribute_names] if has_attributes else [])
@@ -472,7 +521,8 @@ def markdown_table(results: dict) -> str:
         metrics = results[name]
         row = [name] + [f"{metrics[c]:.3f}" if c in metrics else "n/a" for c in columns]
         if has_attributes:
-            row += [f"{100 * metrics['attributes'][a]:.1f}" for a in attribute_names]
+            row += [f"{100 * metrics['attributes'][a]:.1f}" if "attributes" in metrics else "n/a"
+                    for a in attribute_names]
         lines.append("| " + " | ".join(row) + " |")
     notes = [f"{results['prompts']} prompts x {results['samples_per_prompt']} samples, sampling {results['sampling']}"]
     if "prompt_set" in results:
@@ -483,9 +533,17 @@ def markdown_table(results: dict) -> str:
         calls = results["model_calls"]
         notes.append(f"sampling made {calls['model_calls']} model calls ({calls['token_by_token_calls']} token by token; "
                      "both depend on the sampling batch and the number of processes)")
-    if results["rerank"] > 1:
+    if results["rerank"] > 1 and results.get("reranked_by") == "clip_score":
+        notes.append(f"rerank_{results['rerank']}: the highest CLIP score of {results['rerank']} candidates per image "
+                     "(by the CLIP model that scores: its CLIP score and R-precision are biased upward)")
+    elif results["rerank"] > 1:
         notes.append(f"rerank_{results['rerank']}: the lowest Caption Loss of {results['rerank']} candidates per image "
                      f"(scored by {results.get('caption_model')})")
+    if "clip" in results:
+        clip = results["clip"]
+        notes.append(f"clip_score: {clip['clip_score']}; r_precision: {clip['r_precision']}; model {clip['model']}")
+        notes.append("real: the split's real images with their prompts (the reference row)" if "real" in results else
+                     "real: no reference row (the shards hold codes, not images)")
     if "precision" in results:
         notes.append(f"computed in {results['precision']['trainer']}, float32 matmuls at "
                      f"'{results['precision']['matmul']}' precision")
