@@ -20,7 +20,7 @@ import math
 import random
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -141,6 +141,7 @@ class PromptSet:
     split_images: int  # distinct images in the split
     split_captions: int  # caption rows in the split
     caption_seed: int
+    references: list[list[str]] = field(default_factory=list)  # every caption row of each chosen image
 
     @property
     def images(self) -> int:
@@ -191,7 +192,7 @@ def select_prompts(dm: ShardDataModule, split: str, num_prompts: int | None, cap
     picks = [rows[random.Random(f"{caption_seed}|{image}").randrange(len(rows))] for image, rows in chosen]
     return PromptSet(split, picks, captions_available=sum(len(rows) for _, rows in chosen),
                      split_images=len(groups), split_captions=sum(len(rows) for rows in groups.values()),
-                     caption_seed=caption_seed)
+                     caption_seed=caption_seed, references=[[row.caption for row in rows] for _, rows in chosen])
 
 
 class PromptStream(IterableDataset):
