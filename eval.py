@@ -29,7 +29,7 @@ from t2i.eval.fidelity import (
     InceptionFeatures,
     check_image_counts,
 )
-from t2i.eval.captioning import caption_and_score, folder_batches, split_batches
+from t2i.eval.captioning import run_captioning
 from t2i.eval.captioning import markdown_table as caption_table
 from t2i.eval.reconstruction import LPIPS_INPUT, reconstruction_metrics
 from t2i.eval.reconstruction import markdown_table as reconstruction_table
@@ -43,7 +43,7 @@ from t2i.eval.text_to_image import (
     select_prompts,
     warn_unavailable,
 )
-from t2i.checkpoints import load_gpt, load_record_vqgan, load_vqgan
+from t2i.checkpoints import load_vqgan
 from t2i.models.losses import build_lpips
 from t2i.precision import set_matmul_precision
 from t2i.models.vqgan import VQGANConfig
@@ -121,35 +121,11 @@ def caption(cfg: DictConfig, fabric: Fabric) -> dict:
         raise ValueError("task=caption needs ckpt=PATH (a GPT checkpoint trained with stage.caption_prob > 0)")
     options = OmegaConf.to_container(cfg.caption, resolve=True)
     num_images, batch_size = options.pop("num_images"), options.pop("batch_size")
-    decoding = CaptionConfig(**options)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"caption.batch_size must be an integer >= 1 (images per batch), got {batch_size}")
-    gpt, record = load_gpt(cfg.ckpt)
-    if not record.caption_prob:
-        raise ValueError(f"{cfg.ckpt} was trained without the image-to-text direction (stage.caption_prob=0): "
-                         "caption with a checkpoint trained with stage.caption_prob > 0")
-    gpt, tokenizer = gpt.to(fabric.device), record.tokenizer_model()
     out = Path(HydraConfig.get().runtime.output_dir)
-    if cfg.images:
-        vqgan = load_record_vqgan(record, str(cfg.ckpt), cfg.vqgan_ckpt).to(fabric.device)
-        batches, total = folder_batches(cfg.images, batch_size, vqgan, fabric.device)
-        source = f"images={cfg.images}"
-    else:
-        dm = ShardDataModule(OmegaConf.to_container(cfg.data, resolve=True))
-        dm.use_tokenizer(tokenizer)
-        vqgan = None
-        if dm.cfg.kind() == "codes":
-            theirs = dm.cfg.manifest().get("vqgan_sha256")
-            if theirs != record.vqgan.get("sha256"):
-                raise ValueError(f"data={dm.cfg.name} ({dm.cfg.root}) holds codes of another VQGAN ({str(theirs)[:12]}..., "
-                                 f"the checkpoint's is {str(record.vqgan.get('sha256'))[:12]}...): caption its image shards")
-        else:
-            vqgan = load_record_vqgan(record, str(cfg.ckpt), cfg.vqgan_ckpt).to(fabric.device)
-        batches, total = split_batches(dm, cfg.split, num_images, batch_size, vqgan, fabric.device)
-        source = f"split={cfg.split} of data={cfg.data.name}"
-    results = {"task": "caption", "ckpt": str(cfg.ckpt), "source": source,
-               **caption_and_score(gpt, tokenizer, batches, total, decoding, out),
-               "captions_file": str(out / "captions.jsonl")}
+    data = None if cfg.images else OmegaConf.to_container(cfg.data, resolve=True)
+    results = run_captioning(cfg.ckpt, CaptionConfig(**options), out, data=data, split=cfg.split, images=cfg.images,
+                             num_images=num_images, batch_size=batch_size, vqgan_ckpt=cfg.vqgan_ckpt,
+                             device=fabric.device)
     (out / "results.md").write_text(caption_table(results), encoding="utf-8")
     return results
 

@@ -37,6 +37,7 @@ from pycocoevalcap.cider.cider import Cider
 from torchmetrics.text import BLEUScore
 from tqdm import tqdm
 
+from t2i.checkpoints import load_gpt, load_record_vqgan
 from t2i.data.datamodule import ShardDataModule
 from t2i.data.shapes import attribute_accuracy, read_caption
 from t2i.data.shards import IMAGE_EXTENSIONS, load_image, resize_center_crop
@@ -140,6 +141,40 @@ def folder_batches(folder: str | Path, batch_size: int, vqgan: VQModel,
             yield CaptionBatch([p.relative_to(root).as_posix() for p in chunk], vqgan.encode(images), references, None)
 
     return batches(), len(files)
+
+
+def run_captioning(ckpt: str | Path, cfg: CaptionConfig, out_dir: Path, data: dict | None = None, split: str = "test",
+                   images: str | Path | None = None, num_images: int | None = None, batch_size: int = 64,
+                   vqgan_ckpt: str | Path | None = None, device: torch.device | str = "cpu") -> dict:
+    """eval.py task=caption: caption the `split` of `data` (a data config), or the files of `images`, with the
+    GPT checkpoint `ckpt`; writes captions.jsonl into `out_dir` and returns the results."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"caption.batch_size must be an integer >= 1 (images per batch), got {batch_size}")
+    gpt, record = load_gpt(ckpt)
+    if not record.caption_prob:
+        raise ValueError(f"{ckpt} was trained without the image-to-text direction (stage.caption_prob=0): "
+                         "caption with a checkpoint trained with stage.caption_prob > 0")
+    gpt, tokenizer = gpt.to(device), record.tokenizer_model()
+    if images:
+        vqgan = load_record_vqgan(record, str(ckpt), vqgan_ckpt).to(device)
+        batches, total = folder_batches(images, batch_size, vqgan, device)
+        source = f"images={images}"
+    else:
+        dm = ShardDataModule(data)
+        dm.use_tokenizer(tokenizer)
+        vqgan = None
+        if dm.cfg.kind() == "codes":
+            theirs, ours = dm.cfg.manifest().get("vqgan_sha256"), record.vqgan.get("sha256")
+            if theirs != ours:
+                raise ValueError(f"data={dm.cfg.name} ({dm.cfg.root}) holds codes of another VQGAN ({str(theirs)[:12]}..., "
+                                 f"the checkpoint's is {str(ours)[:12]}...): caption its image shards instead")
+        else:
+            vqgan = load_record_vqgan(record, str(ckpt), vqgan_ckpt).to(device)
+        batches, total = split_batches(dm, split, num_images, batch_size, vqgan, device)
+        source = f"split={split} of data={dm.cfg.name}"
+    results = caption_and_score(gpt, tokenizer, batches, total, cfg, out_dir)
+    return {"task": "caption", "ckpt": str(ckpt), "source": source, **results,
+            "captions_file": str(out_dir / "captions.jsonl")}
 
 
 @torch.no_grad()
