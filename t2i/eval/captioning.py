@@ -173,15 +173,16 @@ def run_captioning(ckpt: str | Path, cfg: CaptionConfig, out_dir: Path, data: di
         batches, total = split_batches(dm, split, num_images, batch_size, vqgan, device)
         source = f"split={split} of data={dm.cfg.name}"
     results = caption_and_score(gpt, tokenizer, batches, total, cfg, out_dir)
-    return {"task": "caption", "ckpt": str(ckpt), "source": source, **results,
+    return {"task": "caption", "ckpt": str(ckpt), "source": source,
+            "caption_end_learned": bool(record.training.get("caption_end", False)), **results,
             "captions_file": str(out_dir / "captions.jsonl")}
 
 
 @torch.no_grad()
 def caption_and_score(gpt: GPT, tokenizer: FixedLengthTokenizer, batches: Iterable[CaptionBatch], total: int,
                       cfg: CaptionConfig, out_dir: Path) -> dict:
-    """Caption every image of `batches`, write `captions.jsonl` (a line per image: key, caption,
-    references, and on shapes the attributes read and true) and return the scores."""
+    """Caption every image of `batches`, write `captions.jsonl` (a line per image, by key: its caption,
+    whether it ended, its references, and on shapes the attributes read and true) and return the scores."""
     rows, started = [], time.perf_counter()
     progress = tqdm(total=total, desc="caption", unit="image")
     for batch in batches:
@@ -199,6 +200,7 @@ def caption_and_score(gpt: GPT, tokenizer: FixedLengthTokenizer, batches: Iterab
     seconds = time.perf_counter() - started
     if not rows:
         raise ValueError("no images to caption")
+    rows.sort(key=lambda row: row["key"])  # data workers interleave their batches: one order for any number
     results = {"images": len(rows), "decoding": asdict(cfg), "seconds": round(seconds, 2),
                "mean_caption_chars": sum(len(characters(r["caption"])) for r in rows) / len(rows),
                "ended": sum(r["ended"] for r in rows) / len(rows),
@@ -239,6 +241,9 @@ def markdown_table(results: dict, examples: int = 8) -> str:
              f"CIDEr-D: {results['metrics']['cider_d']}",
              f"{100 * results['ended']:.1f}% of the captions ended (the model predicted padding) before text_len; "
              f"{results['mean_caption_chars']:.1f} characters on average"]
+    if not results.get("caption_end_learned", True):
+        notes.append("the checkpoint was trained without stage.caption_end: it never learned where a caption ends, so "
+                      "its captions run on to text_len and the words after the description count against BLEU/CIDEr")
     if attributes:
         notes.append("attributes: read from each caption's words (t2i.data.shapes.read_caption, the first word of "
                      "each attribute); all = colour, shape and position right")

@@ -164,6 +164,20 @@ class TokenLayout:
         """The head's rows (vocabulary ids) of the text ids, padding (tokenizer id 0) first."""
         return slice(self.text_offset, self.text_offset + self.n_text_tokens)
 
+    def caption_end_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """Where a target is the end of a caption: the first padding after the text of an image-to-text
+        row (targets [B, block_size - 1], the sequences shifted by one). Learning it lets captioning stop
+        there. A caption that fills text_len has no end, and an empty text (the null text) none either."""
+        ends = torch.zeros_like(targets, dtype=torch.bool)
+        if not self.predicts_text:
+            return ends
+        text = targets[:, self.image_len + 1:]  # after codes and [BOT]; in a text-to-image row, anything
+        caption = targets[:, self.image_len] == self.special("BOT")  # only image-to-text rows have [BOT] there
+        padding = text == self.text_offset
+        first = padding & (padding.cumsum(1) == 1) & ~padding[:, :1]  # not at the start: an empty text
+        ends[:, self.image_len + 1:] = first & caption[:, None]
+        return ends
+
     def image_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits[..., : self.n_image_codes]
 
