@@ -254,5 +254,9 @@ def test_captioning_errors_name_what_to_fix(codes_root, gpt_run, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no jpg"):
         run_captioning(ckpt, CaptionConfig(), tmp_path, images=tmp_path / "empty")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "x.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot read .*x.png"):
+        run_captioning(ckpt, CaptionConfig(), tmp_path, images=tmp_path / "broken")
     with pytest.raises(ValueError, match="caption.batch_size"):
         run_captioning(ckpt, CaptionConfig(), tmp_path, data=data, split="val", batch_size=0)

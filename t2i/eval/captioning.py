@@ -40,7 +40,8 @@ from tqdm import tqdm
 from t2i.checkpoints import load_gpt, load_record_vqgan
 from t2i.data.datamodule import ShardDataModule
 from t2i.data.shapes import attribute_accuracy, read_caption
-from t2i.data.shards import IMAGE_EXTENSIONS, load_image, resize_center_crop
+from t2i.data.shards import IMAGE_EXTENSIONS, RowError, load_image, resize_center_crop
+from t2i.data.stream import to_unit_range
 from t2i.data.tokenizer import FixedLengthTokenizer
 from t2i.eval.text_to_image import prompt_loader, select_prompts
 from t2i.models.gpt import GPT
@@ -130,9 +131,8 @@ def folder_batches(folder: str | Path, batch_size: int, vqgan: VQModel,
     def batches() -> Iterator[CaptionBatch]:
         for start in range(0, len(files), batch_size):
             chunk = files[start:start + batch_size]
-            pixels = torch.stack([torch.from_numpy(np.array(resize_center_crop(load_image(p), size), dtype=np.uint8))
-                                  for p in chunk])
-            images = pixels.permute(0, 3, 1, 2).float().to(device) / 127.5 - 1
+            pixels = torch.stack([torch.from_numpy(_pixels(path, size)) for path in chunk])
+            images = to_unit_range(pixels.permute(0, 3, 1, 2).to(device))
             references = []
             for path in chunk:
                 text = path.with_suffix(".txt")
@@ -141,6 +141,15 @@ def folder_batches(folder: str | Path, batch_size: int, vqgan: VQModel,
             yield CaptionBatch([p.relative_to(root).as_posix() for p in chunk], vqgan.encode(images), references, None)
 
     return batches(), len(files)
+
+
+def _pixels(path: Path, size: int) -> np.ndarray:
+    """An image file as uint8 [size, size, 3]: the shorter side scaled to `size`, the centre square cut."""
+    try:
+        image = load_image(path)
+    except RowError as error:
+        raise ValueError(f"images=: cannot read {path} ({error}): remove or replace it") from None
+    return np.array(resize_center_crop(image, size), dtype=np.uint8)
 
 
 def run_captioning(ckpt: str | Path, cfg: CaptionConfig, out_dir: Path, data: dict | None = None, split: str = "test",
