@@ -238,6 +238,8 @@ def test_a_folder_of_image_files_is_captioned_with_the_references_beside_them(gp
     rows = _lines(tmp_path / "out")
     assert [r["key"] for r in rows] == ["a.jpg", "b.png", "sub/c.png"]
     assert rows[0]["references"] == ["红色的圆形"] and rows[1]["references"] == []
+    assert run_captioning(gpt_run / "checkpoints" / "last.ckpt", CaptionConfig(), tmp_path / "two", images=folder,
+                          num_images=2)["images"] == 2
 
 
 def test_captioning_errors_name_what_to_fix(codes_root, gpt_run, tmp_path):
@@ -260,3 +262,5 @@ def test_captioning_errors_name_what_to_fix(codes_root, gpt_run, tmp_path):
         run_captioning(ckpt, CaptionConfig(), tmp_path, images=tmp_path / "broken")
     with pytest.raises(ValueError, match="caption.batch_size"):
         run_captioning(ckpt, CaptionConfig(), tmp_path, data=data, split="val", batch_size=0)
+    with pytest.raises(ValueError, match="caption.num_images"):
+        run_captioning(ckpt, CaptionConfig(), tmp_path, data=data, split="val", num_images=0)

@@ -116,16 +116,18 @@ def split_batches(dm: ShardDataModule, split: str, num_images: int | None, batch
     return batches(), prompts.images
 
 
-def folder_batches(folder: str | Path, batch_size: int, vqgan: VQModel,
-                   device: torch.device | str) -> tuple[Iterator[CaptionBatch], int]:
-    """The image files under `folder` (jpg, jpeg, png, webp; sorted by path), scaled and centre-cropped to
-    the VQGAN's resolution and encoded: (batches, images). A same-stem `.txt` is the image's reference."""
+def folder_batches(folder: str | Path, batch_size: int, vqgan: VQModel, device: torch.device | str,
+                   num_images: int | None = None) -> tuple[Iterator[CaptionBatch], int]:
+    """The first `num_images` image files under `folder` (jpg, jpeg, png, webp; sorted by path; all when
+    None), scaled and centre-cropped to the VQGAN's resolution and encoded: (batches, images). A same-stem
+    `.txt` is the image's reference."""
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"images={folder} is not a folder of image files")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
     if not files:
         raise ValueError(f"images={folder} holds no {', '.join(IMAGE_EXTENSIONS)} files")
+    files = files[:num_images]
     size = vqgan.cfg.resolution
 
     def batches() -> Iterator[CaptionBatch]:
@@ -159,6 +161,8 @@ def run_captioning(ckpt: str | Path, cfg: CaptionConfig, out_dir: Path, data: di
     GPT checkpoint `ckpt`; writes captions.jsonl into `out_dir` and returns the results."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"caption.batch_size must be an integer >= 1 (images per batch), got {batch_size}")
+    if num_images is not None and num_images < 1:
+        raise ValueError(f"caption.num_images must be >= 1 (or null: all images), got {num_images}")
     gpt, record = load_gpt(ckpt)
     if not record.caption_prob:
         raise ValueError(f"{ckpt} was trained without the image-to-text direction (stage.caption_prob=0): "
@@ -166,7 +170,7 @@ def run_captioning(ckpt: str | Path, cfg: CaptionConfig, out_dir: Path, data: di
     gpt, tokenizer = gpt.to(device), record.tokenizer_model()
     if images:
         vqgan = load_record_vqgan(record, str(ckpt), vqgan_ckpt).to(device)
-        batches, total = folder_batches(images, batch_size, vqgan, device)
+        batches, total = folder_batches(images, batch_size, vqgan, device, num_images)
         source = f"images={images}"
     else:
         dm = ShardDataModule(data)
