@@ -1,4 +1,4 @@
-"""Evaluate: python eval.py [task=<t2i|generate|reconstruct|oracle>] [data=<name>] [ckpt=PATH] [key=value ...]
+"""Evaluate: python eval.py [task=<t2i|generate|reconstruct|oracle|caption>] [data=<name>] [ckpt=PATH] [key=value ...]
 
 Devices come from lightning.Fabric (trainer.accelerator / devices / num_nodes): task=t2i also runs
 on several, one process each (Fabric starts them, as for training), and the main one writes.
@@ -29,6 +29,8 @@ from t2i.eval.fidelity import (
     InceptionFeatures,
     check_image_counts,
 )
+from t2i.eval.captioning import markdown_table as caption_table
+from t2i.eval.captioning import run_captioning
 from t2i.eval.clip import ChineseClip, ClipMetrics, draw_distractors
 from t2i.eval.reconstruction import LPIPS_INPUT, reconstruction_metrics
 from t2i.eval.reconstruction import markdown_table as reconstruction_table
@@ -46,7 +48,7 @@ from t2i.checkpoints import load_vqgan
 from t2i.models.losses import build_lpips
 from t2i.precision import set_matmul_precision
 from t2i.models.vqgan import VQGANConfig
-from t2i.sampling import Generator, SamplingConfig, resolve_sampling, save_captioned_grid
+from t2i.sampling import CaptionConfig, Generator, SamplingConfig, resolve_sampling, save_captioned_grid
 
 log = logging.getLogger("eval")
 
@@ -111,6 +113,22 @@ def _rfid_accumulator(cfg: DictConfig, dm: ShardDataModule, fabric: Fabric) -> F
                 "generated": "the VQGAN's reconstruction of each real image"}
     return FidelityAccumulator(inception, options.stats_cache, _real_images_key(cfg, dm, "every-sample"), layer,
                                isc_splits=None, generated_per_real=1, protocol=protocol)
+
+
+def caption(cfg: DictConfig, fabric: Fabric) -> dict:
+    """Captions for a split's images (or the files of images=DIR) from a GPT's image-to-text direction:
+    captions.jsonl, BLEU-4 and CIDEr-D over characters, on shapes the attributes the captions name."""
+    if not cfg.ckpt:
+        raise ValueError("task=caption needs ckpt=PATH (a GPT checkpoint trained with stage.caption_prob > 0)")
+    options = OmegaConf.to_container(cfg.caption, resolve=True)
+    num_images, batch_size = options.pop("num_images"), options.pop("batch_size")
+    out = Path(HydraConfig.get().runtime.output_dir)
+    data = None if cfg.images else OmegaConf.to_container(cfg.data, resolve=True)
+    results = run_captioning(cfg.ckpt, CaptionConfig(**options), out, data=data, split=cfg.split, images=cfg.images,
+                             num_images=num_images, batch_size=batch_size, vqgan_ckpt=cfg.vqgan_ckpt,
+                             device=fabric.device)
+    (out / "results.md").write_text(caption_table(results), encoding="utf-8")
+    return results
 
 
 def sampling_options(cfg: DictConfig, generator: Generator) -> tuple[SamplingConfig, int]:
@@ -246,7 +264,8 @@ def precision_record(cfg: DictConfig) -> dict:
     return {"trainer": str(cfg.trainer.precision), "matmul": cfg.matmul_precision}
 
 
-TASKS = {"t2i": text_to_image, "generate": generate, "reconstruct": reconstruct, "oracle": oracle_on_real_images}
+TASKS = {"t2i": text_to_image, "generate": generate, "reconstruct": reconstruct, "oracle": oracle_on_real_images,
+         "caption": caption}
 
 
 @hydra.main(config_path="conf", config_name="eval", version_base="1.3")

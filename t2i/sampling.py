@@ -18,6 +18,10 @@ Guidance schedules move the scale over the image positions t = 0 .. T-1: constan
 (VAR: 1 + (g - 1) t / T), power-cosine (RAR: 1 + (g - 1) (1 - cos(pi (t / T)^p)) / 2), and an
 interval (LlamaGen's cfg_interval) outside which the scale is 1.
 
+Captions go the other way (`generate_text`): image codes -> text through the `[I2T] codes [BOT] text`
+direction, with the same cache and filtering: greedy, sampled (temperature, top-k, top-p, a seed
+per image) or beam search.
+
 `method="sjd"` is speculative Jacobi decoding (Teng et al. 2024, arXiv 2410.01699): each model call
 verifies a window of draft codes at once and keeps the sampling distribution exactly; see
 `_sjd_codes`.
@@ -358,6 +362,113 @@ def _sjd_codes(model: GPT, prefix: torch.Tensor, n: int, cfg: SamplingConfig, sc
         drafts = torch.where(active[:, None], torch.where(refined, drafted, random), drafts)
         q = torch.where(active[:, None, None], q_next, q)
         done = torch.where(active, (done + m + 1).clamp(max=T), done)
+
+
+# ---------------------------------------------------------------------------------------------
+# Captions: image codes -> text, through the `[I2T] codes [BOT] text` direction
+
+CAPTION_METHODS = ("greedy", "sample", "beam")
+
+
+@dataclass
+class CaptionConfig:
+    """How captions are decoded (eval.py task=caption: the `caption.*` options)."""
+    method: str = "greedy"  # greedy (argmax), sample (temperature, top-k, top-p) or beam (beam search)
+    temperature: float = 1.0
+    top_k: int = 0  # keep the k most likely text ids (0: all)
+    top_p: float = 1.0  # keep the smallest set of text ids whose probability reaches p (1: all)
+    num_beams: int = 4  # method=beam
+    length_penalty: float = 1.0  # method=beam: a finished beam is ranked by log p / length ** length_penalty
+    seed: int | None = 0  # method=sample: with the image's key, each image's seed (null: unseeded)
+
+    def __post_init__(self):
+        if self.method not in CAPTION_METHODS:
+            raise ValueError(f"caption.method must be one of {', '.join(CAPTION_METHODS)}, got {self.method!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"caption.temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"caption.top_k must be >= 0 and caption.top_p in (0, 1], got {self.top_k}, {self.top_p}")
+        if self.num_beams < 1:
+            raise ValueError(f"caption.num_beams must be >= 1, got {self.num_beams}")
+
+
+@torch.no_grad()
+def generate_text(model: GPT, codes: torch.Tensor, cfg: CaptionConfig,
+                  seeds: Sequence[int] | None = None) -> torch.Tensor:
+    """Image codes [B, h, w] (or [B, image_len]) -> caption ids [B, text_len] (tokenizer ids), through the
+    image-to-text direction with the KV cache.
+
+    A caption ends at the first padding (tokenizer id 0) the model predicts, and every position after it
+    is padding; one that never predicts it runs to text_len. Text positions compete among the text ids
+    only, as in training. method=sample draws image i's caption from its own stream (seeds[i]; by
+    default cfg.seed + i, unseeded when cfg.seed is None), so it does not depend on the batch.
+    """
+    layout = model.layout
+    prefix = layout.caption_prefix(codes)  # a clear error for a layout without a text head
+    if cfg.method == "beam" and cfg.num_beams > 1:
+        return _beam_text(model, prefix, cfg)
+    n, length, rows = len(prefix), layout.text_len, layout.text_rows
+    uniforms = None
+    if cfg.method == "sample":
+        if seeds is None and cfg.seed is not None:
+            seeds = [cfg.seed + i for i in range(n)]
+        uniforms = _prompt_uniforms(seeds, n, 1, length, prefix.device)
+    text = torch.zeros(n, length, dtype=torch.long, device=prefix.device)
+    ended = torch.zeros(n, dtype=torch.bool, device=prefix.device)
+    cache = model.new_cache(n)
+    logits = model(prefix, cache, last=1, head_rows=rows)[:, -1]
+    for i in range(length):
+        logits = logits.float()
+        if uniforms is None:  # greedy, or a beam of one
+            step = logits.argmax(-1)
+        else:
+            step = _draw(filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1), uniforms[:, i])
+        step = step.masked_fill(ended, 0)  # an ended caption is padded, as in training
+        text[:, i] = step
+        ended |= step == 0
+        if i == length - 1 or bool(ended.all()):
+            break
+        logits = model((step + layout.text_offset)[:, None], cache, head_rows=rows)[:, -1]
+    return text
+
+
+def _beam_text(model: GPT, prefix: torch.Tensor, cfg: CaptionConfig) -> torch.Tensor:
+    """Beam search: the prefixes [n, L] -> the best of cfg.num_beams beams per image [n, text_len].
+
+    Each step keeps the K most likely continuations (sum of log-probabilities) of the K beams; a beam
+    that has ended continues with padding at no cost. At the end each image's beams are ranked by
+    log p / length ** length_penalty, the length counting the end (padding) token; beams that never
+    end all have text_len tokens, so the penalty does not change their order."""
+    layout = model.layout
+    n, k, length, rows = len(prefix), cfg.num_beams, layout.text_len, layout.text_rows
+    vocab = layout.n_text_tokens
+    device = prefix.device
+    cache = model.new_cache(n * k)
+    logits = model(prefix, cache, last=1, head_rows=rows)[:, -1]  # the prefix once per image
+    cache.reorder(torch.arange(n, device=device).repeat_interleave(k))  # then in each of its beams
+    log_probs = logits.float().log_softmax(-1).repeat_interleave(k, 0)
+    scores = torch.full((n, k), float("-inf"), device=device)
+    scores[:, 0] = 0  # the beams start equal: only the first one expands at the first step
+    padding_only = torch.full((vocab,), float("-inf"), device=device)
+    padding_only[0] = 0
+    text = torch.zeros(n * k, length, dtype=torch.long, device=device)
+    ended = torch.zeros(n * k, dtype=torch.bool, device=device)
+    lengths = torch.zeros(n * k, device=device)
+    for i in range(length):
+        log_probs = torch.where(ended[:, None], padding_only, log_probs)
+        scores, best = (scores.view(-1, 1) + log_probs).view(n, k * vocab).topk(k, dim=-1)
+        parents = (torch.arange(n, device=device)[:, None] * k + best // vocab).flatten()
+        step = (best % vocab).flatten()
+        text, ended, lengths = text[parents], ended[parents], lengths[parents]
+        text[:, i] = step
+        lengths += (~ended).float()
+        ended = ended | (step == 0)
+        if i == length - 1 or bool(ended.all()):
+            break
+        cache.reorder(parents)
+        log_probs = model((step + layout.text_offset)[:, None], cache, head_rows=rows)[:, -1].float().log_softmax(-1)
+    ranked = scores / lengths.view(n, k).clamp_min(1) ** cfg.length_penalty
+    return text.view(n, k, length)[torch.arange(n, device=device), ranked.argmax(-1)]
 
 
 def prompt_seeds(seed: int, prompts: Sequence[str]) -> list[int]:

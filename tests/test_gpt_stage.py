@@ -68,6 +68,18 @@ def test_loss_weights_tokens_as_cogview_and_reads_each_range():
     assert torch.allclose(stage.loss(logits, targets)[1]["image_loss"], image.mean())
 
 
+def test_caption_end_makes_the_first_padding_of_a_caption_a_text_target():
+    cfg = GPTConfig(**TINY).tokens
+    codes, text = torch.randint(0, 40, (2, 6)), torch.tensor([[5, 6, 0, 0], [0, 0, 0, 0]])
+    inputs, targets = _stage(cond_drop=0, caption_prob=1.0).sequences(codes, text, train=True)
+    logits = torch.randn(2, targets.shape[1], cfg.vocab_size)
+    plain = _stage(caption_prob=1.0).loss(logits, targets)[1]["text_loss"]
+    ending = _stage(caption_prob=1.0, caption_end=True).loss(logits, targets)[1]["text_loss"]
+    text_logits = logits[0, 7:10, 40:70]  # row 0: the targets after codes and [BOT]: 5, 6 and the end (padding)
+    ce = torch.nn.functional.cross_entropy(text_logits, torch.tensor([5, 6, 0]), reduction="none")
+    assert torch.allclose(plain, ce[:2].mean()) and torch.allclose(ending, ce.mean())  # the empty row adds nothing
+
+
 def test_paipainter_layout_trains_on_image_codes_only():
     model = GPTConfig(**TINY, layout="paipainter")
     stage = GPTStage(model, torch.optim.AdamW, txt_loss_scale=0.0, cond_drop=0)

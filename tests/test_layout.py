@@ -22,6 +22,13 @@ def test_t2i_layout_round_trip():
     targets = i2t[:, 1:]
     assert T2I.image_targets(targets).sum() == 6
     assert T2I.text_targets(targets).sum() == 2  # padding excluded, [BOT] is no text
+    # the end of a caption: the first padding after its text, in image-to-text rows only
+    assert T2I.caption_end_targets(targets).nonzero().tolist() == [[0, 6 + 1 + 2]]
+    full, empty = torch.tensor([[7, 8, 9, 5]]), torch.tensor([[0, 0, 0, 0]])
+    assert not T2I.caption_end_targets(T2I.image_to_text(codes, full)[:, 1:]).any()  # fills text_len: no end
+    assert not T2I.caption_end_targets(T2I.image_to_text(codes, empty)[:, 1:]).any()  # the null text: none
+    assert not T2I.caption_end_targets(seq[:, 1:]).any()  # text to image
+    assert T2I.caption_prefix(codes).tolist() == [i2t[0, :8].tolist()]
 
 
 def test_paipainter_layout_round_trip():

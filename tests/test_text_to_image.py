@@ -287,6 +287,9 @@ def test_multi_caption_prompts_are_one_caption_of_each_distinct_image(multi_capt
     images = [pick.caption.split("张")[0] for pick in prompts.picks]
     assert images == ["第0", "第1", "第2", "第3"]  # N prompts cover N images, in order of first appearance
     assert prompts.captions_available == sum(CAPTION_COUNTS[:4])
+    # every caption row of each chosen image, wherever it lies in the split (task=caption's references)
+    assert prompts.references == [[f"第{image}张图的第{n}句描述" for n in range(count)]
+                                  for image, count in enumerate(CAPTION_COUNTS[:4])]
     assert (prompts.split_images, prompts.split_captions) == (6, sum(CAPTION_COUNTS))
     assert select_prompts(dm, "val", None).images == 6 and select_prompts(dm, "val", 100).images == 6
     # the caption drawn for an image is reproducible and follows eval.caption_seed

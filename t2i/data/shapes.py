@@ -9,7 +9,8 @@ Everything the pipeline needs to run, learn and be judged without a download:
 - `generate(n, split, seed, size)` yields (attributes, caption, image), each sample drawn from
   its own random generator seeded by (seed, split, index): sample i never depends on n;
 - `read_attributes(image)` is the oracle that reads the attributes back from pixels, robust
-  enough for blurry or noisy generated images; `oracle_accuracy` scores a set of images.
+  enough for blurry or noisy generated images; `oracle_accuracy` scores a set of images;
+- `read_caption(text)` reads them back from a caption's words (generated captions are scored so).
 
 Attribute values are English ids ("circle", "red", "top_left", "large", "white"); the tables
 below give each id its drawing parameters and its Chinese words.
@@ -168,6 +169,32 @@ def caption(attrs: dict, rng: np.random.Generator) -> str:
         synonyms = WORDS[name][attrs[name]]
         words[name] = synonyms[rng.integers(len(synonyms))]
     return template.format(**words)
+
+
+def read_caption(text: str) -> dict:
+    """The attributes a caption names (English ids; None for an attribute it does not name).
+
+    The text is read left to right, taking at each place the longest word of the tables above (so
+    正方形 is one word, not 方形 after 正, and 右上方 a position, not 右上 and 方...); each attribute
+    takes the first word of its own that the caption names: text a generated caption runs on with
+    after its end does not override it.
+    """
+    words = {word: (name, value) for name, table in WORDS.items() for value, synonyms in table.items()
+             for word in synonyms}
+    longest = max(map(len, words))
+    attrs = dict.fromkeys(ATTRIBUTES)
+    at = 0
+    while at < len(text):
+        match = next((text[at:at + n] for n in range(min(longest, len(text) - at), 0, -1) if text[at:at + n] in words),
+                     None)
+        if match is None:
+            at += 1
+            continue
+        name, value = words[match]
+        if attrs[name] is None:
+            attrs[name] = value
+        at += len(match)
+    return attrs
 
 
 def sample(index: int, split: str = "train", seed: int = 0, size: int = 64) -> tuple[dict, str, np.ndarray]:
@@ -345,15 +372,20 @@ def read_attributes(image) -> dict:
 def oracle_accuracy(images, attrs_list) -> dict:
     """Fraction of images whose read attributes match the true ones, per attribute, plus `all`
     (colour, shape and position all right: what a caption mostly asks for)."""
+    return attribute_accuracy((read_attributes(image) for image in images), attrs_list)
+
+
+def attribute_accuracy(reads, attrs_list) -> dict:
+    """Fraction of readings (from images or captions) that match the true attributes, per attribute,
+    plus `all` (colour, shape and position all right)."""
     names = ("color", "shape", "position", "size", "background")
     hits = {name: 0 for name in (*names, "all")}
     count = 0
-    for image, truth in zip(images, attrs_list):
-        read = read_attributes(image)
+    for read, truth in zip(reads, attrs_list):
         for name in names:
             hits[name] += read[name] == truth[name]
         hits["all"] += all(read[name] == truth[name] for name in ("color", "shape", "position"))
         count += 1
     if count == 0:
-        raise ValueError("oracle_accuracy needs at least one image")
+        raise ValueError("attribute accuracy needs at least one image")
     return {name: value / count for name, value in hits.items()}

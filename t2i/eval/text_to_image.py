@@ -150,6 +150,11 @@ class PromptSet:
     captions_by_image: dict[str, list[str]] = field(default_factory=dict, repr=False)  # the split's rows (R-precision)
 
     @property
+    def references(self) -> list[list[str]]:
+        """Every caption row of each chosen image (captioning's references), in the order of the picks."""
+        return [self.captions_by_image[pick.image] for pick in self.picks]
+
+    @property
     def images(self) -> int:
         return len(self.picks)
 

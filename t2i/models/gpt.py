@@ -167,6 +167,11 @@ class KVCache(nn.Module):
         self.values = [getattr(self, f"values{layer}") for layer in range(cfg.n_layer)]
         self.length = 0  # positions filled so far
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row i takes row rows[i]'s keys, values and direction (beam search: each beam continues its parent's)."""
+        for buffer in (*self.keys, *self.values, self.caption):
+            buffer.copy_(buffer.index_select(0, rows))
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):

@@ -132,15 +132,22 @@ class TokenLayout:
         """Text ids [B, text_len] and codes [B, image_len] -> the whole sequence [B, block_size]."""
         return torch.cat([self.prefix(text), codes.flatten(1)], 1)
 
-    def image_to_text(self, codes: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Codes and text ids -> `[I2T] codes [BOT] text` [B, block_size] (t2i layout only)."""
+    def caption_prefix(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [B, image_len] (or [B, h, w]) -> `[I2T] codes [BOT]` [B, image_len + 2]: what precedes
+        a caption (t2i layout only)."""
         if not self.predicts_text:
             raise ValueError(f"the {self.kind} layout has no image-to-text direction (no text head): "
                              "captioning and Caption Loss need a t2i-layout model")
         codes = codes.flatten(1)
+        if codes.shape[1] != self.image_len:
+            raise ValueError(f"image codes must be [batch, image_len={self.image_len}], got {tuple(codes.shape)}")
         b = len(codes)
         return torch.cat([codes.new_full((b, 1), self.special("I2T")), codes,
-                          codes.new_full((b, 1), self.special("BOT")), self._text_ids(text)], 1)
+                          codes.new_full((b, 1), self.special("BOT"))], 1)
+
+    def image_to_text(self, codes: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Codes and text ids -> `[I2T] codes [BOT] text` [B, block_size] (t2i layout only)."""
+        return torch.cat([self.caption_prefix(codes), self._text_ids(text)], 1)
 
     # -- what the loss reads -------------------------------------------------------------------
 
@@ -152,10 +159,29 @@ class TokenLayout:
         """Where a target is a real text id, padding excluded (it competes among the text ids only)."""
         return (targets > self.text_offset) & (targets < self.text_offset + self.n_text_tokens)
 
+    @property
+    def text_rows(self) -> slice:
+        """The head's rows (vocabulary ids) of the text ids, padding (tokenizer id 0) first."""
+        return slice(self.text_offset, self.text_offset + self.n_text_tokens)
+
+    def caption_end_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """Where a target is the end of a caption: the first padding after the text of an image-to-text
+        row (targets [B, block_size - 1], the sequences shifted by one). Learning it lets captioning stop
+        there. A caption that fills text_len has no end, and an empty text (the null text) none either."""
+        ends = torch.zeros_like(targets, dtype=torch.bool)
+        if not self.predicts_text:
+            return ends
+        text = targets[:, self.image_len + 1:]  # after codes and [BOT]; in a text-to-image row, anything
+        caption = targets[:, self.image_len] == self.special("BOT")  # only image-to-text rows have [BOT] there
+        padding = text == self.text_offset
+        first = padding & (padding.cumsum(1) == 1) & ~padding[:, :1]  # not at the start: an empty text
+        ends[:, self.image_len + 1:] = first & caption[:, None]
+        return ends
+
     def image_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits[..., : self.n_image_codes]
 
     def text_logits(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.predicts_text:
             raise ValueError(f"the {self.kind} layout's head scores image codes only")
-        return logits[..., self.text_offset: self.text_offset + self.n_text_tokens]
+        return logits[..., self.text_rows]

@@ -8,7 +8,8 @@ Each batch becomes token sequences of the model's token layout (t2i.models.layou
                                                  that Caption Loss and reranking use; t2i layout only)
 
 Loss: CogView's per-token weighting, sum(w * CE) / sum(w) over the image tokens (w = 1) and the
-text tokens (w = txt_loss_scale; padding excluded), each position competing only within its own id
+text tokens (w = txt_loss_scale; padding excluded, except with `caption_end` the first padding after
+a caption, so that captioning learns where to stop), each position competing only within its own id
 range; txt_loss_scale = 0 is EasyNLP's image-only loss (the only one a pai-painter model, whose head
 scores image codes only, can take). `pkeep` < 1 replaces that fraction of the *input* image codes
 by random codes (targets stay true), as taming/EasyNLP do, drawing only from the image codes.
@@ -60,6 +61,7 @@ class GPTStage(L.LightningModule):
         pkeep: float = 1.0,
         cond_drop: float = 0.1,
         caption_prob: float = 0.0,
+        caption_end: bool = False,
         weight_decay: float = 0.01,
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
@@ -94,7 +96,7 @@ class GPTStage(L.LightningModule):
         self._compiled_step = None  # forward_loss through torch.compile (configure_model)
         self.optimizer = optimizer
         self.txt_loss_scale, self.pkeep = txt_loss_scale, pkeep
-        self.cond_drop, self.caption_prob = cond_drop, caption_prob
+        self.cond_drop, self.caption_prob, self.caption_end = cond_drop, caption_prob, caption_end
         self.weight_decay, self.warmup_steps, self.min_lr_ratio = weight_decay, warmup_steps, min_lr_ratio
         self.lr_scaling, self.lr_reference_batch = lr_scaling, lr_reference_batch
         self.record = record or {}
@@ -141,6 +143,7 @@ class GPTStage(L.LightningModule):
             prompts = list(itertools.islice(datamodule.cfg.captions("val"), stage["num_sample_prompts"]))
         module = cls(model, instantiate(cfg.optim), txt_loss_scale=stage["txt_loss_scale"],
                      pkeep=stage["pkeep"], cond_drop=stage["cond_drop"], caption_prob=stage["caption_prob"],
+                     caption_end=stage["caption_end"],
                      weight_decay=stage["weight_decay"], warmup_steps=stage["warmup_steps"],
                      min_lr_ratio=stage["min_lr_ratio"], lr_scaling=stage["lr_scaling"],
                      lr_reference_batch=stage["lr_reference_batch"], record=record, vqgan=vqgan,
@@ -199,8 +202,10 @@ class GPTStage(L.LightningModule):
         image_sum, n_image = summed_ce(layout.image_logits(logits), layout.image_targets(targets), targets)
         text_sum = n_text = logits.new_zeros((), dtype=torch.float32)
         if layout.predicts_text:
-            text_sum, n_text = summed_ce(layout.text_logits(logits), layout.text_targets(targets),
-                                         targets - layout.text_offset)
+            text = layout.text_targets(targets)
+            if self.caption_end:  # the first padding of a caption is a target too: where captioning stops
+                text = text | layout.caption_end_targets(targets)
+            text_sum, n_text = summed_ce(layout.text_logits(logits), text, targets - layout.text_offset)
         w = self.txt_loss_scale
         loss = (image_sum + w * text_sum) / (n_image + w * n_text)
         return loss, {"image_loss": (image_sum / n_image.clamp_min(1)).detach(),
@@ -333,7 +338,8 @@ class GPTStage(L.LightningModule):
 
     def checkpoint_record(self) -> GPTRecord:
         return GPTRecord(gpt=asdict(self.gpt.cfg), tokenizer=self.record["tokenizer"], vqgan=self.record["vqgan"],
-                         training={"caption_prob": self.caption_prob, "txt_loss_scale": self.txt_loss_scale,
+                         training={"caption_prob": self.caption_prob, "caption_end": self.caption_end,
+                                   "txt_loss_scale": self.txt_loss_scale,
                                    "cond_drop": self.cond_drop, "origin": self.record.get("origin", "")},
                          sampling=asdict(self.sampling))
 
