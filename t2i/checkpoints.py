@@ -11,7 +11,7 @@ GPT's weights under `state_dict` (`gpt.*`) and, under `t2i`, the record
     training   {caption_prob, txt_loss_scale, cond_drop, origin}: what the model learned, where it came from
     sampling   SamplingConfig's fields: eval.py's defaults (what the training grids used)
     superres   null, or for a super-resolution GPT (layout "superres") its windows on the code grids,
-               SuperresGrid's fields {low, high, window, stride}, and the image sizes {low_size, high_size}
+               SuperresGrid's fields {low, high, window, stride, context}, and the image sizes {low_size, high_size}
                its codes were encoded at: what eval.py task=superres and superres_ckpt= read
 
 Version 1 (no version number) kept the tokenizer bytes, text_len and caption_prob at the top:
@@ -89,7 +89,7 @@ class GPTRecord:
         """A super-resolution GPT's windows on its code grids; None for a text-to-image GPT."""
         if self.superres is None:
             return None
-        return SuperresGrid(**{k: self.superres[k] for k in ("low", "high", "window", "stride")})
+        return SuperresGrid(**{k: self.superres[k] for k in ("low", "high", "window", "stride", "context")})
 
     def tokenizer_model(self) -> FixedLengthTokenizer:
         return load_tokenizer(**self.tokenizer)

@@ -411,7 +411,7 @@ def superres_codes(model: GPT, grid: SuperresGrid, text: torch.Tensor, low: torc
     for window in range(grid.windows):
         known = grid.crop(high, window)
         codes = generate_codes(model, text, cfg, seeds=None if seeds is None else [_window_seed(s, window) for s in seeds],
-                               stats=stats, decode=decode, low=low, window=window,
+                               stats=stats, decode=decode, low=grid.low_context(low, window), window=window,
                                known=known if bool((known >= 0).any()) else None)
         grid.paste(high, window, codes)
     return high

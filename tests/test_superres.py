@@ -36,8 +36,7 @@ def sr_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("sr")
     images = root / "shapes"
     convert(["shapes", "--out", str(images), "--train", "48", "--val", "8", "--test", "12", "--size", "64", "--quiet"])
-    captions = [json.loads(s["json"])["caption"] for s in complete_samples(str(images / "train-00000.tar"))]
-    (images / "tokenizer.model").write_bytes(train_sentencepiece(captions, 200))
+    (images / "tokenizer.model").write_bytes(train_sentencepiece(["红色的小圆形", "蓝色的大方块", "背景是白色的"] * 20, 300))
     torch.manual_seed(0)
     vqgan = VQModel(VQ).eval()
     vqgan.quantize.embedding.weight.data.normal_()
@@ -229,3 +228,22 @@ def test_superres_task_names_what_is_missing(tmp_path):
     result = subprocess.run([sys.executable, "eval.py", "task=superres", f"hydra.run.dir={tmp_path}"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "superres_ckpt=PATH" in result.stderr
+
+
+def test_window_context_reads_the_low_codes_under_each_window():
+    grid = SuperresGrid(low=(4, 4), high=(8, 8), window=(4, 4), stride=(2, 2), context="window")
+    assert grid.low_window == (2, 2) and grid.low_len == 4 and grid.windows == 9
+    low = torch.arange(16).view(1, 4, 4)
+    assert grid.low_context(low, 0).tolist() == [[0, 1, 4, 5]]
+    assert grid.low_context(low, 4).tolist() == [[5, 6, 9, 10]]  # window (2, 2) of the 8x8 grid
+    assert grid.low_context(low.expand(2, 4, 4), torch.tensor([2, 8])).tolist() == [[2, 3, 6, 7], [10, 11, 14, 15]]
+    with pytest.raises(ValueError, match="whole low-resolution"):
+        SuperresGrid(low=(4, 4), high=(8, 8), window=(3, 3), stride=(1, 1), context="window")
+    # windowed sampling with the local context: still the argmax given the earlier windows' codes
+    model = _tiny_superres_gpt(grid)
+    text, lows = torch.tensor([[1, 2, 0]]), torch.randint(12, (1, 4, 4))
+    high = superres_codes(model, grid, text, lows, SamplingConfig(greedy=True))
+    layout = model.layout
+    last = grid.windows - 1
+    logits = model(layout.text_to_image(text, grid.crop(high, last), grid.low_context(lows, last), last))
+    assert torch.equal(grid.crop(high, last)[:, -1], logits[:, -2, :12].argmax(-1))

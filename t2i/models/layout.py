@@ -213,12 +213,17 @@ class SuperresGrid:
     """Where a superres model's windows sit, in codes: the low-resolution grid, the 2x grid, the window
     and the stride between windows (CogView's sliding windows: 32x32 windows at stride 16 on a 64x64
     grid; one window covering the whole grid is one pass). Windows are numbered in raster order of
-    their top-left corners, which is also the order the sampler fills them in."""
+    their top-left corners, which is also the order the sampler fills them in.
+
+    `context`: which low-resolution codes a window's sequence holds: "whole" (the whole low grid, as
+    CogView's training sequences) or "window" (only the low codes under the window, as CogView's
+    magnify step feeds them: a shorter sequence, and the same low-to-high mapping in every window)."""
 
     low: tuple[int, int]
     high: tuple[int, int]
     window: tuple[int, int]
     stride: tuple[int, int]
+    context: str = "whole"
 
     def __post_init__(self):
         for name in ("low", "high", "window", "stride"):
@@ -226,6 +231,8 @@ class SuperresGrid:
             if len(value) != 2 or min(value) < 1:
                 raise ValueError(f"superres.{name} must be two positive sizes [h, w], got {getattr(self, name)}")
             object.__setattr__(self, name, value)
+        if self.context not in ("whole", "window"):
+            raise ValueError(f"superres.context must be whole or window, got {self.context!r}")
         for axis, label in ((0, "rows"), (1, "columns")):
             high, window, stride = self.high[axis], self.window[axis], self.stride[axis]
             if window > high:
@@ -234,10 +241,32 @@ class SuperresGrid:
                 raise ValueError(f"superres.stride {self.stride} must tile the {label} of the {self.high} grid with "
                                  f"{self.window} windows without gaps: stride <= window and (grid - window) a "
                                  "multiple of the stride")
+            if self.context == "window" and (high % self.low[axis] or window * self.low[axis] % high
+                                             or stride * self.low[axis] % high):
+                raise ValueError(f"superres.context=window needs windows and strides that fall on whole low-resolution "
+                                 f"codes: {self.window} and {self.stride} on {self.high} over {self.low}")
+
+    @property
+    def low_window(self) -> tuple[int, int]:
+        """The low-resolution codes a window's sequence holds: the whole grid, or those under the window."""
+        if self.context == "whole":
+            return self.low
+        return tuple(self.window[a] * self.low[a] // self.high[a] for a in (0, 1))
 
     @property
     def low_len(self) -> int:
-        return self.low[0] * self.low[1]
+        return self.low_window[0] * self.low_window[1]
+
+    def low_context(self, low: torch.Tensor, window: int | torch.Tensor) -> torch.Tensor:
+        """Low-resolution grids [B, h, w] -> the codes window(s) `window` read [B, low_len] (raster order)."""
+        if self.context == "whole":
+            return low.flatten(1)
+        scale = [self.high[a] // self.low[a] for a in (0, 1)]
+        offsets = torch.tensor(self.offsets, device=low.device)[torch.as_tensor(window, device=low.device).reshape(-1)]
+        r, c = torch.meshgrid(torch.arange(self.low_window[0], device=low.device),
+                              torch.arange(self.low_window[1], device=low.device), indexing="ij")
+        rows, cols = offsets[:, :1] // scale[0] + r.flatten(), offsets[:, 1:] // scale[1] + c.flatten()
+        return low[torch.arange(len(low), device=low.device)[:, None], rows, cols]
 
     @property
     def window_len(self) -> int:
@@ -273,4 +302,5 @@ class SuperresGrid:
         high[:, rows[0], cols[0]] = codes
 
     def to_dict(self) -> dict:
-        return {name: list(getattr(self, name)) for name in ("low", "high", "window", "stride")}
+        return {**{name: list(getattr(self, name)) for name in ("low", "high", "window", "stride")},
+                "context": self.context}

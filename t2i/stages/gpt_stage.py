@@ -204,7 +204,8 @@ class GPTStage(L.LightningModule):
                 window = torch.randint(self.superres.windows, (b,), device=codes.device)
             else:  # the same windows at every validation: sample i's is i % windows
                 window = torch.arange(b, device=codes.device) % self.superres.windows
-            low, codes = codes, self.superres.crop(hr_codes, window)
+            low = self.superres.low_context(codes.view(b, *self.superres.low), window)
+            codes = self.superres.crop(hr_codes, window)
         inputs_codes = codes
         if train and self.cond_drop:
             null = torch.rand(b, 1, device=codes.device) < self.cond_drop
@@ -397,7 +398,8 @@ def _superres_grid(stage: dict, manifest: dict, root) -> SuperresGrid | None:
                          "python -m t2i.pretokenize --data IMAGE_SHARDS --out CODE_SHARDS --vqgan CKPT --superres-size S")
     high = manifest["hr_grid"]
     return SuperresGrid(low=manifest["grid"], high=high, window=options.get("window") or high,
-                        stride=options.get("stride") or options.get("window") or high)
+                        stride=options.get("stride") or options.get("window") or high,
+                        context=options.get("context") or "whole")
 
 
 def _check_same_vqgan(init_ckpt: str, record: GPTRecord, vqgan_info: dict) -> None:
