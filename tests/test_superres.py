@@ -37,7 +37,7 @@ def sr_data(tmp_path_factory):
     images = root / "shapes"
     convert(["shapes", "--out", str(images), "--train", "48", "--val", "8", "--test", "12", "--size", "64", "--quiet"])
     (images / "tokenizer.model").write_bytes(train_sentencepiece(["红色的小圆形", "蓝色的大方块", "背景是白色的"] * 20, 300))
-    torch.manual_seed(0)
+    torch.manual_seed(1)  # not conftest's VQGAN (seed 0): the base GPT of gpt_run reads another one
     vqgan = VQModel(VQ).eval()
     vqgan.quantize.embedding.weight.data.normal_()
     ckpt = root / "vqgan.ckpt"
@@ -196,9 +196,10 @@ def test_train_superres_then_score_and_generate_at_2x(sr_data, gpt_run, tmp_path
                tmp_path / "train")
     ckpt = run / "checkpoints" / "last.ckpt"
     gpt, record = load_gpt(ckpt)
-    assert record.superres == {"low": [8, 8], "high": [16, 16], "window": [8, 8], "stride": [4, 8], "low_size": 32,
-                               "high_size": 64}
-    assert gpt.cfg.layout == "superres" and gpt.cfg.windows == 4 and gpt.cfg.image_len == 64
+    assert record.superres == {"low": [8, 8], "high": [16, 16], "window": [8, 8], "stride": [4, 8], "context": "window",
+                               "low_size": 32, "high_size": 64}
+    assert gpt.cfg.layout == "superres" and gpt.cfg.windows == 3 * 2 and gpt.cfg.image_len == 64
+    assert gpt.cfg.low_len == 16  # the 4x4 low codes under an 8x8 window (the recipe's context=window)
     assert record.grid == (16, 16)
     base = gpt_run / "checkpoints" / "last.ckpt"
     with pytest.raises(ValueError, match="not a super-resolution GPT"):
@@ -220,7 +221,7 @@ def test_train_superres_then_score_and_generate_at_2x(sr_data, gpt_run, tmp_path
     generated = _run(["eval.py", "task=generate", f"ckpt={base}", f"superres_ckpt={ckpt}", "prompts=['红色的小圆形','蓝色']",
                       "sampling.samples_per_prompt=2"], tmp_path / "gen")
     out = generated / "samples"
-    assert len(list(out.glob("*_2x.png"))) == 4 and Image.open(out / "0001_01_2x.png").size == (64, 64)
+    assert len(list(out.glob("0*_2x.png"))) == 4 and Image.open(out / "0001_01_2x.png").size == (64, 64)
     assert np.load(out / "codes_2x.npy").shape == (4, 16, 16) and (out / "grid_2x.png").is_file()
 
 
