@@ -248,3 +248,16 @@ def test_window_context_reads_the_low_codes_under_each_window():
     last = grid.windows - 1
     logits = model(layout.text_to_image(text, grid.crop(high, last), grid.low_context(lows, last), last))
     assert torch.equal(grid.crop(high, last)[:, -1], logits[:, -2, :12].argmax(-1))
+
+
+@pytest.mark.parametrize("recipe, window, context, layers", [("superres_shapes", [8, 8], "window", 4),
+                                                             ("superres_muge_base", [16, 16], "whole", 12)])
+def test_superres_recipes_compose(recipe, window, context, layers):
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={recipe}"])
+        vqgan_2x = compose("train", overrides=["experiment=vqgan_shapes_2x", "stage.init_ckpt=X.ckpt"])
+    assert cfg.stage.superres.window == window and cfg.stage.superres.get("context", "whole") == context
+    assert cfg.stage.caption_prob == 0 and cfg.stage.sample_every_n_steps == 0 and cfg.model.n_layer == layers
+    assert cfg.data.root.endswith("superres_codes") and cfg.trainer.max_steps > 0
+    assert vqgan_2x.data.image_size == 64 and vqgan_2x.stage.name == "vqgan"

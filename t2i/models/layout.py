@@ -16,9 +16,10 @@ classifier-free guidance is all padding. Two conventions:
 
     superres (CogView's super-resolution model, same VQGAN at two sizes):
         [SR] text [LOW] low-res codes (low_len) [WIN_k] high-res window codes (image_len)
-        the low-res grid is the whole image; the high-res codes are one window of the 2x grid, and
-        [WIN_k] (one token per window position, `windows` of them) says which; image_len = one
-        window (the whole 2x grid when windows == 1). Only the window's codes (and, with a text loss,
+        the low-res codes are the whole low grid or those under the window (SuperresGrid.context);
+        the high-res codes are one window of the 2x grid, and [WIN_k] (one token per window
+        position, `windows` of them) says which; image_len = one window (the whole 2x grid when
+        windows == 1). Only the window's codes (and, with a text loss,
         the text) are targets: the low-res codes are given, the text-to-image model makes them.
         SuperresGrid below says where each window sits on the grid.
 
