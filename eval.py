@@ -1,4 +1,4 @@
-"""Evaluate: python eval.py [task=<t2i|generate|reconstruct|oracle|caption>] [data=<name>] [ckpt=PATH] [key=value ...]
+"""Evaluate: python eval.py [task=<t2i|generate|reconstruct|oracle|caption|superres>] [data=<name>] [ckpt=PATH] [key=value ...]
 
 Devices come from lightning.Fabric (trainer.accelerator / devices / num_nodes): task=t2i also runs
 on several, one process each (Fabric starts them, as for training), and the main one writes.
@@ -48,7 +48,9 @@ from t2i.checkpoints import load_vqgan
 from t2i.models.losses import build_lpips
 from t2i.precision import set_matmul_precision
 from t2i.models.vqgan import VQGANConfig
-from t2i.sampling import CaptionConfig, Generator, SamplingConfig, resolve_sampling, save_captioned_grid
+from t2i.eval.superres import evaluate_superres, write_generated_2x
+from t2i.eval.superres import markdown_table as superres_table
+from t2i.sampling import CaptionConfig, Generator, SamplingConfig, SuperResolver, resolve_sampling, save_captioned_grid
 
 log = logging.getLogger("eval")
 
@@ -170,9 +172,50 @@ def generate(cfg: DictConfig, fabric: Fabric) -> dict:
     grid = out / "grid.png"
     save_captioned_grid(images, prompts, grid, sampling.samples_per_prompt)
     prefix_ids = generator.gpt.layout.prefix(text_ids)  # the positions before the first code, as the model reads them
-    return {"task": "generate", "ckpt": str(cfg.ckpt), "prompts": prompts, "text_ids": text_ids.tolist(),
-            "prefix_ids": prefix_ids.tolist(),
-            "codes": str(out / "codes.npy"), "files": files, "grid": str(grid), "sampling": asdict(sampling)}
+    results = {"task": "generate", "ckpt": str(cfg.ckpt), "prompts": prompts, "text_ids": text_ids.tolist(),
+               "prefix_ids": prefix_ids.tolist(),
+               "codes": str(out / "codes.npy"), "files": files, "grid": str(grid), "sampling": asdict(sampling)}
+    if cfg.superres_ckpt:  # CogView's second stage: every sample again at twice the resolution
+        resolver = SuperResolver.from_checkpoint(cfg.superres_ckpt, device=fabric.device, decode=cfg.sampling.decode)
+        with fabric.autocast():
+            results.update(write_generated_2x(resolver, generator, prompts, codes, images,
+                                              superres_sampling(cfg, resolver), sampling.samples_per_prompt,
+                                              batch_size, out))
+    return results
+
+
+def superres_sampling(cfg: DictConfig, resolver: SuperResolver) -> SamplingConfig:
+    """The super-resolution model's sampling: superres.sampling given, then its checkpoint's; sampling.seed."""
+    options = OmegaConf.to_container(cfg.superres.sampling, resolve=True)
+    return resolve_sampling({**options, "seed": cfg.sampling.seed, "samples_per_prompt": 1}, resolver.record.sampling)
+
+
+def superres(cfg: DictConfig, fabric: Fabric) -> dict:
+    """A super-resolution GPT (superres_ckpt) on a split's real images: PSNR / SSIM of its 2x images from the real
+    low-resolution codes against the real 2x images, beside bicubic upsampling, and the shapes oracle; with
+    ckpt= (a text-to-image GPT) also the oracle on generated images and their 2x (t2i.eval.superres)."""
+    if not cfg.superres_ckpt:
+        raise ValueError("task=superres needs superres_ckpt=PATH (a GPT from experiment=superres_shapes / stage.superres)")
+    resolver = SuperResolver.from_checkpoint(cfg.superres_ckpt, device=fabric.device, decode=cfg.sampling.decode)
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    sizes = resolver.record.superres
+    loaders = [ShardDataModule({**data, "image_size": sizes[key]}) for key in ("low_size", "high_size")]
+    if loaders[0].cfg.kind() != "image":
+        raise ValueError(f"task=superres compares with the split's real images: use image shards (e.g. data=shapes, "
+                         f"not data={cfg.data.name})")
+    generator, generator_sampling = None, None
+    if cfg.ckpt:
+        generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device, decode=cfg.sampling.decode)
+        generator_sampling, _ = sampling_options(cfg, generator)
+    out = Path(HydraConfig.get().runtime.output_dir)
+    with fabric.autocast():
+        results = evaluate_superres(resolver, loaders[0].loader(cfg.split), loaders[1].loader(cfg.split),
+                                    superres_sampling(cfg, resolver), cfg.superres.num_images,
+                                    cfg.sampling.batch_size, out, generator, generator_sampling)
+    results = {"task": "superres", "superres_ckpt": str(cfg.superres_ckpt), "ckpt": cfg.ckpt, "data": cfg.data.name,
+               "split": cfg.split, **results}
+    (out / "results.md").write_text(superres_table(results), encoding="utf-8")
+    return results
 
 
 def text_to_image(cfg: DictConfig, fabric: Fabric) -> dict | None:
@@ -265,7 +308,7 @@ def precision_record(cfg: DictConfig) -> dict:
 
 
 TASKS = {"t2i": text_to_image, "generate": generate, "reconstruct": reconstruct, "oracle": oracle_on_real_images,
-         "caption": caption}
+         "caption": caption, "superres": superres}
 
 
 @hydra.main(config_path="conf", config_name="eval", version_base="1.3")

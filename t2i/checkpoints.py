@@ -10,9 +10,12 @@ GPT's weights under `state_dict` (`gpt.*`) and, under `t2i`, the record
     vqgan      {config: VQGANConfig's fields, checkpoint: its path, sha256: its weights' hash, grid: [h, w]}
     training   {caption_prob, txt_loss_scale, cond_drop, origin}: what the model learned, where it came from
     sampling   SamplingConfig's fields: eval.py's defaults (what the training grids used)
+    superres   null, or for a super-resolution GPT (layout "superres") its windows on the code grids,
+               SuperresGrid's fields {low, high, window, stride, context}, and the image sizes {low_size, high_size}
+               its codes were encoded at: what eval.py task=superres and superres_ckpt= read
 
 Version 1 (no version number) kept the tokenizer bytes, text_len and caption_prob at the top:
-it is read and upgraded.
+it is read and upgraded. Version 2 had no `superres` entry (no super-resolution models): read as null.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from torch import nn
 
 from t2i.data.tokenizer import FixedLengthTokenizer, load_tokenizer
 from t2i.models.gpt import GPT, GPTConfig
+from t2i.models.layout import SuperresGrid
 from t2i.models.vqgan import VQGANConfig, VQModel
 
-RECORD_VERSION = 2
+RECORD_VERSION = 3
 
 
 @dataclass
@@ -39,6 +43,7 @@ class GPTRecord:
     vqgan: dict  # config, checkpoint, sha256, grid
     training: dict = field(default_factory=dict)  # caption_prob, txt_loss_scale, cond_drop, origin
     sampling: dict = field(default_factory=dict)
+    superres: dict | None = None  # a super-resolution GPT's grids and image sizes (SuperresGrid + low/high_size)
     version: int = RECORD_VERSION
 
     @classmethod
@@ -75,8 +80,16 @@ class GPTRecord:
 
     @property
     def grid(self) -> tuple[int, int]:
+        """The code grid the model reads and writes (superres: the high-resolution one)."""
         h, w = self.vqgan["grid"]
         return h, w
+
+    @property
+    def superres_grid(self) -> SuperresGrid | None:
+        """A super-resolution GPT's windows on its code grids; None for a text-to-image GPT."""
+        if self.superres is None:
+            return None
+        return SuperresGrid(**{k: self.superres[k] for k in ("low", "high", "window", "stride", "context")})
 
     def tokenizer_model(self) -> FixedLengthTokenizer:
         return load_tokenizer(**self.tokenizer)

@@ -14,6 +14,12 @@ name holding, per sample:
 * `KEY.txt`: the caption, as in the image shard.
 * `KEY.json`: the image shard's JSON plus `"codes_shape": [h, w]` and `"hflip": false`.
 
+With `--superres-size S` (e.g. 64 for the shapes data stored at 64x64, encoded at 32x32) each sample
+also gets `KEY.hrcodes`: the same image at S x S encoded by the same VQGAN (a fully convolutional
+one gives a grid S / image_size times larger), in the same format, its shape in the JSON's
+`hr_codes_shape` and the manifest's `hr_grid` / `hr_image_size`: the pairs a super-resolution GPT
+learns from (`experiment=superres_shapes`).
+
 With `--hflip` each sample is followed by a mirrored copy `KEY_flip` (JSON `"key"` = that key,
 `"hflip": true`); keep it off for captions that say 左/右.
 
@@ -88,6 +94,7 @@ class Settings:
     vqgan_sha256: str
     image_size: int
     hflip: bool
+    hr_image_size: int | None = None  # --superres-size: a second, larger grid per sample
 
 
 @dataclass
@@ -96,6 +103,7 @@ class _Pending:
     caption: bytes
     meta: dict
     image: torch.Tensor  # uint8 [S, S, 3]
+    hr_image: torch.Tensor | None = None  # uint8 [S2, S2, 3] (--superres-size)
 
 
 @dataclass
@@ -106,6 +114,7 @@ class _ShardWriter:
     device: torch.device
     batch_size: int
     grid: tuple[int, int]
+    hr_grid: tuple[int, int] | None = None
     pending: list[_Pending] = field(default_factory=list)
     members: list[tuple[str, bytes]] = field(default_factory=list)
 
@@ -120,8 +129,17 @@ class _ShardWriter:
         codes = encode_images(self.model, torch.stack([item.image for item in self.pending]), self.device)
         if codes.shape[1:] != self.grid:
             raise RuntimeError(f"the VQGAN gave a {codes.shape[1:]} code grid, expected {self.grid}")
-        for item, grid in zip(self.pending, codes):
+        hr_codes = [None] * len(codes)
+        if self.hr_grid is not None:
+            hr_codes = encode_images(self.model, torch.stack([item.hr_image for item in self.pending]), self.device)
+            if hr_codes.shape[1:] != self.hr_grid:
+                raise RuntimeError(f"the VQGAN gave a {hr_codes.shape[1:]} code grid at --superres-size, expected "
+                                   f"{self.hr_grid}")
+        for item, grid, hr_grid in zip(self.pending, codes, hr_codes):
             meta = {**item.meta, "codes_shape": list(self.grid)}
+            if hr_grid is not None:
+                meta["hr_codes_shape"] = list(self.hr_grid)
+                self.members.append((f"{item.key}.hrcodes", codes_to_bytes(hr_grid)))
             self.members += [(f"{item.key}.codes", codes_to_bytes(grid)), (f"{item.key}.txt", item.caption),
                              (f"{item.key}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode())]
         self.pending = []
@@ -157,17 +175,20 @@ def pretokenize_shard(url: str, tar_path: Path, writer: _ShardWriter, settings: 
         key = sample["__key__"]
         try:
             image = decode_image(_sample_image(sample), settings.image_size, "center", 1.0, False, rng)
+            hr_image = None if settings.hr_image_size is None else \
+                decode_image(_sample_image(sample), settings.hr_image_size, "center", 1.0, False, rng)
         except Exception as e:  # a corrupt sample is skipped and counted, never fatal
             warnings.warn(f"skipped undecodable image {key} in {url}: {e!r}")
             stats.skipped["undecodable_image"] = stats.skipped.get("undecodable_image", 0) + 1
             continue
         caption = sample["txt"]
         meta = json.loads(sample["json"]) if "json" in sample else {"key": key, "caption": caption.decode("utf-8")}
-        writer.add(_Pending(key, caption, {**meta, "hflip": False}, image))
+        writer.add(_Pending(key, caption, {**meta, "hflip": False}, image, hr_image))
         stats.samples += 1
         if settings.hflip:
             flipped = f"{key}{FLIP_SUFFIX}"
-            writer.add(_Pending(flipped, caption, {**meta, "key": flipped, "hflip": True}, image.flip(1)))
+            writer.add(_Pending(flipped, caption, {**meta, "key": flipped, "hflip": True}, image.flip(1),
+                                None if hr_image is None else hr_image.flip(1)))
             stats.samples += 1
     writer.flush()  # the last, partial batch of the shard
     write_shard(tar_path, writer.members, {**asdict(stats), **asdict(settings)})
@@ -188,12 +209,14 @@ def _finished_stats(tar_path: Path, settings: Settings) -> ShardStats:
 
 def pretokenize(data: str | Path, out: str | Path, model: VQModel, *, splits: list[str] | None = None,
                 batch_size: int = 32, image_size: int | None = None, hflip: bool = False,
+                superres_size: int | None = None,
                 device: str | torch.device = "cpu", checkpoint: str | Path | None = None,
                 progress: bool = True, args: dict | None = None) -> dict:
     """Encode the image shards of `data` (a folder with manifest.json) into code shards in `out`.
 
     Returns the written manifest. Shards completed by an earlier run with the same VQGAN weights,
-    image size and flip setting are kept.
+    image size, flip setting and superres_size are kept. `superres_size`: also encode each image at that
+    side (a multiple of image_size) into `KEY.hrcodes`.
     """
     data, out = Path(data), Path(out)
     cfg = model.cfg
@@ -205,6 +228,10 @@ def pretokenize(data: str | Path, out: str | Path, model: VQModel, *, splits: li
     if image_size < cfg.downsample or image_size % cfg.downsample:
         raise ValueError(f"--image-size {image_size} is not a multiple of the VQGAN's downsampling factor "
                          f"{cfg.downsample}")
+    if superres_size is not None and (superres_size <= image_size or superres_size % image_size
+                                      or superres_size % cfg.downsample):
+        raise ValueError(f"--superres-size {superres_size} must be a multiple of the image size {image_size} larger "
+                         f"than it (e.g. {2 * image_size}), and of the VQGAN's downsampling {cfg.downsample}")
     source = read_manifest(data)
     if source["kind"] != "image":
         raise ValueError(f"{data} holds {source['kind']} shards, not image shards")
@@ -218,8 +245,9 @@ def pretokenize(data: str | Path, out: str | Path, model: VQModel, *, splits: li
     device = torch.device(device)
     model = model.to(device).eval()
     grid = (image_size // cfg.downsample, image_size // cfg.downsample)
-    settings = Settings(weights_hash(model), image_size, hflip)
-    writer = _ShardWriter(model, device, batch_size, grid)
+    hr_grid = None if superres_size is None else (superres_size // cfg.downsample,) * 2
+    settings = Settings(weights_hash(model), image_size, hflip, superres_size)
+    writer = _ShardWriter(model, device, batch_size, grid, hr_grid)
     out.mkdir(parents=True, exist_ok=True)
 
     written: dict[str, list[ShardStats]] = {}
@@ -252,6 +280,7 @@ def pretokenize(data: str | Path, out: str | Path, model: VQModel, *, splits: li
         vqgan=asdict(cfg), vqgan_sha256=settings.vqgan_sha256,
         vqgan_checkpoint=str(Path(checkpoint).resolve()) if checkpoint else None,
         grid=list(grid), image_size=image_size, hflip=hflip,
+        **({} if hr_grid is None else {"hr_grid": list(hr_grid), "hr_image_size": superres_size}),
         codes_format="uint16 little-endian, row-major [h, w], no header",
         tokenizer=TOKENIZER if tokenizer.is_file() else None, args=args or {},
     )
@@ -273,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, help="images per encoder batch")
     parser.add_argument("--image-size", type=int, help="square side the images are encoded at "
                                                        "(default: the VQGAN config's resolution)")
+    parser.add_argument("--superres-size", type=int, metavar="S",
+                        help="also encode every image at S x S (a multiple of the image size, e.g. 64 for 32) into "
+                             "KEY.hrcodes: the pairs a super-resolution GPT trains on")
     parser.add_argument("--hflip", action="store_true", help="also write a mirrored copy KEY_flip of every sample")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when available)")
@@ -289,7 +321,8 @@ def run(argv: list[str] | None = None) -> dict:
     cfg = load_vqgan_config(args.vqgan_config) if args.vqgan_config else None
     model = load_vqgan(args.vqgan, cfg)
     return pretokenize(args.data, args.out, model, splits=args.splits, batch_size=args.batch_size,
-                       image_size=args.image_size, hflip=args.hflip, device=args.device, checkpoint=args.vqgan,
+                       image_size=args.image_size, hflip=args.hflip, superres_size=args.superres_size,
+                       device=args.device, checkpoint=args.vqgan,
                        progress=not args.quiet,
                        args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})
 

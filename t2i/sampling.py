@@ -45,6 +45,7 @@ import torchvision
 from t2i.checkpoints import GPTRecord, load_gpt, load_record_vqgan
 from t2i.data.tokenizer import FixedLengthTokenizer
 from t2i.models.gpt import GPT
+from t2i.models.layout import SuperresGrid
 from t2i.models.vqgan import VQModel
 
 
@@ -193,12 +194,18 @@ def _row_generators(seeds: Sequence[int] | None, n_prompts: int, samples_per_pro
 @torch.no_grad()
 def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cache: bool = True,
                    seeds: Sequence[int] | None = None, stats: SamplingStats | None = None,
-                   decode: str = "eager") -> torch.Tensor:
+                   decode: str = "eager", low: torch.Tensor | None = None, window: int = 0,
+                   known: torch.Tensor | None = None) -> torch.Tensor:
     """Text ids [P, text_len] -> image codes [P * samples_per_prompt, image_len] (samples of a prompt adjacent).
 
     Prompt i samples from its own random stream, seeded with seeds[i]; by default cfg.seed + i
     (unseeded when cfg.seed is None). `stats`, when given, counts the model calls. `decode`: how each
     step of method=ar runs (DECODES; the module docstring); SJD's windows run eagerly.
+
+    Conditional sampling (a superres model): `low` [P, low_len] are each prompt's low-resolution codes
+    and `window` the window that follows (TokenLayout.prefix); `known` [P * samples_per_prompt, image_len]
+    holds codes already fixed (-1 where a code is to be sampled): they are fed as they are, as CogView's
+    sliding windows feed the overlap with the windows before. `superres_codes` runs the windows.
     """
     if decode not in DECODES:
         raise ValueError(f"sampling.decode must be one of {DECODES}, got {decode!r}")
@@ -208,16 +215,22 @@ def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cach
         seeds = [cfg.seed + i for i in range(len(text))]
     n_prompts = len(text)
     text = text.repeat_interleave(cfg.samples_per_prompt, dim=0)
+    if low is not None:
+        low = low.flatten(1).repeat_interleave(cfg.samples_per_prompt, dim=0)
+    if known is not None and known.shape != (len(text), gpt.image_len):
+        raise ValueError(f"known codes must be [sequences={len(text)}, image_len={gpt.image_len}], got {tuple(known.shape)}")
     layout = model.layout
-    prefix = layout.prefix(text)
+    prefix = layout.prefix(text, low, window)
     scales = guidance_scales(cfg, gpt.image_len).to(prefix.device)
     # the null-text half runs until the last position whose scale is not 1 (never when none is)
     guided = (scales != 1).nonzero()
     guided_until = int(guided.max()) + 1 if len(guided) else 0
     if guided_until:  # the null text (all padding) as the unconditional half
-        prefix = torch.cat([prefix, layout.prefix(layout.null_text(text))])
+        prefix = torch.cat([prefix, layout.prefix(layout.null_text(text), low, window)])
     stats.token_by_token_calls += gpt.image_len
     if cfg.method == "sjd":
+        if known is not None:
+            raise ValueError("sampling.method=sjd does not take known codes (windowed super-resolution): use method=ar")
         if not use_cache:
             raise ValueError("sampling.method=sjd runs on the KV cache (use_cache=True)")
         generators = _row_generators(seeds, n_prompts, cfg.samples_per_prompt, cfg.greedy)
@@ -245,6 +258,8 @@ def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cach
         else:
             probs = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
             step = _draw(probs, uniforms[:, i])
+        if known is not None:  # a fixed code is fed as it is (its draw is spent all the same: streams stay aligned)
+            step = torch.where(known[:, i] >= 0, known[:, i], step)
         codes[:, i] = step
         if i == gpt.image_len - 1:
             break
@@ -469,6 +484,46 @@ def _beam_text(model: GPT, prefix: torch.Tensor, cfg: CaptionConfig) -> torch.Te
         log_probs = model((step + layout.text_offset)[:, None], cache, head_rows=rows)[:, -1].float().log_softmax(-1)
     ranked = scores / lengths.view(n, k).clamp_min(1) ** cfg.length_penalty
     return text.view(n, k, length)[torch.arange(n, device=device), ranked.argmax(-1)]
+def _window_seed(seed: int, window: int) -> int:
+    """Window k's seed from its prompt's: window 0 takes the prompt's own (one-pass super-resolution samples as
+    generate_codes does), the others one derived from (seed, k)."""
+    if window == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}|window {window}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@torch.no_grad()
+def superres_codes(model: GPT, grid: SuperresGrid, text: torch.Tensor, low: torch.Tensor, cfg: SamplingConfig,
+                   seeds: Sequence[int] | None = None, stats: SamplingStats | None = None,
+                   decode: str = "eager") -> torch.Tensor:
+    """A super-resolution GPT: text ids [P, text_len] and low-resolution codes [P, h, w] -> the 2x grid's codes
+    [P * samples_per_prompt, H, W] (samples of a prompt adjacent).
+
+    One pass when one window covers the grid; else CogView's sliding windows: the windows are sampled in
+    raster order, each given the whole low-resolution grid and its own [WIN_k] token, and the codes it shares
+    with windows already sampled are fed as they are (generate_codes' `known`), so neighbouring windows agree
+    on their overlap. Prompt i's window k draws from its own stream (seeds[i] for window 0).
+    """
+    layout = model.layout
+    if layout.kind != "superres":
+        raise ValueError(f"super-resolution needs a superres-layout GPT (python train.py experiment=superres_shapes), "
+                         f"not a {layout.kind} one")
+    if (layout.windows, layout.image_len, layout.low_len) != (grid.windows, grid.window_len, grid.low_len):
+        raise ValueError(f"the GPT's layout ({layout.windows} windows of {layout.image_len} codes after {layout.low_len} "
+                         f"low-resolution codes) does not match the grid {grid.to_dict()}")
+    if tuple(low.shape[1:]) != grid.low:
+        raise ValueError(f"low-resolution codes must be [N, {grid.low[0]}, {grid.low[1]}], got {tuple(low.shape)}")
+    if seeds is None and cfg.seed is not None:
+        seeds = [cfg.seed + i for i in range(len(text))]
+    high = torch.full((len(text) * cfg.samples_per_prompt, *grid.high), -1, dtype=torch.long, device=low.device)
+    for window in range(grid.windows):
+        known = grid.crop(high, window)
+        codes = generate_codes(model, text, cfg, seeds=None if seeds is None else [_window_seed(s, window) for s in seeds],
+                               stats=stats, decode=decode, low=grid.low_context(low, window), window=window,
+                               known=known if bool((known >= 0).any()) else None)
+        grid.paste(high, window, codes)
+    return high
 
 
 def prompt_seeds(seed: int, prompts: Sequence[str]) -> list[int]:
@@ -542,6 +597,51 @@ class Generator:
     def __call__(self, prompts: list[str], cfg: SamplingConfig, batch_size: int = 16) -> torch.Tensor:
         """uint8 images [len(prompts) * samples_per_prompt, 3, H, W], the samples of a prompt adjacent."""
         return self.decode(self.sample_codes(prompts, cfg, batch_size), batch_size)
+
+
+class SuperResolver(Generator):
+    """A super-resolution GPT (layout "superres") with its tokenizer and VQGAN: prompts and low-resolution
+    codes in, codes and images at twice the resolution out (CogView's super-resolution stage)."""
+
+    def __init__(self, gpt: GPT, tokenizer: FixedLengthTokenizer, vqgan: VQModel, record: GPTRecord,
+                 decode: str = "eager"):
+        if record.superres_grid is None:
+            raise ValueError("not a super-resolution GPT (its checkpoint record has no superres entry): train one "
+                             "with python train.py experiment=superres_shapes (stage.superres)")
+        super().__init__(gpt, tokenizer, vqgan, record, decode)
+        self.grid = record.superres_grid
+
+    @property
+    def low_size(self) -> int:
+        """The side of the low-resolution images its low codes were encoded from."""
+        return self.record.superres["low_size"]
+
+    @torch.no_grad()
+    def encode_low(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images [N, 3, S, S] -> their low-resolution codes [N, h, w] under this model's VQGAN, resized
+        to low_size first (antialiased bicubic) when S differs."""
+        x = images.to(self.device).float() / 127.5 - 1
+        if x.shape[-1] != self.low_size or x.shape[-2] != self.low_size:
+            x = F.interpolate(x, size=(self.low_size, self.low_size), mode="bicubic", antialias=True).clamp(-1, 1)
+        return self.vqgan.encode(x)
+
+    @torch.no_grad()
+    def upsample_codes(self, prompts: list[str], low: torch.Tensor, cfg: SamplingConfig, batch_size: int = 16,
+                       seeds: Sequence[int] | None = None, stats: SamplingStats | None = None) -> torch.Tensor:
+        """Prompts and their low-resolution codes [len(prompts), h, w] -> 2x codes [len(prompts) * samples, H, W].
+        Prompt i samples with seeds[i], by default prompt_seeds(cfg.seed, prompts): independent of batch_size."""
+        if len(low) != len(prompts):
+            raise ValueError(f"{len(low)} low-resolution grids for {len(prompts)} prompts")
+        if seeds is None and cfg.seed is not None:
+            seeds = prompt_seeds(cfg.seed, prompts)
+        per_batch = max(1, batch_size // cfg.samples_per_prompt)
+        out = []
+        for start in range(0, len(prompts), per_batch):
+            text = self.tokenizer(prompts[start:start + per_batch]).to(self.device)
+            out.append(superres_codes(self.gpt, self.grid, text, low[start:start + per_batch].to(self.device), cfg,
+                                      seeds=None if seeds is None else seeds[start:start + per_batch], stats=stats,
+                                      decode=self.decode_mode))
+        return torch.cat(out)
 
 
 def resolve_sampling(options: dict, checkpoint_defaults: dict | None = None) -> SamplingConfig:

@@ -1,4 +1,4 @@
-"""The GPT checkpoint record: version 2 written by the stage, version 1 (earlier t2i) read and upgraded."""
+"""The GPT checkpoint record: the current version written by the stage, version 1 (earlier t2i) read and upgraded."""
 
 import pytest
 import torch

@@ -190,7 +190,8 @@ class CodeTextDecoder:
     """Raw code-shard sample -> {codes, text, caption, key, meta}. Picklable for worker processes.
 
     `codes` is the long [h, w] grid of VQGAN code indices; its shape comes from the sample JSON's
-    `codes_shape` (every code sample has a JSON).
+    `codes_shape` (every code sample has a JSON). Shards pre-tokenized with `--superres-size` also give
+    `hr_codes`, the same image's grid at the larger size (`hr_codes_shape`).
     """
 
     def __init__(self, tokenizer: TextTokenizer):
@@ -201,13 +202,16 @@ class CodeTextDecoder:
             raise ValueError("sample has no code grid or no JSON (is this a code shard?)")
         meta = json.loads(sample["json"])
         caption = sample["txt"].decode("utf-8")
-        return {
+        out = {
             "codes": decode_codes(sample["codes"], meta["codes_shape"]),
             "text": self.tokenizer(caption),
             "caption": caption,
             "key": sample["__key__"],
             "meta": meta,
         }
+        if "hrcodes" in sample:
+            out["hr_codes"] = decode_codes(sample["hrcodes"], meta["hr_codes_shape"])
+        return out
 
 
 def collate_image_batch(samples: list[dict]) -> dict:

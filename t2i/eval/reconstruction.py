@@ -37,11 +37,12 @@ def reconstruction_metrics(model: VQModel, batches: Iterable[dict], prepare: Cal
     lpips_sum = torch.zeros((), dtype=torch.float64)
     counts = torch.zeros(model.cfg.n_embed, device=device)
     images, attributes = [], []
-    n = 0
+    n, grid = 0, [model.cfg.grid, model.cfg.grid]
     for batch in tqdm(batches, desc="reconstruct"):
         real_uint8 = batch["image"]
         batch = prepare({**batch, "image": real_uint8.to(device)})
         codes = model.encode(batch["image"])
+        grid = list(codes.shape[-2:])  # the grid at the loaded size (a fully convolutional VQGAN takes any multiple)
         fake = (model.decode(codes).clamp(-1, 1) + 1) / 2
         real = (batch["image"] + 1) / 2
         psnr.update(fake, real)
@@ -61,7 +62,7 @@ def reconstruction_metrics(model: VQModel, batches: Iterable[dict], prepare: Cal
     usage = codebook_usage(counts)
     results = {"images": n, "psnr": float(psnr.compute()), "ssim": float(ssim.compute()),
                "codebook_used": float(usage["used"]), "codebook_perplexity": float(usage["perplexity"]),
-               "codebook_size": model.cfg.n_embed, "grid": [model.cfg.grid, model.cfg.grid]}
+               "codebook_size": model.cfg.n_embed, "grid": grid}
     if lpips is not None:
         results["lpips"] = float(lpips_sum) / max(n, 1)
     if fidelity is not None:

@@ -78,8 +78,8 @@ class CaptionScorer:
             return cls(gpt.to(generator.device), record.tokenizer_model(), str(caption_ckpt)), str(caption_ckpt)
         if generator.record.caption_prob:
             return cls(generator.gpt, generator.tokenizer, "self"), "self"
-        if not generator.gpt.layout.predicts_text:
-            return None, (f"a {generator.gpt.layout.kind}-layout model has no text head to score captions with "
+        if not generator.gpt.layout.captions:
+            return None, (f"a {generator.gpt.layout.kind}-layout model has no image-to-text direction to score captions with "
                           "(pass eval.caption_ckpt=a t2i captioning model over the same VQGAN)")
         return None, ("the checkpoint was trained without the caption direction (stage.caption_prob=0) and no "
                       "eval.caption_ckpt was given")

@@ -53,7 +53,9 @@ class GPTConfig:
     pb_relax: bool = False
     pb_relax_alpha: float = 32.0
     tie_head: bool = False  # output head shares the token embedding
-    layout: str = "t2i"  # the token layout: "t2i" or "paipainter" (t2i.models.layout)
+    layout: str = "t2i"  # the token layout: "t2i", "paipainter" or "superres" (t2i.models.layout)
+    low_len: int = 0  # superres: low-resolution codes in the prefix
+    windows: int = 1  # superres: window positions on the high-resolution grid
     norm_type: str = "layer"  # "layer" (LayerNorm) or "rms" (RMSNorm); `norm` is where the norms sit
     mlp: str = "gelu"  # "gelu" (4x, GPT-2) or "swiglu" (Llama)
     pos: str = "learned"  # "learned" table, "rope" (1-D rotary) or "rope2d" (rotary, 2-D over the image grid)
@@ -83,7 +85,8 @@ class GPTConfig:
     @property
     def tokens(self) -> TokenLayout:
         """The token layout: id ranges, sequences, what each loss reads."""
-        return TokenLayout(self.layout, self.n_image_codes, self.n_text_tokens, self.text_len, self.image_len)
+        return TokenLayout(self.layout, self.n_image_codes, self.n_text_tokens, self.text_len, self.image_len,
+                           self.low_len, self.windows)
 
     @property
     def vocab_size(self) -> int:

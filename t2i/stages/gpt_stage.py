@@ -16,6 +16,11 @@ by random codes (targets stay true), as taming/EasyNLP do, drawing only from the
 `init_ckpt` starts from a GPT checkpoint (e.g. an imported pai-painter model): its architecture,
 layout, weights and tokenizer, fine-tuned on the data given.
 
+Super-resolution (`stage.superres`, CogView's second model): code shards pre-tokenized with
+`--superres-size` hold each image's codes at two sizes; the model (layout "superres") reads
+`[SR] text [LOW] low-res codes [WIN_k] window of the 2x codes`, one window per sample (drawn at random
+in training, window i % windows for sample i in validation), and learns the window's codes.
+
 Codes come from code shards (fast path: `python -m t2i.pretokenize`) or from image shards encoded
 on the fly by a frozen VQGAN (`stage.vqgan_ckpt`, EasyNLP's way): the data manifest decides.
 Every `sample_every_n_steps` steps rank 0 samples images for fixed prompts (the first validation
@@ -47,6 +52,7 @@ from omegaconf import DictConfig, OmegaConf
 from t2i.checkpoints import GPTRecord, load_gpt, load_record_vqgan, load_vqgan, vqgan_identity, weights_hash
 from t2i.data.tokenizer import load_tokenizer
 from t2i.models.gpt import GPT, GPTConfig
+from t2i.models.layout import SuperresGrid
 from t2i.models.vqgan import VQGANConfig, VQModel
 from t2i.sampling import SamplingConfig, decode_to_uint8, generate_codes, prompt_seeds, save_captioned_grid
 from t2i.stages.scaling import apply_lr_scaling, grad_norm, run_steps, warmup_cosine, weight_decay_groups
@@ -76,11 +82,18 @@ class GPTStage(L.LightningModule):
         compile_mode: str | None = None,  # torch.compile's mode: None (default), "max-autotune", ...
         fused_optimizer: bool | str = "auto",
         activation_checkpointing: bool = False,
+        superres: SuperresGrid | None = None,  # a super-resolution GPT's windows (layout "superres")
     ):
         super().__init__()
+        if (superres is not None) != (model.layout == "superres"):
+            raise ValueError("a superres-layout GPT trains with stage.superres (its windows), and only it")
+        if superres is not None and caption_prob:
+            raise ValueError("a super-resolution GPT has no captioning direction: set stage.caption_prob=0")
         for name, p in (("pkeep", pkeep), ("cond_drop", cond_drop), ("caption_prob", caption_prob)):
             if not 0 <= p <= 1:
                 raise ValueError(f"stage.{name} must be in [0, 1], got {p}")
+        if not model.tokens.captions and caption_prob and model.tokens.predicts_text:
+            raise ValueError(f"a {model.layout}-layout model has no captioning direction: set stage.caption_prob=0")
         if not model.tokens.predicts_text and (txt_loss_scale or caption_prob):
             raise ValueError(f"a {model.layout}-layout model has no text head: set stage.txt_loss_scale=0 and "
                              "stage.caption_prob=0 (experiment=paipainter_finetune does)")
@@ -107,6 +120,7 @@ class GPTStage(L.LightningModule):
         self.sampling = sampling or SamplingConfig()
         self._sample_text = None  # token ids of sample_prompts
         self._image_dir: Path | None = None  # <log dir>/images, set when fitting starts
+        self.superres = superres
 
     @classmethod
     def from_config(cls, cfg: DictConfig, datamodule) -> "GPTStage":
@@ -116,6 +130,11 @@ class GPTStage(L.LightningModule):
         if init_record is not None:  # fine-tune: the checkpoint's model, layout and tokenizer
             datamodule.use_tokenizer(init_record.tokenizer_model())
         manifest = datamodule.cfg.manifest()
+        superres = _superres_grid(stage, manifest, datamodule.cfg.root)
+        if superres is not None and stage["sample_every_n_steps"]:
+            warnings.warn("no sample grids while training a super-resolution GPT (they need low-resolution codes): "
+                          "score it with python eval.py task=superres")
+            stage["sample_every_n_steps"] = 0
         if manifest.get("kind") == "codes":  # fast path: the VQGAN is needed only to draw sample grids
             vqgan_info = {"config": manifest["vqgan"], "checkpoint": manifest.get("vqgan_checkpoint"),
                           "sha256": manifest.get("vqgan_sha256"), "grid": list(manifest["grid"])}
@@ -123,18 +142,30 @@ class GPTStage(L.LightningModule):
         else:
             vqgan, vqgan_info = _vqgan_for_images(cfg, datamodule, init_record)
         h, w = vqgan_info["grid"]
+        sizes = {"image_len": h * w}
+        if superres is not None:  # the model writes the 2x grid's windows after the whole low-resolution grid
+            vqgan_info["grid"] = list(superres.high)
+            sizes = {"image_len": superres.window_len, "layout": "superres", "low_len": superres.low_len,
+                     "windows": superres.windows}
         tokenizer = datamodule.tokenizer
         if init_record is None:
-            model = GPTConfig(**OmegaConf.to_container(cfg.model, resolve=True),
+            model = GPTConfig(**{**OmegaConf.to_container(cfg.model, resolve=True), **sizes},
                               n_image_codes=vqgan_info["config"]["n_embed"], n_text_tokens=tokenizer.vocab_size,
-                              text_len=tokenizer.text_len, image_len=h * w)
+                              text_len=tokenizer.text_len)
             origin = "trained from scratch"
         else:
             model = init_record.config
+            if init_record.superres_grid != superres:
+                raise ValueError(f"stage.init_ckpt={stage['init_ckpt']} has super-resolution windows "
+                                 f"{init_record.superres}, this run {None if superres is None else superres.to_dict()}: "
+                                 "fine-tune with the same stage.superres")
             _check_same_vqgan(stage["init_ckpt"], init_record, vqgan_info)
             origin = f"fine-tuned from {stage['init_ckpt']} ({init_record.training.get('origin', 'a t2i run')})"
         record = {"tokenizer": {"kind": tokenizer.kind, "model": tokenizer.model, "text_len": tokenizer.text_len},
                   "vqgan": vqgan_info, "origin": origin}
+        if superres is not None:
+            record["superres"] = {**superres.to_dict(), "low_size": manifest["image_size"],
+                                  "high_size": manifest["hr_image_size"]}
         prompts = stage["sample_prompts"]
         if stage["sample_every_n_steps"] and not prompts:
             if datamodule.cfg.splits.get("val") not in datamodule.cfg.manifest()["splits"]:
@@ -150,7 +181,7 @@ class GPTStage(L.LightningModule):
                      sample_prompts=prompts, sample_every_n_steps=stage["sample_every_n_steps"],
                      sampling=SamplingConfig(**stage["sampling"]), compile=stage["compile"],
                      compile_mode=stage["compile_mode"], fused_optimizer=stage["fused_optimizer"],
-                     activation_checkpointing=stage["activation_checkpointing"])
+                     activation_checkpointing=stage["activation_checkpointing"], superres=superres)
         if init_gpt is not None:
             module.gpt.load_state_dict(init_gpt.state_dict())
         return module
@@ -161,10 +192,23 @@ class GPTStage(L.LightningModule):
 
     # -- sequences and loss --------------------------------------------------------------------
 
-    def sequences(self, codes: torch.Tensor, text: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input tokens, target tokens) [B, block_size - 1] for codes [B, N] and text ids [B, L]."""
+    def sequences(self, codes: torch.Tensor, text: torch.Tensor, train: bool,
+                  hr_codes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input tokens, target tokens) [B, block_size - 1] for codes [B, N] and text ids [B, L]; a
+        super-resolution GPT also takes the 2x grids hr_codes [B, H, W] (codes are then the low-resolution ones)."""
         layout = self.gpt.layout
         b = len(codes)
+        low = window = None
+        if self.superres is not None:
+            if hr_codes is None:
+                raise ValueError("a super-resolution GPT trains on code shards with two grids per image: pre-tokenize "
+                                 "with python -m t2i.pretokenize ... --superres-size S")
+            if train:
+                window = torch.randint(self.superres.windows, (b,), device=codes.device)
+            else:  # the same windows at every validation: sample i's is i % windows
+                window = torch.arange(b, device=codes.device) % self.superres.windows
+            low = self.superres.low_context(codes.view(b, *self.superres.low), window)
+            codes = self.superres.crop(hr_codes, window)
         inputs_codes = codes
         if train and self.cond_drop:
             null = torch.rand(b, 1, device=codes.device) < self.cond_drop
@@ -175,7 +219,7 @@ class GPTStage(L.LightningModule):
         captions = torch.rand(b, device=codes.device) < self.caption_prob if train and self.caption_prob else None
 
         def sequence(image: torch.Tensor) -> torch.Tensor:
-            t2i = layout.text_to_image(text, image)
+            t2i = layout.text_to_image(text, image, low, 0 if window is None else window)
             if captions is None:
                 return t2i
             return torch.where(captions[:, None], layout.image_to_text(image, text), t2i)
@@ -212,6 +256,9 @@ class GPTStage(L.LightningModule):
                       "text_loss": (text_sum / n_text.clamp_min(1)).detach()}
 
     def _codes(self, batch: dict) -> torch.Tensor:
+        if self.superres is not None and "codes" not in batch:
+            raise ValueError("a super-resolution GPT trains on code shards (python -m t2i.pretokenize ... "
+                             "--superres-size S), not on image shards")
         if "codes" in batch:
             return batch["codes"].flatten(1)
         # slow path (image shards): encode is exact fp32 whatever the trainer's precision, as pre-tokenization
@@ -242,7 +289,7 @@ class GPTStage(L.LightningModule):
         self._image_dir = Path(self.trainer.log_dir) / "images" if self.trainer.log_dir else None
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        inputs, targets = self.sequences(self._codes(batch), batch["text"], train=True)
+        inputs, targets = self.sequences(self._codes(batch), batch["text"], train=True, hr_codes=batch.get("hr_codes"))
         loss, logs = self.forward_loss(inputs, targets)
         # averaged over processes (one small all-reduce each): what is logged is the whole batch's loss
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
@@ -255,7 +302,7 @@ class GPTStage(L.LightningModule):
         return samples, samples * (self.gpt.cfg.block_size - 1), samples * self.flops_per_sequence
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        inputs, targets = self.sequences(self._codes(batch), batch["text"], train=False)
+        inputs, targets = self.sequences(self._codes(batch), batch["text"], train=False, hr_codes=batch.get("hr_codes"))
         loss, logs = self.forward_loss(inputs, targets)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(inputs))
         self.log_dict({f"val/{k}": v for k, v in logs.items()}, sync_dist=True, batch_size=len(inputs))
@@ -341,10 +388,24 @@ class GPTStage(L.LightningModule):
                          training={"caption_prob": self.caption_prob, "caption_end": self.caption_end,
                                    "txt_loss_scale": self.txt_loss_scale,
                                    "cond_drop": self.cond_drop, "origin": self.record.get("origin", "")},
-                         sampling=asdict(self.sampling))
+                         sampling=asdict(self.sampling), superres=self.record.get("superres"))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["t2i"] = self.checkpoint_record().to_dict()
+
+
+def _superres_grid(stage: dict, manifest: dict, root) -> SuperresGrid | None:
+    """stage.superres ({window, stride} in codes of the 2x grid) on code shards with two grids, or None."""
+    options = stage.get("superres")
+    if not options:
+        return None
+    if manifest.get("kind") != "codes" or "hr_grid" not in manifest:
+        raise ValueError(f"stage.superres needs code shards with a second, 2x grid per image; {root} has none: "
+                         "python -m t2i.pretokenize --data IMAGE_SHARDS --out CODE_SHARDS --vqgan CKPT --superres-size S")
+    high = manifest["hr_grid"]
+    return SuperresGrid(low=manifest["grid"], high=high, window=options.get("window") or high,
+                        stride=options.get("stride") or options.get("window") or high,
+                        context=options.get("context") or "whole")
 
 
 def _check_same_vqgan(init_ckpt: str, record: GPTRecord, vqgan_info: dict) -> None:
