@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -63,6 +62,12 @@ def stages(data: Path, runs: Path, seed: int, fid: bool, clip: bool, vqgan_steps
         ("evaluation, no guidance", py + evaluation + ["sampling.guidance_scale=1",
                                                        f"hydra.run.dir={runs}/eval_no_guidance"]),
     ]
+
+
+def relative_to_repo(path: Path) -> Path:
+    """The commands run from the repository root: a path given relative to where this started, as they see it."""
+    path = path.resolve()
+    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
 
 
 def minutes(seconds: float) -> str:
@@ -136,8 +141,7 @@ def main() -> None:
     parser.add_argument("--vqgan-steps", type=int, help="override the VQGAN recipe's trainer.max_steps")
     parser.add_argument("--gpt-steps", type=int, help="override the GPT recipe's trainer.max_steps")
     args = parser.parse_args()
-    # the commands run from the repository root: paths given relative to where this was started follow them
-    args.data, args.runs = (Path(os.path.relpath(path.resolve(), REPO)) for path in (args.data, args.runs))
+    args.data, args.runs = (relative_to_repo(path) for path in (args.data, args.runs))
     times: dict[str, float] = {}
     for name, command in stages(args.data, args.runs, args.seed, args.fid, args.clip, args.vqgan_steps, args.gpt_steps):
         print(f"\n[quickstart] {name}: {' '.join(command[1:])}", flush=True)
