@@ -25,24 +25,11 @@ import torch
 from torchmetrics.functional.multimodal import clip_score as torchmetrics_clip_score
 
 from t2i.data.datamodule import ShardDataModule
-from t2i.eval.clip import ChineseClip, ClipMetrics, ClipTally, draw_distractors, save_random_chinese_clip
+from t2i.eval.clip import (ChineseClip, ClipMetrics, ClipTally, TensorFeatures, draw_distractors,
+                          save_random_chinese_clip)
 from t2i.eval.text_to_image import prompt_loader, select_prompts
 
 VOCAB = 21128  # BERT-Chinese, the text tower's vocabulary in OFA-Sys's checkpoints
-
-
-class TensorFeatures(torch.nn.Module):
-    """transformers 5's ChineseCLIPModel with the tensor-returning feature methods torchmetrics calls."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.config = model, model.config
-
-    def get_image_features(self, pixel_values):
-        return self.model.get_image_features(pixel_values=pixel_values).pooler_output
-
-    def get_text_features(self, input_ids, attention_mask):
-        return self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
 
 
 def random_vit_b16(folder: Path, captions: list[str]) -> str:

@@ -49,6 +49,14 @@ from t2i.models.layout import SuperresGrid
 from t2i.models.vqgan import VQModel
 
 
+def check_filtering(group: str, temperature: float, top_k: int, top_p: float) -> None:
+    """The temperature and top-k/top-p of images (group "sampling") or captions ("caption"), or an error naming them."""
+    if temperature <= 0:
+        raise ValueError(f"{group}.temperature must be > 0, got {temperature}")
+    if top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"{group}.top_k must be >= 0 and {group}.top_p in (0, 1], got {top_k}, {top_p}")
+
+
 @dataclass
 class SamplingConfig:
     temperature: float = 1.0
@@ -67,10 +75,7 @@ class SamplingConfig:
     sjd_window: int = 16  # draft codes verified per model call (method=sjd)
 
     def __post_init__(self):
-        if self.temperature <= 0:
-            raise ValueError(f"sampling.temperature must be > 0, got {self.temperature}")
-        if self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"sampling.top_k must be >= 0 and sampling.top_p in (0, 1], got {self.top_k}, {self.top_p}")
+        check_filtering("sampling", self.temperature, self.top_k, self.top_p)
         if self.samples_per_prompt < 1:
             raise ValueError(f"sampling.samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
         if self.guidance_schedule not in GUIDANCE_SCHEDULES:
@@ -399,10 +404,7 @@ class CaptionConfig:
     def __post_init__(self):
         if self.method not in CAPTION_METHODS:
             raise ValueError(f"caption.method must be one of {', '.join(CAPTION_METHODS)}, got {self.method!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"caption.temperature must be > 0, got {self.temperature}")
-        if self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"caption.top_k must be >= 0 and caption.top_p in (0, 1], got {self.top_k}, {self.top_p}")
+        check_filtering("caption", self.temperature, self.top_k, self.top_p)
         if self.num_beams < 1:
             raise ValueError(f"caption.num_beams must be >= 1, got {self.num_beams}")
 

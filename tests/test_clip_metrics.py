@@ -17,26 +17,11 @@ from torchmetrics.functional.multimodal import clip_score as torchmetrics_clip_s
 from transformers import BertConfig
 
 from t2i.data.datamodule import ShardDataModule
-from t2i.eval.clip import ChineseClip, ClipMetrics, ClipTally, draw_distractors, load_chinese_clip
+from t2i.eval.clip import ChineseClip, ClipMetrics, ClipTally, TensorFeatures, draw_distractors, load_chinese_clip
 from t2i.eval.text_to_image import select_prompts, take
 
 REPO = Path(__file__).parents[1]
 CAPTIONS = ["画面左上角有一个红色的小圆形", "蓝色的大方块在右下方", "背景是白色的，中间有绿色三角形"]
-
-
-class _TensorFeatures(torch.nn.Module):
-    """transformers 5's ChineseCLIPModel with transformers 4's feature API (tensors), which torchmetrics'
-    CLIPScore calls: the adapter its `model_name_or_path=callable` takes."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.config = model, model.config
-
-    def get_image_features(self, pixel_values):
-        return self.model.get_image_features(pixel_values=pixel_values).pooler_output
-
-    def get_text_features(self, input_ids, attention_mask):
-        return self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
 
 
 def test_clip_scores_are_torchmetrics_clipscore_on_the_same_model(chinese_clip):
@@ -46,7 +31,7 @@ def test_clip_scores_are_torchmetrics_clipscore_on_the_same_model(chinese_clip):
     images = torch.randint(0, 256, (3, 3, 24, 40), dtype=torch.uint8)  # not square, not the model's size
     metrics = ClipMetrics(clip, dict(zip("abc", CAPTIONS)), {key: ["绿色"] for key in "abc"})
     ours = metrics(images, list("abc"))["clip_score"]
-    adapter = _TensorFeatures(clip.model)
+    adapter = TensorFeatures(clip.model)
     for image, caption, score in zip(images, CAPTIONS, ours):
         theirs = torchmetrics_clip_score(image, caption, model_name_or_path=lambda: (adapter, clip.processor))
         assert float(theirs.detach()) == pytest.approx(max(float(score), 0.0), abs=1e-3)

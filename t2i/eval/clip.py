@@ -70,6 +70,22 @@ def load_chinese_clip(name_or_path: str, setting: str = "eval.clip_model"):
     return model.eval(), ChineseCLIPProcessor.from_pretrained(name)
 
 
+class TensorFeatures(torch.nn.Module):
+    """A transformers 5 ChineseCLIPModel with transformers 4's feature API (tensors, not model outputs): what
+    torchmetrics' CLIPScore calls, through its `model_name_or_path=callable`; the tests and
+    experiments/bench_clip.py check t2i's scores against CLIPScore with it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def get_image_features(self, pixel_values):
+        return self.model.get_image_features(pixel_values=pixel_values).pooler_output
+
+    def get_text_features(self, input_ids, attention_mask):
+        return self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+
+
 class ChineseClip:
     """A Chinese-CLIP as two functions: uint8 images [N, 3, H, W] and texts to unit embeddings
     (float32, on the CPU), computed in exact fp32 whatever the run's autocast and matmul settings
