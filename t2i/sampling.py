@@ -157,6 +157,12 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def derived_seed(key: str) -> int:
+    """A seed from a text (a seed and what it is for): the first 8 bytes of its sha256, below 2**63 so that any
+    torch generator takes it; the same on every machine and Python (unlike hash())."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
+
+
 def _prompt_uniforms(seeds: Sequence[int] | None, n_prompts: int, samples_per_prompt: int, steps: int,
                     device: torch.device) -> torch.Tensor:
     """Uniform draws [n_prompts * samples_per_prompt, steps] in [0, 1): prompt i's rows from its own
@@ -191,8 +197,7 @@ def _row_generators(seeds: Sequence[int] | None, n_prompts: int, samples_per_pro
     generators = []
     for seed in seeds:
         for sample in range(samples_per_prompt):
-            digest = hashlib.sha256(f"{seed}|sample {sample}".encode()).digest()
-            generators.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1))
+            generators.append(torch.Generator().manual_seed(derived_seed(f"{seed}|sample {sample}")))
     return generators
 
 
@@ -491,8 +496,7 @@ def _window_seed(seed: int, window: int) -> int:
     generate_codes does), the others one derived from (seed, k)."""
     if window == 0:
         return seed
-    digest = hashlib.sha256(f"{seed}|window {window}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return derived_seed(f"{seed}|window {window}")
 
 
 @torch.no_grad()
@@ -537,8 +541,7 @@ def prompt_seeds(seed: int, prompts: Sequence[str]) -> list[int]:
     seen: Counter[str] = Counter()
     seeds = []
     for prompt in prompts:
-        digest = hashlib.sha256(f"{seed}|{seen[prompt]}|{prompt}".encode()).digest()
-        seeds.append(int.from_bytes(digest[:8], "little") >> 1)  # below 2**63: any torch generator takes it
+        seeds.append(derived_seed(f"{seed}|{seen[prompt]}|{prompt}"))
         seen[prompt] += 1
     return seeds
 
