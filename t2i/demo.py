@@ -113,7 +113,7 @@ class StepCounter:
     """Counts the sampling steps of a GPT from outside the sampler: each forward call of the model
     computes the logits of one step (the prompt's call those of the first). A forward hook sees the
     eager steps and the prompt's call; decode="static" steps go through `forward_at`, wrapped on the
-    instance while counting; decode="compiled" steps are compiled code, so there only the prompt's
+    instance while counting; decode="compiled" and "frozen" steps are compiled code, so there only the prompt's
     call is seen and the count moves a whole sampling batch at a time."""
 
     def __init__(self, gpt: GPT, decode: str, on_step: Callable[[int], None]):
@@ -123,7 +123,7 @@ class StepCounter:
 
     def _tick(self, *_):
         self.calls += 1
-        if self.decode == "compiled":  # a prompt's call starts a batch: the batches before it are done
+        if self.decode in ("compiled", "frozen"):  # a prompt's call starts a batch: the batches before it are done
             self.on_step((self.calls - 1) * self.gpt.cfg.image_len)
         else:
             self.on_step(self.calls)

@@ -10,9 +10,10 @@ other prompts share its batch or its process.
 (kept for the benchmark and the equivalence test).
 
 How a step runs (`decode`, the same codes up to float rounding): "eager" (the cache's length a Python
-int, attention over the filled part), "static" (GPT.forward_at: fixed shapes, the position a tensor)
-or "compiled" (the static step through torch.compile; on CUDA mode "reduce-overhead", which captures
-it once as a CUDA graph and replays it: no per-kernel launch cost, the gpt-fast / LlamaGen pattern).
+int, attention over the filled part), "static" (GPT.forward_at: fixed shapes, the position a tensor),
+"compiled" (the static step through torch.compile; on CUDA mode "reduce-overhead", which captures
+it once as a CUDA graph and replays it: no per-kernel launch cost, the gpt-fast / LlamaGen pattern)
+or "frozen" (compiled with the weights folded in as constants: `frozen_step`).
 
 Guidance schedules move the scale over the image positions t = 0 .. T-1: constant, a linear ramp
 (VAR: 1 + (g - 1) t / T), power-cosine (RAR: 1 + (g - 1) (1 - cos(pi (t / T)^p)) / 2), and an
@@ -132,16 +133,52 @@ def _guide(logits: torch.Tensor, n: int, scales: torch.Tensor) -> torch.Tensor:
     return torch.where(scales == 1, cond, uncond + scales * (cond - uncond))
 
 
-DECODES = ("eager", "static", "compiled")
-_compiled_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # GPT -> its compiled forward_at
+DECODES = ("eager", "static", "compiled", "frozen")
+_compiled_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # GPT -> {decode: its compiled step}
+_frozen_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # GPT -> {batch size: KVCache}
 
 
-def compiled_step(model: GPT):
-    """model.forward_at through torch.compile, once per model (CUDA: captured as a CUDA graph)."""
-    if model not in _compiled_steps:
-        mode = "reduce-overhead" if model.tok_emb.weight.is_cuda else None
-        _compiled_steps[model] = torch.compile(model.forward_at, mode=mode, fullgraph=True, dynamic=False)
-    return _compiled_steps[model]
+def compiled_step(model: GPT, decode: str = "compiled"):
+    """model.forward_at through torch.compile, once per model and decode mode ("compiled" or "frozen")."""
+    steps = _compiled_steps.setdefault(model, {})
+    if decode not in steps:
+        steps[decode] = frozen_step(model) if decode == "frozen" else torch.compile(
+            model.forward_at, mode="reduce-overhead" if model.tok_emb.weight.is_cuda else None, fullgraph=True,
+            dynamic=False)
+    return steps[decode]
+
+
+def frozen_step(model: GPT):
+    """forward_at compiled with its weights as constants (inductor's freezing) and its matrix products
+    autotuned (mode "max-autotune"; a CUDA graph on GPUs as well).
+
+    Why: with constant weights inductor pre-packs them for its own C++ GEMM, which it times against the
+    BLAS call and keeps where faster; at batch 1 on a CPU that reads the weights on every core, where
+    torch's matrix-vector product reads each one through a single core (~2x faster per step at the base
+    size: experiments/RESULTS.md). The costs: the first call at each batch size compiles and autotunes
+    (~30 s at the base size on two CPU cores); the packed copies add about the weights' size in memory;
+    the weights must not change after the first call (the step would keep the old ones: build a new
+    model); and the cache is reused between calls (`frozen_cache`), so one generation at a time per model.
+    torch.compile's `options` do not reach the freezing switch, so it is set around each call (the
+    first call, and any recompilation, happen inside one)."""
+    step = torch.compile(model.forward_at, mode="max-autotune", fullgraph=True, dynamic=False)
+
+    def run(*args):
+        with torch._inductor.config.patch(freezing=True):
+            return step(*args)
+
+    return run
+
+
+def frozen_cache(model: GPT, batch_size: int):
+    """The KV cache of frozen steps at this batch size, emptied: one per model and batch size, reused, because
+    the frozen step is compiled for its buffers (module buffers are guarded by identity there)."""
+    caches = _frozen_caches.setdefault(model, {})
+    if batch_size not in caches:
+        caches[batch_size] = model.new_cache(batch_size)
+    cache = caches[batch_size]
+    cache.length = 0  # stale keys and values past a position are masked (weight 0); the first forward sets `caption`
+    return cache
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -249,7 +286,9 @@ def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cach
                                                        text.device)
     n = len(text)
     codes = torch.empty(n, gpt.image_len, dtype=torch.long, device=prefix.device)
-    cache = model.new_cache(len(prefix)) if use_cache else None
+    cache = None
+    if use_cache:
+        cache = frozen_cache(model, len(prefix)) if decode == "frozen" else model.new_cache(len(prefix))
     tokens = prefix
     rows = gpt.n_image_codes  # image positions produce image codes only
     if use_cache:  # the last position over the image codes: the rest of the head is never read
@@ -259,7 +298,7 @@ def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cach
     stats.model_calls += 1
     step_fn = None
     if use_cache and decode != "eager":
-        step_fn = compiled_step(model) if decode == "compiled" else model.forward_at
+        step_fn = model.forward_at if decode == "static" else compiled_step(model, decode)
         position = torch.full((1,), cache.length, dtype=torch.long, device=prefix.device)
     for i in range(gpt.image_len):
         logits = _guide(logits.float(), n, scales[i])
@@ -278,7 +317,7 @@ def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cach
         halves = 2 if i + 1 < guided_until or (step_fn is not None and guided_until) else 1
         new = step.repeat(halves)[:, None]
         if step_fn is not None:
-            if decode == "compiled":  # a new replay: the previous step's outputs are consumed
+            if decode != "static":  # a new replay: the previous step's outputs are consumed
                 torch.compiler.cudagraph_mark_step_begin()
             logits = step_fn(new, position, cache, rows)
             position += 1

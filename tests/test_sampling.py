@@ -63,7 +63,7 @@ def test_bad_options_are_named():
 
 
 @pytest.mark.parametrize("layout", ["t2i", "paipainter"])
-@pytest.mark.parametrize("decode", ["static", "compiled"])
+@pytest.mark.parametrize("decode", ["static", "compiled", "frozen"])
 def test_fixed_shape_decode_steps_sample_what_the_eager_step_samples(text, layout, decode):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY, norm="sandwich", layout=layout)).eval()
@@ -71,6 +71,16 @@ def test_fixed_shape_decode_steps_sample_what_the_eager_step_samples(text, layou
         assert torch.equal(generate_codes(model, text, cfg, decode=decode), generate_codes(model, text, cfg))
     with pytest.raises(ValueError, match="sampling.decode must be one of"):
         generate_codes(model, text, SamplingConfig(), decode="graph")
+
+
+def test_frozen_steps_compile_once_per_batch_size_and_reuse_their_cache(text):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY, norm="sandwich")).eval()
+    cfg = SamplingConfig(seed=1, top_k=10)
+    generate_codes(model, text, cfg, decode="frozen")
+    other = text.flip(0)
+    with torch.compiler.set_stance("fail_on_recompile"):  # the same step and cache: no new compilation
+        assert torch.equal(generate_codes(model, other, cfg, decode="frozen"), generate_codes(model, other, cfg))
 
 
 @pytest.mark.parametrize("options", [{"norm_type": "rms", "mlp": "swiglu", "pos": "rope2d", "bias": False},
@@ -167,7 +177,7 @@ def test_bad_schedule_options_are_named():
             SamplingConfig(guidance_interval=interval)
 
 
-@pytest.mark.parametrize("decode", ["static", "compiled"])
+@pytest.mark.parametrize("decode", ["static", "compiled", "frozen"])
 def test_fixed_shape_steps_follow_a_guidance_interval(text, decode):
     # past the interval the eager step drops the null-text half; the fixed-shape step keeps it at scale 1
     torch.manual_seed(0)
