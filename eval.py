@@ -139,6 +139,7 @@ def sampling_options(cfg: DictConfig, generator: Generator) -> tuple[SamplingCon
     options = OmegaConf.to_container(cfg.sampling, resolve=True)
     batch_size = options.pop("batch_size", None)
     options.pop("decode", None)  # how steps run, not what they sample: the Generator's
+    options.pop("weights", None)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"sampling.batch_size must be an integer >= 1 (sequences per sampling batch), "
                          f"got {batch_size}")
@@ -155,7 +156,8 @@ def generate(cfg: DictConfig, fabric: Fabric) -> dict:
     if not prompts:
         raise ValueError("task=generate needs prompts=[...] or prompts_file=PATH")
     generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device,
-                                          decode=cfg.sampling.decode)
+                                          decode=cfg.sampling.decode,
+                                          weights=cfg.sampling.weights)
     sampling, batch_size = sampling_options(cfg, generator)
     text_ids = generator.tokenizer(prompts)  # what the model receives, recorded for inspection
     with fabric.autocast():  # trainer.precision (fp32 unless asked)
@@ -176,7 +178,8 @@ def generate(cfg: DictConfig, fabric: Fabric) -> dict:
                "prefix_ids": prefix_ids.tolist(),
                "codes": str(out / "codes.npy"), "files": files, "grid": str(grid), "sampling": asdict(sampling)}
     if cfg.superres_ckpt:  # CogView's second stage: every sample again at twice the resolution
-        resolver = SuperResolver.from_checkpoint(cfg.superres_ckpt, device=fabric.device, decode=cfg.sampling.decode)
+        resolver = SuperResolver.from_checkpoint(cfg.superres_ckpt, device=fabric.device, decode=cfg.sampling.decode,
+                                                 weights=cfg.sampling.weights)
         with fabric.autocast():
             results.update(write_generated_2x(resolver, generator, prompts, codes, images,
                                               superres_sampling(cfg, resolver), sampling.samples_per_prompt,
@@ -196,7 +199,8 @@ def superres(cfg: DictConfig, fabric: Fabric) -> dict:
     ckpt= (a text-to-image GPT) also the oracle on generated images and their 2x (t2i.eval.superres)."""
     if not cfg.superres_ckpt:
         raise ValueError("task=superres needs superres_ckpt=PATH (a GPT from experiment=superres_shapes / stage.superres)")
-    resolver = SuperResolver.from_checkpoint(cfg.superres_ckpt, device=fabric.device, decode=cfg.sampling.decode)
+    resolver = SuperResolver.from_checkpoint(cfg.superres_ckpt, device=fabric.device, decode=cfg.sampling.decode,
+                                             weights=cfg.sampling.weights)
     data = OmegaConf.to_container(cfg.data, resolve=True)
     sizes = resolver.record.superres
     loaders = [ShardDataModule({**data, "image_size": sizes[key]}) for key in ("low_size", "high_size")]
@@ -205,7 +209,8 @@ def superres(cfg: DictConfig, fabric: Fabric) -> dict:
                          f"not data={cfg.data.name})")
     generator, generator_sampling = None, None
     if cfg.ckpt:
-        generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device, decode=cfg.sampling.decode)
+        generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device, decode=cfg.sampling.decode,
+                                              weights=cfg.sampling.weights)
         generator_sampling, _ = sampling_options(cfg, generator)
     out = Path(HydraConfig.get().runtime.output_dir)
     with fabric.autocast():
@@ -249,7 +254,8 @@ def text_to_image(cfg: DictConfig, fabric: Fabric) -> dict | None:
                                    f"split={cfg.split}") if options["clip"] else None
     fabric.launch()  # with several devices: starts the other processes, each running this script
     generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device,
-                                          decode=cfg.sampling.decode)
+                                          decode=cfg.sampling.decode,
+                                          weights=cfg.sampling.weights)
     sampling, batch_size = sampling_options(cfg, generator)
     # a loader batch is one sampling batch: its prompts' candidates, samples_per_prompt x rerank each
     prompts_per_batch = max(1, batch_size // (sampling.samples_per_prompt * eval_cfg.rerank))

@@ -5,6 +5,7 @@
     python experiments/bench_generate.py --recompute-steps 32 # estimate recomputation from 32 of its 256 forwards
     python experiments/bench_generate.py --layout paipainter  # pai-painter-base: EasyNLP's loop vs t2i's sampler
     python experiments/bench_generate.py --device cuda --steps-table --batches 1 64 256  # GPU decoding (bf16)
+    python experiments/bench_generate.py --device cuda --steps-table --batches 1 64 --decodes compiled frozen --weights int8
     python experiments/bench_generate.py --sjd-ckpt logs/quickstart/gpt/checkpoints/last.ckpt  # + SJD on a trained model
 
 Random weights at the base size (12 layers, 12 heads, 768 wide, 32 text + 256 image positions,
@@ -29,10 +30,14 @@ concatenated with the new ones at every step, attention written out, the whole h
 Targets there: >= 12x recompute, <= 1.5x the fp32 floor, >= 1.3x faster than taming's sampler.
 
 `--steps-table` times the decode modes instead (sampling.decode: eager, static, compiled = a CUDA
-graph on GPUs), in bf16 on a GPU (fp32 on the CPU), with guidance 3 (both halves in one batch): ms per
+graph on GPUs, frozen; `--weights int8` for sampling.weights), in bf16 on a GPU (fp32 on the CPU), with guidance 3 (both halves in one batch): ms per
 image step at each batch, images/s including the VQGAN f16 decode (bf16 autocast, the VQ lookup
 exact), the memory floor per step (weights read once at the bandwidth measured) and peak memory.
 GPU goal: <= 1 ms per step at batch 1 with guidance, base size, on one H100.
+
+The int8 row is sampling.weights=int8 (t2i.models.int8: int8 weights per output channel, bf16
+activations) with frozen steps, where inductor runs torch's weight-only int8 product. Target: <= 0.6x
+the fp32 floor.
 
 The SJD rows time speculative Jacobi decoding (sampling.method=sjd) against the KV sampler at batch 1,
 the two interleaved: random weights predict near-uniform codes, where almost no draft is accepted, so
@@ -58,6 +63,7 @@ from pathlib import Path
 import torch
 
 from t2i.models.gpt import GPT, GPTConfig
+from t2i.models.int8 import quantize_weights
 from t2i.models.vqgan import VQModel
 from t2i.pretokenize import load_vqgan_config
 from t2i.sampling import SamplingConfig, SamplingStats, decode_to_uint8, filter_logits, generate_codes
@@ -188,6 +194,7 @@ def batch_one_table(args: argparse.Namespace, model: GPT, floor: float) -> None:
     text = prompts(model, 1, args.device)
     cfg = sampling(args.top_k)
     steps = args.recompute_steps or 32
+    int8 = quantize_weights(model)
     methods = {
         f"recompute (est. from {steps} forwards)": lambda: recompute_estimate(model, text, cfg, steps, args.device),
         "KV cache, eager steps": lambda: timed(lambda: generate_codes(model, text, cfg), args.device),
@@ -195,10 +202,13 @@ def batch_one_table(args: argparse.Namespace, model: GPT, floor: float) -> None:
                                                   args.device),
         "KV cache, frozen steps": lambda: timed(lambda: generate_codes(model, text, cfg, decode="frozen"),
                                                 args.device),
+        "KV cache, frozen steps, int8 weights": lambda: timed(lambda: generate_codes(int8, text, cfg, decode="frozen"),
+                                                              args.device),
         "taming-style KV (concatenated)": lambda: timed(lambda: taming_style_codes(model, text, cfg), args.device),
     }
     for decode in ("compiled", "frozen"):  # compiles (not timed)
         generate_codes(model, text, cfg, decode=decode)
+    generate_codes(int8, text, cfg, decode="frozen")
     taming_style_codes(model, text, cfg)
     times: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(args.interleave):
@@ -212,9 +222,13 @@ def batch_one_table(args: argparse.Namespace, model: GPT, floor: float) -> None:
                      f"{taming / median[name]:.2f}x", f"{median[name] / floor:.2f}x"])
     table(["batch 1, no guidance", "median s/image", f"spread ({args.interleave} rounds)", "vs recompute",
            "vs taming-style", "x fp32 floor"], rows)
-    best = min(median[name] for name in methods if name.startswith("KV cache"))
-    print(f"\ntargets (the faster KV row): >= 12x recompute: {recompute / best:.1f}x; <= 1.5x floor: "
+    best = min(median[name] for name in methods if name.startswith("KV cache") and "int8" not in name)
+    print(f"\ntargets (the fastest fp32 KV row): >= 12x recompute: {recompute / best:.1f}x; <= 1.5x floor: "
           f"{best / floor:.2f}x; >= 1.3x taming-style: {taming / best:.2f}x")
+    print(f"int8 weights (sampling.weights=int8, bf16 activations): <= 0.6x the fp32 floor: "
+          f"{median['KV cache, frozen steps, int8 weights'] / floor:.2f}x; they read {bytes_per_step(int8) / MB:.1f} MB "
+          f"per step (int8 weights and scales, bf16 norms and biases): their own floor "
+          f"{floor * bytes_per_step(int8) / bytes_per_step(model):.3f} s/image")
 
 
 def sjd_row(label: str, model: GPT, text: torch.Tensor, cfg: SamplingConfig, window: int, repeats: int,
@@ -291,7 +305,7 @@ def bytes_per_step(model: GPT) -> int:
 
     The token and position embeddings contribute one row each and are left out.
     """
-    params = [*model.blocks.parameters(), *model.ln_f.parameters()]
+    params = [*model.blocks.parameters(), *model.blocks.buffers(), *model.ln_f.parameters()]  # int8: weights are buffers
     head = head_rows_read(model) * model.cfg.n_embd * model.head.weight.element_size()
     return sum(p.numel() * p.element_size() for p in params) + head
 
@@ -405,7 +419,7 @@ def steps_table(args: argparse.Namespace, model: GPT) -> dict:
     printed, and returned (experiments/gpu_check.py reads them)."""
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = model.to(dtype)
+    model = quantize_weights(model.to(dtype), args.weights)  # int8: bf16 activations on every device
     vqgan_cfg = replace(load_vqgan_config("shapes" if args.quick else "f16_16384"), n_embed=model.cfg.n_image_codes)
     vqgan = VQModel(vqgan_cfg).to(device).eval()
     cfg = SamplingConfig(top_k=args.top_k, seed=0, guidance_scale=3.0)
@@ -478,6 +492,8 @@ def main() -> None:
     parser.add_argument("--steps-table", action="store_true",
                         help="time the decode modes (--decodes) with guidance instead; bf16 on CUDA")
     parser.add_argument("--decodes", nargs="+", default=["eager", "compiled"], choices=["eager", "static", "compiled", "frozen"])
+    parser.add_argument("--weights", default="unchanged", choices=["unchanged", "int8"],
+                        help="the steps table's sampling.weights (int8: pair it with --decodes frozen)")
     parser.add_argument("--sjd-window", type=int, default=16, help="SJD's draft window (0: skip the SJD rows)")
     parser.add_argument("--sjd-ckpt", default=None, help="also time SJD on this trained GPT checkpoint")
     parser.add_argument("--memory-probe", choices=["build", "sample"], help=argparse.SUPPRESS)

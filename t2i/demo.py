@@ -231,7 +231,7 @@ class Engine:
                 job.steps = min(steps, total)
 
         started = time.perf_counter()
-        with StepCounter(generator.gpt, generator.decode_mode, on_step):
+        with StepCounter(generator.sampler, generator.decode_mode, on_step):
             codes = generator.sample_codes(prompts, sampling, self.batch_size, seeds)
         on_step(total)
         for job in jobs:
@@ -487,7 +487,8 @@ def setup(cfg: DictConfig, out_dir: Path):
     for name, value in [*((f"limits.{k}", v) for k, v in limits.items()), *((f"queue.{k}", v) for k, v in queue.items())]:
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=resolve_device(cfg.device), decode=cfg.decode)
+    generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=resolve_device(cfg.device), decode=cfg.decode,
+                                          weights=cfg.weights)
     from t2i.eval.text_to_image import CaptionScorer
 
     scorer, caption_source = CaptionScorer.for_generator(generator, cfg.caption_ckpt)

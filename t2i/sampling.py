@@ -13,7 +13,7 @@ How a step runs (`decode`, the same codes up to float rounding): "eager" (the ca
 int, attention over the filled part), "static" (GPT.forward_at: fixed shapes, the position a tensor),
 "compiled" (the static step through torch.compile; on CUDA mode "reduce-overhead", which captures
 it once as a CUDA graph and replays it: no per-kernel launch cost, the gpt-fast / LlamaGen pattern)
-or "frozen" (compiled with the weights folded in as constants: `frozen_step`).
+or "frozen" (compiled with the weights folded in as constants: `compiled_step`).
 
 Guidance schedules move the scale over the image positions t = 0 .. T-1: constant, a linear ramp
 (VAR: 1 + (g - 1) t / T), power-cosine (RAR: 1 + (g - 1) (1 - cos(pi (t / T)^p)) / 2), and an
@@ -46,6 +46,7 @@ import torchvision
 from t2i.checkpoints import GPTRecord, load_gpt, load_record_vqgan
 from t2i.data.tokenizer import FixedLengthTokenizer
 from t2i.models.gpt import GPT
+from t2i.models.int8 import quantize_weights
 from t2i.models.layout import SuperresGrid
 from t2i.models.vqgan import VQModel
 
@@ -138,36 +139,40 @@ _compiled_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # GPT 
 _frozen_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # GPT -> {batch size: KVCache}
 
 
+# torch.compile keeps at most dynamo's recompile_limit (8) compilations of one function, and every model and
+# batch size sampled in a process is one compilation of GPT.forward_at: allow that many (set around each call)
+STEP_COMPILATIONS = 256
+
+
 def compiled_step(model: GPT, decode: str = "compiled"):
-    """model.forward_at through torch.compile, once per model and decode mode ("compiled" or "frozen")."""
+    """model.forward_at through torch.compile, once per model and decode mode.
+
+    "compiled": on CUDA mode "reduce-overhead" (a CUDA graph). "frozen": the weights compiled in as
+    constants (inductor's freezing) and the matrix products autotuned (mode "max-autotune"; a CUDA graph
+    on GPUs as well). Why: with constant weights inductor pre-packs them for its own C++ GEMM, which it
+    times against the BLAS call and keeps where faster; at batch 1 on a CPU that reads the weights on
+    every core, where torch's matrix-vector product reads each one through a single core (~2x faster per
+    step at the base size: experiments/RESULTS.md). The costs: the first call at each batch size compiles
+    and autotunes (~30 s at the base size on two CPU cores); the packed copies add about the weights' size
+    in memory; the weights must not change after the first call (the step would keep the old ones: build
+    a new model); the cache is reused between calls (`frozen_cache`), so one generation at a time per
+    model; and which kernel autotuning keeps can change the last bits of the logits from run to run.
+    torch.compile's `options` do not reach the freezing switch, so it is set around each call (the first
+    call, and any recompilation, happen inside one).
+    """
     steps = _compiled_steps.setdefault(model, {})
     if decode not in steps:
-        steps[decode] = frozen_step(model) if decode == "frozen" else torch.compile(
-            model.forward_at, mode="reduce-overhead" if model.tok_emb.weight.is_cuda else None, fullgraph=True,
-            dynamic=False)
+        frozen = decode == "frozen"
+        mode = "max-autotune" if frozen else "reduce-overhead" if model.tok_emb.weight.is_cuda else None
+        step = torch.compile(model.forward_at, mode=mode, fullgraph=True, dynamic=False)
+
+        def run(*args):
+            with torch._dynamo.config.patch(recompile_limit=STEP_COMPILATIONS), \
+                    torch._inductor.config.patch(freezing=frozen):
+                return step(*args)
+
+        steps[decode] = run
     return steps[decode]
-
-
-def frozen_step(model: GPT):
-    """forward_at compiled with its weights as constants (inductor's freezing) and its matrix products
-    autotuned (mode "max-autotune"; a CUDA graph on GPUs as well).
-
-    Why: with constant weights inductor pre-packs them for its own C++ GEMM, which it times against the
-    BLAS call and keeps where faster; at batch 1 on a CPU that reads the weights on every core, where
-    torch's matrix-vector product reads each one through a single core (~2x faster per step at the base
-    size: experiments/RESULTS.md). The costs: the first call at each batch size compiles and autotunes
-    (~30 s at the base size on two CPU cores); the packed copies add about the weights' size in memory;
-    the weights must not change after the first call (the step would keep the old ones: build a new
-    model); and the cache is reused between calls (`frozen_cache`), so one generation at a time per model.
-    torch.compile's `options` do not reach the freezing switch, so it is set around each call (the
-    first call, and any recompilation, happen inside one)."""
-    step = torch.compile(model.forward_at, mode="max-autotune", fullgraph=True, dynamic=False)
-
-    def run(*args):
-        with torch._inductor.config.patch(freezing=True):
-            return step(*args)
-
-    return run
 
 
 def frozen_cache(model: GPT, batch_size: int):
@@ -589,23 +594,29 @@ class Generator:
     """A trained GPT with its tokenizer and VQGAN: prompts in, codes and images out.
 
     `record` is the checkpoint's (t2i.checkpoints.GPTRecord): GPT config, tokenizer, VQGAN identity,
-    training options, sampling defaults.
+    training options, sampling defaults. `decode` is how sampling steps run (DECODES) and `weights`
+    what the sampler's weights are (t2i.models.int8.WEIGHTS): `sampler` is the GPT that samples,
+    `gpt` the one loaded (which scores, e.g. Caption Loss).
     """
 
     def __init__(self, gpt: GPT, tokenizer: FixedLengthTokenizer, vqgan: VQModel, record: GPTRecord,
-                 decode: str = "eager"):
+                 decode: str = "eager", weights: str = "unchanged"):
         if decode not in DECODES:
             raise ValueError(f"sampling.decode must be one of {DECODES}, got {decode!r}")
+        if weights != "unchanged" and decode != "frozen":
+            warnings.warn(f"sampling.weights={weights} is fast only with sampling.decode=frozen (torch's int8 kernels "
+                          f"come with compilation); decode={decode} turns the weights back into bf16 at every step")
         self.gpt, self.tokenizer, self.vqgan = gpt.eval(), tokenizer, vqgan.eval()
+        self.sampler = quantize_weights(self.gpt, weights)
         self.record, self.decode_mode = record, decode
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, vqgan_ckpt: str | Path | None = None, device: str = "cpu",
-                        decode: str = "eager") -> Generator:
+                        decode: str = "eager", weights: str = "unchanged") -> Generator:
         """Everything from a GPT checkpoint; the VQGAN it names (or `vqgan_ckpt`) must match its hash."""
         gpt, record = load_gpt(path)
         vqgan = load_record_vqgan(record, str(path), vqgan_ckpt)
-        return cls(gpt.to(device), record.tokenizer_model(), vqgan.to(device), record, decode)
+        return cls(gpt.to(device), record.tokenizer_model(), vqgan.to(device), record, decode, weights)
 
     @property
     def device(self) -> torch.device:
@@ -629,7 +640,7 @@ class Generator:
         for start in range(0, len(prompts), per_batch):
             text = self.tokenizer(prompts[start:start + per_batch]).to(self.device)
             batch_seeds = None if seeds is None else seeds[start:start + per_batch]
-            codes.append(generate_codes(self.gpt, text, cfg, seeds=batch_seeds, stats=stats,
+            codes.append(generate_codes(self.sampler, text, cfg, seeds=batch_seeds, stats=stats,
                                         decode=self.decode_mode).view(-1, h, w))
         return torch.cat(codes)
 
@@ -648,11 +659,11 @@ class SuperResolver(Generator):
     codes in, codes and images at twice the resolution out (CogView's super-resolution stage)."""
 
     def __init__(self, gpt: GPT, tokenizer: FixedLengthTokenizer, vqgan: VQModel, record: GPTRecord,
-                 decode: str = "eager"):
+                 decode: str = "eager", weights: str = "unchanged"):
         if record.superres_grid is None:
             raise ValueError("not a super-resolution GPT (its checkpoint record has no superres entry): train one "
                              "with python train.py experiment=superres_shapes (stage.superres)")
-        super().__init__(gpt, tokenizer, vqgan, record, decode)
+        super().__init__(gpt, tokenizer, vqgan, record, decode, weights)
         self.grid = record.superres_grid
 
     @property
@@ -682,7 +693,7 @@ class SuperResolver(Generator):
         out = []
         for start in range(0, len(prompts), per_batch):
             text = self.tokenizer(prompts[start:start + per_batch]).to(self.device)
-            out.append(superres_codes(self.gpt, self.grid, text, low[start:start + per_batch].to(self.device), cfg,
+            out.append(superres_codes(self.sampler, self.grid, text, low[start:start + per_batch].to(self.device), cfg,
                                       seeds=None if seeds is None else seeds[start:start + per_batch], stats=stats,
                                       decode=self.decode_mode))
         return torch.cat(out)

@@ -72,7 +72,7 @@ def test_pb_relax_attention_equals_plain_attention_in_fp32():
     relaxed = CausalSelfAttention(GPTConfig(**TINY, pb_relax=True))
     q, k, v = (torch.randn(2, 2, 7, 16) for _ in range(3))
     mask = torch.ones(7, 7, dtype=torch.bool).tril()
-    written_out = relaxed._pb_relax_attention(q, k, v, mask)
+    written_out = relaxed._written_attention(q, k, v, mask)
     assert torch.allclose(written_out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-5)
     # SDPA stands in wherever it is exact: not for fp16 on a CPU
     assert not relaxed._written_out(q) and not relaxed._written_out(q.bfloat16()) and relaxed._written_out(q.half())
@@ -92,7 +92,7 @@ def test_pb_relax_keeps_fp16_attention_finite_where_plain_overflows():
 
     reference = plain(q.double(), k.double(), v.double())
     assert not torch.isfinite(plain(q.half(), k.half(), v.half())).all()
-    relaxed = attention._pb_relax_attention(q.half(), k.half(), v.half(), mask)
+    relaxed = attention._written_attention(q.half(), k.half(), v.half(), mask)
     assert torch.isfinite(relaxed).all()
     assert torch.allclose(relaxed.double(), reference, atol=1e-2 * reference.abs().max().item())
 

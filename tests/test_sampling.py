@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from t2i.models.gpt import GPT, GPTConfig
-from t2i.sampling import SamplingConfig, _draw, _prompt_uniforms, filter_logits, generate_codes, guidance_scales
+from t2i.sampling import (SamplingConfig, _draw, _prompt_uniforms, compiled_step, filter_logits, generate_codes,
+                          guidance_scales)
 
 TINY = dict(n_image_codes=40, n_text_tokens=30, text_len=6, image_len=9, n_layer=2, n_head=2, n_embd=32)
 
@@ -63,7 +64,7 @@ def test_bad_options_are_named():
 
 
 @pytest.mark.parametrize("layout", ["t2i", "paipainter"])
-@pytest.mark.parametrize("decode", ["static", "compiled", "frozen"])
+@pytest.mark.parametrize("decode", ["static", "compiled"])
 def test_fixed_shape_decode_steps_sample_what_the_eager_step_samples(text, layout, decode):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY, norm="sandwich", layout=layout)).eval()
@@ -73,14 +74,26 @@ def test_fixed_shape_decode_steps_sample_what_the_eager_step_samples(text, layou
         generate_codes(model, text, SamplingConfig(), decode="graph")
 
 
-def test_frozen_steps_compile_once_per_batch_size_and_reuse_their_cache(text):
+@pytest.mark.parametrize("layout", ["t2i", "paipainter"])
+@torch.no_grad()
+def test_frozen_steps_compute_the_static_step_and_compile_once_per_batch_size(text, layout):
+    # frozen steps' products are whichever kernel autotuning timed fastest, so their last bits (and at a near
+    # tie a sampled code) can differ from the eager step's: the step is compared, then the sampler's use of it
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**TINY, norm="sandwich")).eval()
-    cfg = SamplingConfig(seed=1, top_k=10)
+    model = GPT(GPTConfig(**TINY, norm="sandwich", layout=layout)).eval()
+    prefix = model.layout.prefix(text)
+    logits = []
+    for step in (model.forward_at, compiled_step(model, "frozen")):
+        cache = model.new_cache(len(prefix))
+        model(prefix, cache, last=1, head_rows=40)
+        logits.append(step(torch.tensor([[3], [4], [5]]), torch.tensor([cache.length]), cache, 40))
+    assert torch.allclose(logits[0], logits[1], rtol=1e-4, atol=1e-5)
+    cfg = SamplingConfig(seed=1, top_k=10, guidance_scale=3.0, guidance_interval=(0.0, 0.5))
     generate_codes(model, text, cfg, decode="frozen")
     other = text.flip(0)
     with torch.compiler.set_stance("fail_on_recompile"):  # the same step and cache: no new compilation
-        assert torch.equal(generate_codes(model, other, cfg, decode="frozen"), generate_codes(model, other, cfg))
+        frozen = generate_codes(model, other, cfg, decode="frozen")
+    assert (frozen == generate_codes(model, other, cfg)).float().mean() >= 0.9
 
 
 @pytest.mark.parametrize("options", [{"norm_type": "rms", "mlp": "swiglu", "pos": "rope2d", "bias": False},
@@ -177,7 +190,7 @@ def test_bad_schedule_options_are_named():
             SamplingConfig(guidance_interval=interval)
 
 
-@pytest.mark.parametrize("decode", ["static", "compiled", "frozen"])
+@pytest.mark.parametrize("decode", ["static", "compiled"])
 def test_fixed_shape_steps_follow_a_guidance_interval(text, decode):
     # past the interval the eager step drops the null-text half; the fixed-shape step keeps it at scale 1
     torch.manual_seed(0)

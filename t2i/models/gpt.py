@@ -204,8 +204,10 @@ class CausalSelfAttention(nn.Module):
             keys.index_copy_(2, position, k)
             values.index_copy_(2, position, v)
             visible = torch.arange(keys.shape[2], device=x.device) <= position
-            if self._written_out(q):
-                y = self._pb_relax_attention(q, keys, values, visible[None])
+            # on a CPU written out too: compiled, one query's attention fuses into a few loops, where
+            # SDPA's CPU kernel took ~15% of a base-size step (experiments/RESULTS.md)
+            if self._written_out(q) or not q.is_cuda:
+                y = self._written_attention(q, keys, values, visible[None])
             else:
                 with self._fused_kernels(q):
                     y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[None])
@@ -219,7 +221,7 @@ class CausalSelfAttention(nn.Module):
         # query i (absolute position start + i) sees keys 0 .. start + i; one new query sees them all
         mask = None if start == 0 or t == 1 else torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(start)
         if self._written_out(q):
-            y = self._pb_relax_attention(q, k, v, torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(start))
+            y = self._written_attention(q, k, v, torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(start))
         else:
             with self._fused_kernels(q):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0 and t > 1,
@@ -239,10 +241,13 @@ class CausalSelfAttention(nn.Module):
             return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
         return nullcontext()
 
-    def _pb_relax_attention(self, q, k, v, mask):
-        scores = (q / (self.alpha * math.sqrt(self.head_dim))) @ k.transpose(-2, -1)
+    def _written_attention(self, q, k, v, mask):
+        """softmax(QK^T / sqrt(d)) V with a boolean mask, in PB-relax's form when it is on."""
+        alpha = self.alpha if self.pb_relax else 1.0
+        scores = (q / (alpha * math.sqrt(self.head_dim))) @ k.transpose(-2, -1)
         scores = scores.masked_fill(~mask, float("-inf"))
-        scores = (scores - scores.detach().amax(-1, keepdim=True)) * self.alpha
+        if self.pb_relax:
+            scores = (scores - scores.detach().amax(-1, keepdim=True)) * alpha
         weights = F.dropout(scores.float().softmax(-1).to(v.dtype), self.dropout, self.training)
         return weights @ v
 
@@ -336,8 +341,14 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         if head_rows is None:
             return self.head(x)
-        rows = slice(0, head_rows) if isinstance(head_rows, int) else head_rows
-        return F.linear(x, self.head.weight[rows])  # a block of rows: a view, no copy
+        return self.head_logits(x, slice(0, head_rows) if isinstance(head_rows, int) else head_rows)
+
+    def head_logits(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Logits over a block of the head's rows (a view of the weight, no copy); an int8 head
+        (t2i.models.int8) takes the block itself."""
+        if isinstance(self.head, nn.Linear):
+            return F.linear(x, self.head.weight[rows])
+        return self.head(x, rows)
 
     def forward_at(self, token: torch.Tensor, position: torch.Tensor, cache: KVCache, head_rows: int) -> torch.Tensor:
         """One token per row [B, 1] at `position` (a [1] long tensor on the model's device) -> logits over the
@@ -351,7 +362,7 @@ class GPT(nn.Module):
             rotary = self._rotary(cache.caption[:len(token)], position)
         for layer, block in enumerate(self.blocks):
             x = block(x, cache, layer, position, rotary)
-        return F.linear(self.ln_f(x[:, -1]), self.head.weight[:head_rows])
+        return self.head_logits(self.ln_f(x[:, -1]), slice(0, head_rows))
 
     def _rotary(self, caption: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) [B, 1, T, head_dim / 2] of the rotary angles at `positions` for rows of each direction.
