@@ -151,10 +151,10 @@ def compiled_step(model: GPT, decode: str = "compiled"):
     constants (inductor's freezing) and the matrix products autotuned (mode "max-autotune"; a CUDA graph
     on GPUs as well). Why: with constant weights inductor pre-packs them for its own C++ GEMM, which it
     times against the BLAS call and keeps where faster; at batch 1 on a CPU that reads the weights on
-    every core, where torch's matrix-vector product reads each one through a single core (~2x faster per
+    every core, where torch's matrix-vector product reads each one through a single core (~2.5x faster per
     step at the base size: experiments/RESULTS.md). The costs: the first call at each batch size compiles
-    and autotunes (~30 s at the base size on two CPU cores); the packed copies add about the weights' size
-    in memory; the weights must not change after the first call (the step would keep the old ones: build
+    and autotunes (~30 s at the base size on two CPU cores); a packed copy of the weights is kept in
+    memory; the weights must not change after the first call (the step would keep the old ones: build
     a new model); the cache is reused between calls (`frozen_cache`), so one generation at a time per
     model; and which kernel autotuning keeps can change the last bits of the logits from run to run.
     torch.compile's `options` do not reach the freezing switch, so it is set around each call (the first
