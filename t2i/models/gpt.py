@@ -13,7 +13,7 @@ before the residual add) and PB-relax (attention scores computed as
 softmax((QK^T / (alpha sqrt(d)) - max) * alpha), and LayerNorm inputs divided by max|x| / 8, both
 equal to the plain forms in exact arithmetic but free of fp16 overflow). Attention runs through
 F.scaled_dot_product_attention (flash attention on GPUs), PB-relax's too wherever that computes it
-exactly; only fp16 off CUDA writes it out.
+exactly; it is written out in fp16 off CUDA, and for the one query of `forward_at` on CPUs (faster compiled).
 
 `forward(tokens, cache=...)` with a `KVCache` appends the new positions' keys and values to
 preallocated per-layer buffers, so sampling costs one position per step. `forward_at(token, position,
