@@ -138,8 +138,8 @@ def sampling_options(cfg: DictConfig, generator: Generator) -> tuple[SamplingCon
     the checkpoint's (what its training grids used), then SamplingConfig's defaults."""
     options = OmegaConf.to_container(cfg.sampling, resolve=True)
     batch_size = options.pop("batch_size", None)
-    options.pop("decode", None)  # how steps run, not what they sample: the Generator's
-    options.pop("weights", None)
+    for generator_option in ("decode", "weights"):  # how steps run, not what they sample: the Generator's
+        options.pop(generator_option, None)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"sampling.batch_size must be an integer >= 1 (sequences per sampling batch), "
                          f"got {batch_size}")

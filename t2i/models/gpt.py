@@ -204,8 +204,8 @@ class CausalSelfAttention(nn.Module):
             keys.index_copy_(2, position, k)
             values.index_copy_(2, position, v)
             visible = torch.arange(keys.shape[2], device=x.device) <= position
-            # on a CPU written out too: compiled, one query's attention fuses into a few loops, where
-            # SDPA's CPU kernel took ~15% of a base-size step (experiments/RESULTS.md)
+            # on a CPU written out too: compiled, one query's attention fuses into a few loops, cheaper
+            # than SDPA's CPU kernel (experiments/RESULTS.md, the frozen rows)
             if self._written_out(q) or not q.is_cuda:
                 y = self._written_attention(q, keys, values, visible[None])
             else:
