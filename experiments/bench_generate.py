@@ -31,8 +31,8 @@ concatenated with the new ones at every step, attention written out, the whole h
 Targets there: >= 12x recompute, <= 1.5x the fp32 floor, >= 1.3x faster than taming's sampler.
 
 `--steps-table` times the decode modes instead (sampling.decode: eager, static, compiled = a CUDA
-graph on GPUs, frozen; `--weights int8` for sampling.weights), in bf16 on a GPU (fp32 on the CPU), with guidance 3 (both halves in one batch): ms per
-image step at each batch, images/s including the VQGAN f16 decode (bf16 autocast, the VQ lookup
+graph on GPUs, frozen; `--weights int8` for sampling.weights), in bf16 on a GPU (fp32 on the CPU),
+with guidance 3 (both halves in one batch): ms per image step at each batch, images/s including the VQGAN f16 decode (bf16 autocast, the VQ lookup
 exact), the memory floor per step (weights read once at the bandwidth measured) and peak memory.
 GPU goal: <= 1 ms per step at batch 1 with guidance, base size, on one H100.
 
@@ -64,10 +64,10 @@ from pathlib import Path
 import torch
 
 from t2i.models.gpt import GPT, GPTConfig
-from t2i.models.int8 import quantize_weights
+from t2i.models.int8 import WEIGHTS, quantize_weights
 from t2i.models.vqgan import VQModel
 from t2i.pretokenize import load_vqgan_config
-from t2i.sampling import SamplingConfig, SamplingStats, decode_to_uint8, filter_logits, generate_codes
+from t2i.sampling import DECODES, SamplingConfig, SamplingStats, decode_to_uint8, filter_logits, generate_codes
 
 BASE = {"n_layer": 12, "n_head": 12, "n_embd": 768, "text_len": 32, "image_len": 256, "n_image_codes": 16384,
         "n_text_tokens": 16000}
@@ -502,8 +502,8 @@ def main() -> None:
                         help="rounds of the interleaved batch-1 table (0: skip it)")
     parser.add_argument("--steps-table", action="store_true",
                         help="time the decode modes (--decodes) with guidance instead; bf16 on CUDA")
-    parser.add_argument("--decodes", nargs="+", default=["eager", "compiled"], choices=["eager", "static", "compiled", "frozen"])
-    parser.add_argument("--weights", default="unchanged", choices=["unchanged", "int8"],
+    parser.add_argument("--decodes", nargs="+", default=["eager", "compiled"], choices=DECODES)
+    parser.add_argument("--weights", default="unchanged", choices=WEIGHTS,
                         help="the steps table's sampling.weights (int8: pair it with --decodes frozen)")
     parser.add_argument("--sjd-window", type=int, default=16, help="SJD's draft window (0: skip the SJD rows)")
     parser.add_argument("--sjd-ckpt", default=None, help="also time SJD on this trained GPT checkpoint")

@@ -82,11 +82,12 @@ def test_frozen_steps_compute_the_static_step_and_compile_once_per_batch_size(te
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY, norm="sandwich", layout=layout)).eval()
     prefix = model.layout.prefix(text)
-    logits = []
-    for step in (model.forward_at, compiled_step(model, "frozen")):
-        cache = model.new_cache(len(prefix))
-        model(prefix, cache, last=1, head_rows=40)
-        logits.append(step(torch.tensor([[3], [4], [5]]), torch.tensor([cache.length]), cache, 40))
+    token, logits, caches = torch.tensor([[3], [4], [5]]), [], []
+    frozen_step = compiled_step(model, "frozen")
+    for step in (model.forward_at, frozen_step):
+        caches.append(model.new_cache(len(prefix)))
+        model(prefix, caches[-1], last=1, head_rows=40)
+        logits.append(step(token, torch.tensor([caches[-1].length]), caches[-1], 40))
     assert torch.allclose(logits[0], logits[1], rtol=1e-4, atol=1e-5)
     cfg = SamplingConfig(seed=1, top_k=10, guidance_scale=3.0, guidance_interval=(0.0, 0.5))
     generate_codes(model, text, cfg, decode="frozen")
@@ -94,6 +95,11 @@ def test_frozen_steps_compute_the_static_step_and_compile_once_per_batch_size(te
     with torch.compiler.set_stance("fail_on_recompile"):  # the same step and cache: no new compilation
         frozen = generate_codes(model, other, cfg, decode="frozen")
     assert (frozen == generate_codes(model, other, cfg)).float().mean() >= 0.9
+    # the weights really are compiled in: changed afterwards, the frozen step still computes with the old ones
+    model.head.weight.data.zero_()
+    position = torch.tensor([caches[1].length])
+    assert not model.forward_at(token, position, caches[0], 40).any()
+    assert torch.equal(frozen_step(token, position, caches[1], 40), logits[1])
 
 
 @pytest.mark.parametrize("options", [{"norm_type": "rms", "mlp": "swiglu", "pos": "rope2d", "bias": False},
