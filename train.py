@@ -1,7 +1,12 @@
-"""Train one stage of the pipeline: python train.py stage=<tokenizer|vqgan|gpt> data=<name> [key=value ...]"""
+"""Train one stage of the pipeline: python train.py [stage=<gpt|tokenizer|vqgan>] data=<name> [key=value ...]
+
+The GPT is the default stage: python train.py model=large data=muge trainer.devices=8 trains the large
+GPT on MUGE's code shards over 8 GPUs. The plan it resolved (t2i.plan) is printed before it starts.
+"""
 
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -11,12 +16,13 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from t2i.callbacks import AtomicCheckpointIO, fit_outcome, hpc_checkpoint, last_checkpoint, saved_wandb_run_id
 from t2i.data.datamodule import DataConfig, ShardDataModule
 from t2i.data.tokenizer import fit_tokenizer
-from t2i.devices import check_devices
+from t2i.plan import resolve_run, run_plan
 from t2i.precision import set_matmul_precision
 from t2i.stages.gpt_stage import GPTStage
 from t2i.stages.vqgan_stage import VQGANStage
@@ -28,6 +34,10 @@ LIGHTNING_STAGES = {"vqgan": VQGANStage, "gpt": GPTStage}
 
 def train_tokenizer(cfg: DictConfig) -> dict:
     data = DataConfig.from_dict(OmegaConf.to_container(cfg.data, resolve=True))
+    if data.tokenizer_path.exists() and not cfg.stage.overwrite:
+        raise FileExistsError(f"{data.tokenizer_path} exists (models and code shards of data={data.name} may use it): "
+                              "kept. To replace it, add stage.overwrite=true; to train another one, set "
+                              "data.tokenizer.path=NEW_PATH")
     stats = fit_tokenizer(
         data.captions("train"), data.tokenizer_path, data.tokenizer.vocab_size, data.tokenizer.model_type,
         text_len=data.text_len, character_coverage=cfg.stage.character_coverage,
@@ -72,8 +82,19 @@ def refuse_local_processes_in_multirun(trainer: L.Trainer) -> None:
 
 
 def train_lightning_stage(cfg: DictConfig) -> dict:
+    devices = resolve_run(cfg)  # devices checked, precision and the GPT's shards chosen: before anything is built
     options = instantiate(cfg.trainer, _convert_="all")  # presets may hold objects (the fsdp strategy)
-    check_devices(options["accelerator"], options["devices"])
+    # the same seed in every process: the same initial weights (FSDP shards them without a broadcast);
+    # ResumeState seeds each process for its rank when training starts
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = ShardDataModule(OmegaConf.to_container(cfg.data, resolve=True))
+    stage = LIGHTNING_STAGES[cfg.stage.name].from_config(cfg, datamodule)
+    plan = run_plan(cfg, options, devices, stage)
+    if rank_zero_only.rank == 0:  # set from the launcher's environment, as Lightning's own rank-zero logging
+        log.info("the plan:\n  %s", "\n  ".join(plan.lines()))
+        plan.save(options["default_root_dir"])
+    if cfg.dry_run:
+        return {}
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
     ckpt_path = cfg.ckpt_path
     if ckpt_path == "last":  # resolved here (as Lightning would) so the W&B run id comes from the same file
@@ -87,14 +108,10 @@ def train_lightning_stage(cfg: DictConfig) -> dict:
     logger = make_logger(cfg, resumed_from)
     trainer = L.Trainer(**options, logger=logger, callbacks=callbacks,
                         plugins=[AtomicCheckpointIO()])  # a killed run never leaves a truncated checkpoint
-    refuse_local_processes_in_multirun(trainer)  # before anything is built or logged
+    refuse_local_processes_in_multirun(trainer)  # before anything is logged or trained
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # the resolved config (W&B: the run config)
-    # the same seed in every process: the same initial weights (FSDP shards them without a broadcast);
-    # ResumeState seeds each process for its rank when training starts
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule = ShardDataModule(OmegaConf.to_container(cfg.data, resolve=True))
-    stage = LIGHTNING_STAGES[cfg.stage.name].from_config(cfg, datamodule)
+        logger.log_hyperparams({f"plan/{key}": value for key, value in asdict(plan).items()})
     trainer.fit(stage, datamodule=datamodule, ckpt_path=ckpt_path)
     if isinstance(logger, WandbLogger):  # the next job of a multirun (same process) must start its own run
         logger.experiment.finish()

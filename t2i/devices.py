@@ -7,8 +7,9 @@ import os
 import torch
 
 
-def check_devices(accelerator: str, devices, prefix: str = "trainer") -> None:
-    """Raise an error naming the setting to change when the machine cannot give what was asked.
+def check_devices(accelerator: str, devices, prefix: str = "trainer") -> int:
+    """The number of devices (processes on this node) asked for; an error naming the setting to change
+    when the machine cannot give them.
 
     `devices` as Lightning takes it: a count, -1 / "auto" (all), or a list of indices. A CPU
     "device" is a process; more processes than cores would only slow every one of them down.
@@ -26,8 +27,10 @@ def check_devices(accelerator: str, devices, prefix: str = "trainer") -> None:
     elif isinstance(devices, int) and devices > 0:
         wanted = devices
     else:  # -1 / "auto": whatever there is
-        return
+        return available if kind == "gpu" else 1
     if wanted > available:
         what = "CUDA GPU(s)" if kind == "gpu" else "CPU cores (a CPU device is one process)"
-        raise ValueError(f"{prefix}.devices={devices} but this machine has {available} {what}: "
+        found = "" if gpus or kind == "gpu" else "no CUDA GPU and "
+        raise ValueError(f"{prefix}.devices={devices} but this machine has {found}{available} {what}: "
                          f"set {prefix}.devices to at most {available} (or -1 for all)")
+    return len(devices) if isinstance(devices, (list, tuple)) else wanted

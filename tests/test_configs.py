@@ -24,7 +24,7 @@ def _compose(overrides: list[str], name: str = "train"):
 
 @pytest.mark.parametrize("preset, expected", [
     ("cpu", {"accelerator": "cpu", "devices": 1, "strategy": "auto", "precision": "32-true"}),
-    ("gpu", {"accelerator": "gpu", "devices": 1, "precision": "bf16-mixed"}),
+    ("gpu", {"accelerator": "gpu", "devices": 1, "precision": "auto"}),  # bf16-mixed or 16-mixed: t2i.plan
     ("ddp", {"accelerator": "gpu", "devices": -1, "strategy": "ddp", "num_nodes": 1}),
     ("multi_node", {"accelerator": "gpu", "devices": 8, "strategy": "ddp", "num_nodes": 2}),
     ("ddp_cpu", {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "precision": "32-true"}),

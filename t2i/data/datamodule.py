@@ -59,6 +59,7 @@ class DataConfig:
     name: str = "shapes"
     root: str | None = None  # folder with manifest.json written by a converter (or by pretokenize)
     source: str | None = None  # converter that builds `root`, or "pretokenize" (for error messages)
+    codes_root: str | None = None  # this data's code shards (python -m t2i.pretokenize --out): a GPT run reads them
     splits: dict = field(default_factory=lambda: {"train": "train", "val": "val", "test": "test"})
     urls: dict = field(default_factory=dict)  # role -> brace pattern / URL list, bypassing the manifest
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
