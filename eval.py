@@ -23,6 +23,7 @@ from tqdm import tqdm
 from t2i.data.datamodule import ShardDataModule
 from t2i.data.shapes import oracle_accuracy
 from t2i.devices import check_devices
+from t2i.extras import require, require_logger
 from t2i.eval.fidelity import (
     IS_LAYER,
     FidelityAccumulator,
@@ -55,9 +56,18 @@ from t2i.sampling import CaptionConfig, Generator, SamplingConfig, SuperResolver
 log = logging.getLogger("eval")
 
 
+def eval_data(cfg: DictConfig, **changes) -> ShardDataModule:
+    """The data of an evaluation: images (or codes) and captions, no token ids. The model under evaluation
+    tokenizes captions with its own tokenizer, so the data needs no tokenizer model of its own (a pai-painter
+    import carries WordPiece; a folder converted for it has no tokenizer.model)."""
+    dm = ShardDataModule({**OmegaConf.to_container(cfg.data, resolve=True), **changes})
+    dm.use_tokenizer(None)
+    return dm
+
+
 def oracle_on_real_images(cfg: DictConfig, fabric: Fabric) -> dict:
     """How often the shapes oracle reads the true attributes off the dataset's own images."""
-    dm = ShardDataModule(OmegaConf.to_container(cfg.data, resolve=True))
+    dm = eval_data(cfg)
     images, attributes = [], []
     for batch in tqdm(dm.loader(cfg.split), desc=f"oracle on {cfg.split}"):
         if any("attributes" not in meta for meta in batch["meta"]):
@@ -76,7 +86,7 @@ def reconstruct(cfg: DictConfig, fabric: Fabric) -> dict:
     options = cfg.eval
     vqgan = OmegaConf.to_container(cfg.vqgan, resolve=True) if cfg.get("vqgan") else None
     model = load_vqgan(cfg.ckpt, VQGANConfig(**vqgan) if vqgan else None)
-    dm = ShardDataModule(OmegaConf.to_container(cfg.data, resolve=True))
+    dm = eval_data(cfg)
     if dm.cfg.kind() == "codes":
         raise ValueError(f"task=reconstruct needs the split's images: evaluate on image shards (e.g. data=shapes, not "
                          f"data={dm.cfg.name})")
@@ -178,7 +188,7 @@ def generate(cfg: DictConfig, fabric: Fabric) -> dict:
                "prefix_ids": prefix_ids.tolist(),
                "codes": str(out / "codes.npy"), "files": files, "grid": str(grid), "sampling": asdict(sampling)}
     if cfg.superres_ckpt:  # CogView's second stage: every sample again at twice the resolution
-        resolver = SuperResolver.from_checkpoint(cfg.superres_ckpt, device=fabric.device, decode=cfg.sampling.decode,
+        resolver = SuperResolver.from_checkpoint(cfg.superres_ckpt, cfg.superres.vqgan_ckpt, device=fabric.device, decode=cfg.sampling.decode,
                                                  weights=cfg.sampling.weights)
         with fabric.autocast():
             results.update(write_generated_2x(resolver, generator, prompts, codes, images,
@@ -199,11 +209,10 @@ def superres(cfg: DictConfig, fabric: Fabric) -> dict:
     ckpt= (a text-to-image GPT) also the oracle on generated images and their 2x (t2i.eval.superres)."""
     if not cfg.superres_ckpt:
         raise ValueError("task=superres needs superres_ckpt=PATH (a GPT from experiment=superres_shapes / stage.superres)")
-    resolver = SuperResolver.from_checkpoint(cfg.superres_ckpt, device=fabric.device, decode=cfg.sampling.decode,
+    resolver = SuperResolver.from_checkpoint(cfg.superres_ckpt, cfg.superres.vqgan_ckpt, device=fabric.device, decode=cfg.sampling.decode,
                                              weights=cfg.sampling.weights)
-    data = OmegaConf.to_container(cfg.data, resolve=True)
     sizes = resolver.record.superres
-    loaders = [ShardDataModule({**data, "image_size": sizes[key]}) for key in ("low_size", "high_size")]
+    loaders = [eval_data(cfg, image_size=sizes[key]) for key in ("low_size", "high_size")]
     if loaders[0].cfg.kind() != "image":
         raise ValueError(f"task=superres compares with the split's real images: use image shards (e.g. data=shapes, "
                          f"not data={cfg.data.name})")
@@ -235,7 +244,9 @@ def text_to_image(cfg: DictConfig, fabric: Fabric) -> dict | None:
         raise ValueError("; ".join(f"eval.{key} is now {moved[key]}" for key in sorted(set(options) & set(moved)))
                          + " (one setting for task=generate and evaluation)")
     eval_cfg = EvalConfig(**{k: options[k] for k in EvalConfig.__dataclass_fields__})
-    dm = ShardDataModule(OmegaConf.to_container(cfg.data, resolve=True))
+    if options["clip"]:  # at once, not after the data and the model have loaded
+        require("transformers", instead="eval.clip=false")
+    dm = eval_data(cfg)
     # The data is checked before other processes start, models load and sampling begins.
     prompts = select_prompts(dm, cfg.split, options["num_prompts"], options["caption_seed"])
     per_prompt = cfg.sampling.samples_per_prompt
@@ -322,6 +333,7 @@ def main(cfg: DictConfig):
     if cfg.task not in TASKS:
         raise ValueError(f"task={cfg.task} is not one of: {', '.join(TASKS)}")
     check_devices(cfg.trainer.accelerator, cfg.trainer.devices)
+    require_logger(cfg.get("logger"))
     set_matmul_precision(cfg.matmul_precision)
     fabric = Fabric(**OmegaConf.to_container(cfg.trainer, resolve=True))
     if fabric.world_size > 1 and cfg.task != "t2i":

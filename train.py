@@ -6,6 +6,7 @@ GPT on MUGE's code shards over 8 GPUs. The plan it resolved (t2i.plan) is printe
 
 import json
 import logging
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from t2i.callbacks import AtomicCheckpointIO, fit_outcome, hpc_checkpoint, last_checkpoint, saved_wandb_run_id
 from t2i.data.datamodule import DataConfig, ShardDataModule
 from t2i.data.tokenizer import fit_tokenizer
+from t2i.extras import require_logger, require_plugins
 from t2i.plan import resolve_run, run_plan
 from t2i.precision import set_matmul_precision
 from t2i.stages.gpt_stage import GPTStage
@@ -83,6 +85,7 @@ def refuse_local_processes_in_multirun(trainer: L.Trainer) -> None:
 
 def train_lightning_stage(cfg: DictConfig) -> dict:
     devices = resolve_run(cfg)  # devices checked, precision and the GPT's shards chosen: before anything is built
+    require_logger(cfg.logger)
     options = instantiate(cfg.trainer, _convert_="all")  # presets may hold objects (the fsdp strategy)
     # the same seed in every process: the same initial weights (FSDP shards them without a broadcast);
     # ResumeState seeds each process for its rank when training starts
@@ -155,4 +158,5 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    require_plugins(sys.argv[1:])  # before Hydra composes: a sweep without its plugin gets the extra to install
     main()

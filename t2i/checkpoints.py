@@ -130,17 +130,25 @@ def save_vqgan(path: str | Path, vqgan: VQModel) -> None:
     torch.save({"state_dict": state, "t2i": {"vqgan": asdict(vqgan.cfg)}}, path)
 
 
+# where each entry point takes the VQGAN of a GPT checkpoint that no longer finds its own
+VQGAN_SETTINGS = ("vqgan_ckpt=PATH (for ckpt=; eval.py, the demo), superres.vqgan_ckpt=PATH (for eval.py's "
+                  "superres_ckpt=), stage.vqgan_ckpt=PATH (train.py)")
+
+
 def load_record_vqgan(record: GPTRecord, source: str, vqgan_ckpt: str | Path | None = None) -> VQModel:
     """The VQGAN a GPT checkpoint names (or `vqgan_ckpt`), checked against the record's hash."""
     path = vqgan_ckpt or record.vqgan.get("checkpoint")
+    how = f"pass the VQGAN {source} was trained with: {VQGAN_SETTINGS}"
     if not path:
-        raise ValueError(f"{source} names no VQGAN checkpoint: pass vqgan_ckpt=PATH")
+        raise ValueError(f"{source} names no VQGAN checkpoint: {how}")
+    if not vqgan_ckpt and not Path(path).is_file():
+        raise FileNotFoundError(f"{source} names its VQGAN at {path}, which is not there (moved?): {how}")
     vqgan = load_vqgan(path, VQGANConfig(**record.vqgan["config"]))
     expected = record.vqgan.get("sha256")
     if expected and weights_hash(vqgan) != expected:
         raise ValueError(f"the VQGAN at {path} is not the one {source} was trained with "
                          f"(sha256 {weights_hash(vqgan)[:12]}..., expected {expected[:12]}...): "
-                         "pass the right one with vqgan_ckpt=PATH")
+                         f"{how}")
     return vqgan
 
 

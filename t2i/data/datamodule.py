@@ -168,7 +168,7 @@ class DataConfig:
 class ImageTextDecoder:
     """Raw webdataset sample -> {image, text, caption, key, meta}. Picklable for worker processes."""
 
-    def __init__(self, tokenizer: TextTokenizer, image_size: int, crop: str = "center",
+    def __init__(self, tokenizer: FixedLengthTokenizer | None, image_size: int, crop: str = "center",
                  crop_scale: float = 0.8, hflip: bool = False):
         self.tokenizer = tokenizer
         self.image_size, self.crop, self.crop_scale, self.hflip = image_size, crop, crop_scale, hflip
@@ -178,13 +178,15 @@ class ImageTextDecoder:
         if ext is None:
             raise ValueError("sample has no image")
         caption = sample["txt"].decode("utf-8")
-        return {
+        out = {
             "image": decode_image(sample[ext], self.image_size, self.crop, self.crop_scale, self.hflip, rng),
-            "text": self.tokenizer(caption),
             "caption": caption,
             "key": sample["__key__"],
             "meta": json.loads(sample["json"]) if "json" in sample else {},
         }
+        if self.tokenizer is not None:  # None: no token ids (ShardDataModule.use_tokenizer)
+            out["text"] = self.tokenizer(caption)
+        return out
 
 
 class CodeTextDecoder:
@@ -195,7 +197,7 @@ class CodeTextDecoder:
     `hr_codes`, the same image's grid at the larger size (`hr_codes_shape`).
     """
 
-    def __init__(self, tokenizer: TextTokenizer):
+    def __init__(self, tokenizer: FixedLengthTokenizer | None):
         self.tokenizer = tokenizer
 
     def __call__(self, sample: dict, rng: random.Random) -> dict:
@@ -205,11 +207,12 @@ class CodeTextDecoder:
         caption = sample["txt"].decode("utf-8")
         out = {
             "codes": decode_codes(sample["codes"], meta["codes_shape"]),
-            "text": self.tokenizer(caption),
             "caption": caption,
             "key": sample["__key__"],
             "meta": meta,
         }
+        if self.tokenizer is not None:
+            out["text"] = self.tokenizer(caption)
         if "hrcodes" in sample:
             out["hr_codes"] = decode_codes(sample["hrcodes"], meta["hr_codes_shape"])
         return out
@@ -227,6 +230,7 @@ class ShardDataModule(L.LightningDataModule):
         self.cfg = cfg if isinstance(cfg, DataConfig) else DataConfig.from_dict(cfg)
         self.save_hyperparameters({"data": asdict(self.cfg)})
         self._tokenizer: FixedLengthTokenizer | None = None
+        self._text_ids = True  # batches carry token ids ("text"); off for tasks that read only pixels or codes
         self._train_loader: ResumableLoader | None = None  # the current epoch's
         self._resume_position: dict | None = None  # from a checkpoint, for the loader of its epoch
 
@@ -237,10 +241,13 @@ class ShardDataModule(L.LightningDataModule):
             self._tokenizer = TextTokenizer.from_file(self.cfg.tokenizer_path, self.cfg.text_len)
         return self._tokenizer
 
-    def use_tokenizer(self, tokenizer: FixedLengthTokenizer) -> None:
-        """Tokenize captions with a model's own tokenizer (fine-tuning an existing checkpoint)."""
-        self._tokenizer = tokenizer
-        self.cfg.text_len = tokenizer.text_len
+    def use_tokenizer(self, tokenizer: FixedLengthTokenizer | None) -> None:
+        """Tokenize captions with a model's own tokenizer (fine-tuning or evaluating an existing checkpoint), or
+        None: batches keep their captions but carry no token ids, and no tokenizer model is needed (tasks that
+        read only the images or codes)."""
+        self._tokenizer, self._text_ids = tokenizer, tokenizer is not None
+        if tokenizer is not None:
+            self.cfg.text_len = tokenizer.text_len
 
     def dataset(self, role: str, rank: int | None = None, world_size: int | None = None) -> ShardStream:
         """The stream for `role` (train/val/test); rank and world default to the trainer's."""
@@ -248,14 +255,15 @@ class ShardDataModule(L.LightningDataModule):
             rank, world_size = self.trainer.global_rank, self.trainer.world_size
         cfg = self.cfg
         training = role == "train"
+        tokenizer = self.tokenizer if self._text_ids else None
         if cfg.kind() == "codes":
             if cfg.hflip or cfg.crop != "center":
                 raise ValueError(
                     f"{cfg.root} holds code shards: data.hflip and data.crop=random need images (flipped copies "
                     "are made when pre-tokenizing, with --hflip); set data.hflip=false data.crop=center")
-            decoder, collate_fn = CodeTextDecoder(self.tokenizer), collate
+            decoder, collate_fn = CodeTextDecoder(tokenizer), collate
         else:
-            decoder = ImageTextDecoder(self.tokenizer, cfg.image_size,
+            decoder = ImageTextDecoder(tokenizer, cfg.image_size,
                                        crop=cfg.crop if training else "center", crop_scale=cfg.crop_scale,
                                        hflip=cfg.hflip and training)
             collate_fn = collate_image_batch
