@@ -205,16 +205,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+QUEUE_SIZE, MAX_BATCH = 2, 2  # the server's queue.size and queue.max_batch: 2 * MAX_BATCH requests run at once
+
+
 @pytest.fixture(scope="module")
 def server(ckpt, tmp_path_factory):
-    """`python -m t2i.demo ckpt=...` on a free port of 127.0.0.1; its URL once it answers."""
+    """`python -m t2i.demo ckpt=...` on a free port of 127.0.0.1: its URL, run folder and process, once it answers.
+    Its Gradio cache is a folder of its own (GRADIO_TEMP_DIR); one torch thread (a shared 2-core machine runs
+    the tiny model ~10x faster so than with two)."""
     run_dir = tmp_path_factory.mktemp("demo_run")
     port = _free_port()
-    log = open(run_dir / "server.log", "w")
+    log = open(run_dir.parent / f"{run_dir.name}.server.log", "w")
     process = subprocess.Popen([sys.executable, "-m", "t2i.demo", f"ckpt={ckpt}", f"port={port}", "device=cpu",
-                                f"hydra.run.dir={run_dir}", "queue.max_batch=2", "sampling.samples_per_prompt=2"],
+                                f"hydra.run.dir={run_dir}", f"queue.max_batch={MAX_BATCH}", f"queue.size={QUEUE_SIZE}",
+                                "sampling.samples_per_prompt=2"],
                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                               env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+                               env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1",
+                                    "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio_cache"))})
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 180
     while True:
@@ -224,9 +231,9 @@ def server(ckpt, tmp_path_factory):
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
-                pytest.fail("the demo did not start:\n" + (run_dir / "server.log").read_text()[-3000:])
+                pytest.fail("the demo did not start:\n" + Path(log.name).read_text()[-3000:])
             time.sleep(0.5)
-    yield url, run_dir
+    yield url, run_dir, process
     process.terminate()
     try:
         process.wait(timeout=20)
@@ -287,7 +294,7 @@ def test_page_in_a_browser(server, ckpt, generator):
     browser_path = _chromium()
     from playwright.sync_api import expect, sync_playwright
 
-    url, _ = server
+    url, _, _ = server
     image_len = generator.gpt.cfg.image_len
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
@@ -332,7 +339,7 @@ def test_gradio_client_calls_the_same_endpoint(server, generator):
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
-    url, run_dir = server
+    url, run_dir, _ = server
     client = Client(url, verbose=False)
     gallery, note, files = client.predict(PROMPT, 2, 3.0, 1.0, 10, 1.0, 4, False, 1, api_name="/generate")
     assert len(gallery) == 2 and "seed 4" in note and PROMPT in gallery[0]["caption"]
@@ -344,7 +351,7 @@ def test_gradio_client_calls_the_same_endpoint(server, generator):
         assert np.array_equal(np.asarray(Image.open(entry["image"])), image.permute(1, 2, 0).numpy())
     # refused requests are answered with the reason (Gradio's checks of the controls' ranges, then the
     # demo's), and the server goes on
-    with pytest.raises(AppError, match="less than minimum value 0.1"):
+    with pytest.raises(AppError, match="temperature must be from 0.1 to 2.0, got 0.0"):
         client.predict(PROMPT, 2, 3.0, 0.0, 10, 1.0, 4, False, 1, api_name="/generate")
     with pytest.raises(AppError, match="the prompt has 1200 characters; this page takes at most 1000"):
         client.predict("红" * 1200, 2, 3.0, 1.0, 10, 1.0, 4, False, 1, api_name="/generate")
@@ -364,3 +371,56 @@ def test_gradio_client_calls_the_same_endpoint(server, generator):
     hashes = {hashlib.sha256(Path(answer[0][0]["image"]).read_bytes()).hexdigest() for answer in answers.values()}
     assert len(hashes) == 4
     assert len(list((run_dir / "results").iterdir())) >= 6  # each request's PNGs, grid and zip on disk
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: sampling.batch_size bounds the sequences sampled at once
+
+
+def _rows_allocated(monkeypatch) -> list[int]:
+    """The batch of every KV cache the GPT allocates from now on (every sampling path asks GPT.new_cache)."""
+    from t2i.models.gpt import GPT
+
+    rows, new_cache = [], GPT.new_cache
+    monkeypatch.setattr(GPT, "new_cache", lambda model, batch: rows.append(batch) or new_cache(model, batch))
+    return rows
+
+
+@pytest.mark.parametrize("method", ["ar", "sjd"])
+def test_a_prompts_samples_split_over_sampling_batches_keep_their_codes(generator, monkeypatch, method):
+    """More samples than sampling.batch_size: a prompt's samples go over several batches, each sample
+    drawing from its own stream, so every code is the one the unsplit batch gives; the cache never holds
+    more than batch_size sequences (x2: guidance's unconditional half)."""
+    from t2i.sampling import SamplingConfig
+
+    prompts, seeds = [PROMPT, "蓝色的大方块"], prompt_seeds(3, [PROMPT, "蓝色的大方块"])
+    cfg = SamplingConfig(samples_per_prompt=5, guidance_scale=3.0, top_k=10, method=method, sjd_window=8)
+    whole = generator.sample_codes(prompts, cfg, batch_size=10, seeds=seeds)  # one batch: both prompts
+    rows = _rows_allocated(monkeypatch)
+    for batch_size in (4, 2):  # samples 0-3 and 4 of each prompt; 0-1, 2-3 and 4
+        rows.clear()
+        assert torch.equal(generator.sample_codes(prompts, cfg, batch_size=batch_size, seeds=seeds), whole)
+        assert rows and max(rows) == 2 * batch_size
+
+
+def test_a_request_at_the_page_limits_stays_within_the_sampling_batch(generator, monkeypatch):
+    """The most a page request may ask for (conf/demo.yaml's limits, guidance on, reranking): no KV cache and no
+    forward pass (sampling, Caption Loss) holds more than sampling.batch_size x 2 sequences."""
+    from t2i.eval.text_to_image import CaptionScorer
+
+    cfg = _demo_cfg([])
+    batch_size, limits = cfg.sampling.batch_size, cfg.limits
+    scorer, source = CaptionScorer.for_generator(generator, None)
+    assert scorer is not None, source  # the tests' checkpoint learned captioning: rerank is on the page
+    settings = Settings(limits.max_samples, 3.0, 1.0, 10, 1.0, limits.max_rerank)
+    rows, batches = _rows_allocated(monkeypatch), []
+    hook = generator.gpt.register_forward_pre_hook(lambda _, args: batches.append(len(args[0])))
+    try:
+        job = Job(PROMPT, 0, settings)
+        Engine(generator, scorer, batch_size=batch_size, start=False).sample([job])
+    finally:
+        hook.remove()
+    sequences = limits.max_samples * limits.max_rerank  # 128: 8 sampling batches of 16
+    assert job.images.shape[0] == limits.max_samples and job.total == sequences // batch_size * generator.gpt.cfg.image_len
+    assert rows == [2 * batch_size] * (sequences // batch_size)
+    assert max(batches) == 2 * batch_size
