@@ -11,6 +11,7 @@ T2I_DEMO_SCREENSHOT=PATH.png saves a screenshot of the page after its first gene
 
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -19,6 +20,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -205,7 +208,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-QUEUE_SIZE, MAX_BATCH = 2, 2  # the server's queue.size and queue.max_batch: 2 * MAX_BATCH requests run at once
+QUEUE_SIZE, MAX_BATCH = 4, 2  # the server's queue.size and queue.max_batch: 2 * MAX_BATCH requests run at once
 
 
 @pytest.fixture(scope="module")
@@ -394,13 +397,12 @@ def test_a_prompts_samples_split_over_sampling_batches_keep_their_codes(generato
     from t2i.sampling import SamplingConfig
 
     prompts, seeds = [PROMPT, "蓝色的大方块"], prompt_seeds(3, [PROMPT, "蓝色的大方块"])
-    cfg = SamplingConfig(samples_per_prompt=5, guidance_scale=3.0, top_k=10, method=method, sjd_window=8)
-    whole = generator.sample_codes(prompts, cfg, batch_size=10, seeds=seeds)  # one batch: both prompts
+    cfg = SamplingConfig(samples_per_prompt=3, guidance_scale=3.0, top_k=10, method=method, sjd_window=8)
+    whole = generator.sample_codes(prompts, cfg, batch_size=6, seeds=seeds)  # one batch: both prompts
     rows = _rows_allocated(monkeypatch)
-    for batch_size in (4, 2):  # samples 0-3 and 4 of each prompt; 0-1, 2-3 and 4
-        rows.clear()
-        assert torch.equal(generator.sample_codes(prompts, cfg, batch_size=batch_size, seeds=seeds), whole)
-        assert rows and max(rows) == 2 * batch_size
+    split = generator.sample_codes(prompts, cfg, batch_size=2, seeds=seeds)  # samples 0-1, then 2, of each prompt
+    assert torch.equal(split, whole)
+    assert rows == [4, 2, 4, 2]
 
 
 def test_a_request_at_the_page_limits_stays_within_the_sampling_batch(generator, monkeypatch):
@@ -424,3 +426,186 @@ def test_a_request_at_the_page_limits_stays_within_the_sampling_batch(generator,
     assert job.images.shape[0] == limits.max_samples and job.total == sequences // batch_size * generator.gpt.cfg.image_len
     assert rows == [2 * batch_size] * (sequences // batch_size)
     assert max(batches) == 2 * batch_size
+
+
+# ---------------------------------------------------------------------------------------------
+# The served command under hostile use: raw HTTP on loopback (the Gradio API's own routes)
+
+ARGS = [PROMPT, 2, 3.0, 1.0, 10, 1.0, 4, False, 1]  # prompt, samples, guidance, temperature, top-k, top-p, seed, random, rerank
+
+
+def _http(url: str, body: bytes | None = None, timeout: float = 60) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"} if body else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def _join(url: str, body: bytes) -> tuple[int, str]:
+    """POST /generate's data to the queue: (status, event id or the refusal's text)."""
+    status, answer = _http(url + "gradio_api/call/generate", body)
+    return status, json.loads(answer)["event_id"] if status == 200 else answer.decode()
+
+
+def _result(url: str, event: str) -> tuple[str, object]:
+    """The event's end, read from its stream: ("complete", outputs) or ("error", message)."""
+    status, stream = _http(url + f"gradio_api/call/generate/{event}", timeout=120)
+    kind, data = re.findall(r"^event: (\w+)\ndata: (.*)$", stream.decode(), re.M)[-1]
+    payload = json.loads(data)
+    return kind, payload["error"] if kind == "error" and isinstance(payload, dict) else payload
+
+
+def _call(url: str, args: list | None = None, body: bytes | None = None) -> tuple[str, object]:
+    status, event = _join(url, body if body is not None else json.dumps({"data": args}).encode())
+    return _result(url, event) if status == 200 else ("refused", f"{status}: {event}")
+
+
+def _fetch(url: str, path: str) -> int:
+    return _http(url + "gradio_api/file=" + path)[0]
+
+
+@pytest.mark.slow
+def test_visitors_get_only_their_own_files(server, ckpt):
+    """Two requests; then every file of the run folder (config, log, both requests' results) through the file
+    route, as is and through `..`, a symlink and URL-encoding: all refused, while a request's own returned
+    files are served. The page names no absolute path."""
+    url, run_dir, _ = server
+    mine, other = (_call(url, [PROMPT, 2, 1.0, 1.0, 0, 1.0, seed, False, 1]) for seed in (1, 2))
+    assert mine[0] == other[0] == "complete", (mine, other)
+    (gallery, note, downloads), (_, other_note, _) = mine[1], other[1]
+    own = [entry["image"]["path"] for entry in gallery] + [entry["path"] for entry in downloads]
+    for path in own:  # the route works: what the request was handed comes back
+        assert _fetch(url, path) == 200, path
+    assert _http(url + "gradio_api/file=" + own[0])[1] == Path(own[0]).read_bytes()
+    on_disk = [p for p in run_dir.rglob("*") if p.is_file()]
+    names = {p.relative_to(run_dir).as_posix() for p in on_disk}
+    assert {".hydra/config.yaml", "demo.log"} <= names and len(list((run_dir / "results").iterdir())) >= 2
+    cache = Path(own[0]).parent
+    link = cache / "config.yaml"  # a symlink inside Gradio's cache, to a file of the run folder
+    link.symlink_to(run_dir / ".hydra" / "config.yaml")
+    try:
+        tries = []
+        for path in on_disk:
+            text = str(path)
+            tries += [text, f"{cache}/../{os.path.relpath(path, cache.parent)}",
+                      urllib.parse.quote(text, safe=""), text.replace("/", "%2F").replace(".", "%2e")]
+        tries += [str(link), str(run_dir), str(run_dir / "results"), str(cache.parent), "/etc/passwd", "../" * 8 + "etc/passwd"]
+        served = [path for path in tries if _fetch(url, path) != 403]
+        assert served == [], served
+    finally:
+        link.unlink()
+    # result names carry a random token: seeing one's own does not give the other's
+    name, other_name = (re.search(r"Result `(\S+)`", text).group(1) for text in (note, other_note))
+    assert len(name.rsplit("-", 1)[1]) == 16 and name.rsplit("-", 1)[1] != other_name.rsplit("-", 1)[1]
+    # no absolute path on the page: the checkpoint, the run folder and the cache are nowhere in its config
+    page = _http(url + "config")[1].decode()
+    for path in [str(Path(ckpt).resolve().parent), str(run_dir), str(REPO)]:
+        assert path not in page, path
+    assert Path(ckpt).name in page
+
+
+@pytest.mark.slow
+def test_hostile_api_input_is_refused_and_the_server_stays_up(server):
+    """Values no control can send, through gradio_client and raw HTTP: each refused with a message naming
+    what to fix; prompts that look like paths or markup are only prompts; the server answers after all."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    url, _, _ = server
+    client = Client(url, verbose=False)
+    for index, value, message in [(1, "2", "samples per prompt must be a number, got '2'"),
+                                  (1, 1.5, "samples per prompt must be a whole number, got 1.5"),
+                                  (1, None, "samples per prompt must be a number, got None"),
+                                  (1, 10 ** 40, "samples per prompt must be from 1 to 16, got 1000000"),
+                                  (2, -3.0, "guidance scale must be from 1.0 to 10.0, got -3.0"),
+                                  (3, 1e308, "temperature must be from 0.1 to 2.0, got 1e\\+308"),
+                                  (4, -5, "top-k must be from 0 to"), (5, [0.5], "top-p must be a number"),
+                                  (6, -1, "seed must be from 0 to 9007199254740991, got -1"),
+                                  (7, "yes", "random seed must be true or false, got 'yes'"),
+                                  (8, 9, "rerank must be from 1 to 8, got 9"),
+                                  (0, {"path": "/etc/passwd"}, "the prompt must be text, got dict"),
+                                  (0, "红" * 1_000_000, "the prompt has 1000000 characters; this page takes at most 1000")]:
+        args = list(ARGS)
+        args[index] = value
+        with pytest.raises(AppError, match=message):
+            client.predict(*args, api_name="/generate")
+    # JSON's NaN and infinities (which gradio_client will not send), and bodies that are not the endpoint's
+    for body, message in [(b'["x", NaN, 3.0, 1.0, 10, 1.0, 4, false, 1]', "samples per prompt must be a number, got nan"),
+                          (b'["x", 2, 3.0, Infinity, 10, 1.0, 4, false, 1]', "temperature must be from 0.1 to 2.0, got inf"),
+                          (b'["x", 2, 3.0, 1.0, 10, -Infinity, 4, false, 1]', "top-p must be from 0.05 to 1.0, got -inf"),
+                          (b'["x", 2, 3.0, 1.0, 10, 1.0, NaN, false, 1]', "seed must be a number, got nan"),
+                          (b'["x", 2, 3.0, 1.0, 10, 1.0, 1e999, false, 1]', "seed must be from 0 to 9007199254740991, got inf"),
+                          (b'["x", 2]', r"didn't receive enough input values \(needed: 9, got: 2\)"), (b'"x"', "422"), (b"[", "422")]:
+        kind, answer = _call(url, body=b'{"data": ' + body + b"}")
+        assert kind in ("error", "refused") and re.search(message, str(answer)), (body, kind, answer)
+    # prompts that look like paths or markup: images for them, the markup shown as text
+    markup = "<img src=x onerror=alert(1)>![x](/gradio_api/file=/etc/passwd)" * 4  # longer than text_len: the note quotes it
+    for prompt in ["../../.hydra/config.yaml", "/etc/passwd", "%2e%2e%2f", markup]:
+        kind, answer = _call(url, [prompt, 1, 1.0, 1.0, 0, 1.0, 0, False, 1])
+        assert kind == "complete" and len(answer[0]) == 1, (prompt, answer)
+        assert not re.search(r"(?<!\\)[<!\[]", answer[1]), answer[1]  # markup characters only escaped
+    assert "the model read “\\<img src\\=x" in answer[1]
+    assert _call(url, ARGS)[0] == "complete"
+
+
+@pytest.mark.slow
+def test_more_clients_than_the_queue_holds_are_told_it_is_full(server):
+    """A burst of requests beyond what runs (2 x queue.max_batch) plus queue.size: the rest are refused
+    at once with 503 "Queue is full"; every accepted one gets its images, and the server goes on."""
+    url, _, _ = server
+    body = json.dumps({"data": [PROMPT, 16, 3.0, 1.0, 10, 1.0, 7, False, 1]}).encode()  # ~0.2 s a request
+    joins = [_join(url, body) for _ in range(2 * MAX_BATCH + QUEUE_SIZE + 8)]
+    refused = [text for status, text in joins if status != 200]
+    assert refused and all(text == f'{{"detail":"Queue is full. Max size is {QUEUE_SIZE} and size is {QUEUE_SIZE}."}}'
+                           for text in refused), refused
+    for status, event in joins:
+        if status == 200:
+            kind, answer = _result(url, event)
+            assert kind == "complete" and len(answer[0]) == 16
+    assert _call(url, ARGS)[0] == "complete"
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+@pytest.mark.slow
+def test_load_of_200_requests_keeps_memory_flat(server):
+    """200 requests of varying settings and prompt sizes, as many at once as run (2 x queue.max_batch), bounded
+    in time: all answered with their images, and the server's RSS at the end within 10% of its RSS after
+    the first 20."""
+    url, _, process = server
+    prompts = ["", PROMPT, "蓝色的大方块，背景是白色的", PROMPT * 8, "x" * 900]
+    requests = [[prompts[i % 5], 1 + i % 3, (1.0, 3.0)[i % 2], (0.7, 1.0, 1.3)[i % 3], (0, 10)[i % 2 == 0],
+                 (1.0, 0.9)[i % 4 == 0], i, False, 1 + (i % 7 == 0)] for i in range(200)]
+    answers, lock = {}, threading.Lock()
+    deadline = time.monotonic() + 300
+
+    def work(indices):
+        for i in indices:
+            if time.monotonic() > deadline:
+                return
+            kind, answer = _call(url, requests[i])
+            with lock:
+                answers[i] = (kind, len(answer[0]) if kind == "complete" else answer)
+
+    def run(indices):
+        threads = [threading.Thread(target=work, args=(indices[k::2 * MAX_BATCH],)) for k in range(2 * MAX_BATCH)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    run(list(range(20)))
+    after_20 = _rss_mb(process.pid)
+    run(list(range(20, 200)))
+    after_all = _rss_mb(process.pid)
+    assert len(answers) == 200, "not every request was answered within 5 minutes"
+    wrong = {i: answer for i, answer in answers.items() if answer != ("complete", requests[i][1])}
+    assert not wrong, wrong
+    assert after_all <= 1.1 * after_20, f"RSS {after_20:.0f} MB after 20 requests, {after_all:.0f} MB after 200"
