@@ -10,8 +10,10 @@ the others that ask for the same settings (up to `queue.max_batch`) and samples 
 each prompt from its own seed, so a request gets the same images whether it was batched or not,
 and the same images `eval.py task=generate` gives for its prompt and seed. A request's page shows
 the steps done while it samples (the GPT's forward calls, counted from outside the sampler) and
-how many requests are ahead of it while it waits. Memory is bounded by the queue, the batch and
-`sampling.batch_size` (sequences per sampling batch).
+how many requests are ahead of it while it waits. `sampling.batch_size` bounds the sequences sampled at
+once (a request's images x rerank candidates split over sampling batches, the images unchanged), so a
+request's peak memory does not grow with the page's limits (docs/demo.md: the formula, a measurement).
+A visitor gets only the files of the request they made: the run folder is never served (docs/demo.md).
 """
 
 from __future__ import annotations
