@@ -2,6 +2,7 @@
 
     python experiments/bench_demo.py --ckpt logs/quickstart/gpt/checkpoints/last.ckpt
     python experiments/bench_demo.py --ckpt GPT.ckpt --clients 8 --requests 5 --samples 4 --rounds 2 --no-unbatched
+    python experiments/bench_demo.py --ckpt GPT.ckpt --memory     # one request at the page's limits: its peak memory
 
 Starts the demo on a free port of 127.0.0.1 (device=cpu), warms it with one request, then per round
 `--clients` clients (threads, each its own gradio_client.Client) send `--requests` requests each, one
@@ -13,6 +14,12 @@ round: throughput (requests/s, images/s), latency percentiles (p50, p90, p99, ma
 the answer, queueing included), the requests per model batch (from the demo's notes) and memory.
 With the unbatched comparison (default) the same load runs again against a second server with
 queue.max_batch=1. A load that loses requests exits with status 1.
+
+`--memory`: the peak memory of the largest request the page takes (conf/demo.yaml's limits.max_samples
+images, limits.max_rerank candidates each, guidance 3), sampled in process by the demo's Engine, in a
+fresh subprocess per `--batch-sizes` value (sampling.batch_size; "all" = every sequence in one batch, as
+before sampling batches bounded sequences): the process's peak RSS above its RSS once the model is loaded
+(Linux: /proc/self/clear_refs resets the peak), beside the KV cache the formula in docs/demo.md gives.
 """
 
 from __future__ import annotations
@@ -180,6 +187,52 @@ def run_server(label: str, ckpt: str, overrides: list[str], prompts: list[str], 
     return rows
 
 
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def memory_probe(ckpt: str, batch_size: str) -> None:
+    """One request at the page's limits in this process; prints its peak RSS above the loaded model (MB)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from t2i.demo import Engine, Job, Settings
+    from t2i.eval.text_to_image import CaptionScorer
+    from t2i.sampling import Generator
+
+    limits = OmegaConf.load(REPO / "conf" / "demo.yaml").limits
+    generator = Generator.from_checkpoint(ckpt)
+    scorer, _ = CaptionScorer.for_generator(generator, None)
+    rerank = limits.max_rerank if scorer is not None else 1
+    sequences = limits.max_samples * rerank
+    size = sequences if batch_size == "all" else int(batch_size)
+    engine = Engine(generator, scorer, batch_size=size, start=False)
+    engine.sample([Job("warm-up", 0, Settings(samples=1, guidance_scale=3.0))])
+    Path("/proc/self/clear_refs").write_text("5")  # the peak RSS starts again from the present RSS
+    before = _status_mb("VmRSS")
+    job = Job("画面左上角有一个红色的小圆形", 0, Settings(limits.max_samples, 3.0, 1.0, 0, 1.0, rerank))
+    engine.sample([job])
+    cfg = generator.gpt.cfg
+    rows = 2 * min(size, sequences)  # guidance: both halves
+    cache = rows * 2 * cfg.n_layer * cfg.block_size * cfg.n_embd * generator.gpt.tok_emb.weight.element_size() / 2 ** 20
+    print(f"RESULT {sequences} {size} {rows} {_status_mb('VmHWM') - before:.1f} {cache:.1f} {torch.get_num_threads()}")
+
+
+def memory_table(args) -> int:
+    print(f"the page's largest request on {args.ckpt} (guidance 3), peak RSS above the loaded model:\n")
+    print("| sampling.batch_size | sequences | KV-cache rows | KV cache (formula) MB | peak RSS above idle MB |")
+    print("|---|---|---|---|---|")
+    for size in args.batch_sizes:
+        out = subprocess.run([sys.executable, __file__, "--ckpt", args.ckpt, "--memory-probe", size], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout
+        sequences, _, rows, peak, cache, _ = out.split("RESULT ")[1].split()
+        print(f"| {size} | {sequences} | {rows} | {cache} | {peak} |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="a GPT checkpoint (e.g. the quickstart's)")
@@ -194,7 +247,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-unbatched", action="store_true", help="skip the queue.max_batch=1 comparison")
     parser.add_argument("--prompts", default=str(REPO / "experiments" / "prompts" / "shapes.txt"))
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the clients")
+    parser.add_argument("--memory", action="store_true", help="the peak memory of the page's largest request instead")
+    parser.add_argument("--batch-sizes", nargs="+", default=["16", "all"], help="--memory: sampling.batch_size values")
+    parser.add_argument("--memory-probe", help=argparse.SUPPRESS)  # one --memory measurement, in a fresh process
     args = parser.parse_args(argv)
+    if args.memory_probe:
+        memory_probe(args.ckpt, args.memory_probe)
+        return 0
+    if args.memory:
+        return memory_table(args)
     prompts = [line.strip() for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
     common = [f"sampling.samples_per_prompt={args.samples}", f"queue.size={max(32, 2 * args.clients)}"]
     rows = run_server(f"max_batch={args.max_batch}", args.ckpt, [*common, f"queue.max_batch={args.max_batch}"],

@@ -10,8 +10,10 @@ the others that ask for the same settings (up to `queue.max_batch`) and samples 
 each prompt from its own seed, so a request gets the same images whether it was batched or not,
 and the same images `eval.py task=generate` gives for its prompt and seed. A request's page shows
 the steps done while it samples (the GPT's forward calls, counted from outside the sampler) and
-how many requests are ahead of it while it waits. Memory is bounded by the queue, the batch and
-`sampling.batch_size` (sequences per sampling batch).
+how many requests are ahead of it while it waits. `sampling.batch_size` bounds the sequences sampled at
+once (a request's images x rerank candidates split over sampling batches, the images unchanged), so a
+request's peak memory does not grow with the page's limits (docs/demo.md: the formula, a measurement).
+A visitor gets only the files of the request they made: the run folder is never served (docs/demo.md).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import reprlib
 import secrets
 import shutil
 import threading
@@ -41,7 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 from t2i.data.tokenizer import FixedLengthTokenizer
 from t2i.grids import FONT_HINT, captioned_grid, find_cjk_font
 from t2i.models.gpt import GPT
-from t2i.sampling import Generator, SamplingConfig, prompt_seeds, resolve_sampling
+from t2i.sampling import Generator, SamplingConfig, prompt_seeds, resolve_sampling, sampling_batches
 
 if TYPE_CHECKING:
     from t2i.eval.text_to_image import CaptionScorer
@@ -96,6 +100,33 @@ def clean_prompt(prompt: str | None) -> str:
     return (prompt or "").encode("utf-16", "surrogatepass").decode("utf-16", "replace").strip()
 
 
+def markdown_text(text: str) -> str:
+    """Text shown as itself in the page's Markdown: every ASCII punctuation mark backslash-escaped (CommonMark),
+    so a prompt's markup (links, images, HTML) is not rendered."""
+    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", text)
+
+
+# The page's controls: their labels (in error messages) and which take whole numbers
+LABELS = {"samples": "samples per prompt", "guidance_scale": "guidance scale", "temperature": "temperature",
+          "top_k": "top-k", "top_p": "top-p", "seed": "seed", "rerank": "rerank"}
+WHOLE = ("samples", "top_k", "seed", "rerank")
+
+
+def read_number(name: str, value, ends: tuple[float, float]) -> int | float:
+    """A control's value as the page or an API client sent it, or a ValueError naming the control: JSON
+    carries strings, null, NaN and infinities where numbers go, and any number of digits."""
+    label, (low, high) = LABELS[name], ends
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:  # value != value: NaN
+        raise ValueError(f"{label} must be a number, got {reprlib.repr(value)}")
+    if not low <= value <= high:  # infinities included
+        raise ValueError(f"{label} must be from {low} to {high}, got {reprlib.repr(value)}")
+    if name in WHOLE:
+        if value != int(value):
+            raise ValueError(f"{label} must be a whole number, got {value!r}")
+        return int(value)
+    return float(value)
+
+
 def prompt_notes(tokenizer: FixedLengthTokenizer, prompt: str) -> list[str]:
     """What the page says about a (cleaned) prompt before sampling: empty, or cut to text_len."""
     if not prompt:
@@ -106,7 +137,7 @@ def prompt_notes(tokenizer: FixedLengthTokenizer, prompt: str) -> list[str]:
     kept = tokenizer.decode(ids[: tokenizer.text_len]) if hasattr(tokenizer, "decode") else None
     note = (f"**Prompt cut**: it is {len(ids)} tokens long and the model reads {tokenizer.text_len}: "
             f"the last {len(ids) - tokenizer.text_len} token(s) were cut")
-    return [note + (f"; the model read “{kept}”." if kept is not None else ".")]
+    return [note + (f"; the model read “{markdown_text(kept)}”." if kept is not None else ".")]
 
 
 class StepCounter:
@@ -221,8 +252,8 @@ class Engine:
         prompts = [job.prompt for job in jobs]
         seeds = [prompt_seeds(job.seed, [job.prompt])[0] for job in jobs]  # as task=generate seeds each prompt
         generator = self.generator
-        per_batch = max(1, self.batch_size // sampling.samples_per_prompt)  # as Generator.sample_codes splits
-        total = -(-len(jobs) // per_batch) * generator.gpt.cfg.image_len
+        # as Generator.sample_codes splits them: at most batch_size sequences (samples x candidates) at once
+        total = len(sampling_batches(len(jobs), sampling.samples_per_prompt, self.batch_size)) * generator.gpt.cfg.image_len
         for job in jobs:
             job.total, job.steps, job.batched_with = total, 0, len(jobs)
 
@@ -240,7 +271,7 @@ class Engine:
         losses = None
         if self.scorer is not None:
             captions = [p for p in prompts for _ in range(k * s)]
-            losses = self.scorer(captions, codes).cpu().view(n, k, s)
+            losses = self.scorer(captions, codes, self.batch_size).cpu().view(n, k, s)
         codes = codes.view(n, k, s, *codes.shape[1:])  # candidate c of image i: row c * S + i
         if k > 1:
             from t2i.eval.text_to_image import pick_best
@@ -257,7 +288,9 @@ class Engine:
 
 class Results:
     """A request's files on disk: PNGs, the captioned grid, settings.json and a zip of them all;
-    the newest `keep` folders are kept."""
+    the newest `keep` folders are kept. A folder's name ends in a random token: a name seen (or a
+    time and count guessed) never leads to another request's files. The page serves none of these
+    folders: the event hands a request's own files to Gradio, which serves copies (`build_page`)."""
 
     def __init__(self, root: Path, keep: int, font: str | None, model: dict):
         self.root, self.keep, self.font, self.model = root, keep, font, model
@@ -269,7 +302,7 @@ class Results:
         """(gallery entries (PNG path, caption), the files to download, the result's name)."""
         with self._lock:
             self._count += 1
-            folder = self.root / f"{time.strftime('%Y%m%d-%H%M%S')}-{self._count:05d}"
+            folder = self.root / f"{time.strftime('%Y%m%d-%H%M%S')}-{self._count:05d}-{secrets.token_hex(8)}"
             folder.mkdir()
             self._prune()
         settings, prompt = job.settings, job.prompt
@@ -312,7 +345,8 @@ def file_sha256(path: str | Path) -> str:
 
 def model_card(generator: Generator, ckpt: str, ckpt_sha256: str, caption_source: str, can_rerank: bool,
                font: str | None) -> tuple[str, dict]:
-    """The model panel (markdown) and its facts (written into each result's settings.json)."""
+    """The model panel (markdown) and its facts (written into each result's settings.json): files by name and
+    sha256, never by absolute path (both reach every visitor)."""
     record, gpt = generator.record, generator.gpt
     cfg = gpt.cfg
     params = sum(p.numel() for p in gpt.parameters())
@@ -322,11 +356,12 @@ def model_card(generator: Generator, ckpt: str, ckpt_sha256: str, caption_source
     if device.type == "cpu":
         device_text += f", {torch.get_num_threads()} threads"
     facts = {
-        "checkpoint": str(Path(ckpt).resolve()), "checkpoint_sha256": ckpt_sha256,
+        "checkpoint": Path(ckpt).name, "checkpoint_sha256": ckpt_sha256,
         "parameters": params, "layers": cfg.n_layer, "width": cfg.n_embd, "heads": cfg.n_head,
         "layout": cfg.layout, "text_len": cfg.text_len, "image_len": cfg.image_len, "grid": list(h_w),
         "tokenizer": f"{record.tokenizer['kind']} ({generator.tokenizer.vocab_size} pieces)",
-        "vqgan_sha256": vqgan.get("sha256"), "vqgan_checkpoint": vqgan.get("checkpoint"),
+        "vqgan_sha256": vqgan.get("sha256"),
+        "vqgan_checkpoint": Path(vqgan["checkpoint"]).name if vqgan.get("checkpoint") else None,
         "vqgan_codebook": vqgan["config"].get("n_embed"), "origin": record.training.get("origin", "unknown"),
         "caption_prob": record.caption_prob, "device": device_text,
     }
@@ -338,7 +373,7 @@ def model_card(generator: Generator, ckpt: str, ckpt_sha256: str, caption_source
                    f"({h_w[0]}×{h_w[1]} grid)"),
         ("Tokenizer", facts["tokenizer"]),
         ("VQGAN", f"{vqgan['config'].get('resolution')} px, {facts['vqgan_codebook']} codes, sha256 "
-                  f"`{str(vqgan.get('sha256'))[:16]}…`, {vqgan.get('checkpoint') or 'no path recorded'}"),
+                  f"`{str(vqgan.get('sha256'))[:16]}…`, {facts['vqgan_checkpoint'] or 'no path recorded'}"),
         ("Training", f"{facts['origin']}; caption direction: "
                      f"{'yes (caption_prob ' + format(record.caption_prob, 'g') + ')' if record.caption_prob else 'no'}"),
         ("Reranking", f"by Caption Loss under {caption_source}" if can_rerank else f"unavailable: {caption_source}"),
@@ -389,24 +424,31 @@ def build_page(engine: Engine, results: Results, defaults: Settings, seed: int |
 
     tokenizer = engine.generator.tokenizer
     image_len = engine.generator.gpt.cfg.image_len
+    # each control's ends: the page's sliders, and what an API call may send (the event reads the values itself,
+    # Gradio's preprocessing off, so that every bad value is refused naming its control)
+    ends = {"samples": (1, limits["max_samples"]), "guidance_scale": (1.0, max(10.0, defaults.guidance_scale)),
+            "temperature": (0.1, max(2.0, defaults.temperature)), "top_k": (0, engine.generator.gpt.cfg.n_image_codes),
+            "top_p": (0.05, 1.0), "seed": (0, MAX_SEED), "rerank": (1, limits["max_rerank"])}
 
     def generate(prompt, samples, guidance_scale, temperature, top_k, top_p, seed, random_seed, rerank,
                  progress=gr.Progress()):
-        prompt = clean_prompt(prompt)
         try:
+            if prompt is not None and not isinstance(prompt, str):
+                raise ValueError(f"the prompt must be text, got {type(prompt).__name__}")
+            prompt = clean_prompt(prompt)
             if len(prompt) > limits["max_prompt_chars"]:
                 raise ValueError(f"the prompt has {len(prompt)} characters; this page takes at most "
                                  f"{limits['max_prompt_chars']} (the model reads {tokenizer.text_len} tokens)")
-            settings = Settings(int(samples), float(guidance_scale), float(temperature), int(top_k), float(top_p),
-                                int(rerank or 1))
+            if not isinstance(random_seed, bool):
+                raise ValueError(f"random seed must be true or false, got {reprlib.repr(random_seed)}")
+            values = {"samples": samples, "guidance_scale": guidance_scale, "temperature": temperature,
+                      "top_k": top_k, "top_p": top_p, "rerank": 1 if rerank is None else rerank}
+            settings = Settings(**{name: read_number(name, value, ends[name]) for name, value in values.items()})
             settings.check(limits["max_samples"], limits["max_rerank"], can_rerank)
-            if not random_seed and (seed is None or int(seed) != seed or not 0 <= int(seed) <= MAX_SEED):
-                raise ValueError(f"the seed must be a whole number from 0 to {MAX_SEED}, got {seed} "
-                                 "(or tick 'random seed')")
-        except (ValueError, TypeError) as error:
+            seed = secrets.randbelow(2 ** 31) if random_seed else read_number("seed", seed, ends["seed"])
+        except ValueError as error:
             raise gr.Error(str(error)) from None
         notes = prompt_notes(tokenizer, prompt)
-        seed = secrets.randbelow(2 ** 31) if random_seed else int(seed)
         job = engine.submit(prompt, seed, settings)
         while not job.done.wait(0.1):
             if job.total:
@@ -415,12 +457,16 @@ def build_page(engine: Engine, results: Results, defaults: Settings, seed: int |
                 progress(None, desc=f"waiting for the model: {job.ahead} request(s) ahead")
         if job.error is not None:
             raise gr.Error(f"sampling failed: {job.error}")
-        gallery, files, name = results.save(job, notes, bool(random_seed))
+        entries, downloads, name = results.save(job, notes, bool(random_seed))
+        # this request's files, copied into Gradio's cache and served from there under a path only this answer
+        # carries (a hash of the content and a secret); the run folder itself is never served (no allowed_paths)
+        entries = [(gallery.move_resource_to_block_cache(path), caption) for path, caption in entries]
+        downloads = [files.move_resource_to_block_cache(path) for path in downloads]
         summary = [f"{settings.samples} image(s), seed {seed}{' (random)' if random_seed else ''}, {settings.describe()}"
                    + f"; sampled in {job.seconds:.2f} s"
                    + (f", in a batch of {job.batched_with} requests" if job.batched_with > 1 else "")
                    + f". Result `{name}`."]
-        return gallery, "\n\n".join(notes + summary), files
+        return entries, "\n\n".join(notes + summary), downloads
 
     with gr.Blocks(title="t2i demo", analytics_enabled=False, delete_cache=(3600, 3600)) as page:
         gr.Markdown("# t2i: text to image\nType a prompt (Chinese), choose the sampling options, press **Generate**.")
@@ -432,23 +478,24 @@ def build_page(engine: Engine, results: Results, defaults: Settings, seed: int |
                 if examples:
                     gr.Examples([[p] for p in examples], inputs=[prompt], label="Examples")
                 with gr.Accordion("Sampling", open=True):
-                    samples = gr.Slider(1, limits["max_samples"], value=defaults.samples, step=1,
+                    samples = gr.Slider(*ends["samples"], value=defaults.samples, step=1,
                                         label="Samples per prompt", elem_id="samples")
-                    guidance = gr.Slider(1, max(10.0, defaults.guidance_scale), value=defaults.guidance_scale, step=0.5,
+                    guidance = gr.Slider(*ends["guidance_scale"], value=defaults.guidance_scale, step=0.5,
                                          label="Guidance scale (1: none)", elem_id="guidance")
-                    temperature = gr.Slider(0.1, max(2.0, defaults.temperature), value=defaults.temperature, step=0.05,
+                    temperature = gr.Slider(*ends["temperature"], value=defaults.temperature, step=0.05,
                                             label="Temperature", elem_id="temperature")
                     with gr.Row():
-                        top_k = gr.Number(value=defaults.top_k, precision=0, minimum=0,
-                                          maximum=engine.generator.gpt.cfg.n_image_codes, label="Top-k (0: all codes)",
+                        top_k = gr.Number(value=defaults.top_k, precision=0, minimum=ends["top_k"][0],
+                                          maximum=ends["top_k"][1], label="Top-k (0: all codes)",
                                           elem_id="top-k")
-                        top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.01, label="Top-p (1: all)",
+                        top_p = gr.Slider(*ends["top_p"], value=defaults.top_p, step=0.01, label="Top-p (1: all)",
                                           elem_id="top-p")
                     with gr.Row():
-                        seed_box = gr.Number(value=0 if seed is None else seed, precision=0, minimum=0, maximum=MAX_SEED,
+                        seed_box = gr.Number(value=0 if seed is None else seed, precision=0, minimum=ends["seed"][0],
+                                             maximum=ends["seed"][1],
                                              label="Seed", elem_id="seed")
                         random_seed = gr.Checkbox(value=seed is None, label="Random seed", elem_id="random-seed")
-                    rerank = gr.Slider(1, limits["max_rerank"], value=defaults.rerank if can_rerank else 1, step=1,
+                    rerank = gr.Slider(*ends["rerank"], value=defaults.rerank if can_rerank else 1, step=1,
                                        label="Rerank: best of N by Caption Loss", interactive=can_rerank,
                                        info=None if can_rerank else f"unavailable: {rerank_reason}", elem_id="rerank")
             with gr.Column(scale=3):
@@ -460,9 +507,9 @@ def build_page(engine: Engine, results: Results, defaults: Settings, seed: int |
             gr.Markdown(card, elem_id="model-card")
         inputs = [prompt, samples, guidance, temperature, top_k, top_p, seed_box, random_seed, rerank]
         button.click(generate, inputs, [gallery, note, files], api_name="generate", concurrency_limit=concurrency,
-                     concurrency_id="generate")
+                     concurrency_id="generate", preprocess=False)
         prompt.submit(generate, inputs, [gallery, note, files], api_name=False, concurrency_limit=concurrency,
-                      concurrency_id="generate")
+                      concurrency_id="generate", preprocess=False)
     return page
 
 
@@ -492,6 +539,8 @@ def setup(cfg: DictConfig, out_dir: Path):
     from t2i.eval.text_to_image import CaptionScorer
 
     scorer, caption_source = CaptionScorer.for_generator(generator, cfg.caption_ckpt)
+    if cfg.caption_ckpt:  # the page names the file, not where it lies
+        caption_source = caption_source.replace(str(cfg.caption_ckpt), Path(cfg.caption_ckpt).name)
     options = OmegaConf.to_container(cfg.sampling, resolve=True)
     rerank, batch_size, seed = options.pop("rerank"), options.pop("batch_size"), options.pop("seed")
     samples = options.pop("samples_per_prompt")
@@ -520,7 +569,9 @@ def main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     page, _ = setup(cfg, out_dir)
     log.info("serving %s on http://%s:%d (results in %s)", cfg.ckpt, cfg.host, cfg.port, out_dir)
-    page.launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share, allowed_paths=[str(out_dir)],
+    # no allowed_paths: the file route serves only what an event returned (copied into Gradio's cache), and the
+    # run folder (config, log, every request's results) is blocked even if a later option allowed more
+    page.launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share, blocked_paths=[str(out_dir)],
                 show_error=True, css=PAGE_CSS)
 
 

@@ -247,12 +247,15 @@ def _row_generators(seeds: Sequence[int] | None, n_prompts: int, samples_per_pro
 def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cache: bool = True,
                    seeds: Sequence[int] | None = None, stats: SamplingStats | None = None,
                    decode: str = "eager", low: torch.Tensor | None = None, window: int = 0,
-                   known: torch.Tensor | None = None) -> torch.Tensor:
+                   known: torch.Tensor | None = None, samples: range | None = None) -> torch.Tensor:
     """Text ids [P, text_len] -> image codes [P * samples_per_prompt, image_len] (samples of a prompt adjacent).
 
     Prompt i samples from its own random stream, seeded with seeds[i]; by default cfg.seed + i
     (unseeded when cfg.seed is None). `stats`, when given, counts the model calls. `decode`: how each
     step of method=ar runs (DECODES; the module docstring); SJD's windows run eagerly.
+    `samples`: only these of each prompt's cfg.samples_per_prompt samples (a range; default all), codes
+    [P * len(samples), image_len], each sample's the codes the whole call gives it: a prompt's samples may
+    be split over calls (`sampling_batches`).
 
     Conditional sampling (a superres model): `low` [P, low_len] are each prompt's low-resolution codes
     and `window` the window that follows (TokenLayout.prefix); `known` [P * samples_per_prompt, image_len]
@@ -266,9 +269,13 @@ def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cach
     if seeds is None and cfg.seed is not None:
         seeds = [cfg.seed + i for i in range(len(text))]
     n_prompts = len(text)
-    text = text.repeat_interleave(cfg.samples_per_prompt, dim=0)
+    samples = range(cfg.samples_per_prompt) if samples is None else samples
+    if samples.step != 1 or not 0 <= samples.start < samples.stop <= cfg.samples_per_prompt:
+        raise ValueError(f"samples must be a range of consecutive sample indices within "
+                         f"0..{cfg.samples_per_prompt - 1} (sampling.samples_per_prompt), got {samples}")
+    text = text.repeat_interleave(len(samples), dim=0)
     if low is not None:
-        low = low.flatten(1).repeat_interleave(cfg.samples_per_prompt, dim=0)
+        low = low.flatten(1).repeat_interleave(len(samples), dim=0)
     if known is not None and known.shape != (len(text), gpt.image_len):
         raise ValueError(f"known codes must be [sequences={len(text)}, image_len={gpt.image_len}], got {tuple(known.shape)}")
     layout = model.layout
@@ -286,9 +293,12 @@ def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cach
         if not use_cache:
             raise ValueError("sampling.method=sjd runs on the KV cache (use_cache=True)")
         generators = _row_generators(seeds, n_prompts, cfg.samples_per_prompt, cfg.greedy)
+        generators = [g for row, g in enumerate(generators) if row % cfg.samples_per_prompt in samples]
         return _sjd_codes(model, prefix, len(text), cfg, scales, guided_until, generators, stats)
     uniforms = None if cfg.greedy else _prompt_uniforms(seeds, n_prompts, cfg.samples_per_prompt, gpt.image_len,
                                                        text.device)
+    if uniforms is not None:  # the prompt's streams are drawn whole, then the wanted samples' rows kept
+        uniforms = uniforms.view(n_prompts, cfg.samples_per_prompt, -1)[:, samples.start:samples.stop].flatten(0, 1)
     n = len(text)
     codes = torch.empty(n, gpt.image_len, dtype=torch.long, device=prefix.device)
     cache = None
@@ -590,6 +600,20 @@ def prompt_seeds(seed: int, prompts: Sequence[str]) -> list[int]:
     return seeds
 
 
+def sampling_batches(n_prompts: int, samples_per_prompt: int, batch_size: int) -> list[tuple[range, range]]:
+    """How `Generator.sample_codes` splits its sequences: (prompts, samples of each) per sampling batch, in
+    order, at most `batch_size` sequences each. Whole prompts while their samples fit in a batch, else each
+    prompt's samples in runs of `batch_size` (a sample's codes do not depend on the split: generate_codes)."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"sampling.batch_size must be an integer >= 1, got {batch_size!r}")
+    if samples_per_prompt <= batch_size:
+        per_batch = batch_size // samples_per_prompt
+        return [(range(start, min(start + per_batch, n_prompts)), range(samples_per_prompt))
+                for start in range(0, n_prompts, per_batch)]
+    return [(range(prompt, prompt + 1), range(start, min(start + batch_size, samples_per_prompt)))
+            for prompt in range(n_prompts) for start in range(0, samples_per_prompt, batch_size)]
+
+
 class Generator:
     """A trained GPT with its tokenizer and VQGAN: prompts in, codes and images out.
 
@@ -627,21 +651,23 @@ class Generator:
                      seeds: Sequence[int] | None = None, stats: SamplingStats | None = None) -> torch.Tensor:
         """Codes [len(prompts) * samples_per_prompt, h, w], the samples of a prompt adjacent.
 
-        Prompt i is sampled with seeds[i], by default prompt_seeds(cfg.seed, prompts): the codes do not
-        depend on batch_size. `stats`, when given, counts the model calls.
+        At most `batch_size` sequences sample at once (`sampling_batches`; twice as many KV-cache rows with
+        guidance). Prompt i is sampled with seeds[i], by default prompt_seeds(cfg.seed, prompts): the codes do
+        not depend on batch_size. `stats`, when given, counts the model calls.
         """
         if any(not p.strip() for p in prompts):
             warnings.warn("an empty prompt generates unconditionally (the null text)")
         if seeds is None and cfg.seed is not None:
             seeds = prompt_seeds(cfg.seed, prompts)
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         h, w = self.record.grid
         codes = []
-        per_batch = max(1, batch_size // cfg.samples_per_prompt)
-        for start in range(0, len(prompts), per_batch):
-            text = self.tokenizer(prompts[start:start + per_batch]).to(self.device)
-            batch_seeds = None if seeds is None else seeds[start:start + per_batch]
+        for rows, samples in sampling_batches(len(prompts), cfg.samples_per_prompt, batch_size):
+            text = self.tokenizer(prompts[rows.start:rows.stop]).to(self.device)
+            batch_seeds = None if seeds is None else seeds[rows.start:rows.stop]
             codes.append(generate_codes(self.sampler, text, cfg, seeds=batch_seeds, stats=stats,
-                                        decode=self.decode_mode).view(-1, h, w))
+                                        decode=self.decode_mode, samples=samples).view(-1, h, w))
         return torch.cat(codes)
 
     @torch.no_grad()

@@ -11,6 +11,7 @@ T2I_DEMO_SCREENSHOT=PATH.png saves a screenshot of the page after its first gene
 
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -19,6 +20,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -205,16 +208,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+QUEUE_SIZE, MAX_BATCH = 4, 2  # the server's queue.size and queue.max_batch: 2 * MAX_BATCH requests run at once
+
+
 @pytest.fixture(scope="module")
 def server(ckpt, tmp_path_factory):
-    """`python -m t2i.demo ckpt=...` on a free port of 127.0.0.1; its URL once it answers."""
+    """`python -m t2i.demo ckpt=...` on a free port of 127.0.0.1: its URL, run folder and process, once it answers.
+    Its Gradio cache is a folder of its own (GRADIO_TEMP_DIR); one torch thread (a shared 2-core machine runs
+    the tiny model ~10x faster so than with two)."""
     run_dir = tmp_path_factory.mktemp("demo_run")
     port = _free_port()
-    log = open(run_dir / "server.log", "w")
+    log = open(run_dir.parent / f"{run_dir.name}.server.log", "w")
     process = subprocess.Popen([sys.executable, "-m", "t2i.demo", f"ckpt={ckpt}", f"port={port}", "device=cpu",
-                                f"hydra.run.dir={run_dir}", "queue.max_batch=2", "sampling.samples_per_prompt=2"],
+                                f"hydra.run.dir={run_dir}", f"queue.max_batch={MAX_BATCH}", f"queue.size={QUEUE_SIZE}",
+                                "sampling.samples_per_prompt=2"],
                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                               env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+                               env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1",
+                                    "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio_cache"))})
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 180
     while True:
@@ -224,9 +234,9 @@ def server(ckpt, tmp_path_factory):
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
-                pytest.fail("the demo did not start:\n" + (run_dir / "server.log").read_text()[-3000:])
+                pytest.fail("the demo did not start:\n" + Path(log.name).read_text()[-3000:])
             time.sleep(0.5)
-    yield url, run_dir
+    yield url, run_dir, process
     process.terminate()
     try:
         process.wait(timeout=20)
@@ -287,7 +297,7 @@ def test_page_in_a_browser(server, ckpt, generator):
     browser_path = _chromium()
     from playwright.sync_api import expect, sync_playwright
 
-    url, _ = server
+    url, _, _ = server
     image_len = generator.gpt.cfg.image_len
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
@@ -332,7 +342,7 @@ def test_gradio_client_calls_the_same_endpoint(server, generator):
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
-    url, run_dir = server
+    url, run_dir, _ = server
     client = Client(url, verbose=False)
     gallery, note, files = client.predict(PROMPT, 2, 3.0, 1.0, 10, 1.0, 4, False, 1, api_name="/generate")
     assert len(gallery) == 2 and "seed 4" in note and PROMPT in gallery[0]["caption"]
@@ -344,7 +354,7 @@ def test_gradio_client_calls_the_same_endpoint(server, generator):
         assert np.array_equal(np.asarray(Image.open(entry["image"])), image.permute(1, 2, 0).numpy())
     # refused requests are answered with the reason (Gradio's checks of the controls' ranges, then the
     # demo's), and the server goes on
-    with pytest.raises(AppError, match="less than minimum value 0.1"):
+    with pytest.raises(AppError, match="temperature must be from 0.1 to 2.0, got 0.0"):
         client.predict(PROMPT, 2, 3.0, 0.0, 10, 1.0, 4, False, 1, api_name="/generate")
     with pytest.raises(AppError, match="the prompt has 1200 characters; this page takes at most 1000"):
         client.predict("红" * 1200, 2, 3.0, 1.0, 10, 1.0, 4, False, 1, api_name="/generate")
@@ -364,3 +374,238 @@ def test_gradio_client_calls_the_same_endpoint(server, generator):
     hashes = {hashlib.sha256(Path(answer[0][0]["image"]).read_bytes()).hexdigest() for answer in answers.values()}
     assert len(hashes) == 4
     assert len(list((run_dir / "results").iterdir())) >= 6  # each request's PNGs, grid and zip on disk
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: sampling.batch_size bounds the sequences sampled at once
+
+
+def _rows_allocated(monkeypatch) -> list[int]:
+    """The batch of every KV cache the GPT allocates from now on (every sampling path asks GPT.new_cache)."""
+    from t2i.models.gpt import GPT
+
+    rows, new_cache = [], GPT.new_cache
+    monkeypatch.setattr(GPT, "new_cache", lambda model, batch: rows.append(batch) or new_cache(model, batch))
+    return rows
+
+
+@pytest.mark.parametrize("method", ["ar", "sjd"])
+def test_a_prompts_samples_split_over_sampling_batches_keep_their_codes(generator, monkeypatch, method):
+    """More samples than sampling.batch_size: a prompt's samples go over several batches, each sample
+    drawing from its own stream, so every code is the one the unsplit batch gives; the cache never holds
+    more than batch_size sequences (x2: guidance's unconditional half)."""
+    from t2i.sampling import SamplingConfig
+
+    prompts, seeds = [PROMPT, "蓝色的大方块"], prompt_seeds(3, [PROMPT, "蓝色的大方块"])
+    cfg = SamplingConfig(samples_per_prompt=3, guidance_scale=3.0, top_k=10, method=method, sjd_window=8)
+    whole = generator.sample_codes(prompts, cfg, batch_size=6, seeds=seeds)  # one batch: both prompts
+    rows = _rows_allocated(monkeypatch)
+    split = generator.sample_codes(prompts, cfg, batch_size=2, seeds=seeds)  # samples 0-1, then 2, of each prompt
+    assert torch.equal(split, whole)
+    assert rows == [4, 2, 4, 2]
+
+
+def test_a_request_at_the_page_limits_stays_within_the_sampling_batch(generator, monkeypatch):
+    """The most a page request may ask for (conf/demo.yaml's limits, guidance on, reranking): no KV cache and no
+    forward pass (sampling, Caption Loss) holds more than sampling.batch_size x 2 sequences."""
+    from t2i.eval.text_to_image import CaptionScorer
+
+    cfg = _demo_cfg([])
+    batch_size, limits = cfg.sampling.batch_size, cfg.limits
+    scorer, source = CaptionScorer.for_generator(generator, None)
+    assert scorer is not None, source  # the tests' checkpoint learned captioning: rerank is on the page
+    settings = Settings(limits.max_samples, 3.0, 1.0, 10, 1.0, limits.max_rerank)
+    rows, batches = _rows_allocated(monkeypatch), []
+    hook = generator.gpt.register_forward_pre_hook(lambda _, args: batches.append(len(args[0])))
+    try:
+        job = Job(PROMPT, 0, settings)
+        Engine(generator, scorer, batch_size=batch_size, start=False).sample([job])
+    finally:
+        hook.remove()
+    sequences = limits.max_samples * limits.max_rerank  # 128: 8 sampling batches of 16
+    assert job.images.shape[0] == limits.max_samples and job.total == sequences // batch_size * generator.gpt.cfg.image_len
+    assert rows == [2 * batch_size] * (sequences // batch_size)
+    assert max(batches) == 2 * batch_size
+
+
+# ---------------------------------------------------------------------------------------------
+# The served command under hostile use: raw HTTP on loopback (the Gradio API's own routes)
+
+ARGS = [PROMPT, 2, 3.0, 1.0, 10, 1.0, 4, False, 1]  # prompt, samples, guidance, temperature, top-k, top-p, seed, random, rerank
+
+
+def _http(url: str, body: bytes | None = None, timeout: float = 60) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"} if body else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def _join(url: str, body: bytes) -> tuple[int, str]:
+    """POST /generate's data to the queue: (status, event id or the refusal's text)."""
+    status, answer = _http(url + "gradio_api/call/generate", body)
+    return status, json.loads(answer)["event_id"] if status == 200 else answer.decode()
+
+
+def _result(url: str, event: str) -> tuple[str, object]:
+    """The event's end, read from its stream: ("complete", outputs) or ("error", message)."""
+    status, stream = _http(url + f"gradio_api/call/generate/{event}", timeout=120)
+    kind, data = re.findall(r"^event: (\w+)\ndata: (.*)$", stream.decode(), re.M)[-1]
+    payload = json.loads(data)
+    return kind, payload["error"] if kind == "error" and isinstance(payload, dict) else payload
+
+
+def _call(url: str, args: list | None = None, body: bytes | None = None) -> tuple[str, object]:
+    status, event = _join(url, body if body is not None else json.dumps({"data": args}).encode())
+    return _result(url, event) if status == 200 else ("refused", f"{status}: {event}")
+
+
+def _fetch(url: str, path: str) -> int:
+    return _http(url + "gradio_api/file=" + path)[0]
+
+
+@pytest.mark.slow
+def test_visitors_get_only_their_own_files(server, ckpt):
+    """Two requests; then every file of the run folder (config, log, both requests' results) through the file
+    route, as is and through `..`, a symlink and URL-encoding: all refused, while a request's own returned
+    files are served. The page names no absolute path."""
+    url, run_dir, _ = server
+    mine, other = (_call(url, [PROMPT, 2, 1.0, 1.0, 0, 1.0, seed, False, 1]) for seed in (1, 2))
+    assert mine[0] == other[0] == "complete", (mine, other)
+    (gallery, note, downloads), (_, other_note, _) = mine[1], other[1]
+    own = [entry["image"]["path"] for entry in gallery] + [entry["path"] for entry in downloads]
+    for path in own:  # the route works: what the request was handed comes back
+        assert _fetch(url, path) == 200, path
+    assert _http(url + "gradio_api/file=" + own[0])[1] == Path(own[0]).read_bytes()
+    on_disk = [p for p in run_dir.rglob("*") if p.is_file()]
+    names = {p.relative_to(run_dir).as_posix() for p in on_disk}
+    assert {".hydra/config.yaml", "demo.log"} <= names and len(list((run_dir / "results").iterdir())) >= 2
+    cache = Path(own[0]).parent
+    link = cache / "config.yaml"  # a symlink inside Gradio's cache, to a file of the run folder
+    link.symlink_to(run_dir / ".hydra" / "config.yaml")
+    try:
+        tries = []
+        for path in on_disk:
+            text = str(path)
+            tries += [text, f"{cache}/../{os.path.relpath(path, cache.parent)}",
+                      urllib.parse.quote(text, safe=""), text.replace("/", "%2F").replace(".", "%2e")]
+        tries += [str(link), str(run_dir), str(run_dir / "results"), str(cache.parent), "/etc/passwd", "../" * 8 + "etc/passwd"]
+        served = [path for path in tries if _fetch(url, path) != 403]
+        assert served == [], served
+    finally:
+        link.unlink()
+    # result names carry a random token: seeing one's own does not give the other's
+    name, other_name = (re.search(r"Result `(\S+)`", text).group(1) for text in (note, other_note))
+    assert len(name.rsplit("-", 1)[1]) == 16 and name.rsplit("-", 1)[1] != other_name.rsplit("-", 1)[1]
+    # no absolute path on the page: the checkpoint, the run folder and the cache are nowhere in its config
+    page = _http(url + "config")[1].decode()
+    for path in [str(Path(ckpt).resolve().parent), str(run_dir), str(REPO)]:
+        assert path not in page, path
+    assert Path(ckpt).name in page
+
+
+@pytest.mark.slow
+def test_hostile_api_input_is_refused_and_the_server_stays_up(server):
+    """Values no control can send, through gradio_client and raw HTTP: each refused with a message naming
+    what to fix; prompts that look like paths or markup are only prompts; the server answers after all."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    url, _, _ = server
+    client = Client(url, verbose=False)
+    for index, value, message in [(1, "2", "samples per prompt must be a number, got '2'"),
+                                  (1, 1.5, "samples per prompt must be a whole number, got 1.5"),
+                                  (1, None, "samples per prompt must be a number, got None"),
+                                  (1, 10 ** 40, "samples per prompt must be from 1 to 16, got 1000000"),
+                                  (2, -3.0, "guidance scale must be from 1.0 to 10.0, got -3.0"),
+                                  (3, 1e308, "temperature must be from 0.1 to 2.0, got 1e\\+308"),
+                                  (4, -5, "top-k must be from 0 to"), (5, [0.5], "top-p must be a number"),
+                                  (6, -1, "seed must be from 0 to 9007199254740991, got -1"),
+                                  (7, "yes", "random seed must be true or false, got 'yes'"),
+                                  (8, 9, "rerank must be from 1 to 8, got 9"),
+                                  (0, {"path": "/etc/passwd"}, "the prompt must be text, got dict"),
+                                  (0, "红" * 1_000_000, "the prompt has 1000000 characters; this page takes at most 1000")]:
+        args = list(ARGS)
+        args[index] = value
+        with pytest.raises(AppError, match=message):
+            client.predict(*args, api_name="/generate")
+    # JSON's NaN and infinities (which gradio_client will not send), and bodies that are not the endpoint's
+    for body, message in [(b'["x", NaN, 3.0, 1.0, 10, 1.0, 4, false, 1]', "samples per prompt must be a number, got nan"),
+                          (b'["x", 2, 3.0, Infinity, 10, 1.0, 4, false, 1]', "temperature must be from 0.1 to 2.0, got inf"),
+                          (b'["x", 2, 3.0, 1.0, 10, -Infinity, 4, false, 1]', "top-p must be from 0.05 to 1.0, got -inf"),
+                          (b'["x", 2, 3.0, 1.0, 10, 1.0, NaN, false, 1]', "seed must be a number, got nan"),
+                          (b'["x", 2, 3.0, 1.0, 10, 1.0, 1e999, false, 1]', "seed must be from 0 to 9007199254740991, got inf"),
+                          (b'["x", 2]', r"didn't receive enough input values \(needed: 9, got: 2\)"), (b'"x"', "422"), (b"[", "422")]:
+        kind, answer = _call(url, body=b'{"data": ' + body + b"}")
+        assert kind in ("error", "refused") and re.search(message, str(answer)), (body, kind, answer)
+    # prompts that look like paths or markup: images for them, the markup shown as text
+    markup = "<img src=x onerror=alert(1)>![x](/gradio_api/file=/etc/passwd)" * 4  # longer than text_len: the note quotes it
+    for prompt in ["../../.hydra/config.yaml", "/etc/passwd", "%2e%2e%2f", markup]:
+        kind, answer = _call(url, [prompt, 1, 1.0, 1.0, 0, 1.0, 0, False, 1])
+        assert kind == "complete" and len(answer[0]) == 1, (prompt, answer)
+        assert not re.search(r"(?<!\\)[<!\[]", answer[1]), answer[1]  # markup characters only escaped
+    assert "the model read “\\<img src\\=x" in answer[1]
+    assert _call(url, ARGS)[0] == "complete"
+
+
+@pytest.mark.slow
+def test_more_clients_than_the_queue_holds_are_told_it_is_full(server):
+    """A burst of requests beyond what runs (2 x queue.max_batch) plus queue.size: the rest are refused
+    at once with 503 "Queue is full"; every accepted one gets its images, and the server goes on."""
+    url, _, _ = server
+    body = json.dumps({"data": [PROMPT, 16, 3.0, 1.0, 10, 1.0, 7, False, 1]}).encode()  # ~0.2 s a request
+    joins = [_join(url, body) for _ in range(2 * MAX_BATCH + QUEUE_SIZE + 8)]
+    refused = [text for status, text in joins if status != 200]
+    assert refused and all(text == f'{{"detail":"Queue is full. Max size is {QUEUE_SIZE} and size is {QUEUE_SIZE}."}}'
+                           for text in refused), refused
+    for status, event in joins:
+        if status == 200:
+            kind, answer = _result(url, event)
+            assert kind == "complete" and len(answer[0]) == 16
+    assert _call(url, ARGS)[0] == "complete"
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+@pytest.mark.slow
+def test_load_of_200_requests_keeps_memory_flat(server):
+    """200 requests of varying settings and prompt sizes, as many at once as run (2 x queue.max_batch), bounded
+    in time: all answered with their images, and the server's RSS at the end within 10% of its RSS after
+    the first 20."""
+    url, _, process = server
+    prompts = ["", PROMPT, "蓝色的大方块，背景是白色的", PROMPT * 8, "x" * 900]
+    requests = [[prompts[i % 5], 1 + i % 3, (1.0, 3.0)[i % 2], (0.7, 1.0, 1.3)[i % 3], (0, 10)[i % 2 == 0],
+                 (1.0, 0.9)[i % 4 == 0], i, False, 1 + (i % 7 == 0)] for i in range(200)]
+    answers, lock = {}, threading.Lock()
+    deadline = time.monotonic() + 300
+
+    def work(indices):
+        for i in indices:
+            if time.monotonic() > deadline:
+                return
+            kind, answer = _call(url, requests[i])
+            with lock:
+                answers[i] = (kind, len(answer[0]) if kind == "complete" else answer)
+
+    def run(indices):
+        threads = [threading.Thread(target=work, args=(indices[k::2 * MAX_BATCH],)) for k in range(2 * MAX_BATCH)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    run(list(range(20)))
+    after_20 = _rss_mb(process.pid)
+    run(list(range(20, 200)))
+    after_all = _rss_mb(process.pid)
+    assert len(answers) == 200, "not every request was answered within 5 minutes"
+    wrong = {i: answer for i, answer in answers.items() if answer != ("complete", requests[i][1])}
+    assert not wrong, wrong
+    assert after_all <= 1.1 * after_20, f"RSS {after_20:.0f} MB after 20 requests, {after_all:.0f} MB after 200"
