@@ -43,6 +43,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from t2i.data.tokenizer import FixedLengthTokenizer
+from t2i.extras import require
 from t2i.grids import FONT_HINT, captioned_grid, find_cjk_font
 from t2i.models.gpt import GPT
 from t2i.sampling import Generator, SamplingConfig, prompt_seeds, resolve_sampling, sampling_batches
@@ -566,6 +567,7 @@ def setup(cfg: DictConfig, out_dir: Path):
 
 @hydra.main(config_path="../conf", config_name="demo", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    require("gradio")  # before the model loads
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     page, _ = setup(cfg, out_dir)
     log.info("serving %s on http://%s:%d (results in %s)", cfg.ckpt, cfg.host, cfg.port, out_dir)
