@@ -48,20 +48,18 @@ def _manifest_kind(root: str | None) -> str | None:
 def gpt_data_root(data: DictConfig, stage: DictConfig) -> tuple[str, str]:
     """(root, kind) of the shards a GPT run reads; an error naming both ways to make them when neither works.
 
-    A VQGAN given for the image shards (stage.vqgan_ckpt) means the image shards; otherwise code shards
-    (at data.root when it holds them, e.g. data=shapes_codes, else at data.codes_root), then image shards
-    with the VQGAN of stage.init_ckpt (fine-tuning an imported model on a converted folder).
+    Code shards at data.root (e.g. data=shapes_codes) are read as they are. Image shards at data.root are
+    read when a VQGAN for them is given: stage.vqgan_ckpt, or stage.init_ckpt's own (fine-tuning: the codes
+    at data.codes_root may come from another VQGAN). Otherwise the code shards at data.codes_root.
     """
     root, codes_root = data.root, data.get("codes_root")
     kind = _manifest_kind(root)
     if kind == "codes" or data.get("source") == "pretokenize":  # code shards asked for: the loader says what is amiss
         return root, "codes"
-    if stage.get("vqgan_ckpt") and kind == "image":
+    if (stage.get("vqgan_ckpt") or stage.get("init_ckpt")) and kind == "image":
         return root, "image"
-    if codes_root and _manifest_kind(codes_root) == "codes" and not stage.get("vqgan_ckpt"):
+    if codes_root and _manifest_kind(codes_root) == "codes":
         return codes_root, "codes"
-    if stage.get("init_ckpt") and kind == "image":
-        return root, "image"
     convert = "" if kind else (f"    python -m t2i.data.convert {data.get('source') or data.name} --src RAW "
                                f"--out {root}   (no image shards at data.root={root} either)\n")
     raise FileNotFoundError(
@@ -136,10 +134,12 @@ class RunPlan:
         Path(run_dir, "plan.json").write_text(json.dumps(asdict(self), indent=1))
 
 
-def _strategy_name(strategy, world: int) -> str:
+def strategy_name(strategy, world: int) -> str:
+    """trainer.strategy in words: a name, "auto" as Lightning resolves it, or a strategy (object or config)'s class."""
     if isinstance(strategy, str):
-        return ("ddp" if world > 1 else "single device") if strategy == "auto" else strategy
-    return type(strategy).__name__
+        return ("ddp" if world > 1 else "single-device") if strategy == "auto" else strategy
+    target = strategy.get("_target_") if hasattr(strategy, "get") else None
+    return (target or type(strategy).__name__).rsplit(".", 1)[-1]
 
 
 def _model_name(cfg: DictConfig, stage_module) -> str:
@@ -177,7 +177,7 @@ def run_plan(cfg: DictConfig, trainer_options: dict, devices: int, stage_module)
     return RunPlan(
         stage=cfg.stage.name, model=_model_name(cfg, stage_module), parameters=trained, frozen_parameters=frozen,
         data=cfg.data.name, data_root=str(cfg.data.root), data_kind=_manifest_kind(cfg.data.root) or "image",
-        devices=devices, nodes=nodes, strategy=_strategy_name(trainer_options["strategy"], world),
+        devices=devices, nodes=nodes, strategy=strategy_name(trainer_options["strategy"], world),
         precision=str(trainer_options["precision"]), batch_per_device=batch, accumulate=accumulate,
         effective_batch=effective, lr=lr, lr_rule=lr_rule, max_steps=int(trainer_options["max_steps"]),
         schedule=schedule, run_dir=str(trainer_options["default_root_dir"]),

@@ -6,7 +6,7 @@ import argparse
 from t2i.interop.paipainter import export_paipainter, import_paipainter
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m t2i.interop", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -17,7 +17,11 @@ def main(argv=None) -> None:
     back.add_argument("--ckpt", required=True, help="a t2i GPT checkpoint in the paipainter layout")
     back.add_argument("--out", required=True, help="the folder to write")
     back.add_argument("--vqgan", help="its VQGAN checkpoint (default: the one the checkpoint names)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     if args.command == "paipainter":
         gpt, vqgan = import_paipainter(args.src, args.out)
         print(f"wrote {gpt} (GPT, WordPiece tokenizer, paipainter layout) and {vqgan} (its VQGAN)\n"

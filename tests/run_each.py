@@ -1,0 +1,30 @@
+"""Runs entry points one after another in this one process, as `python ARGS...` would run each (a Python start
+per command would cost more than the commands): python tests/run_each.py JSON, JSON a list of argument lists
+(["train.py", ...] or ["-m", "t2i.demo", ...]). Prints a JSON list of [exit code, what each wrote on stderr]."""
+
+import contextlib
+import io
+import json
+import runpy
+import sys
+import traceback
+
+if __name__ == "__main__":
+    said = []
+    for argv in json.loads(sys.argv[1]):
+        module = argv[0] == "-m"
+        sys.argv = argv[1:] if module else list(argv)
+        err, code = io.StringIO(), 0
+        with contextlib.redirect_stderr(err):
+            try:
+                if module:
+                    runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+                else:
+                    runpy.run_path(argv[0], run_name="__main__")
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else 1
+            except Exception:
+                traceback.print_exc()
+                code = 1
+        said.append([code, err.getvalue()])
+    print(json.dumps(said))
