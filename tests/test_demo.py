@@ -9,6 +9,7 @@ Env: T2I_DEMO_CKPT=PATH serves another checkpoint (e.g. the quickstart's) instea
 T2I_DEMO_SCREENSHOT=PATH.png saves a screenshot of the page after its first generation (the README's).
 """
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -211,38 +212,46 @@ def _free_port() -> int:
 QUEUE_SIZE, MAX_BATCH = 4, 2  # the server's queue.size and queue.max_batch: 2 * MAX_BATCH requests run at once
 
 
-@pytest.fixture(scope="module")
-def server(ckpt, tmp_path_factory):
-    """`python -m t2i.demo ckpt=...` on a free port of 127.0.0.1: its URL, run folder and process, once it answers.
-    Its Gradio cache is a folder of its own (GRADIO_TEMP_DIR); one torch thread (a shared 2-core machine runs
-    the tiny model ~10x faster so than with two)."""
-    run_dir = tmp_path_factory.mktemp("demo_run")
+@contextlib.contextmanager
+def start_demo(ckpt: str, run_dir: Path, *options: str):
+    """`python -m t2i.demo ckpt=... [options]` on a free port of 127.0.0.1: its URL, run folder and process, once it
+    answers; stopped after. Its Gradio cache is a folder of its own (GRADIO_TEMP_DIR); one torch thread (a shared
+    2-core machine runs the tiny model ~10x faster so than with two)."""
     port = _free_port()
     log = open(run_dir.parent / f"{run_dir.name}.server.log", "w")
+    cache = run_dir.parent / f"{run_dir.name}.gradio_cache"
+    cache.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen([sys.executable, "-m", "t2i.demo", f"ckpt={ckpt}", f"port={port}", "device=cpu",
-                                f"hydra.run.dir={run_dir}", f"queue.max_batch={MAX_BATCH}", f"queue.size={QUEUE_SIZE}",
-                                "sampling.samples_per_prompt=2"],
+                                f"hydra.run.dir={run_dir}", *options],
                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1",
-                                    "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio_cache"))})
+                                    "GRADIO_TEMP_DIR": str(cache)})
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 180
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=5)
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail("the demo did not start:\n" + Path(log.name).read_text()[-3000:])
-            time.sleep(0.5)
-    yield url, run_dir, process
-    process.terminate()
     try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=5)
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("the demo did not start:\n" + Path(log.name).read_text()[-3000:])
+                time.sleep(0.5)
+        yield url, run_dir, process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def server(ckpt, tmp_path_factory):
+    with start_demo(ckpt, tmp_path_factory.mktemp("demo_run"), f"queue.max_batch={MAX_BATCH}",
+                    f"queue.size={QUEUE_SIZE}", "sampling.samples_per_prompt=2") as started:
+        yield started
 
 
 def _chromium() -> str:
