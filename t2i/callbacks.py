@@ -22,6 +22,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig
 
+from t2i.checkpoints import CheckpointError, read_checkpoint
+
 WANDB_RUN_ID = "wandb_run_id"  # checkpoint key: the W&B run a resumed run continues
 
 
@@ -264,6 +266,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             finally:
                 os.close(folder)
 
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        """The checkpoint a run resumes from, read weights-only whatever `weights_only` says (nothing in the
+        file runs); a file t2i's train.py did not write, or cannot be read, is refused naming it."""
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        checkpoint = read_checkpoint(path, foreign_objects=False)
+        missing = [key for key in ("state_dict", "t2i") if key not in checkpoint]
+        if missing:
+            raise CheckpointError(f"{path} is not a checkpoint of a t2i training run (no {', '.join(missing)}: "
+                                  "another project's, or weights only): resume only a run's own checkpoints; start "
+                                  "from other weights with stage.init_ckpt")
+        return checkpoint
+
 
 def last_checkpoint(callbacks: list[Callback]) -> str | None:
     """The file Lightning's `ckpt_path="last"` loads: the newest last*.ckpt in the folders of the
@@ -311,9 +326,8 @@ def hpc_checkpoint(folder: str | Path) -> str | None:
 
 def saved_wandb_run_id(path: str | Path) -> str | None:
     """The W&B run id ResumeState kept in a checkpoint (None: another logger, or an older checkpoint)."""
-    # mmap: the small entries are read without loading the weights
-    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    return checkpoint.get(WANDB_RUN_ID)
+    # weights-only, as Lightning reads it next; mmap: the small entries are read without loading the weights
+    return read_checkpoint(path, mmap=True, foreign_objects=False).get(WANDB_RUN_ID)
 
 
 class SlurmRequestCheck(HydraCallback):

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from t2i.checkpoints import (
+    CheckpointError,
     GPTRecord,
     load_gpt,
     load_record_vqgan,
@@ -61,7 +62,8 @@ def read_folder(src: str | Path) -> tuple[dict, dict, bytes]:
     if missing:
         raise FileNotFoundError(f"{src} lacks {', '.join(missing)}: not a pai-painter checkpoint folder")
     config = json.loads((src / CONFIG).read_text(encoding="utf-8"))
-    state = read_checkpoint(src / WEIGHTS)  # map_location="cpu": GPU-saved storages load anywhere
+    # on the CPU (GPU-saved storages load anywhere), tensors only: EasyNLP saves a plain state dict
+    state = read_checkpoint(src / WEIGHTS, foreign_objects=False)
     state = state.get("state_dict", state)
     return config, state, (src / VOCAB).read_bytes()
 
@@ -123,7 +125,7 @@ def split_state(state: dict, source: str) -> tuple[dict, dict]:
             if name.endswith(MASK_SUFFIX):
                 size = value.shape[-1]
                 if not torch.equal(value.reshape(size, size).bool(), torch.ones(size, size).tril().bool()):
-                    raise ValueError(f"{source}: {key} is not a causal mask (n_unmasked > 0?): t2i's GPT is causal")
+                    raise CheckpointError(f"{source}: {key} is not a causal mask (n_unmasked > 0?): t2i's GPT is causal")
                 continue
             gpt[name] = value
         elif key.startswith(VQGAN_PREFIX):
@@ -131,10 +133,10 @@ def split_state(state: dict, source: str) -> tuple[dict, dict]:
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"{source}: keys that are neither {GPT_PREFIX}* nor {VQGAN_PREFIX}*: "
+        raise CheckpointError(f"{source}: keys that are neither {GPT_PREFIX}* nor {VQGAN_PREFIX}*: "
                          f"{', '.join(unknown[:20])}{' ...' if len(unknown) > 20 else ''}")
     if not gpt or not vqgan:
-        raise ValueError(f"{source}: no {GPT_PREFIX if not gpt else VQGAN_PREFIX}* weights: not a whole pai-painter "
+        raise CheckpointError(f"{source}: no {GPT_PREFIX if not gpt else VQGAN_PREFIX}* weights: not a whole pai-painter "
                          "model (EasyNLP saves the GPT and the VQGAN together)")
     return gpt, vqgan
 
