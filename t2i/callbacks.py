@@ -1,6 +1,6 @@
-"""Lightning callbacks the configs instantiate (conf/callbacks/): throughput and MFU, checkpoints and resumes;
-and the pieces train.py resumes runs with:
-the atomic checkpoint writer, `ckpt_path=last`, the W&B run id kept in checkpoints; and the Hydra callback
+"""Lightning callbacks the configs instantiate (conf/callbacks/): throughput and MFU, checkpoints and resumes,
+SLURM's requeue signal; and the pieces train.py resumes runs with:
+the atomic checkpoint writer and reader, `ckpt_path=last`, the W&B run id kept in checkpoints; and the Hydra callback
 (conf/hydra/default.yaml) that checks a SLURM sweep's request before anything is submitted."""
 
 from __future__ import annotations

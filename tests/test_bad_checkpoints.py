@@ -135,3 +135,20 @@ def test_foreign_dict_subclasses_are_refused_not_rebuilt(tmp_path):
     torch.save({"state_dict": {}, "hyper_parameters": Settings(lr=1.0)}, path)
     with pytest.raises(CheckpointError, match=f"{path} was refused.*Settings"):
         read_checkpoint(path)
+
+
+def test_train_py_refuses_to_resume_from_a_pickle_that_runs_code(gpt_run, codes_root, tmp_path, monkeypatch):
+    """The resume path as train.py runs it: a real Trainer with t2i's checkpoint IO."""
+    from test_resume import _config
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1]))
+    import train
+
+    marker = tmp_path / "written_by_the_checkpoint"
+    checkpoint = read_checkpoint(gpt_run / "checkpoints" / "last.ckpt")
+    checkpoint["payload"] = RunsCode(open, str(marker), "w")
+    path = tmp_path / "hostile.ckpt"
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match=f"{path} pickles objects beyond tensors and containers .io.open."):
+        train.train_lightning_stage(_config(codes_root, tmp_path / "run", f"ckpt_path={path}", quiet=True))
+    assert not marker.exists()
