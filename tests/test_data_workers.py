@@ -25,6 +25,7 @@ def _datamodule(codes_root) -> ShardDataModule:
 
 
 def test_every_loader_gets_the_worker_init_and_keeps_lightnings_seeding(codes_root, monkeypatch):
+    monkeypatch.delenv("PL_SEED_WORKERS", raising=False)  # set by any in-process training run before
     dm = _datamodule(codes_root)
     loaders = {"train": dm.train_dataloader(), "val": dm.val_dataloader(), "test": dm.test_dataloader(),
                "loader(val)": dm.loader("val"),
