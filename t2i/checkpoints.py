@@ -55,12 +55,12 @@ class GPTRecord:
     def from_checkpoint(cls, checkpoint: dict, source: str) -> GPTRecord:
         record = checkpoint.get("t2i") or {}
         if "gpt" not in record:
-            raise CheckpointError(f"{source} is not a t2i GPT checkpoint (no t2i.gpt record): train one with stage=gpt, "
-                             "or import one with python -m t2i.interop paipainter")
+            raise CheckpointError(f"{source} is not a t2i GPT checkpoint (no t2i.gpt record): train one with "
+                                  "stage=gpt, or import one with python -m t2i.interop paipainter")
         version = record.get("version", 1)
         if version > RECORD_VERSION:
             raise CheckpointError(f"{source} has checkpoint record version {version}; this t2i reads up to "
-                             f"{RECORD_VERSION}: update t2i")
+                                  f"{RECORD_VERSION}: update t2i")
         if version == 1:
             record = {"gpt": record["gpt"], "vqgan": record["vqgan"], "sampling": record.get("sampling", {}),
                       "tokenizer": {"kind": "sentencepiece", "model": record["tokenizer"],

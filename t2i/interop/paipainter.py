@@ -125,7 +125,8 @@ def split_state(state: dict, source: str) -> tuple[dict, dict]:
             if name.endswith(MASK_SUFFIX):
                 size = value.shape[-1]
                 if not torch.equal(value.reshape(size, size).bool(), torch.ones(size, size).tril().bool()):
-                    raise CheckpointError(f"{source}: {key} is not a causal mask (n_unmasked > 0?): t2i's GPT is causal")
+                    raise CheckpointError(f"{source}: {key} is not a causal mask (n_unmasked > 0?): "
+                                          "t2i's GPT is causal")
                 continue
             gpt[name] = value
         elif key.startswith(VQGAN_PREFIX):
@@ -134,10 +135,10 @@ def split_state(state: dict, source: str) -> tuple[dict, dict]:
             unknown.append(key)
     if unknown:
         raise CheckpointError(f"{source}: keys that are neither {GPT_PREFIX}* nor {VQGAN_PREFIX}*: "
-                         f"{', '.join(unknown[:20])}{' ...' if len(unknown) > 20 else ''}")
+                              f"{', '.join(unknown[:20])}{' ...' if len(unknown) > 20 else ''}")
     if not gpt or not vqgan:
-        raise CheckpointError(f"{source}: no {GPT_PREFIX if not gpt else VQGAN_PREFIX}* weights: not a whole pai-painter "
-                         "model (EasyNLP saves the GPT and the VQGAN together)")
+        raise CheckpointError(f"{source}: no {GPT_PREFIX if not gpt else VQGAN_PREFIX}* weights: not a whole "
+                              "pai-painter model (EasyNLP saves the GPT and the VQGAN together)")
     return gpt, vqgan
 
 
