@@ -1,12 +1,16 @@
-"""Lightning callbacks the configs instantiate (conf/callbacks/): throughput and MFU, checkpoints and resumes;
-and the pieces train.py resumes runs with:
-the atomic checkpoint writer, `ckpt_path=last`, the W&B run id kept in checkpoints; and the Hydra callback
+"""Lightning callbacks the configs instantiate (conf/callbacks/): throughput and MFU, checkpoints and resumes,
+SLURM's requeue signal; and the pieces train.py resumes runs with:
+the atomic checkpoint writer and reader, `ckpt_path=last`, the W&B run id kept in checkpoints; and the Hydra callback
 (conf/hydra/default.yaml) that checks a SLURM sweep's request before anything is submitted."""
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import signal
+import subprocess
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -15,12 +19,17 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.experimental.callback import Callback as HydraCallback
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.throughput import Throughput, get_available_flops
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, Timer
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig
+
+from t2i.checkpoints import CheckpointError, read_checkpoint
+
+log = logging.getLogger(__name__)
 
 WANDB_RUN_ID = "wandb_run_id"  # checkpoint key: the W&B run a resumed run continues
 
@@ -264,6 +273,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             finally:
                 os.close(folder)
 
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        """The checkpoint a run resumes from, read weights-only whatever `weights_only` says (nothing in the
+        file runs); a file t2i's train.py did not write, or cannot be read, is refused naming it."""
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        checkpoint = read_checkpoint(path, foreign_objects=False)
+        missing = [key for key in ("state_dict", "t2i") if key not in checkpoint]
+        if missing:
+            raise CheckpointError(f"{path} is not a checkpoint of a t2i training run (no {', '.join(missing)}: "
+                                  "another project's, or weights only): resume only a run's own checkpoints; start "
+                                  "from other weights with stage.init_ckpt")
+        return checkpoint
+
 
 def last_checkpoint(callbacks: list[Callback]) -> str | None:
     """The file Lightning's `ckpt_path="last"` loads: the newest last*.ckpt in the folders of the
@@ -309,11 +331,77 @@ def hpc_checkpoint(folder: str | Path) -> str | None:
     return str(max(found)[1]) if found else None
 
 
+class SlurmRequeue(Callback):
+    """On SLURM's warning signal (sbatch --signal=SIGUSR1@300) save hpc_ckpt_N.ckpt and requeue the job, at the
+    end of a training step, so the requeued job resumes to the weights of a run that was never stopped.
+
+    Lightning's own handler saves inside the signal handler, wherever the step is: between the backward
+    and the optimizer step, say, with the data loader one batch ahead of the weights, and the requeued
+    job would skip or repeat a batch. This callback installs its handler before Lightning registers its
+    own (Lightning then keeps it); the handler only notes the signal, and the end of the step saves
+    through trainer.save_checkpoint (the atomic writer) and runs `scontrol requeue` as Lightning does.
+    SLURM signals each task on its own: with several processes they agree (any signalled) at every step,
+    so all save at the same one. A requeued job started without ckpt_path resumes from the highest
+    hpc_ckpt_N.ckpt (Lightning). Active only when Lightning runs under SLURM with auto-requeue.
+    """
+
+    def __init__(self):
+        self._signal: int | None = None
+        self._previous_handler = None
+        self._signalled = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        environment = getattr(trainer.strategy, "cluster_environment", None)
+        if environment is None and SLURMEnvironment.detect():  # one device: no strategy environment
+            environment = SLURMEnvironment()
+        if stage != "fit" or not isinstance(environment, SLURMEnvironment) or not environment.auto_requeue \
+                or environment.requeue_signal is None or threading.current_thread() is not threading.main_thread():
+            return
+        self._signal = environment.requeue_signal
+        self._previous_handler = signal.signal(self._signal, self._note)
+
+    def _note(self, signum, frame) -> None:
+        self._signalled = True
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if self._signal is None:
+            return
+        signalled = trainer.strategy.reduce_boolean_decision(self._signalled, all=False)
+        if not signalled:
+            return
+        self._signalled = False
+        found = hpc_checkpoint(trainer.default_root_dir)
+        number = int(Path(found).stem.rsplit("_", 1)[1]) + 1 if found else 1  # Lightning's numbering
+        trainer.save_checkpoint(Path(trainer.default_root_dir) / f"hpc_ckpt_{number}.ckpt")
+        if trainer.is_global_zero:
+            requeue_slurm_job()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._signal is not None:
+            signal.signal(self._signal, self._previous_handler or signal.SIG_DFL)
+            self._signal = None
+
+
+def requeue_slurm_job() -> None:
+    """`scontrol requeue` this job (an array job's task: ARRAYJOB_TASK), as Lightning's handler does."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
+    try:
+        result = subprocess.call(["scontrol", "requeue", job])
+    except FileNotFoundError:
+        result = None
+    if result == 0:
+        log.info("requeued SLURM job %s", job)
+    else:
+        log.warning("could not requeue SLURM job %s (scontrol %s): resubmit it by hand; it resumes from its "
+                    "hpc checkpoint", job, "not found" if result is None else f"exit status {result}")
+
+
 def saved_wandb_run_id(path: str | Path) -> str | None:
     """The W&B run id ResumeState kept in a checkpoint (None: another logger, or an older checkpoint)."""
-    # mmap: the small entries are read without loading the weights
-    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    return checkpoint.get(WANDB_RUN_ID)
+    # weights-only, as Lightning reads it next; mmap: the small entries are read without loading the weights
+    return read_checkpoint(path, mmap=True, foreign_objects=False).get(WANDB_RUN_ID)
 
 
 class SlurmRequestCheck(HydraCallback):

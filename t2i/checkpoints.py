@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,10 @@ from t2i.models.layout import SuperresGrid
 from t2i.models.vqgan import VQGANConfig, VQModel
 
 RECORD_VERSION = 3
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: the message names the file and what is wrong with it."""
 
 
 @dataclass
@@ -50,12 +55,12 @@ class GPTRecord:
     def from_checkpoint(cls, checkpoint: dict, source: str) -> GPTRecord:
         record = checkpoint.get("t2i") or {}
         if "gpt" not in record:
-            raise ValueError(f"{source} is not a t2i GPT checkpoint (no t2i.gpt record): train one with stage=gpt, "
-                             "or import one with python -m t2i.interop paipainter")
+            raise CheckpointError(f"{source} is not a t2i GPT checkpoint (no t2i.gpt record): train one with "
+                                  "stage=gpt, or import one with python -m t2i.interop paipainter")
         version = record.get("version", 1)
         if version > RECORD_VERSION:
-            raise ValueError(f"{source} has checkpoint record version {version}; this t2i reads up to "
-                             f"{RECORD_VERSION}: update t2i")
+            raise CheckpointError(f"{source} has checkpoint record version {version}; this t2i reads up to "
+                                  f"{RECORD_VERSION}: update t2i")
         if version == 1:
             record = {"gpt": record["gpt"], "vqgan": record["vqgan"], "sampling": record.get("sampling", {}),
                       "tokenizer": {"kind": "sentencepiece", "model": record["tokenizer"],
@@ -63,7 +68,7 @@ class GPTRecord:
                       "training": {"caption_prob": record.get("caption_prob", 0.0)}}
         missing = [name for name in ("tokenizer", "vqgan") if name not in record]
         if missing:
-            raise ValueError(f"{source}: the checkpoint record lacks {', '.join(missing)}")
+            raise CheckpointError(f"{source}: the checkpoint record lacks {', '.join(missing)}")
         return cls(**{**record, "version": RECORD_VERSION})
 
     def to_dict(self) -> dict:
@@ -101,16 +106,18 @@ def vqgan_identity(vqgan: VQModel, checkpoint: str | Path | None, grid: tuple[in
             "sha256": weights_hash(vqgan), "grid": list(grid)}
 
 
-def gpt_state_dict(checkpoint: dict) -> dict:
+def gpt_state_dict(checkpoint: dict, source: str = "the checkpoint") -> dict:
+    if not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointError(f"{source} has a t2i record but no state_dict of weights")
     return {k[len("gpt."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("gpt.")}
 
 
 def load_gpt(path: str | Path) -> tuple[GPT, GPTRecord]:
     """The GPT of a t2i GPT checkpoint and its record."""
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, foreign_objects=False)  # t2i writes tensors and plain data only
     record = GPTRecord.from_checkpoint(checkpoint, str(path))
     gpt = GPT(record.config)
-    load_weights(gpt, gpt_state_dict(checkpoint), str(path), what="GPT")
+    load_weights(gpt, gpt_state_dict(checkpoint, str(path)), str(path), what="GPT")
     return gpt.eval(), record
 
 
@@ -157,73 +164,64 @@ def load_record_vqgan(record: GPTRecord, source: str, vqgan_ckpt: str | Path | N
 # `loss.*`, no config inside) and ours (VQGANStage: weights under `vqgan.`, config under "t2i").
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """torch.load on the CPU that runs no code from the file: tensors and what torch's weights_only allows.
+class StandIn:
+    """What an object of a class torch's weights-only loading does not allow becomes: the arguments
+    and state pickled for it, kept as data; its class's code is neither imported nor run."""
 
-    Tensors-only unpickling first (torch's weights_only). A taming .ckpt also pickles Lightning 1.x
-    objects beside the weights (its callbacks' classes and states, by module path), which that
-    refuses: such a file is read again with every class that torch's weights-only loading does not
-    allow replaced by an inert stand-in (a dict subclass that keeps the pickled state and calls
-    nothing), so its weights load whether or not `pytorch_lightning` is installed. Everything else,
-    tensors and storages included, is rebuilt only by what torch allows, as with weights_only.
+    def __new__(cls, *args, **kwargs):  # NEWOBJ calls only __new__, REDUCE calls the class
+        obj = super().__new__(cls)
+        obj.args = args
+        return obj
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def read_checkpoint(path: str | Path, *, mmap: bool = False, foreign_objects: bool = True) -> dict:
+    """torch.load on the CPU that runs no code from the file: torch's weights-only loading.
+
+    A taming .ckpt also pickles Lightning 1.x objects beside the weights (its callbacks' classes and
+    states, by module path), which weights-only loading refuses: with `foreign_objects` each class it
+    names that torch does not allow (`get_unsafe_globals_in_checkpoint`) is allowed for this load
+    only (`safe_globals`) as an inert `StandIn` subclass of that name, so its weights load whether or
+    not `pytorch_lightning` is installed. torch never allows functions of os/sys, whatever the list,
+    and rebuilds items only into plain dicts and lists: a file that needs more is refused.
+    `foreign_objects=False` refuses any object beyond tensors and containers (resuming a run: t2i
+    writes no others). `mmap`: tensors stay on disk until used (read a few small entries cheaply).
+    Every file that cannot be read raises CheckpointError naming the file and the problem.
     """
-    import pickletools
-    import types
-    import zipfile
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if not zipfile.is_zipfile(path):  # torch's pre-1.6 format, or not a torch file at all
+            return torch.load(path, map_location="cpu", weights_only=True)
+        unsafe = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        if unsafe and not foreign_objects:
+            raise CheckpointError(f"{path} pickles objects beyond tensors and containers ({', '.join(unsafe)}): "
+                                  "not a checkpoint t2i wrote; nothing from it was run")
+        # one class per name: classes pickled as dict keys stay distinct
+        stand_ins = [(type(name.rsplit(".", 1)[-1], (StandIn,), {"__module__": name.rsplit(".", 1)[0]}), name)
+                     for name in unsafe]
+        with torch.serialization.safe_globals(stand_ins):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as error:
-        refused = error
-    if not zipfile.is_zipfile(path):
-        raise pickle.UnpicklingError(
-            f"{path} holds more than tensors and is in torch's pre-1.6 format, which t2i reads tensors-only: "
-            "re-save its state_dict (torch.save({'state_dict': ckpt['state_dict']}, ...)) where it loads") from refused
-    # the globals the file names, and torch's verdict on them (tensors, storages, containers: allowed)
-    with zipfile.ZipFile(path) as archive:
-        pickled = next(name for name in archive.namelist() if name.endswith("/data.pkl") and name.count("/") == 1)
-        named = {arg.replace(" ", ".", 1) for op, arg, _ in pickletools.genops(archive.read(pickled))
-                 if op.name == "GLOBAL"}
-    allowed = named - set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-
-    class StandIn(dict):
-        """An object of a class torch does not allow: its pickled arguments and state, nothing run."""
-
-        def __new__(cls, *args, **kwargs):
-            return dict.__new__(cls)
-
-        def __init__(self, *args, **kwargs):
-            super().__init__()
-            self.__dict__["args"] = args
-
-        def __setstate__(self, state):
-            self.__dict__["state"] = state
-
-        def append(self, item):
-            self.__dict__.setdefault("items", []).append(item)
-
-        def extend(self, items):
-            for item in items:
-                self.append(item)
-
-    stand_ins: dict[str, type] = {}
-
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module: str, name: str):
-            full = f"{module}.{name}"
-            if full in allowed:
-                return super().find_class(module, name)
-            if full not in stand_ins:  # one class per name: classes pickled as dict keys stay distinct
-                stand_ins[full] = type(name, (StandIn,), {"__module__": module, "__qualname__": name})
-            return stand_ins[full]
-
-    restricted = types.ModuleType("t2i_restricted_pickle")
-    restricted.Unpickler = Unpickler
-    restricted.load = lambda file, **kwargs: Unpickler(file, **kwargs).load()
-    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted)
+        # torch's message suggests weights_only=False, which would run the file's code: keep only its reason
+        reason = str(error).rsplit("WeightsUnpickler error:", 1)[-1].strip().split("\n")[0]
+        raise CheckpointError(f"{path} was refused: reading it would need more than tensors and plain data "
+                              f"({reason}); nothing from it was run") from error
+    except Exception as error:  # garbage makes the unpickler fail in any way (IndexError, struct.error, ...)
+        detail = str(error).splitlines()[0] if str(error) else ""
+        raise CheckpointError(f"{path} is not a readable torch checkpoint (truncated, or another kind of file): "
+                              f"{type(error).__name__} {detail}".rstrip()) from error
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint (a dict of weights)")
+    return checkpoint
 
 
 def vqgan_state_dict(checkpoint: dict) -> dict:
@@ -237,6 +235,10 @@ def vqgan_state_dict(checkpoint: dict) -> dict:
 def load_weights(model: nn.Module, state: dict, source: str, what: str = "VQGAN") -> None:
     """Strict load that says which keys are missing, unexpected or mis-shaped (`what`: the model's name)."""
     expected = model.state_dict()
+    not_tensors = sorted(f"{key} ({type(value).__name__})" for key, value in state.items()
+                         if not isinstance(value, torch.Tensor))
+    if not_tensors:
+        raise CheckpointError(f"{source}: weights that are not tensors: {', '.join(not_tensors[:20])}")
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     misshaped = [f"{key}: checkpoint {tuple(state[key].shape)}, model {tuple(expected[key].shape)}"
@@ -244,7 +246,7 @@ def load_weights(model: nn.Module, state: dict, source: str, what: str = "VQGAN"
     if missing or unexpected or misshaped:
         parts = [f"{name} ({len(keys)}): {', '.join(keys[:20])}{' ...' if len(keys) > 20 else ''}"
                  for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
-        raise ValueError(f"{source} does not fit this {what} config:\n  " + "\n  ".join(parts))
+        raise CheckpointError(f"{source} does not fit this {what} config:\n  " + "\n  ".join(parts))
     model.load_state_dict(state, strict=True)
 
 

@@ -12,7 +12,7 @@ import csv
 import json
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from t2i import pretokenize
-from t2i.checkpoints import GPTRecord, load_gpt, load_vqgan, save_gpt
+from t2i.checkpoints import GPTRecord, load_gpt, load_vqgan, save_gpt, save_vqgan, vqgan_identity
 from t2i.data.datamodule import DataConfig
 from t2i.interop.__main__ import main as interop
 from t2i.interop.paipainter import TAMING_KEYS, export_paipainter, import_paipainter
@@ -199,9 +199,44 @@ def test_export_round_trip_is_the_identity(imported, tmp_path):
     cfg = GPTConfig(n_image_codes=8, n_text_tokens=10, text_len=2, image_len=4, n_layer=1, n_head=1, n_embd=8)
     save_gpt(tmp_path / "t2i.ckpt", GPT(cfg),
              GPTRecord(gpt=asdict(cfg), tokenizer={"kind": "sentencepiece", "model": b"unused", "text_len": 2},
-                       vqgan={"config": {}, "checkpoint": None, "sha256": None, "grid": [2, 2]}))
-    with pytest.raises(ValueError, match="t2i-layout model"):
+                       vqgan=load_gpt(ckpt)[1].vqgan))
+    with pytest.raises(ValueError, match="model.layout=t2i .EasyNLP: paipainter.*sentencepiece tokenizer"):
         export_paipainter(tmp_path / "t2i.ckpt", tmp_path / "no")
+
+
+@pytest.mark.parametrize("gpt_option, vqgan_option", [
+    ({"pos": "rope"}, {}), ({"pos": "rope2d"}, {}), ({"mlp": "swiglu"}, {}), ({"norm_type": "rms"}, {}),
+    ({"bias": False}, {}), ({"qk_norm": True}, {}), ({"norm": "sandwich"}, {}), ({"pb_relax": True}, {}),
+    ({}, {"codebook": "simvq"}), ({}, {"l2_normalize": True}),
+])
+def test_export_refuses_what_easynlp_cannot_hold_naming_the_option(imported, tmp_path, gpt_option, vqgan_option):
+    """EasyNLP loads with strict=False: a model it cannot hold would lose weights silently and sample garbage."""
+    _, ckpt = imported
+    gpt, record = load_gpt(ckpt)
+    cfg = replace(gpt.cfg, **gpt_option)
+    if vqgan_option:
+        vqgan = VQModel(replace(VQGAN, **vqgan_option))
+        save_vqgan(tmp_path / "vqgan.ckpt", vqgan)
+        record.vqgan = vqgan_identity(vqgan, tmp_path / "vqgan.ckpt", record.grid)
+    record.gpt = asdict(cfg)
+    save_gpt(tmp_path / "model.ckpt", GPT(cfg), record)
+    (name, value), = (gpt_option or vqgan_option).items()
+    prefix = "model" if gpt_option else "vqgan"
+    with pytest.raises(ValueError, match=f"model.ckpt cannot run in EasyNLP.*{prefix}.{name}={value} .EasyNLP: "):
+        export_paipainter(tmp_path / "model.ckpt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_compares_every_weight_with_easynlps_state_dict(imported, tmp_path, monkeypatch):
+    """An architecture change no option check knows of still shows as weights EasyNLP has no place for."""
+    from t2i.interop import paipainter
+
+    _, ckpt = imported
+    expected = paipainter.easynlp_shapes
+    monkeypatch.setattr(paipainter, "easynlp_shapes",
+                        lambda config, vqgan: {k: v for k, v in expected(config, vqgan).items() if "ln2" not in k})
+    with pytest.raises(ValueError, match=r"weights EasyNLP has no place for \(4\): transformer.blocks.0.ln2.bias"):
+        export_paipainter(ckpt, tmp_path / "out")
 
 
 @pytest.mark.slow

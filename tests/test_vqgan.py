@@ -116,8 +116,9 @@ class ModelCheckpoint:  # what taming's .ckpt pickles: the callback's class as a
         self.best_model_path = "logs/2020-11-09T13-31-51_imagenet_vqgan/checkpoints/last.ckpt"
 
 
-class AttributeDict(dict):  # Lightning's hparams container
-    pass
+class Namespace:  # an hparams container (argparse's, as Lightning 1.x kept it)
+    def __init__(self, **values):
+        self.__dict__.update(values)
 """
 
 
@@ -130,7 +131,7 @@ def test_taming_checkpoint_loads_without_the_modules_it_pickles(trained_small, t
     monkeypatch.syspath_prepend(str(tmp_path / "lib"))
     import importlib
     callbacks = importlib.import_module("pytorch_lightning_1x.callbacks")
-    hparams = callbacks.AttributeDict(n_embed=64)
+    hparams = callbacks.Namespace(n_embed=64)
     path = tmp_path / "last.ckpt"
     torch.save(taming_checkpoint(trained_small, callbacks={callbacks.ModelCheckpoint: {"best_model_score": torch.tensor(0.5)}},
                                  checkpoint_callback=callbacks.ModelCheckpoint(), hyper_parameters=hparams), path)
@@ -148,7 +149,7 @@ def test_taming_checkpoint_loads_without_the_modules_it_pickles(trained_small, t
     (key, state), = checkpoint["callbacks"].items()
     assert key.__name__ == "ModelCheckpoint" and state["best_model_score"] == 0.5
     assert checkpoint["checkpoint_callback"].state == {"best_model_path": callbacks.ModelCheckpoint().best_model_path}
-    assert dict(checkpoint["hyper_parameters"]) == {"n_embed": 64}
+    assert checkpoint["hyper_parameters"].state == {"n_embed": 64}
 
 
 class RunsCode:

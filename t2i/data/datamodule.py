@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -23,10 +24,12 @@ from typing import Iterator
 import lightning as L
 import torch
 import webdataset as wds
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
 from t2i.data.shards import IMAGE_EXTENSIONS, MANIFEST, read_manifest
 from t2i.data.stream import (
+    DieWithParent,
     ResumableLoader,
     Shard,
     ShardStream,
@@ -283,8 +286,11 @@ class ShardDataModule(L.LightningDataModule):
     def loader_for(self, dataset: ShardStream, resumable: bool = False) -> DataLoader:
         """The loader (workers, pinning, prefetch) for any stream of this data, e.g. a cut of a split."""
         workers = self.cfg.num_workers
+        # Lightning adds its worker seeding (seed_everything(workers=True)) only to loaders without a
+        # worker_init_fn: composed here, by its own rule, with the one that ends orphaned workers
+        seeding = pl_worker_init_function if int(os.environ.get("PL_SEED_WORKERS", 0)) else None
         options = {"num_workers": workers, "pin_memory": torch.cuda.is_available(),
-                   "prefetch_factor": 4 if workers else None}
+                   "prefetch_factor": 4 if workers else None, "worker_init_fn": DieWithParent(seeding)}
         if resumable:  # its position in the epoch travels in checkpoints
             return ResumableLoader(dataset, **options)
         return DataLoader(dataset, batch_size=None, **options)

@@ -26,12 +26,16 @@ unless a corrupt sample was dropped before the resume point (the batches then sh
 
 from __future__ import annotations
 
+import ctypes
 import io
 import itertools
 import logging
 import math
+import multiprocessing
 import os
 import random
+import signal
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -294,6 +298,37 @@ class ShardStream(IterableDataset):
                     return
         if batch and partial:
             yield self.collate_fn(batch)
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>: the signal the kernel sends a process when its parent dies
+
+
+class DieWithParent:
+    """A DataLoader `worker_init_fn` that makes each worker die with the process that started it (Linux),
+    then runs `then` (another worker_init_fn, e.g. Lightning's worker seeding).
+
+    torch's workers poll for their parent, but after a SIGKILL (or the OOM killer) a worker whose result
+    feeder thread is blocked on a full pipe, whose read end a sibling keeps open, never finishes
+    exiting and holds its memory for good. `prctl(PR_SET_PDEATHSIG, SIGKILL)` has the kernel kill the
+    worker when the thread that forked it dies (loaders are iterated on the main thread); a parent
+    that died before the call is caught by comparing os.getppid() with the pid multiprocessing
+    recorded when it started the worker. Elsewhere only `then` runs.
+    """
+
+    def __init__(self, then: Callable[[int], None] | None = None):
+        self.then = then
+
+    def __call__(self, worker_id: int) -> None:
+        if sys.platform.startswith("linux"):
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+                warnings.warn(f"data worker {worker_id}: prctl(PR_SET_PDEATHSIG) failed "
+                              f"({os.strerror(ctypes.get_errno())}): it may outlive a killed run")
+            parent = multiprocessing.parent_process()
+            if parent is not None and os.getppid() != parent.pid:
+                os._exit(1)  # orphaned already: the parent died before the kernel could be told
+        if self.then is not None:
+            self.then(worker_id)
 
 
 class ResumableLoader(DataLoader):

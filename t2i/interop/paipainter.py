@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from t2i.checkpoints import (
+    CheckpointError,
     GPTRecord,
     load_gpt,
     load_record_vqgan,
@@ -61,7 +62,8 @@ def read_folder(src: str | Path) -> tuple[dict, dict, bytes]:
     if missing:
         raise FileNotFoundError(f"{src} lacks {', '.join(missing)}: not a pai-painter checkpoint folder")
     config = json.loads((src / CONFIG).read_text(encoding="utf-8"))
-    state = read_checkpoint(src / WEIGHTS)  # map_location="cpu": GPU-saved storages load anywhere
+    # on the CPU (GPU-saved storages load anywhere), tensors only: EasyNLP saves a plain state dict
+    state = read_checkpoint(src / WEIGHTS, foreign_objects=False)
     state = state.get("state_dict", state)
     return config, state, (src / VOCAB).read_bytes()
 
@@ -123,7 +125,8 @@ def split_state(state: dict, source: str) -> tuple[dict, dict]:
             if name.endswith(MASK_SUFFIX):
                 size = value.shape[-1]
                 if not torch.equal(value.reshape(size, size).bool(), torch.ones(size, size).tril().bool()):
-                    raise ValueError(f"{source}: {key} is not a causal mask (n_unmasked > 0?): t2i's GPT is causal")
+                    raise CheckpointError(f"{source}: {key} is not a causal mask (n_unmasked > 0?): "
+                                          "t2i's GPT is causal")
                 continue
             gpt[name] = value
         elif key.startswith(VQGAN_PREFIX):
@@ -131,11 +134,11 @@ def split_state(state: dict, source: str) -> tuple[dict, dict]:
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"{source}: keys that are neither {GPT_PREFIX}* nor {VQGAN_PREFIX}*: "
-                         f"{', '.join(unknown[:20])}{' ...' if len(unknown) > 20 else ''}")
+        raise CheckpointError(f"{source}: keys that are neither {GPT_PREFIX}* nor {VQGAN_PREFIX}*: "
+                              f"{', '.join(unknown[:20])}{' ...' if len(unknown) > 20 else ''}")
     if not gpt or not vqgan:
-        raise ValueError(f"{source}: no {GPT_PREFIX if not gpt else VQGAN_PREFIX}* weights: not a whole pai-painter "
-                         "model (EasyNLP saves the GPT and the VQGAN together)")
+        raise CheckpointError(f"{source}: no {GPT_PREFIX if not gpt else VQGAN_PREFIX}* weights: not a whole "
+                              "pai-painter model (EasyNLP saves the GPT and the VQGAN together)")
     return gpt, vqgan
 
 
@@ -165,29 +168,83 @@ def import_paipainter(src: str | Path, out: str | Path) -> tuple[Path, Path]:
     return out, vqgan_path
 
 
+def easynlp_shapes(config: dict, vqgan: VQGANConfig) -> dict[str, tuple[int, ...]]:
+    """The state dict EasyNLP's TextImageGeneration holds for an ARTIST config.json and a taming VQGAN:
+    every name and shape, spelled out from EasyNLP's minGPT (what its strict load expects of a folder)."""
+    e, block, hidden = config["n_embd"], config["block_size"], 4 * config["n_embd"]
+    gpt = {"tok_emb.weight": (config["vocab_size"], e), "pos_emb": (1, block, e), "ln_f.weight": (e,),
+           "ln_f.bias": (e,), "head.weight": (config["img_vocab_size"], e)}
+    for i in range(config["n_layer"]):
+        p = f"blocks.{i}."
+        gpt.update({p + "ln1.weight": (e,), p + "ln1.bias": (e,), p + "ln2.weight": (e,), p + "ln2.bias": (e,),
+                    p + "attn.mask": (1, 1, block, block), p + "mlp.0.weight": (hidden, e), p + "mlp.0.bias": (hidden,),
+                    p + "mlp.2.weight": (e, hidden), p + "mlp.2.bias": (e,)})
+        for linear in ("key", "query", "value", "proj"):
+            gpt.update({p + f"attn.{linear}.weight": (e, e), p + f"attn.{linear}.bias": (e,)})
+    # taming's VQModel of these sizes: t2i's plain VQGAN carries taming's names (checked in test_vqgan.py)
+    with torch.device("meta"):
+        taming = VQModel(VQGANConfig(**{k: v for k, v in asdict(vqgan).items() if k in TAMING_KEYS}))
+    return {**{GPT_PREFIX + k: v for k, v in gpt.items()},
+            **{VQGAN_PREFIX + k: tuple(v.shape) for k, v in taming.state_dict().items()}}
+
+
+# options that change no weight and nothing EasyNLP computes at inference (dropout is config.json's own)
+UNUSED_BY_EASYNLP = {"dropout", "pb_relax_alpha", "rope_base", "beta", "legacy_beta", "entropy_weight",
+                     "entropy_temperature"}
+
+
+def _easynlp_mismatches(ckpt, record: GPTRecord, cfg: GPTConfig, vqgan: VQModel, state: dict, config: dict) -> str:
+    """What keeps a model from running in EasyNLP, in words ("" when nothing does): the options whose value
+    EasyNLP's modules cannot hold, and the weights that do not map key for key onto its state dict."""
+    # the model EasyNLP would build for these sizes: text ids after the image codes, nothing else
+    config = {**config, "vocab_size": cfg.n_image_codes + cfg.n_text_tokens, "block_size": cfg.text_len + cfg.image_len}
+    easynlp_gpt = gpt_config(config, cfg.image_len)
+    easynlp_vqgan = VQGANConfig(**{k: v for k, v in asdict(vqgan.cfg).items() if k in TAMING_KEYS})
+    options = [f"model.{name}={value} (EasyNLP: {getattr(easynlp_gpt, name)})" for name, value in asdict(cfg).items()
+               if name not in UNUSED_BY_EASYNLP and value != getattr(easynlp_gpt, name)]
+    options += [f"vqgan.{name}={value} (EasyNLP: {getattr(easynlp_vqgan, name)})"
+                for name, value in asdict(vqgan.cfg).items()
+                if name not in UNUSED_BY_EASYNLP and value != getattr(easynlp_vqgan, name)]
+    if record.tokenizer["kind"] != "wordpiece":
+        options.append(f"a {record.tokenizer['kind']} tokenizer (EasyNLP: BERT's WordPiece vocab.txt)")
+    expected = easynlp_shapes(config, vqgan.cfg)
+    ours = {k: tuple(v.shape) for k, v in state.items()}
+    extra, absent = sorted(set(ours) - set(expected)), sorted(set(expected) - set(ours))
+    misshaped = [f"{k} {ours[k]} (EasyNLP: {expected[k]})" for k in sorted(set(ours) & set(expected))
+                 if ours[k] != expected[k]]
+    keys = [f"{what} ({len(names)}): {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+            for what, names in (("weights EasyNLP has no place for", extra), ("weights EasyNLP needs", absent),
+                                ("mis-shaped", misshaped)) if names]
+    if not options and not keys:
+        return ""
+    return (f"{ckpt} cannot run in EasyNLP, whose pai-painter is a minGPT (learned positions, pre-LayerNorm with "
+            "biases, GELU MLP) over taming's VQGAN: " + "; ".join(options + keys) + ". Export a model trained with "
+            "the pai-painter architecture (e.g. one imported with `python -m t2i.interop paipainter` and fine-tuned)")
+
+
 def export_paipainter(ckpt: str | Path, out: str | Path, vqgan_ckpt: str | Path | None = None) -> Path:
-    """A pai-painter-layout t2i GPT checkpoint -> a folder EasyNLP's predictor loads (strictly)."""
+    """A pai-painter-architecture t2i GPT checkpoint -> a folder EasyNLP's predictor loads (strictly).
+
+    Refused, naming the options, when the model or its VQGAN does not map key for key onto EasyNLP's
+    modules (EasyNLP loads with strict=False: it would drop those weights and sample garbage).
+    """
     gpt, record = load_gpt(ckpt)
     cfg = gpt.cfg
-    if cfg.layout != "paipainter" or cfg.norm != "pre" or cfg.pb_relax or record.tokenizer["kind"] != "wordpiece":
-        raise ValueError(f"{ckpt} is a {cfg.layout}-layout model (norm={cfg.norm}, pb_relax={cfg.pb_relax}, "
-                         f"{record.tokenizer['kind']} tokenizer): EasyNLP runs only pai-painter's own "
-                         "(model.layout=paipainter, norm=pre, no PB-relax, a BERT vocab.txt), e.g. one imported "
-                         "with `python -m t2i.interop paipainter` and fine-tuned")
     vqgan = load_record_vqgan(record, str(ckpt), vqgan_ckpt)
-    if vqgan.cfg.l2_normalize:
-        raise ValueError(f"{ckpt}'s VQGAN has an l2-normalised codebook: EasyNLP's (taming's) quantizer is Euclidean")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     mask = torch.ones(cfg.block_size, cfg.block_size).tril().view(1, 1, cfg.block_size, cfg.block_size)
     state = {GPT_PREFIX + k: v.detach().cpu().contiguous() for k, v in gpt.state_dict().items()}
     state.update({f"{GPT_PREFIX}blocks.{i}{MASK_SUFFIX}": mask.clone() for i in range(cfg.n_layer)})
     state.update({VQGAN_PREFIX + k: v.detach().cpu().contiguous() for k, v in vqgan.state_dict().items()})
-    torch.save(state, out / WEIGHTS)
     config = {"vocab_size": cfg.vocab_size, "img_vocab_size": cfg.n_image_codes, "text_vocab_size": cfg.n_text_tokens,
               "block_size": cfg.block_size, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
               "embd_pdrop": cfg.dropout, "resid_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout, "n_unmasked": 0,
               "model_type": "artist"}
+    problems = _easynlp_mismatches(ckpt, record, cfg, vqgan, state, config)
+    if problems:
+        raise ValueError(problems)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out / WEIGHTS)
     if asdict(vqgan.cfg) != asdict(VQGANConfig()):  # EasyNLP builds f16_16384 only; t2i reads this back
         warnings.warn("the VQGAN is not taming's f16_16384, which EasyNLP hard-codes: config.json records it as "
                       "vqgan_config, but EasyNLP itself will not build it")
