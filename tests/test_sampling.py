@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from t2i.models.gpt import GPT, GPTConfig
-from t2i.sampling import (SamplingConfig, _draw, _prompt_uniforms, compiled_step, filter_logits, generate_codes,
+from t2i.sampling import (SamplingConfig, _draw, _prompt_uniforms, filter_logits, frozen_step, generate_codes,
                           guidance_scales)
 
 TINY = dict(n_image_codes=40, n_text_tokens=30, text_len=6, image_len=9, n_layer=2, n_head=2, n_embd=32)
@@ -82,13 +82,15 @@ def test_frozen_steps_compute_the_static_step_and_compile_once_per_batch_size(te
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY, norm="sandwich", layout=layout)).eval()
     prefix = model.layout.prefix(text)
-    token, logits, caches = torch.tensor([[3], [4], [5]]), [], []
-    frozen_step = compiled_step(model, "frozen")
-    for step in (model.forward_at, frozen_step):
-        caches.append(model.new_cache(len(prefix)))
-        model(prefix, caches[-1], last=1, head_rows=40)
-        logits.append(step(token, torch.tensor([caches[-1].length]), caches[-1], 40))
-    assert torch.allclose(logits[0], logits[1], rtol=1e-4, atol=1e-5)
+    token = torch.tensor([[3], [4], [5]])
+    cache = model.new_cache(len(prefix))
+    model(prefix, cache, last=1, head_rows=40)
+    position = torch.tensor([cache.length])
+    static = model.forward_at(token, position, cache, 40)
+    with frozen_step(model, len(prefix)) as (step, frozen_cache):
+        model(prefix, frozen_cache, last=1, head_rows=40)
+        frozen_logits = step(token, position, frozen_cache, 40)
+    assert torch.allclose(static, frozen_logits, rtol=1e-4, atol=1e-5)
     cfg = SamplingConfig(seed=1, top_k=10, guidance_scale=3.0, guidance_interval=(0.0, 0.5))
     generate_codes(model, text, cfg, decode="frozen")
     other = text.flip(0)
@@ -97,9 +99,9 @@ def test_frozen_steps_compute_the_static_step_and_compile_once_per_batch_size(te
     assert (frozen == generate_codes(model, other, cfg)).float().mean() >= 0.9
     # the weights really are compiled in: changed afterwards, the frozen step still computes with the old ones
     model.head.weight.data.zero_()
-    position = torch.tensor([caches[1].length])
-    assert not model.forward_at(token, position, caches[0], 40).any()
-    assert torch.equal(frozen_step(token, position, caches[1], 40), logits[1])
+    assert not model.forward_at(token, position, cache, 40).any()
+    with frozen_step(model, len(prefix)) as (step, frozen_cache):  # its cache still holds the prefix
+        assert torch.equal(step(token, position, frozen_cache, 40), frozen_logits)
 
 
 @pytest.mark.parametrize("options", [{"norm_type": "rms", "mlp": "swiglu", "pos": "rope2d", "bias": False},
