@@ -1,8 +1,13 @@
 """Sampling: KV cache equivalence, filtering, guidance, seeds, batching."""
 
+import gc
+import threading
+import weakref
+
 import pytest
 import torch
 
+from t2i import sampling
 from t2i.models.gpt import GPT, GPTConfig
 from t2i.sampling import (SamplingConfig, _draw, _prompt_uniforms, filter_logits, frozen_step, generate_codes,
                           guidance_scales)
@@ -102,6 +107,65 @@ def test_frozen_steps_compute_the_static_step_and_compile_once_per_batch_size(te
     assert not model.forward_at(token, position, cache, 40).any()
     with frozen_step(model, len(prefix)) as (step, frozen_cache):  # its cache still holds the prefix
         assert torch.equal(step(token, position, frozen_cache, 40), frozen_logits)
+
+
+def _frozen_cache_ref(model, batch_size):
+    """A weak reference to the keys of the model's frozen cache at this batch size (which its compilation holds)."""
+    with frozen_step(model, batch_size) as (_, cache):
+        return weakref.ref(cache.keys[0])
+
+
+@torch.no_grad()
+def test_compiled_and_frozen_steps_are_freed_with_their_model_and_frozen_ones_kept_for_few_batch_sizes(
+        text, monkeypatch):
+    monkeypatch.setattr(sampling, "FROZEN_BATCH_SIZES", 1)  # one compilation fewer than the default to show it
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**TINY, "n_layer": 1})).eval()
+    cfg = SamplingConfig(seed=0, top_k=10)
+    generate_codes(model, text[:1], cfg, decode="compiled")
+    kept = []
+    for batch_size in (1, 2):
+        generate_codes(model, text[:batch_size], cfg, decode="frozen")
+        kept.append(_frozen_cache_ref(model, batch_size))
+    gc.collect()
+    # the older batch size is dropped, its compilation (which held the cache and the weights) with it
+    assert kept[0]() is None and kept[1]() is not None
+    model_ref, weight_ref = weakref.ref(model), weakref.ref(model.head.weight)
+    del model
+    gc.collect()
+    assert model_ref() is None and weight_ref() is None and kept[1]() is None
+
+
+def test_one_frozen_generation_per_model_at_a_time(model, text, monkeypatch):
+    cfg = SamplingConfig(seed=0, top_k=10)
+    alone = generate_codes(model, text[:1], cfg, decode="frozen")
+    paused, resume = threading.Event(), threading.Event()
+    draw = sampling._draw
+
+    def pausing_draw(probs, uniforms):  # the thread "first" stops at its first draw until resumed
+        if threading.current_thread().name == "first" and not paused.is_set():
+            paused.set()
+            resume.wait(60)
+        return draw(probs, uniforms)
+
+    monkeypatch.setattr(sampling, "_draw", pausing_draw)
+    codes = {}
+
+    def generate():
+        codes[threading.current_thread().name] = generate_codes(model, text[:1], cfg, decode="frozen")
+
+    first = threading.Thread(target=generate, name="first", daemon=True)
+    first.start()
+    assert paused.wait(60)
+    second = threading.Thread(target=generate, name="second", daemon=True)
+    second.start()
+    second.join(1.0)
+    still_waiting = second.is_alive()  # the two would write the same cache
+    resume.set()
+    first.join(60)
+    second.join(60)
+    assert still_waiting
+    assert torch.equal(codes["first"], alone) and torch.equal(codes["second"], alone)
 
 
 @pytest.mark.parametrize("options", [{"norm_type": "rms", "mlp": "swiglu", "pos": "rope2d", "bias": False},
