@@ -275,13 +275,15 @@ def derived_seed(key: str) -> int:
 def _prompt_uniforms(seeds: Sequence[int] | None, n_prompts: int, samples_per_prompt: int, steps: int,
                     device: torch.device) -> torch.Tensor:
     """Uniform draws [n_prompts * samples_per_prompt, steps] in [0, 1): prompt i's rows from its own
-    generator seeded with seeds[i] (unseeded: torch's global generator)."""
+    generator seeded with seeds[i] (unseeded: torch's global generator). float32 whatever the default dtype:
+    trainer.precision=bf16-true makes it bf16, whose 8-bit mantissa leaves ~190 distinct values in 256 draws."""
     if seeds is None:
-        return torch.rand(n_prompts * samples_per_prompt, steps, device=device)
+        return torch.rand(n_prompts * samples_per_prompt, steps, device=device, dtype=torch.float32)
     if len(seeds) != n_prompts:
         raise ValueError(f"{len(seeds)} seeds for {n_prompts} prompts")
     # CPU generators: the same seed gives the same draws on every device.
-    draws = [torch.rand(samples_per_prompt, steps, generator=torch.Generator().manual_seed(seed)) for seed in seeds]
+    draws = [torch.rand(samples_per_prompt, steps, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+             for seed in seeds]
     return torch.cat(draws).to(device)
 
 
@@ -449,7 +451,8 @@ def _sjd_codes(model: GPT, prefix: torch.Tensor, n: int, cfg: SamplingConfig, sc
     tokens = torch.zeros(n, T + W, dtype=torch.long, device=device)  # codes before done[i], then the drafts
     done = torch.zeros(n, dtype=torch.long, device=device)
     steps = torch.arange(W, device=device)
-    init = torch.stack([torch.rand(W, generator=g) for g in generators]).to(device)
+    # random numbers in float32 whatever the default dtype (_prompt_uniforms)
+    init = torch.stack([torch.rand(W, generator=g, dtype=torch.float32) for g in generators]).to(device)
     drafts = (init * V).long().clamp(max=V - 1)
     q = F.one_hot(drafts, V).float()  # each draft's distribution
     while True:
@@ -469,9 +472,9 @@ def _sjd_codes(model: GPT, prefix: torch.Tensor, n: int, cfg: SamplingConfig, sc
         stats.model_calls += 1
         # the window's outputs at each sequence's positions done .. done + W
         at = ((done - c)[:, None] + torch.arange(W + 1, device=device)).clamp(max=end - c)
-        draws = torch.zeros(n, 3 * W + 1)
+        draws = torch.zeros(n, 3 * W + 1, dtype=torch.float32)
         for row in active.nonzero().squeeze(1).tolist():
-            draws[row] = torch.rand(3 * W + 1, generator=generators[row])
+            draws[row] = torch.rand(3 * W + 1, generator=generators[row], dtype=torch.float32)
         draws = draws.to(device)
         u_accept, u_code, u_draft, u_init = draws[:, :W], draws[:, W], draws[:, W + 1:2 * W + 1], draws[:, 2 * W + 1:]
         if cfg.greedy:
@@ -591,13 +594,14 @@ def _beam_text(model: GPT, prefix: torch.Tensor, cfg: CaptionConfig) -> torch.Te
     logits = model(prefix, cache, last=1, head_rows=rows)[:, -1]  # the prefix once per image
     cache.reorder(torch.arange(n, device=device).repeat_interleave(k))  # then in each of its beams
     log_probs = logits.float().log_softmax(-1).repeat_interleave(k, 0)
-    scores = torch.full((n, k), float("-inf"), device=device)
+    # scores and lengths in float32 whatever the default dtype (bf16 under bf16-true)
+    scores = torch.full((n, k), float("-inf"), device=device, dtype=torch.float32)
     scores[:, 0] = 0  # the beams start equal: only the first one expands at the first step
-    padding_only = torch.full((vocab,), float("-inf"), device=device)
+    padding_only = torch.full((vocab,), float("-inf"), device=device, dtype=torch.float32)
     padding_only[0] = 0
     text = torch.zeros(n * k, length, dtype=torch.long, device=device)
     ended = torch.zeros(n * k, dtype=torch.bool, device=device)
-    lengths = torch.zeros(n * k, device=device)
+    lengths = torch.zeros(n * k, device=device, dtype=torch.float32)
     for i in range(length):
         log_probs = torch.where(ended[:, None], padding_only, log_probs)
         scores, best = (scores.view(-1, 1) + log_probs).view(n, k * vocab).topk(k, dim=-1)

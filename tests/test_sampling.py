@@ -3,14 +3,15 @@
 import gc
 import threading
 import weakref
+from dataclasses import replace
 
 import pytest
 import torch
 
 from t2i import sampling
 from t2i.models.gpt import GPT, GPTConfig
-from t2i.sampling import (SamplingConfig, _draw, _prompt_uniforms, filter_logits, frozen_step, generate_codes,
-                          guidance_scales)
+from t2i.sampling import (CaptionConfig, SamplingConfig, _draw, _prompt_uniforms, filter_logits, frozen_step,
+                          generate_codes, generate_text, guidance_scales)
 
 TINY = dict(n_image_codes=40, n_text_tokens=30, text_len=6, image_len=9, n_layer=2, n_head=2, n_embd=32)
 
@@ -269,3 +270,26 @@ def test_fixed_shape_steps_follow_a_guidance_interval(text, decode):
     model = GPT(GPTConfig(**TINY)).eval()
     cfg = SamplingConfig(seed=5, top_k=10, guidance_scale=3.0, guidance_interval=(0.0, 0.5))
     assert torch.equal(generate_codes(model, text, cfg, decode=decode), generate_codes(model, text, cfg))
+
+
+# -- precision ------------------------------------------------------------------------------------
+
+def test_random_numbers_and_beam_scores_stay_float32_under_a_bf16_default_dtype(model, text):
+    # trainer.precision=bf16-true (Lightning's Fabric) makes bf16 torch's default dtype around evaluation
+    codes = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    sampled = SamplingConfig(seed=3, samples_per_prompt=8)
+    runs = []
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.set_default_dtype(dtype)
+        try:
+            runs.append([_prompt_uniforms([1, 2], 2, 1, 256, torch.device("cpu")),
+                         generate_codes(model, text, sampled),
+                         generate_codes(model, text, replace(sampled, method="sjd", sjd_window=4)),
+                         generate_text(model, codes, CaptionConfig(method="sample", seed=0)),
+                         generate_text(model, codes, CaptionConfig(method="beam", num_beams=3, length_penalty=0.6))])
+        finally:
+            torch.set_default_dtype(torch.float32)
+    uniforms = runs[1][0]
+    assert uniforms.dtype == torch.float32 and all(len(row.unique()) >= 250 for row in uniforms)
+    for fp32, bf16 in zip(*runs):
+        assert torch.equal(fp32, bf16)
