@@ -15,9 +15,10 @@ int, attention over the filled part), "static" (GPT.forward_at: fixed shapes, th
 it once as a CUDA graph and replays it: no per-kernel launch cost, the gpt-fast / LlamaGen pattern)
 or "frozen" (compiled with the weights folded in as constants: `compiled_step`).
 
-Guidance schedules move the scale over the image positions t = 0 .. T-1: constant, a linear ramp
-(VAR: 1 + (g - 1) t / T), power-cosine (RAR: 1 + (g - 1) (1 - cos(pi (t / T)^p)) / 2), and an
-interval (LlamaGen's cfg_interval) outside which the scale is 1.
+Guidance schedules move the scale over the image positions t = 0 .. T-1, from 1 at the first to the given
+scale g at the last: constant (g everywhere), a linear ramp (VAR: 1 + (g - 1) t / (T - 1)), power-cosine
+(RAR: 1 + (g - 1) (1 - cos(pi (t / (T - 1))^p)) / 2), and an interval (LlamaGen's cfg_interval: positions with
+start <= t / T < end) outside which the scale is 1.
 
 Captions go the other way (`generate_text`): image codes -> text through the `[I2T] codes [BOT] text`
 direction, with the same cache and filtering: greedy, sampled (temperature, top-k, top-p, a seed
@@ -117,16 +118,18 @@ class SamplingStats:
 
 def guidance_scales(cfg: SamplingConfig, image_len: int) -> torch.Tensor:
     """The guidance scale at each image position [image_len] (float32, as the logits are guided)."""
-    t = torch.arange(image_len, dtype=torch.float64) / image_len
+    position = torch.arange(image_len, dtype=torch.float64)
+    ramp = position / max(image_len - 1, 1)  # 0 at the first position, 1 at the last: the ramps end at g exactly
     g = cfg.guidance_scale
     if cfg.guidance_schedule == "constant":
-        scales = torch.full_like(t, g)
+        scales = torch.full_like(ramp, g)
     elif cfg.guidance_schedule == "linear":
-        scales = 1 + (g - 1) * t
+        scales = 1 + (g - 1) * ramp
     else:  # power_cosine
-        scales = 1 + (g - 1) * (1 - torch.cos(math.pi * t ** cfg.guidance_power)) / 2
+        scales = 1 + (g - 1) * (1 - torch.cos(math.pi * ramp ** cfg.guidance_power)) / 2
     start, end = cfg.guidance_interval
-    return torch.where((t >= start) & (t < end), scales, torch.ones_like(t)).float()
+    inside = (position / image_len >= start) & (position / image_len < end)
+    return torch.where(inside, scales, torch.ones_like(scales)).float()
 
 
 def _guide(logits: torch.Tensor, n: int, scales: torch.Tensor) -> torch.Tensor:

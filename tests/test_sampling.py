@@ -219,17 +219,24 @@ def test_schedule_scales_follow_their_formulas():
     g, T = 4.0, 16
     cases = {
         "constant": (dict(), lambda t: g),
-        "linear": (dict(guidance_schedule="linear"), lambda t: 1 + (g - 1) * t / T),
+        "linear": (dict(guidance_schedule="linear"), lambda t: 1 + (g - 1) * t / (T - 1)),
         "power_cosine": (dict(guidance_schedule="power_cosine", guidance_power=2.5),
-                         lambda t: 1 + (g - 1) * (1 - math.cos(math.pi * (t / T) ** 2.5)) / 2),
+                         lambda t: 1 + (g - 1) * (1 - math.cos(math.pi * (t / (T - 1)) ** 2.5)) / 2),
         "interval": (dict(guidance_schedule="linear", guidance_interval=[0.25, 0.75]),
-                     lambda t: 1 + (g - 1) * t / T if 4 <= t < 12 else 1.0),
+                     lambda t: 1 + (g - 1) * t / (T - 1) if 4 <= t < 12 else 1.0),
     }
     for name, (options, formula) in cases.items():
         scales = guidance_scales(SamplingConfig(guidance_scale=g, **options), T)
         expected = torch.tensor([formula(t) for t in range(T)], dtype=torch.float32)
         assert torch.allclose(scales, expected, rtol=1e-6), name
     assert guidance_scales(SamplingConfig(guidance_scale=g, guidance_schedule="linear"), T)[0] == 1  # t = 0: none
+
+
+@pytest.mark.parametrize("schedule, first", [("constant", 4.0), ("linear", 1.0), ("power_cosine", 1.0)])
+def test_every_schedule_ends_at_the_given_scale(schedule, first):
+    for image_len in (2, 9, 256):
+        scales = guidance_scales(SamplingConfig(guidance_scale=4.0, guidance_schedule=schedule), image_len)
+        assert scales[0] == first and scales[-1] == 4.0, image_len
 
 
 @pytest.mark.parametrize("options", [dict(guidance_schedule="linear"),
