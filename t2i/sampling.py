@@ -13,7 +13,7 @@ How a step runs (`decode`, the same codes up to float rounding): "eager" (the ca
 int, attention over the filled part), "static" (GPT.forward_at: fixed shapes, the position a tensor),
 "compiled" (the static step through torch.compile; on CUDA mode "reduce-overhead", which captures
 it once as a CUDA graph and replays it: no per-kernel launch cost, the gpt-fast / LlamaGen pattern)
-or "frozen" (compiled with the weights folded in as constants: `compiled_step`).
+or "frozen" (compiled with the weights folded in as constants: `frozen_step`).
 
 Guidance schedules move the scale over the image positions t = 0 .. T-1, from 1 at the first to the given
 scale g at the last: constant (g everywhere), a linear ramp (VAR: 1 + (g - 1) t / (T - 1)), power-cosine
@@ -40,7 +40,7 @@ import warnings
 import weakref
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -204,22 +204,22 @@ _model_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # GPT -> 
 _model_steps_lock = threading.Lock()  # creating a model's entry
 
 
-def _steps_of(model: GPT) -> _ModelSteps:
+def _steps_of(model: GPT, compiled: bool = False) -> _ModelSteps:
+    """The model's entry, made on first use (with its compiled step when `compiled`)."""
     with _model_steps_lock:
         steps = _model_steps.get(model)
         if steps is None:
             steps = _model_steps[model] = _ModelSteps()
-            weakref.finalize(model, steps.release)
+            weakref.finalize(model, steps.release).atexit = False  # nothing to free at exit
+        if compiled and steps.compiled is None:
+            steps.compiled = CompiledStep(frozen=False, cuda=model.tok_emb.weight.is_cuda)
         return steps
 
 
 def compiled_step(model: GPT):
     """model.forward_at through torch.compile (sampling.decode=compiled): compiled once per model and batch size;
     on CUDA mode "reduce-overhead" (a CUDA graph). Its compilations are dropped when the model is."""
-    steps = _steps_of(model)
-    if steps.compiled is None:
-        steps.compiled = CompiledStep(frozen=False, cuda=model.tok_emb.weight.is_cuda)
-    return functools.partial(steps.compiled, model)
+    return functools.partial(_steps_of(model, compiled=True).compiled, model)
 
 
 @contextmanager
