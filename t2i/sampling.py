@@ -252,7 +252,8 @@ def frozen_step(model: GPT, batch_size: int):
             while len(steps.frozen) > FROZEN_BATCH_SIZES:
                 steps.frozen.popitem(last=False)[1][0].release()
         step, cache = steps.frozen[batch_size]
-        cache.length = 0  # stale keys and values past a position are masked (weight 0); the first forward sets `caption`
+        # stale keys and values past a position are masked (weight 0); the first forward sets `caption`
+        cache.length = 0
         yield functools.partial(step, model), cache
 
 
