@@ -78,9 +78,10 @@ class TrainingThroughput(Callback):
         self._last = now
         samples, tokens, flops = pl_module.throughput_counts(batch)
         self._samples, self._tokens, self._batches = self._samples + samples, self._tokens + tokens, self._batches + 1
-        # Throughput takes per-device samples and lengths but the FLOPs of all devices together
+        # all per device: Throughput multiplies the FLOPs by the world size itself (its global figure) and
+        # divides them back for the device's FLOP/s and MFU
         self._throughput.update(time=self._elapsed, batches=self._batches, samples=self._samples,
-                                lengths=self._tokens, flops=flops * trainer.world_size)
+                                lengths=self._tokens, flops=flops)
         metrics = self._throughput.compute()
         logged = {"train/samples_per_s": metrics.get("device/samples_per_sec"),
                   "train/tokens_per_s": metrics.get("device/items_per_sec"),

@@ -13,11 +13,12 @@ How a step runs (`decode`, the same codes up to float rounding): "eager" (the ca
 int, attention over the filled part), "static" (GPT.forward_at: fixed shapes, the position a tensor),
 "compiled" (the static step through torch.compile; on CUDA mode "reduce-overhead", which captures
 it once as a CUDA graph and replays it: no per-kernel launch cost, the gpt-fast / LlamaGen pattern)
-or "frozen" (compiled with the weights folded in as constants: `compiled_step`).
+or "frozen" (compiled with the weights folded in as constants: `frozen_step`).
 
-Guidance schedules move the scale over the image positions t = 0 .. T-1: constant, a linear ramp
-(VAR: 1 + (g - 1) t / T), power-cosine (RAR: 1 + (g - 1) (1 - cos(pi (t / T)^p)) / 2), and an
-interval (LlamaGen's cfg_interval) outside which the scale is 1.
+Guidance schedules move the scale over the image positions t = 0 .. T-1, from 1 at the first to the given
+scale g at the last: constant (g everywhere), a linear ramp (VAR: 1 + (g - 1) t / (T - 1)), power-cosine
+(RAR: 1 + (g - 1) (1 - cos(pi (t / (T - 1))^p)) / 2), and an interval (LlamaGen's cfg_interval: positions with
+start <= t / T < end) outside which the scale is 1.
 
 Captions go the other way (`generate_text`): image codes -> text through the `[I2T] codes [BOT] text`
 direction, with the same cache and filtering: greedy, sampled (temperature, top-k, top-p, a seed
@@ -30,13 +31,17 @@ verifies a window of draft codes at once and keeps the sampling distribution exa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+import threading
+import types
 import warnings
 import weakref
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -113,16 +118,18 @@ class SamplingStats:
 
 def guidance_scales(cfg: SamplingConfig, image_len: int) -> torch.Tensor:
     """The guidance scale at each image position [image_len] (float32, as the logits are guided)."""
-    t = torch.arange(image_len, dtype=torch.float64) / image_len
+    position = torch.arange(image_len, dtype=torch.float64)
+    ramp = position / max(image_len - 1, 1)  # 0 at the first position, 1 at the last: the ramps end at g exactly
     g = cfg.guidance_scale
     if cfg.guidance_schedule == "constant":
-        scales = torch.full_like(t, g)
+        scales = torch.full_like(ramp, g)
     elif cfg.guidance_schedule == "linear":
-        scales = 1 + (g - 1) * t
+        scales = 1 + (g - 1) * ramp
     else:  # power_cosine
-        scales = 1 + (g - 1) * (1 - torch.cos(math.pi * t ** cfg.guidance_power)) / 2
+        scales = 1 + (g - 1) * (1 - torch.cos(math.pi * ramp ** cfg.guidance_power)) / 2
     start, end = cfg.guidance_interval
-    return torch.where((t >= start) & (t < end), scales, torch.ones_like(t)).float()
+    inside = (position / image_len >= start) & (position / image_len < end)
+    return torch.where(inside, scales, torch.ones_like(scales)).float()
 
 
 def _guide(logits: torch.Tensor, n: int, scales: torch.Tensor) -> torch.Tensor:
@@ -135,55 +142,119 @@ def _guide(logits: torch.Tensor, n: int, scales: torch.Tensor) -> torch.Tensor:
 
 
 DECODES = ("eager", "static", "compiled", "frozen")
-_compiled_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # GPT -> {decode: its compiled step}
-_frozen_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # GPT -> {batch size: KVCache}
 
-
-# torch.compile keeps at most dynamo's recompile_limit (8) compilations of one function, and every model and
-# batch size sampled in a process is one compilation of GPT.forward_at: allow that many (set around each call)
+# torch.compile keeps at most dynamo's recompile_limit (8) compilations of one function, and every batch size a
+# model's compiled step runs at is one compilation of its copy of forward_at: allow that many (set around each call)
 STEP_COMPILATIONS = 256
 
+# Frozen steps kept per model: those of the most recently used batch sizes. Every size kept holds a KV cache and
+# its own compilation, with a packed copy of the weights in it (about the weights' size again: +75-100 MB per
+# size for a 56 MB GPT), so sizes are not kept without bound; a run at a fixed batch size uses two (its full
+# batches and the last, partial one) and compiles each once. A caller that cycles through more sizes
+# recompiles (~30 s at the base size on two CPU cores) each time a size comes back.
+FROZEN_BATCH_SIZES = 2
 
-def compiled_step(model: GPT, decode: str = "compiled"):
-    """model.forward_at through torch.compile, once per model and decode mode.
 
-    "compiled": on CUDA mode "reduce-overhead" (a CUDA graph). "frozen": the weights compiled in as
-    constants (inductor's freezing) and the matrix products autotuned (mode "max-autotune"; a CUDA graph
-    on GPUs as well). Why: with constant weights inductor pre-packs them for its own C++ GEMM, which it
-    times against the BLAS call and keeps where faster; at batch 1 on a CPU that reads the weights on
-    every core, where torch's matrix-vector product reads each one through a single core (~2.5x faster per
-    step at the base size: experiments/RESULTS.md). The costs: the first call at each batch size compiles
-    and autotunes (~30 s at the base size on two CPU cores); a packed copy of the weights is kept in
-    memory; the weights must not change after the first call (the step would keep the old ones: build
-    a new model); the cache is reused between calls (`frozen_cache`), so one generation at a time per
-    model; and which kernel autotuning keeps can change the last bits of the logits from run to run.
-    torch.compile's `options` do not reach the freezing switch, so it is set around each call (the first
-    call, and any recompilation, happen inside one).
+class CompiledStep:
+    """GPT.forward_at through torch.compile, under a code object of its own; called as step(model, token,
+    position, cache, head_rows).
+
+    Why its own code object: dynamo keeps what it compiles on the compiled function's code object for the life
+    of the process, and a frozen compilation holds the weights and the KV cache it was compiled with; with a
+    copy of forward_at's code per step, `release` drops this step's compilations (and so the memory they hold)
+    and nothing else (torch.compiler.reset would drop every compiled function of the process).
     """
-    steps = _compiled_steps.setdefault(model, {})
-    if decode not in steps:
-        frozen = decode == "frozen"
-        mode = "max-autotune" if frozen else "reduce-overhead" if model.tok_emb.weight.is_cuda else None
-        step = torch.compile(model.forward_at, mode=mode, fullgraph=True, dynamic=False)
 
-        def run(*args):
-            with torch._dynamo.config.patch(recompile_limit=STEP_COMPILATIONS), \
-                    torch._inductor.config.patch(freezing=frozen):
-                return step(*args)
+    def __init__(self, frozen: bool, cuda: bool):
+        method = GPT.forward_at
+        self._code = method.__code__.replace()  # a new code object, the same bytecode
+        function = types.FunctionType(self._code, method.__globals__, method.__name__)
+        mode = "max-autotune" if frozen else "reduce-overhead" if cuda else None
+        self._step = torch.compile(function, mode=mode, fullgraph=True, dynamic=False)
+        self.frozen = frozen
 
-        steps[decode] = run
-    return steps[decode]
+    def __call__(self, model: GPT, *args) -> torch.Tensor:
+        """Each call a new replay (of the CUDA graph, on CUDA): the outputs of the call before may be overwritten."""
+        torch.compiler.cudagraph_mark_step_begin()
+        with torch._dynamo.config.patch(recompile_limit=STEP_COMPILATIONS), \
+                torch._inductor.config.patch(freezing=self.frozen):
+            return self._step(model, *args)
+
+    def release(self) -> None:
+        torch._dynamo.reset_code(self._code)  # no public API drops one function's compilations
 
 
-def frozen_cache(model: GPT, batch_size: int):
-    """The KV cache of frozen steps at this batch size, emptied: one per model and batch size, reused, because
-    the frozen step is compiled for its buffers (module buffers are guarded by identity there)."""
-    caches = _frozen_caches.setdefault(model, {})
-    if batch_size not in caches:
-        caches[batch_size] = model.new_cache(batch_size)
-    cache = caches[batch_size]
-    cache.length = 0  # stale keys and values past a position are masked (weight 0); the first forward sets `caption`
-    return cache
+@dataclass
+class _ModelSteps:
+    """One model's compiled steps. Holds no reference to the model, so that the model is freed when its
+    caller drops it; the model's finalizer then releases these."""
+    compiled: CompiledStep | None = None
+    frozen: OrderedDict = field(default_factory=OrderedDict)  # batch size -> (CompiledStep, KVCache), oldest first
+    generating: threading.Lock = field(default_factory=threading.Lock)  # one frozen generation at a time
+
+    def release(self) -> None:
+        for step in [self.compiled, *(step for step, _ in self.frozen.values())]:
+            if step is not None:
+                step.release()
+        self.compiled = None
+        self.frozen.clear()
+
+
+_model_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # GPT -> _ModelSteps
+_model_steps_lock = threading.Lock()  # creating a model's entry
+
+
+def _steps_of(model: GPT, compiled: bool = False) -> _ModelSteps:
+    """The model's entry, made on first use (with its compiled step when `compiled`)."""
+    with _model_steps_lock:
+        steps = _model_steps.get(model)
+        if steps is None:
+            steps = _model_steps[model] = _ModelSteps()
+            weakref.finalize(model, steps.release).atexit = False  # nothing to free at exit
+        if compiled and steps.compiled is None:
+            steps.compiled = CompiledStep(frozen=False, cuda=model.tok_emb.weight.is_cuda)
+        return steps
+
+
+def compiled_step(model: GPT):
+    """model.forward_at through torch.compile (sampling.decode=compiled): compiled once per model and batch size;
+    on CUDA mode "reduce-overhead" (a CUDA graph). Its compilations are dropped when the model is."""
+    return functools.partial(_steps_of(model, compiled=True).compiled, model)
+
+
+@contextmanager
+def frozen_step(model: GPT, batch_size: int):
+    """The frozen step of this model at this batch size with its KV cache, emptied (sampling.decode=frozen), held
+    for one generation: `with frozen_step(model, n) as (step, cache): ... step(token, position, cache, rows)`.
+
+    Frozen: model.forward_at compiled with the weights in it as constants (inductor's freezing) and the matrix
+    products autotuned (mode "max-autotune"; a CUDA graph on GPUs as well). Why: with constant weights inductor
+    pre-packs them for its own C++ GEMM, which it times against the BLAS call and keeps where faster; at batch 1
+    on a CPU that reads the weights on every core, where torch's matrix-vector product reads each one through a
+    single core (~2.5x faster per step at the base size: experiments/RESULTS.md). The costs: the first call at
+    each batch size compiles and autotunes (~30 s at the base size on two CPU cores); each batch size kept
+    (FROZEN_BATCH_SIZES, the most recently used) holds a packed copy of the weights and a KV cache, dropped with
+    the model; the weights must not change after the first call (the step would keep the old ones: build a new
+    model); and which kernel autotuning keeps can change the last bits of the logits from run to run.
+
+    The step is compiled for its cache's buffers, so the cache is reused from one generation to the next: a
+    second frozen generation of the same model (another thread) waits until the first is done.
+    torch.compile's `options` do not reach the freezing switch, so it is set around each call (the first call,
+    and any recompilation, happen inside one).
+    """
+    steps = _steps_of(model)
+    with steps.generating:
+        if batch_size in steps.frozen:
+            steps.frozen.move_to_end(batch_size)
+        else:
+            steps.frozen[batch_size] = (CompiledStep(frozen=True, cuda=model.tok_emb.weight.is_cuda),
+                                        model.new_cache(batch_size))
+            while len(steps.frozen) > FROZEN_BATCH_SIZES:
+                steps.frozen.popitem(last=False)[1][0].release()
+        step, cache = steps.frozen[batch_size]
+        # stale keys and values past a position are masked (weight 0); the first forward sets `caption`
+        cache.length = 0
+        yield functools.partial(step, model), cache
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -208,13 +279,15 @@ def derived_seed(key: str) -> int:
 def _prompt_uniforms(seeds: Sequence[int] | None, n_prompts: int, samples_per_prompt: int, steps: int,
                     device: torch.device) -> torch.Tensor:
     """Uniform draws [n_prompts * samples_per_prompt, steps] in [0, 1): prompt i's rows from its own
-    generator seeded with seeds[i] (unseeded: torch's global generator)."""
+    generator seeded with seeds[i] (unseeded: torch's global generator). float32 whatever the default dtype:
+    trainer.precision=bf16-true makes it bf16, whose 8-bit mantissa leaves ~190 distinct values in 256 draws."""
     if seeds is None:
-        return torch.rand(n_prompts * samples_per_prompt, steps, device=device)
+        return torch.rand(n_prompts * samples_per_prompt, steps, device=device, dtype=torch.float32)
     if len(seeds) != n_prompts:
         raise ValueError(f"{len(seeds)} seeds for {n_prompts} prompts")
     # CPU generators: the same seed gives the same draws on every device.
-    draws = [torch.rand(samples_per_prompt, steps, generator=torch.Generator().manual_seed(seed)) for seed in seeds]
+    draws = [torch.rand(samples_per_prompt, steps, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+             for seed in seeds]
     return torch.cat(draws).to(device)
 
 
@@ -299,11 +372,26 @@ def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cach
                                                        text.device)
     if uniforms is not None:  # the prompt's streams are drawn whole, then the wanted samples' rows kept
         uniforms = uniforms.view(n_prompts, cfg.samples_per_prompt, -1)[:, samples.start:samples.stop].flatten(0, 1)
-    n = len(text)
+    if use_cache and decode == "frozen":  # the frozen step and its cache are this generation's until it ends
+        with frozen_step(model, len(prefix)) as (step_fn, cache):
+            return _ar_codes(model, prefix, len(text), cfg, scales, guided_until, uniforms, known, stats, cache,
+                             step_fn)
+    cache = model.new_cache(len(prefix)) if use_cache else None
+    step_fn = None
+    if use_cache and decode != "eager":
+        step_fn = model.forward_at if decode == "static" else compiled_step(model)
+    return _ar_codes(model, prefix, len(text), cfg, scales, guided_until, uniforms, known, stats, cache, step_fn)
+
+
+def _ar_codes(model: GPT, prefix: torch.Tensor, n: int, cfg: SamplingConfig, scales: torch.Tensor,
+              guided_until: int, uniforms: torch.Tensor | None, known: torch.Tensor | None, stats: SamplingStats,
+              cache, step_fn) -> torch.Tensor:
+    """Token-by-token sampling: prefix [n (+ n null-text rows), L] -> codes [n, image_len]. `cache` None
+    recomputes the whole sequence at every step; `step_fn` None runs each step eagerly, else it is a fixed-shape
+    step (token, position, cache, head_rows) over `cache`."""
+    gpt = model.cfg
+    use_cache = cache is not None
     codes = torch.empty(n, gpt.image_len, dtype=torch.long, device=prefix.device)
-    cache = None
-    if use_cache:
-        cache = frozen_cache(model, len(prefix)) if decode == "frozen" else model.new_cache(len(prefix))
     tokens = prefix
     rows = gpt.n_image_codes  # image positions produce image codes only
     if use_cache:  # the last position over the image codes: the rest of the head is never read
@@ -311,9 +399,7 @@ def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cach
     else:  # EasyNLP's loop: every position, the whole head
         logits = model(prefix)[:, -1, :rows]
     stats.model_calls += 1
-    step_fn = None
-    if use_cache and decode != "eager":
-        step_fn = model.forward_at if decode == "static" else compiled_step(model, decode)
+    if step_fn is not None:
         position = torch.full((1,), cache.length, dtype=torch.long, device=prefix.device)
     for i in range(gpt.image_len):
         logits = _guide(logits.float(), n, scales[i])
@@ -332,8 +418,6 @@ def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cach
         halves = 2 if i + 1 < guided_until or (step_fn is not None and guided_until) else 1
         new = step.repeat(halves)[:, None]
         if step_fn is not None:
-            if decode != "static":  # a new replay: the previous step's outputs are consumed
-                torch.compiler.cudagraph_mark_step_begin()
             logits = step_fn(new, position, cache, rows)
             position += 1
             cache.length += 1
@@ -381,7 +465,8 @@ def _sjd_codes(model: GPT, prefix: torch.Tensor, n: int, cfg: SamplingConfig, sc
     tokens = torch.zeros(n, T + W, dtype=torch.long, device=device)  # codes before done[i], then the drafts
     done = torch.zeros(n, dtype=torch.long, device=device)
     steps = torch.arange(W, device=device)
-    init = torch.stack([torch.rand(W, generator=g) for g in generators]).to(device)
+    # random numbers in float32 whatever the default dtype (_prompt_uniforms)
+    init = torch.stack([torch.rand(W, generator=g, dtype=torch.float32) for g in generators]).to(device)
     drafts = (init * V).long().clamp(max=V - 1)
     q = F.one_hot(drafts, V).float()  # each draft's distribution
     while True:
@@ -401,9 +486,9 @@ def _sjd_codes(model: GPT, prefix: torch.Tensor, n: int, cfg: SamplingConfig, sc
         stats.model_calls += 1
         # the window's outputs at each sequence's positions done .. done + W
         at = ((done - c)[:, None] + torch.arange(W + 1, device=device)).clamp(max=end - c)
-        draws = torch.zeros(n, 3 * W + 1)
+        draws = torch.zeros(n, 3 * W + 1, dtype=torch.float32)
         for row in active.nonzero().squeeze(1).tolist():
-            draws[row] = torch.rand(3 * W + 1, generator=generators[row])
+            draws[row] = torch.rand(3 * W + 1, generator=generators[row], dtype=torch.float32)
         draws = draws.to(device)
         u_accept, u_code, u_draft, u_init = draws[:, :W], draws[:, W], draws[:, W + 1:2 * W + 1], draws[:, 2 * W + 1:]
         if cfg.greedy:
@@ -523,13 +608,14 @@ def _beam_text(model: GPT, prefix: torch.Tensor, cfg: CaptionConfig) -> torch.Te
     logits = model(prefix, cache, last=1, head_rows=rows)[:, -1]  # the prefix once per image
     cache.reorder(torch.arange(n, device=device).repeat_interleave(k))  # then in each of its beams
     log_probs = logits.float().log_softmax(-1).repeat_interleave(k, 0)
-    scores = torch.full((n, k), float("-inf"), device=device)
+    # scores and lengths in float32 whatever the default dtype (bf16 under bf16-true)
+    scores = torch.full((n, k), float("-inf"), device=device, dtype=torch.float32)
     scores[:, 0] = 0  # the beams start equal: only the first one expands at the first step
-    padding_only = torch.full((vocab,), float("-inf"), device=device)
+    padding_only = torch.full((vocab,), float("-inf"), device=device, dtype=torch.float32)
     padding_only[0] = 0
     text = torch.zeros(n * k, length, dtype=torch.long, device=device)
     ended = torch.zeros(n * k, dtype=torch.bool, device=device)
-    lengths = torch.zeros(n * k, device=device)
+    lengths = torch.zeros(n * k, device=device, dtype=torch.float32)
     for i in range(length):
         log_probs = torch.where(ended[:, None], padding_only, log_probs)
         scores, best = (scores.view(-1, 1) + log_probs).view(n, k * vocab).topk(k, dim=-1)

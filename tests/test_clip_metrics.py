@@ -38,6 +38,19 @@ def test_clip_scores_are_torchmetrics_clipscore_on_the_same_model(chinese_clip):
     assert ours.abs().max() > 1  # random embeddings still give non-trivial cosines
 
 
+def test_texts_are_cut_at_chinese_clips_context_of_52_tokens(chinese_clip):
+    clip = ChineseClip.load(chinese_clip)
+    assert clip.model.config.text_config.max_position_embeddings == 512  # all that transformers' config states
+    characters = [t for t in clip.processor.tokenizer.get_vocab() if len(t) == 1 and "\u4e00" <= t <= "\u9fff"]
+    long = "".join(characters * 80)[:80]
+    assert len(clip.processor.tokenizer.tokenize(long)) == 80  # a token per character
+    embedded = clip.text_embeddings([long, long[:50], long[:49]])  # 50 characters and [CLS], [SEP]: 52 tokens
+    cut, shorter = (embedded[0] - embedded[1]).abs().max(), (embedded[0] - embedded[2]).abs().max()
+    assert cut < 1e-6 and shorter > 1e-5  # a random tiny CLIP: one character moves its embedding ~1e-4
+    protocol = ClipMetrics(clip, {}, {}).protocol()
+    assert protocol["text_max_tokens"] == 52 and "52 tokens" in protocol["text_context"]
+
+
 class _HandMadeClip(ChineseClip):
     """A CLIP known by construction: a solid-colour image embeds as its RGB direction, a text as the
     colour it names (red, green, blue, or their negations for "非" texts)."""

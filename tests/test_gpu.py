@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from t2i.models.gpt import GPT, GPTConfig
 from t2i.models.vqgan import VQGANConfig, VQModel
 from t2i.models.int8 import quantize_weights
-from t2i.sampling import SamplingConfig, compiled_step, generate_codes
+from t2i.sampling import SamplingConfig, frozen_step, generate_codes
 from t2i.stages.gpt_stage import GPTStage
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -87,15 +87,14 @@ def test_frozen_step_on_cuda_computes_the_eager_step(weights):
     torch.manual_seed(0)
     model = quantize_weights(GPT(GPTConfig(**TINY, mlp="swiglu")).cuda().to(torch.bfloat16).eval(), weights)
     tokens = torch.randint(0, 64, (4, 12), device="cuda")
-    caches = [model.new_cache(4), model.new_cache(4)]
-    for cache in caches:
-        model(tokens[:, :8], cache)
-    step = compiled_step(model, "frozen")
-    for position in range(8, 12):
-        eager = model(tokens[:, position:position + 1], caches[0], head_rows=64)[:, -1].float()
-        torch.compiler.cudagraph_mark_step_begin()
-        frozen = step(tokens[:, position:position + 1], torch.tensor([position], device="cuda"), caches[1], 64).float()
-        torch.testing.assert_close(frozen, eager, atol=3e-2, rtol=3e-2)
+    cache = model.new_cache(4)
+    model(tokens[:, :8], cache)
+    with frozen_step(model, 4) as (step, frozen_cache):
+        model(tokens[:, :8], frozen_cache)
+        for position in range(8, 12):
+            eager = model(tokens[:, position:position + 1], cache, head_rows=64)[:, -1].float()
+            frozen = step(tokens[:, position:position + 1], torch.tensor([position], device="cuda"), frozen_cache, 64)
+            torch.testing.assert_close(frozen.float(), eager, atol=3e-2, rtol=3e-2)
     text = torch.tensor([[5, 6, 7, 0, 0, 0], [9, 3, 0, 0, 0, 0]], device="cuda")
     codes = generate_codes(model, text, SamplingConfig(seed=0, top_k=20, guidance_scale=3.0), decode="frozen")
     assert codes.shape == (2, 16) and codes.max() < 64

@@ -1,5 +1,7 @@
 """Weight-only int8 sampling (sampling.weights=int8): the quantization, the quantized GPT, its frozen step."""
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 import torch.nn as nn
@@ -7,7 +9,7 @@ import torch.nn.functional as F
 
 from t2i.models.gpt import GPT, GPTConfig
 from t2i.models.int8 import Int8Linear, Int8SwiGLU, quantize_weights
-from t2i.sampling import Generator, SamplingConfig, compiled_step, generate_codes
+from t2i.sampling import Generator, SamplingConfig, frozen_step, generate_codes
 
 TINY = dict(n_image_codes=40, n_text_tokens=30, text_len=6, image_len=9, n_layer=2, n_head=4, n_embd=64)
 LLAMA = dict(norm_type="rms", mlp="swiglu", pos="rope2d", bias=False)
@@ -55,11 +57,11 @@ def test_frozen_int8_step_computes_the_eager_int8_step():
     prefix = quantized.layout.prefix(text)
     outputs = {}
     for decode in ("static", "frozen"):
-        cache = quantized.new_cache(len(prefix))
-        quantized(prefix, cache, last=1, head_rows=40)
-        step = quantized.forward_at if decode == "static" else compiled_step(quantized, "frozen")
-        token, position = torch.tensor([[3], [4]]), torch.tensor([cache.length])
-        outputs[decode] = step(token, position, cache, 40).float()
+        static = nullcontext((quantized.forward_at, quantized.new_cache(len(prefix))))
+        with frozen_step(quantized, len(prefix)) if decode == "frozen" else static as (step, cache):
+            quantized(prefix, cache, last=1, head_rows=40)
+            token, position = torch.tensor([[3], [4]]), torch.tensor([cache.length])
+            outputs[decode] = step(token, position, cache, 40).float()
     assert torch.allclose(outputs["frozen"], outputs["static"], rtol=0.05, atol=0.05)
     codes = generate_codes(quantized, text, SamplingConfig(seed=0, top_k=10), decode="frozen")
     assert codes.shape == (2, 9) and codes.max() < 40

@@ -16,7 +16,7 @@ import torchvision
 from t2i.data.convert import run as convert
 from t2i.data.tokenizer import train_sentencepiece
 from t2i.eval.fidelity import FidelityAccumulator, InceptionFeatures, fid_from_features
-from t2i.eval.reconstruction import markdown_table, reconstruction_metrics
+from t2i.eval.reconstruction import PSNR, image_psnr, markdown_table, reconstruction_metrics
 from t2i.models.losses import build_lpips
 from t2i.models.vqgan import VQGANConfig, VQModel
 
@@ -84,6 +84,28 @@ def test_rfid_and_lpips_are_those_of_the_reconstructions_against_the_real_images
                                 generated_per_real=1)
     assert not again.needs_real
     assert reconstruction_metrics(model, data, prepare, fidelity=again)["rfid"] == pytest.approx(results["rfid"])
+
+
+def test_psnr_is_each_images_averaged_not_that_of_the_pooled_error(model):
+    real = torch.full((2, 3, 8, 8), 0.5)
+    fake = real + torch.tensor([0.1, 0.001])[:, None, None, None]  # MSE 1e-2 (20 dB) and 1e-6 (60 dB)
+    psnr = image_psnr()
+    psnr.update(fake[:1], real[:1])
+    psnr.update(fake[1:], real[1:])
+    assert float(psnr.compute()) == pytest.approx(40.0, abs=0.01)  # the pooled MSE's PSNR: 23.0 dB
+    # task=reconstruct's figure: the same, over the reconstructions of images of very different error
+    data = batches(6, 4)
+    results = reconstruction_metrics(model, data, prepare)
+    per_image = []
+    with torch.no_grad():
+        for batch in data:
+            x = prepare(batch)["image"]
+            fake = (model.decode(model.encode(x)).clamp(-1, 1) + 1) / 2
+            per_image += (10 * torch.log10(1 / ((fake - (x + 1) / 2) ** 2).mean((1, 2, 3)))).tolist()
+    assert max(per_image) - min(per_image) > 3  # the two definitions differ on this set
+    assert results["psnr"] == pytest.approx(sum(per_image) / len(per_image), abs=1e-3)
+    assert results["psnr_protocol"] == PSNR and "each image's PSNR" in markdown_table(
+        {**results, "ckpt": "c", "split": "val", "data": "d"})
 
 
 def test_rfid_of_a_set_against_itself_is_zero(inception_weights, tmp_path):

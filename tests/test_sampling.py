@@ -1,11 +1,17 @@
 """Sampling: KV cache equivalence, filtering, guidance, seeds, batching."""
 
+import gc
+import threading
+import weakref
+from dataclasses import replace
+
 import pytest
 import torch
 
+from t2i import sampling
 from t2i.models.gpt import GPT, GPTConfig
-from t2i.sampling import (SamplingConfig, _draw, _prompt_uniforms, compiled_step, filter_logits, generate_codes,
-                          guidance_scales)
+from t2i.sampling import (CaptionConfig, SamplingConfig, _draw, _prompt_uniforms, filter_logits, frozen_step,
+                          generate_codes, generate_text, guidance_scales)
 
 TINY = dict(n_image_codes=40, n_text_tokens=30, text_len=6, image_len=9, n_layer=2, n_head=2, n_embd=32)
 
@@ -82,13 +88,15 @@ def test_frozen_steps_compute_the_static_step_and_compile_once_per_batch_size(te
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY, norm="sandwich", layout=layout)).eval()
     prefix = model.layout.prefix(text)
-    token, logits, caches = torch.tensor([[3], [4], [5]]), [], []
-    frozen_step = compiled_step(model, "frozen")
-    for step in (model.forward_at, frozen_step):
-        caches.append(model.new_cache(len(prefix)))
-        model(prefix, caches[-1], last=1, head_rows=40)
-        logits.append(step(token, torch.tensor([caches[-1].length]), caches[-1], 40))
-    assert torch.allclose(logits[0], logits[1], rtol=1e-4, atol=1e-5)
+    token = torch.tensor([[3], [4], [5]])
+    cache = model.new_cache(len(prefix))
+    model(prefix, cache, last=1, head_rows=40)
+    position = torch.tensor([cache.length])
+    static = model.forward_at(token, position, cache, 40)
+    with frozen_step(model, len(prefix)) as (step, frozen_cache):
+        model(prefix, frozen_cache, last=1, head_rows=40)
+        frozen_logits = step(token, position, frozen_cache, 40)
+    assert torch.allclose(static, frozen_logits, rtol=1e-4, atol=1e-5)
     cfg = SamplingConfig(seed=1, top_k=10, guidance_scale=3.0, guidance_interval=(0.0, 0.5))
     generate_codes(model, text, cfg, decode="frozen")
     other = text.flip(0)
@@ -97,9 +105,68 @@ def test_frozen_steps_compute_the_static_step_and_compile_once_per_batch_size(te
     assert (frozen == generate_codes(model, other, cfg)).float().mean() >= 0.9
     # the weights really are compiled in: changed afterwards, the frozen step still computes with the old ones
     model.head.weight.data.zero_()
-    position = torch.tensor([caches[1].length])
-    assert not model.forward_at(token, position, caches[0], 40).any()
-    assert torch.equal(frozen_step(token, position, caches[1], 40), logits[1])
+    assert not model.forward_at(token, position, cache, 40).any()
+    with frozen_step(model, len(prefix)) as (step, frozen_cache):  # its cache still holds the prefix
+        assert torch.equal(step(token, position, frozen_cache, 40), frozen_logits)
+
+
+def _frozen_cache_ref(model, batch_size):
+    """A weak reference to the keys of the model's frozen cache at this batch size (which its compilation holds)."""
+    with frozen_step(model, batch_size) as (_, cache):
+        return weakref.ref(cache.keys[0])
+
+
+@torch.no_grad()
+def test_compiled_and_frozen_steps_are_freed_with_their_model_and_frozen_ones_kept_for_few_batch_sizes(
+        text, monkeypatch):
+    monkeypatch.setattr(sampling, "FROZEN_BATCH_SIZES", 1)  # one compilation fewer than the default to show it
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**TINY, "n_layer": 1})).eval()
+    cfg = SamplingConfig(seed=0, top_k=10)
+    generate_codes(model, text[:1], cfg, decode="compiled")
+    kept = []
+    for batch_size in (1, 2):
+        generate_codes(model, text[:batch_size], cfg, decode="frozen")
+        kept.append(_frozen_cache_ref(model, batch_size))
+    gc.collect()
+    # the older batch size is dropped, its compilation (which held the cache and the weights) with it
+    assert kept[0]() is None and kept[1]() is not None
+    model_ref, weight_ref = weakref.ref(model), weakref.ref(model.head.weight)
+    del model
+    gc.collect()
+    assert model_ref() is None and weight_ref() is None and kept[1]() is None
+
+
+def test_one_frozen_generation_per_model_at_a_time(model, text, monkeypatch):
+    cfg = SamplingConfig(seed=0, top_k=10)
+    alone = generate_codes(model, text[:1], cfg, decode="frozen")
+    paused, resume = threading.Event(), threading.Event()
+    draw = sampling._draw
+
+    def pausing_draw(probs, uniforms):  # the thread "first" stops at its first draw until resumed
+        if threading.current_thread().name == "first" and not paused.is_set():
+            paused.set()
+            resume.wait(60)
+        return draw(probs, uniforms)
+
+    monkeypatch.setattr(sampling, "_draw", pausing_draw)
+    codes = {}
+
+    def generate():
+        codes[threading.current_thread().name] = generate_codes(model, text[:1], cfg, decode="frozen")
+
+    first = threading.Thread(target=generate, name="first", daemon=True)
+    first.start()
+    assert paused.wait(60)
+    second = threading.Thread(target=generate, name="second", daemon=True)
+    second.start()
+    second.join(1.0)
+    still_waiting = second.is_alive()  # the two would write the same cache
+    resume.set()
+    first.join(60)
+    second.join(60)
+    assert still_waiting
+    assert torch.equal(codes["first"], alone) and torch.equal(codes["second"], alone)
 
 
 @pytest.mark.parametrize("options", [{"norm_type": "rms", "mlp": "swiglu", "pos": "rope2d", "bias": False},
@@ -152,17 +219,24 @@ def test_schedule_scales_follow_their_formulas():
     g, T = 4.0, 16
     cases = {
         "constant": (dict(), lambda t: g),
-        "linear": (dict(guidance_schedule="linear"), lambda t: 1 + (g - 1) * t / T),
+        "linear": (dict(guidance_schedule="linear"), lambda t: 1 + (g - 1) * t / (T - 1)),
         "power_cosine": (dict(guidance_schedule="power_cosine", guidance_power=2.5),
-                         lambda t: 1 + (g - 1) * (1 - math.cos(math.pi * (t / T) ** 2.5)) / 2),
+                         lambda t: 1 + (g - 1) * (1 - math.cos(math.pi * (t / (T - 1)) ** 2.5)) / 2),
         "interval": (dict(guidance_schedule="linear", guidance_interval=[0.25, 0.75]),
-                     lambda t: 1 + (g - 1) * t / T if 4 <= t < 12 else 1.0),
+                     lambda t: 1 + (g - 1) * t / (T - 1) if 4 <= t < 12 else 1.0),
     }
     for name, (options, formula) in cases.items():
         scales = guidance_scales(SamplingConfig(guidance_scale=g, **options), T)
         expected = torch.tensor([formula(t) for t in range(T)], dtype=torch.float32)
         assert torch.allclose(scales, expected, rtol=1e-6), name
     assert guidance_scales(SamplingConfig(guidance_scale=g, guidance_schedule="linear"), T)[0] == 1  # t = 0: none
+
+
+@pytest.mark.parametrize("schedule, first", [("constant", 4.0), ("linear", 1.0), ("power_cosine", 1.0)])
+def test_every_schedule_ends_at_the_given_scale(schedule, first):
+    for image_len in (2, 9, 256):
+        scales = guidance_scales(SamplingConfig(guidance_scale=4.0, guidance_schedule=schedule), image_len)
+        assert scales[0] == first and scales[-1] == 4.0, image_len
 
 
 @pytest.mark.parametrize("options", [dict(guidance_schedule="linear"),
@@ -203,3 +277,26 @@ def test_fixed_shape_steps_follow_a_guidance_interval(text, decode):
     model = GPT(GPTConfig(**TINY)).eval()
     cfg = SamplingConfig(seed=5, top_k=10, guidance_scale=3.0, guidance_interval=(0.0, 0.5))
     assert torch.equal(generate_codes(model, text, cfg, decode=decode), generate_codes(model, text, cfg))
+
+
+# -- precision ------------------------------------------------------------------------------------
+
+def test_random_numbers_and_beam_scores_stay_float32_under_a_bf16_default_dtype(model, text):
+    # trainer.precision=bf16-true (Lightning's Fabric) makes bf16 torch's default dtype around evaluation
+    codes = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    sampled = SamplingConfig(seed=3, samples_per_prompt=8)
+    runs = []
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.set_default_dtype(dtype)
+        try:
+            runs.append([_prompt_uniforms([1, 2], 2, 1, 256, torch.device("cpu")),
+                         generate_codes(model, text, sampled),
+                         generate_codes(model, text, replace(sampled, method="sjd", sjd_window=4)),
+                         generate_text(model, codes, CaptionConfig(method="sample", seed=0)),
+                         generate_text(model, codes, CaptionConfig(method="beam", num_beams=3, length_penalty=0.6))])
+        finally:
+            torch.set_default_dtype(torch.float32)
+    uniforms = runs[1][0]
+    assert uniforms.dtype == torch.float32 and all(len(row.unique()) >= 250 for row in uniforms)
+    for fp32, bf16 in zip(*runs):
+        assert torch.equal(fp32, bf16)

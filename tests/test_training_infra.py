@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -21,6 +22,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from t2i import callbacks
 from t2i.callbacks import process_seed
 from t2i.models.gpt import GPT, GPTConfig
 from t2i.stages.gpt_stage import GPTStage
@@ -306,3 +308,36 @@ def test_multirun_refuses_to_start_local_processes(codes_root, tmp_path):
     assert "Lightning would start the other 1 by running this command again, -m included" in result.stderr
     assert "hydra/launcher=slurm" in result.stderr
     assert not list(tmp_path.glob("*/checkpoints")) and not list(tmp_path.glob("*/csv"))  # before any training
+
+
+class _Recorder:
+    """What TrainingThroughput asks of a LightningModule: its batch's counts, and somewhere to log."""
+
+    def __init__(self, counts):
+        self.counts, self.logged = counts, {}
+
+    def throughput_counts(self, batch):
+        return self.counts
+
+    def log_dict(self, metrics, **kwargs):
+        self.logged.update(metrics)
+
+    def log(self, name, value, **kwargs):
+        self.logged[name] = value
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 8])
+def test_throughput_reports_each_devices_flops_and_mfu_at_any_world_size(world_size, monkeypatch):
+    clock = iter(float(t) / 2 for t in range(100))  # a batch every 0.5 s
+    monkeypatch.setattr(callbacks, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    trainer = SimpleNamespace(world_size=world_size, precision="32-true",
+                              strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    monitor = callbacks.TrainingThroughput(window=3, peak_flops=1e10)
+    module = _Recorder(counts=(4, 4 * 63, 10 ** 9))  # each device: 4 sequences, 252 tokens, 1e9 FLOPs a batch
+    monitor.setup(trainer, module, "fit")
+    monitor.on_train_start(trainer, module)
+    for batch in range(5):
+        monitor.on_train_batch_end(trainer, module, None, None, batch)
+    assert module.logged["train/flops_per_s"] == pytest.approx(2e9)  # 1e9 FLOPs in 0.5 s, on each device
+    assert module.logged["train/mfu"] == pytest.approx(0.2)  # over a peak of 1e10
+    assert module.logged["train/tokens_per_s"] == pytest.approx(504)

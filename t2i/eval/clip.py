@@ -31,6 +31,10 @@ import torch.nn.functional as F
 from t2i.precision import exact_fp32
 
 DEFAULT_MODEL = "OFA-Sys/chinese-clip-vit-base-patch16"
+# Chinese-CLIP's text context in tokens: [CLS], up to 50 tokens, [SEP]. What its models were trained and are
+# evaluated with (cn_clip's `tokenize(texts, context_length=52)`); transformers' config states only the text
+# BERT's 512 position embeddings, which would let a longer caption in than Chinese-CLIP ever reads.
+CONTEXT_LENGTH = 52
 SCORE = "100 x cosine(image, prompt), clipped at 0 per image, averaged (torchmetrics CLIPScore's convention)"
 
 
@@ -96,7 +100,7 @@ class ChineseClip:
             raise ValueError(f"eval.clip_batch_size must be >= 1, got {batch_size}")
         self.model, self.processor, self.source = model.eval().to(device), processor, source
         self.device, self.batch_size = torch.device(device), batch_size
-        self.max_tokens = model.config.text_config.max_position_embeddings
+        self.max_tokens = min(CONTEXT_LENGTH, model.config.text_config.max_position_embeddings)  # texts cut there
         self.revision = getattr(model.config, "_commit_hash", None)  # the Hub commit, when it came from there
         self._texts: dict[str, torch.Tensor] = {}  # caption -> its embedding (prompts recur across image sets)
 
@@ -180,6 +184,8 @@ class ClipMetrics:
         return {"model": self.clip.source, "revision": self.clip.revision,
                 "library": "transformers ChineseCLIPModel + ChineseCLIPProcessor (its resize, crop, normalisation)",
                 "clip_score": SCORE, "text_max_tokens": self.clip.max_tokens,
+                "text_context": f"texts cut at {self.clip.max_tokens} tokens, [CLS] and [SEP] included "
+                                f"(Chinese-CLIP's context: cn_clip's tokenize)",
                 "r_precision": f"top-1 among the prompt and {distractors} distinct captions of the split's other "
                                f"images, drawn with eval.rprecision_seed={self.seed} "
                                f"(chance {1 / (1 + distractors):.3f})"}

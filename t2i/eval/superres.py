@@ -3,7 +3,7 @@
 
 On a split's real images, read twice, at the model's low and high image sizes (the same decoding as
 pre-tokenization): the model is fed the real low-resolution codes and its 2x images are compared with
-the real high-resolution images (PSNR, SSIM: torchmetrics), beside
+the real high-resolution images (PSNR per image, averaged; SSIM: torchmetrics), beside
 
     bicubic          the low-resolution reconstruction (VQGAN decode of the low codes), bicubic 2x
     bicubic_real     the real low-resolution image, bicubic 2x (what interpolation of the true image gives)
@@ -25,10 +25,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from torchmetrics.image import StructuralSimilarityIndexMeasure
 from tqdm import tqdm
 
 from t2i.data.shapes import oracle_accuracy
+from t2i.eval.reconstruction import PSNR, image_psnr
 from t2i.sampling import Generator, SamplingConfig, SuperResolver, prompt_seeds, save_captioned_grid
 
 REFERENCES = ("superres", "bicubic", "bicubic_real", "vqgan_high")
@@ -99,7 +100,7 @@ def evaluate_superres(resolver: SuperResolver, low_batches, high_batches, sampli
     a row real high / bicubic / super-resolved (and, with a generator, generated low / its 2x)."""
     high_size = resolver.record.superres["high_size"]
     sampling = SamplingConfig(**{**asdict(sampling), "samples_per_prompt": 1})
-    metrics = {name: (PeakSignalNoiseRatio(data_range=1.0), StructuralSimilarityIndexMeasure(data_range=1.0))
+    metrics = {name: (image_psnr(), StructuralSimilarityIndexMeasure(data_range=1.0))
                for name in REFERENCES}
     attributes, read = [], {name: [] for name in ("real_low", "real_high", *REFERENCES, "generated_low",
                                                      "generated_2x")}
@@ -154,7 +155,7 @@ def evaluate_superres(resolver: SuperResolver, low_batches, high_batches, sampli
     if done < num_images:
         warnings.warn(f"the split has {done} images, fewer than superres.num_images={num_images}")
     results = {"images": done, "size": [high_size, high_size], "low_size": resolver.record.superres["low_size"],
-               "grid": resolver.grid.to_dict(), "sampling": asdict(sampling),
+               "grid": resolver.grid.to_dict(), "sampling": asdict(sampling), "psnr_protocol": PSNR,
                **{name: {"psnr": float(psnr.compute()), "ssim": float(ssim.compute())}
                   for name, (psnr, ssim) in metrics.items()}}
     results["psnr_gain_over_bicubic"] = results["superres"]["psnr"] - results["bicubic"]["psnr"]
@@ -185,4 +186,4 @@ def markdown_table(results: dict) -> str:
         for key, accuracy in results["oracle"].items():
             text += f"| {key} | " + " | ".join(f"{100 * accuracy[n]:.1f}" for n in names) + " |\n"
     return text + (f"\n{results['images']} images of the split at {results['size'][0]}x{results['size'][1]}; "
-                   f"windows {results['grid']}\n")
+                   f"windows {results['grid']}; PSNR: {results.get('psnr_protocol', PSNR)}\n")

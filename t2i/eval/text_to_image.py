@@ -546,7 +546,8 @@ def markdown_table(results: dict) -> str:
                      f"(scored by {results.get('caption_model')})")
     if "clip" in results:
         clip = results["clip"]
-        notes.append(f"clip_score: {clip['clip_score']}; r_precision: {clip['r_precision']}; model {clip['model']}")
+        notes.append(f"clip_score: {clip['clip_score']}; r_precision: {clip['r_precision']}; model {clip['model']}; "
+                     f"{clip.get('text_context', 'texts cut at %d tokens' % clip['text_max_tokens'])}")
         notes.append("real: the split's real images with their prompts (the reference row)" if "real" in results else
                      "real: no reference row (the shards hold codes, not images)")
     if "precision" in results:

@@ -27,10 +27,11 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.throughput import measure_flops
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from torchmetrics.image import StructuralSimilarityIndexMeasure
 
 from t2i.models.losses import VQGANLoss, VQGANLossConfig
 from t2i.checkpoints import load_weights, read_checkpoint, vqgan_state_dict
+from t2i.eval.reconstruction import image_psnr
 from t2i.models.vqgan import VQGANConfig, VQModel, codebook_usage
 from t2i.stages.scaling import apply_lr_scaling, run_steps, warmup_cosine
 
@@ -107,7 +108,7 @@ class VQGANStage(L.LightningModule):
         self.register_buffer("val_code_counts", torch.zeros(vqgan.n_embed), persistent=False)
         self._flops_per_image: int | None = None  # counted at the first batch (t2i.callbacks.TrainingThroughput)
         self._image_dir: Path | None = None  # <log dir>/images, set when fitting starts
-        self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.val_psnr = image_psnr()  # each image's PSNR, averaged (t2i.eval.reconstruction.PSNR)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
 
     @classmethod
