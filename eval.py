@@ -7,6 +7,7 @@ on several, one process each (Fabric starts them, as for training), and the main
 import hashlib
 import json
 import logging
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from t2i.data.datamodule import ShardDataModule
 from t2i.data.shapes import oracle_accuracy
+from t2i.command_line import check_command_line
 from t2i.devices import check_devices
 from t2i.extras import require, require_logger
 from t2i.eval.fidelity import (
@@ -188,7 +190,8 @@ def generate(cfg: DictConfig, fabric: Fabric) -> dict:
                "prefix_ids": prefix_ids.tolist(),
                "codes": str(out / "codes.npy"), "files": files, "grid": str(grid), "sampling": asdict(sampling)}
     if cfg.superres_ckpt:  # CogView's second stage: every sample again at twice the resolution
-        resolver = SuperResolver.from_checkpoint(cfg.superres_ckpt, cfg.superres.vqgan_ckpt, device=fabric.device, decode=cfg.sampling.decode,
+        resolver = SuperResolver.from_checkpoint(cfg.superres_ckpt, cfg.superres_vqgan_ckpt, device=fabric.device,
+                                                 decode=cfg.sampling.decode,
                                                  weights=cfg.sampling.weights)
         with fabric.autocast():
             results.update(write_generated_2x(resolver, generator, prompts, codes, images,
@@ -209,7 +212,8 @@ def superres(cfg: DictConfig, fabric: Fabric) -> dict:
     ckpt= (a text-to-image GPT) also the oracle on generated images and their 2x (t2i.eval.superres)."""
     if not cfg.superres_ckpt:
         raise ValueError("task=superres needs superres_ckpt=PATH (a GPT from experiment=superres_shapes / stage.superres)")
-    resolver = SuperResolver.from_checkpoint(cfg.superres_ckpt, cfg.superres.vqgan_ckpt, device=fabric.device, decode=cfg.sampling.decode,
+    resolver = SuperResolver.from_checkpoint(cfg.superres_ckpt, cfg.superres_vqgan_ckpt, device=fabric.device,
+                                                 decode=cfg.sampling.decode,
                                              weights=cfg.sampling.weights)
     sizes = resolver.record.superres
     loaders = [eval_data(cfg, image_size=sizes[key]) for key in ("low_size", "high_size")]
@@ -239,10 +243,6 @@ def text_to_image(cfg: DictConfig, fabric: Fabric) -> dict | None:
     if not cfg.ckpt:
         raise ValueError("eval.py needs ckpt=PATH (a GPT checkpoint from stage=gpt)")
     options = OmegaConf.to_container(cfg.eval, resolve=True)
-    moved = {"samples_per_prompt": "sampling.samples_per_prompt", "batch_size": "sampling.batch_size"}
-    if set(options) & set(moved):
-        raise ValueError("; ".join(f"eval.{key} is now {moved[key]}" for key in sorted(set(options) & set(moved)))
-                         + " (one setting for task=generate and evaluation)")
     eval_cfg = EvalConfig(**{k: options[k] for k in EvalConfig.__dataclass_fields__})
     if options["clip"]:  # at once, not after the data and the model have loaded
         require("transformers", instead="eval.clip=false")
@@ -271,7 +271,7 @@ def text_to_image(cfg: DictConfig, fabric: Fabric) -> dict | None:
     # a loader batch is one sampling batch: its prompts' candidates, samples_per_prompt x rerank each
     prompts_per_batch = max(1, batch_size // (sampling.samples_per_prompt * eval_cfg.rerank))
     loader = prompt_loader(dm, prompts, prompts_per_batch, fabric.global_rank, fabric.world_size)
-    scorer, caption_model = CaptionScorer.for_generator(generator, options["caption_ckpt"])
+    scorer, caption_model = CaptionScorer.for_generator(generator, cfg.caption_ckpt)
     if scorer is None:
         warn_unavailable(caption_model)
         if eval_cfg.rerank > 1 and eval_cfg.rerank_by == "caption_loss":
@@ -350,4 +350,5 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    check_command_line("eval", sys.argv[1:])  # renamed settings, before Hydra composes
     main()

@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from t2i.callbacks import AtomicCheckpointIO, fit_outcome, hpc_checkpoint, last_checkpoint, saved_wandb_run_id
 from t2i.data.datamodule import DataConfig, ShardDataModule
 from t2i.data.tokenizer import fit_tokenizer
-from t2i.extras import require_logger, require_plugins
+from t2i.command_line import check_command_line
+from t2i.extras import require_logger
 from t2i.plan import resolve_run, run_plan
 from t2i.precision import set_matmul_precision
 from t2i.stages.gpt_stage import GPTStage
@@ -158,5 +159,5 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
-    require_plugins(sys.argv[1:])  # before Hydra composes: a sweep without its plugin gets the extra to install
+    check_command_line("train", sys.argv[1:])  # renamed settings and sweep plugins, before Hydra composes
     main()

@@ -103,7 +103,7 @@ def main() -> None:
         rows.append((label, "code shards",
                      *tokens_per_second([*common, "data=shapes_codes"], args.steps, 3, args.device)))
         rows.append((label, "image shards + VQGAN",
-                     *tokens_per_second([*common, "data=shapes", f"stage.vqgan_ckpt={args.shapes_vqgan}"],
+                     *tokens_per_second([*common, "data=shapes", f"vqgan_ckpt={args.shapes_vqgan}"],
                                         args.steps, 3, args.device)))
     if "base" in args.sizes:
         steps = max(2, args.steps // 4)
@@ -116,7 +116,7 @@ def main() -> None:
             rows.append((label, "code shards",
                          *tokens_per_second([*common, f"data.root={codes}"], steps, 1, args.device)))
             rows.append((label, "image shards + VQGAN f16",
-                         *tokens_per_second([*common, f"data.root={images}", f"stage.vqgan_ckpt={ckpt}"],
+                         *tokens_per_second([*common, f"data.root={images}", f"vqgan_ckpt={ckpt}"],
                                             steps, 1, args.device)))
 
     print(f"\nGPT training throughput, fp32, {args.device}, {torch.get_num_threads()} threads\n")

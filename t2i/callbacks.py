@@ -284,7 +284,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if missing:
             raise CheckpointError(f"{path} is not a checkpoint of a t2i training run (no {', '.join(missing)}: "
                                   "another project's, or weights only): resume only a run's own checkpoints; start "
-                                  "from other weights with stage.init_ckpt")
+                                  "from other weights with init_ckpt")
         return checkpoint
 
 

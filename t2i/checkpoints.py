@@ -122,7 +122,7 @@ def load_gpt(path: str | Path) -> tuple[GPT, GPTRecord]:
 
 
 def save_gpt(path: str | Path, gpt: GPT, record: GPTRecord) -> None:
-    """A GPT checkpoint that load_gpt, eval.py and `stage.init_ckpt` read (weights as a GPTStage saves them)."""
+    """A GPT checkpoint that load_gpt, eval.py and train.py's `init_ckpt` read (weights as a GPTStage saves them)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {f"gpt.{k}": v.detach().cpu().contiguous() for k, v in gpt.state_dict().items()}
@@ -138,8 +138,8 @@ def save_vqgan(path: str | Path, vqgan: VQModel) -> None:
 
 
 # where each entry point takes the VQGAN of a GPT checkpoint that no longer finds its own
-VQGAN_SETTINGS = ("vqgan_ckpt=PATH (for ckpt=; eval.py, the demo), superres.vqgan_ckpt=PATH (for eval.py's "
-                  "superres_ckpt=), stage.vqgan_ckpt=PATH (train.py)")
+VQGAN_SETTINGS = ("vqgan_ckpt=PATH (for ckpt= in eval.py and the demo, for init_ckpt= in train.py), "
+                  "superres_vqgan_ckpt=PATH (for eval.py's superres_ckpt=)")
 
 
 def load_record_vqgan(record: GPTRecord, source: str, vqgan_ckpt: str | Path | None = None) -> VQModel:

@@ -26,6 +26,7 @@ import re
 import reprlib
 import secrets
 import shutil
+import sys
 import threading
 import time
 import zipfile
@@ -43,6 +44,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from t2i.data.tokenizer import FixedLengthTokenizer
+from t2i.command_line import check_command_line
 from t2i.extras import require
 from t2i.grids import FONT_HINT, captioned_grid, find_cjk_font
 from t2i.models.gpt import GPT
@@ -535,15 +537,15 @@ def setup(cfg: DictConfig, out_dir: Path):
     for name, value in [*((f"limits.{k}", v) for k, v in limits.items()), *((f"queue.{k}", v) for k, v in queue.items())]:
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=resolve_device(cfg.device), decode=cfg.decode,
-                                          weights=cfg.weights)
+    options = OmegaConf.to_container(cfg.sampling, resolve=True)
+    generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=resolve_device(cfg.device),
+                                          decode=options.pop("decode"), weights=options.pop("weights"))
     from t2i.eval.text_to_image import CaptionScorer
 
     scorer, caption_source = CaptionScorer.for_generator(generator, cfg.caption_ckpt)
     if cfg.caption_ckpt:  # the page names the file, not where it lies
         caption_source = caption_source.replace(str(cfg.caption_ckpt), Path(cfg.caption_ckpt).name)
-    options = OmegaConf.to_container(cfg.sampling, resolve=True)
-    rerank, batch_size, seed = options.pop("rerank"), options.pop("batch_size"), options.pop("seed")
+    rerank, batch_size, seed = cfg.rerank, options.pop("batch_size"), options.pop("seed")
     samples = options.pop("samples_per_prompt")
     sampling = resolve_sampling(options, generator.record.sampling)
     top_k = min(sampling.top_k, generator.gpt.cfg.n_image_codes)  # keeping more codes than there are keeps all
@@ -578,4 +580,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line("demo", sys.argv[1:])  # renamed settings, before Hydra composes
     main()

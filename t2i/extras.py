@@ -37,15 +37,3 @@ def require_logger(logger: dict | None) -> None:
     if logger and str(logger.get("_target_", "")).endswith("WandbLogger"):
         require("wandb", instead="logger=csv")
 
-
-# command-line overrides that need a Hydra plugin, which Hydra looks for before any of our code runs
-PLUGIN_OVERRIDES = {"hparams_search=": "hydra_plugins.hydra_optuna_sweeper",
-                    "hydra/launcher=slurm": "hydra_plugins.hydra_submitit_launcher"}
-
-
-def require_plugins(argv: list[str]) -> None:
-    """Hydra's own error for a missing sweeper or launcher names neither package nor extra: check first."""
-    for arg in argv:
-        for override, module in PLUGIN_OVERRIDES.items():
-            if arg.startswith(override) and not arg.endswith("=null"):
-                require(module)

@@ -3,7 +3,7 @@
 Three things follow from the machine and the files on disk unless they are given:
 - the data a GPT reads: the code shards of `data=<name>` once `python -m t2i.pretokenize` has made
   them (`data.codes_root`), else its image shards with the VQGAN that encodes them at every step
-  (`stage.vqgan_ckpt`, or the one `stage.init_ckpt` names);
+  (`vqgan_ckpt`, or the one `init_ckpt` names);
 - the precision (`trainer.precision=auto`): bf16-mixed on GPUs that have bf16, 16-mixed on GPUs
   that do not (with CogView's PB-relax advised), 32-true on CPUs;
 - the strategy (`trainer.strategy=auto`): DDP when devices x nodes > 1, as Lightning chooses.
@@ -45,18 +45,19 @@ def _manifest_kind(root: str | None) -> str | None:
     return read_manifest(root)["kind"]
 
 
-def gpt_data_root(data: DictConfig, stage: DictConfig) -> tuple[str, str]:
+def gpt_data_root(cfg: DictConfig) -> tuple[str, str]:
     """(root, kind) of the shards a GPT run reads; an error naming both ways to make them when neither works.
 
     Code shards at data.root (e.g. data=shapes_codes) are read as they are. Image shards at data.root are
-    read when a VQGAN for them is given: stage.vqgan_ckpt, or stage.init_ckpt's own (fine-tuning: the codes
+    read when a VQGAN for them is given: vqgan_ckpt, or init_ckpt's own (fine-tuning: the codes
     at data.codes_root may come from another VQGAN). Otherwise the code shards at data.codes_root.
     """
+    data = cfg.data
     root, codes_root = data.root, data.get("codes_root")
     kind = _manifest_kind(root)
     if kind == "codes" or data.get("source") == "pretokenize":  # code shards asked for: the loader says what is amiss
         return root, "codes"
-    if (stage.get("vqgan_ckpt") or stage.get("init_ckpt")) and kind == "image":
+    if (cfg.vqgan_ckpt or cfg.init_ckpt) and kind == "image":
         return root, "image"
     if codes_root and _manifest_kind(codes_root) == "codes":
         return codes_root, "codes"
@@ -64,10 +65,10 @@ def gpt_data_root(data: DictConfig, stage: DictConfig) -> tuple[str, str]:
                                f"--out {root}   (no image shards at data.root={root} either)\n")
     raise FileNotFoundError(
         f"stage=gpt found nothing to train on for data={data.name}: no code shards at data.codes_root={codes_root}"
-        f"{' and no stage.vqgan_ckpt for the image shards at ' + str(root) if kind else ''}. Either\n{convert}"
+        f"{' and no vqgan_ckpt for the image shards at ' + str(root) if kind else ''}. Either\n{convert}"
         f"    python -m t2i.pretokenize --data {root} --out {codes_root} --vqgan VQGAN.ckpt   (code shards: fast "
         f"training, then this command again)\n"
-        f"or train on the image shards, encoding them at every step (slow): add stage.vqgan_ckpt=VQGAN.ckpt")
+        f"or train on the image shards, encoding them at every step (slow): add vqgan_ckpt=VQGAN.ckpt")
 
 
 def resolve_run(cfg: DictConfig) -> int:
@@ -83,7 +84,7 @@ def resolve_run(cfg: DictConfig) -> int:
                 log.warning("this GPU has no bf16: training in fp16 (16-mixed, with loss scaling); CogView's PB-relax "
                             "keeps fp16 attention and LayerNorm finite: add model.pb_relax=true")
         if cfg.stage.name == "gpt":
-            root, kind = gpt_data_root(cfg.data, cfg.stage)
+            root, kind = gpt_data_root(cfg)
             if root != cfg.data.root:
                 log.info("data=%s: training on its code shards, %s", cfg.data.name, root)
                 cfg.data.root, cfg.data.source = root, "pretokenize"
@@ -111,6 +112,7 @@ class RunPlan:
     lr: float  # after stage.lr_scaling
     lr_rule: str
     max_steps: int
+    length: str  # the run's length in words: steps, epochs or time
     schedule: str
     run_dir: str
     checkpoints: str
@@ -120,12 +122,12 @@ class RunPlan:
         return [
             f"stage      {self.stage}: {self.model}, {self.parameters:,} trained parameters"
             + (f" (+ {self.frozen_parameters:,} frozen)" if self.frozen_parameters else ""),
-            f"data       {self.data}: {self.data_kind} shards at {self.data_root}",
+            f"data       {self.data}: {'code' if self.data_kind == 'codes' else 'image'} shards at {self.data_root}",
             f"devices    {self.devices} per node x {self.nodes} node(s), strategy {self.strategy}, precision {self.precision}",
             f"batch      {self.batch_per_device} per device x {self.accumulate} accumulated x "
             f"{self.devices * self.nodes} processes = {self.effective_batch}",
             f"lr         {self.lr:.3g} ({self.lr_rule})",
-            f"steps      {self.max_steps if self.max_steps > 0 else 'until max_epochs / max_time'}, {self.schedule}",
+            f"steps      {self.length}, {self.schedule}",
             f"writes     checkpoints to {self.checkpoints}, logs ({self.logger}) to {self.run_dir}",
         ]
 
@@ -165,6 +167,13 @@ def run_plan(cfg: DictConfig, trainer_options: dict, devices: int, stage_module)
         lr_rule = f"optim.lr {cfg.optim.lr:.3g} x {lr_rule} scaling from batch {cfg.stage.lr_reference_batch}"
     else:
         lr_rule = "optim.lr as given"
+    max_steps, max_epochs = int(trainer_options["max_steps"]), trainer_options.get("max_epochs")
+    if max_steps > 0:
+        length = f"{max_steps:,} steps"
+    elif max_epochs and max_epochs > 0:
+        length = f"{max_epochs} epochs"
+    else:
+        length = f"until trainer.max_time={trainer_options.get('max_time')}"
     warmup = int(cfg.stage.warmup_steps)
     if gpt:
         schedule = f"{warmup} warmup steps, cosine to {cfg.stage.min_lr_ratio:g} x lr"
@@ -179,6 +188,6 @@ def run_plan(cfg: DictConfig, trainer_options: dict, devices: int, stage_module)
         data=cfg.data.name, data_root=str(cfg.data.root), data_kind=_manifest_kind(cfg.data.root) or "image",
         devices=devices, nodes=nodes, strategy=strategy_name(trainer_options["strategy"], world),
         precision=str(trainer_options["precision"]), batch_per_device=batch, accumulate=accumulate,
-        effective_batch=effective, lr=lr, lr_rule=lr_rule, max_steps=int(trainer_options["max_steps"]),
-        schedule=schedule, run_dir=str(trainer_options["default_root_dir"]),
+        effective_batch=effective, lr=lr, lr_rule=lr_rule, max_steps=max_steps, length=length, schedule=schedule,
+        run_dir=str(trainer_options["default_root_dir"]),
         checkpoints=str(cfg.callbacks.model_checkpoint.dirpath), logger=logger)

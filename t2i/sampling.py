@@ -531,23 +531,23 @@ def _sjd_codes(model: GPT, prefix: torch.Tensor, n: int, cfg: SamplingConfig, sc
 # ---------------------------------------------------------------------------------------------
 # Captions: image codes -> text, through the `[I2T] codes [BOT] text` direction
 
-CAPTION_METHODS = ("greedy", "sample", "beam")
+CAPTION_STRATEGIES = ("greedy", "sample", "beam")
 
 
 @dataclass
 class CaptionConfig:
     """How captions are decoded (eval.py task=caption: the `caption.*` options)."""
-    method: str = "greedy"  # greedy (argmax), sample (temperature, top-k, top-p) or beam (beam search)
+    strategy: str = "greedy"  # greedy (argmax), sample (temperature, top-k, top-p) or beam (beam search)
     temperature: float = 1.0
     top_k: int = 0  # keep the k most likely text ids (0: all)
     top_p: float = 1.0  # keep the smallest set of text ids whose probability reaches p (1: all)
-    num_beams: int = 4  # method=beam
-    length_penalty: float = 1.0  # method=beam: a finished beam is ranked by log p / length ** length_penalty
-    seed: int | None = 0  # method=sample: with the image's key, each image's seed (null: unseeded)
+    num_beams: int = 4  # strategy=beam
+    length_penalty: float = 1.0  # strategy=beam: a finished beam is ranked by log p / length ** length_penalty
+    seed: int | None = 0  # strategy=sample: with the image's key, each image's seed (null: unseeded)
 
     def __post_init__(self):
-        if self.method not in CAPTION_METHODS:
-            raise ValueError(f"caption.method must be one of {', '.join(CAPTION_METHODS)}, got {self.method!r}")
+        if self.strategy not in CAPTION_STRATEGIES:
+            raise ValueError(f"caption.strategy must be one of {', '.join(CAPTION_STRATEGIES)}, got {self.strategy!r}")
         check_filtering("caption", self.temperature, self.top_k, self.top_p)
         if self.num_beams < 1:
             raise ValueError(f"caption.num_beams must be >= 1, got {self.num_beams}")
@@ -561,16 +561,16 @@ def generate_text(model: GPT, codes: torch.Tensor, cfg: CaptionConfig,
 
     A caption ends at the first padding (tokenizer id 0) the model predicts, and every position after it
     is padding; one that never predicts it runs to text_len. Text positions compete among the text ids
-    only, as in training. method=sample draws image i's caption from its own stream (seeds[i]; by
+    only, as in training. strategy=sample draws image i's caption from its own stream (seeds[i]; by
     default cfg.seed + i, unseeded when cfg.seed is None), so it does not depend on the batch.
     """
     layout = model.layout
     prefix = layout.caption_prefix(codes)  # a clear error for a layout without a text head
-    if cfg.method == "beam" and cfg.num_beams > 1:
+    if cfg.strategy == "beam" and cfg.num_beams > 1:
         return _beam_text(model, prefix, cfg)
     n, length, rows = len(prefix), layout.text_len, layout.text_rows
     uniforms = None
-    if cfg.method == "sample":
+    if cfg.strategy == "sample":
         if seeds is None and cfg.seed is not None:
             seeds = [cfg.seed + i for i in range(n)]
         uniforms = _prompt_uniforms(seeds, n, 1, length, prefix.device)

@@ -45,10 +45,9 @@ def gpt_run(codes_root, tmp_path_factory):
     """One short train.py run on the code shards, shared by the tests that need a GPT checkpoint."""
     run_dir = tmp_path_factory.mktemp("gpt_run")
     result = subprocess.run(
-        [sys.executable, "train.py", "stage=gpt", "model=shapes", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
-         "data=shapes_codes", f"data.root={codes_root}", "data.batch_size=16", "data.num_workers=0", "trainer=cpu",
-         "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
-         "trainer.enable_progress_bar=false", "stage.warmup_steps=2", "stage.sample_every_n_steps=3",
+        [sys.executable, "train.py", "debug=tiny", "data=shapes_codes", f"data.root={codes_root}", "data.batch_size=16",
+         "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=1.0",
+         "trainer.num_sanity_val_steps=2", "stage.warmup_steps=2", "stage.sample_every_n_steps=3",
          "stage.num_sample_prompts=2", "stage.sampling.samples_per_prompt=3", "stage.caption_prob=0.5",
          "callbacks.throughput.window=2", "callbacks.throughput.peak_flops=1e9",
          f"hydra.run.dir={run_dir}"],

@@ -21,8 +21,10 @@ if __name__ == "__main__":
                     runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
                 else:
                     runpy.run_path(argv[0], run_name="__main__")
-            except SystemExit as exit_:
-                code = exit_.code if isinstance(exit_.code, int) else 1
+            except SystemExit as exit_:  # as Python ends on one: a message goes to stderr, with code 1
+                if isinstance(exit_.code, str):
+                    print(exit_.code, file=sys.stderr)
+                code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
             except Exception:
                 traceback.print_exc()
                 code = 1

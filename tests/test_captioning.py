@@ -108,7 +108,7 @@ def _log_prob(gpt, codes, text):
 def test_greedy_captions_with_the_cache_are_those_of_full_recomputation(pos):
     gpt, codes = _model(pos, seed=1), _codes(6)
     layout = gpt.layout
-    text = generate_text(gpt, codes, CaptionConfig(method="greedy"))
+    text = generate_text(gpt, codes, CaptionConfig(strategy="greedy"))
     assert text.shape == (6, layout.text_len)
     for row, image in zip(text, codes):
         recomputed = []
@@ -130,10 +130,10 @@ def test_greedy_captions_with_the_cache_are_those_of_full_recomputation(pos):
 def test_beam_search_finds_the_best_caption_when_the_beams_hold_every_hypothesis(pos, seed):
     gpt, codes = _model(pos, n_text_tokens=4, text_len=3, seed=seed), _codes(5, seed=2)
     vocab, length = 4, 3
-    greedy = generate_text(gpt, codes, CaptionConfig(method="greedy"))
+    greedy = generate_text(gpt, codes, CaptionConfig(strategy="greedy"))
     found = {}
     for penalty in (0.0, 1.0):
-        found[penalty] = generate_text(gpt, codes, CaptionConfig(method="beam", num_beams=vocab ** length,
+        found[penalty] = generate_text(gpt, codes, CaptionConfig(strategy="beam", num_beams=vocab ** length,
                                                                  length_penalty=penalty))
         for image, best in zip(codes, found[penalty].tolist()):
             ranked = {}
@@ -145,12 +145,12 @@ def test_beam_search_finds_the_best_caption_when_the_beams_hold_every_hypothesis
             assert best == list(max(ranked, key=ranked.get)), (penalty, best)
     # the search is not trivial here: it beats greedy somewhere, and the length penalty matters
     assert not torch.equal(found[1.0], greedy) and not torch.equal(found[0.0], found[1.0])
-    assert torch.equal(generate_text(gpt, codes, CaptionConfig(method="beam", num_beams=1)), greedy)  # a beam of one
+    assert torch.equal(generate_text(gpt, codes, CaptionConfig(strategy="beam", num_beams=1)), greedy)  # a beam of one
 
 
 def test_sampled_captions_follow_each_images_seed_not_its_batch():
     gpt, codes = _model(), _codes(5)
-    cfg = CaptionConfig(method="sample", temperature=1.5, top_k=4)
+    cfg = CaptionConfig(strategy="sample", temperature=1.5, top_k=4)
     seeds = [11, 12, 13, 14, 15]
     together = generate_text(gpt, codes, cfg, seeds=seeds)
     alone = torch.cat([generate_text(gpt, codes[i:i + 1], cfg, seeds=seeds[i:i + 1]) for i in range(5)])
@@ -158,15 +158,15 @@ def test_sampled_captions_follow_each_images_seed_not_its_batch():
     other = generate_text(gpt, codes, cfg, seeds=[21, 22, 23, 24, 25])
     assert not torch.equal(together, other)
     # top_k=1 keeps the argmax only: sampling gives the greedy captions
-    assert torch.equal(generate_text(gpt, codes, CaptionConfig(method="sample", top_k=1), seeds=seeds),
-                       generate_text(gpt, codes, CaptionConfig(method="greedy")))
+    assert torch.equal(generate_text(gpt, codes, CaptionConfig(strategy="sample", top_k=1), seeds=seeds),
+                       generate_text(gpt, codes, CaptionConfig(strategy="greedy")))
 
 
 def test_bad_caption_options_and_layouts_are_clear_errors():
-    with pytest.raises(ValueError, match="caption.method"):
-        CaptionConfig(method="nucleus")
+    with pytest.raises(ValueError, match="caption.strategy"):
+        CaptionConfig(strategy="nucleus")
     with pytest.raises(ValueError, match="caption.num_beams"):
-        CaptionConfig(method="beam", num_beams=0)
+        CaptionConfig(strategy="beam", num_beams=0)
     pai = GPT(GPTConfig(n_image_codes=16, n_text_tokens=6, text_len=4, image_len=4, n_layer=1, n_head=2, n_embd=16,
                         layout="paipainter"))
     with pytest.raises(ValueError, match="no image-to-text direction"):
@@ -232,7 +232,7 @@ def test_a_folder_of_image_files_is_captioned_with_the_references_beside_them(gp
         Image.fromarray(render(attrs, 48 + 8 * index, rng)).save(folder / name)  # any size: scaled and cropped
     (folder / "a.txt").write_text("红色的圆形", encoding="utf-8")
     (folder / "notes.md").write_text("not an image", encoding="utf-8")
-    results = run_captioning(gpt_run / "checkpoints" / "last.ckpt", CaptionConfig(method="beam", num_beams=3),
+    results = run_captioning(gpt_run / "checkpoints" / "last.ckpt", CaptionConfig(strategy="beam", num_beams=3),
                              tmp_path / "out", images=folder, batch_size=2)
     assert results["images"] == 3 and results["images_with_references"] == 1 and "attributes" not in results
     rows = _lines(tmp_path / "out")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from t2i.data.datamodule import DataConfig
 from t2i.plan import auto_precision, gpt_data_root, resolve_run
@@ -89,18 +90,18 @@ def test_fp16_gpus_get_pb_relax_advice(data_dir, tmp_path, monkeypatch, caplog):
 
 def test_a_gpt_reads_code_shards_when_made_else_image_shards_with_a_vqgan(data_dir, tmp_path):
     cfg = compose_train(["data=muge"], tmp_path)
-    assert gpt_data_root(cfg.data, cfg.stage) == (str(data_dir / "muge_codes"), "codes")
-    with_vqgan = compose_train(["data=muge", "stage.vqgan_ckpt=VQGAN.ckpt"], tmp_path)
-    assert gpt_data_root(with_vqgan.data, with_vqgan.stage) == (str(data_dir / "muge"), "image")
+    assert gpt_data_root(cfg) == (str(data_dir / "muge_codes"), "codes")
+    with_vqgan = compose_train(["data=muge", "vqgan_ckpt=VQGAN.ckpt"], tmp_path)
+    assert gpt_data_root(with_vqgan) == (str(data_dir / "muge"), "image")
     (data_dir / "muge_codes").unlink()
     with pytest.raises(FileNotFoundError) as neither:
-        gpt_data_root(cfg.data, cfg.stage)
+        gpt_data_root(cfg)
     message = str(neither.value)
     assert f"python -m t2i.pretokenize --data {data_dir / 'muge'} --out {data_dir / 'muge_codes'}" in message
-    assert "stage.vqgan_ckpt=VQGAN.ckpt" in message
+    assert "vqgan_ckpt=VQGAN.ckpt" in message
     shutil.rmtree(data_dir / "muge")
     with pytest.raises(FileNotFoundError, match="python -m t2i.data.convert muge --src RAW"):
-        gpt_data_root(cfg.data, cfg.stage)
+        gpt_data_root(cfg)
 
 
 def test_the_tokenizer_stage_keeps_an_existing_model(codes_root, tmp_path):
@@ -122,3 +123,22 @@ def test_the_tokenizer_stage_keeps_an_existing_model(codes_root, tmp_path):
     assert fit("stage.overwrite=true")["vocab_size"] <= 310
     assert (root / "tokenizer.model").read_bytes() != before
     assert DataConfig(root=str(root)).tokenizer_path == root / "tokenizer.model"
+
+
+def test_old_spellings_are_refused_with_the_new_name(tmp_path):
+    """One name per concept: every renamed setting of every entry point is refused, naming its new spelling."""
+    from t2i.command_line import RENAMED
+
+    programs = {"train": ["train.py"], "eval": ["eval.py"], "demo": ["-m", "t2i.demo"]}
+    cases = [(entry, old, new) for entry, table in RENAMED.items() for old, new in table.items()]
+    argvs = [[*programs[entry], f"{old}=X", f"hydra.run.dir={tmp_path}"] for entry, old, _ in cases]
+    result = subprocess.run([sys.executable, "tests/run_each.py", json.dumps(argvs)], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for (entry, old, new), (code, said) in zip(cases, json.loads(result.stdout.splitlines()[-1])):
+        assert code != 0 and f"{old} is now {new}: write {new}=X" in said, (entry, old, said[-1000:])
+    for entry, table in RENAMED.items():  # the new names are settings the entry point has
+        with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+            cfg = compose({"train": "train", "eval": "eval", "demo": "demo"}[entry])
+        for new in table.values():
+            assert OmegaConf.select(cfg, new, default="missing") != "missing", (entry, new)

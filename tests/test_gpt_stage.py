@@ -126,17 +126,18 @@ def test_sample_grids_are_logged_with_their_captions(codes_root, gpt_run):
 
 def test_image_shards_need_a_vqgan_and_encode_like_pretokenize(codes_root, tmp_path):
     images_root = codes_root.parent / "shapes"
-    refused = subprocess.run(
+    refused = subprocess.run(  # image shards whose code shards were not made, and no VQGAN for them
         [sys.executable, "train.py", "stage=gpt", "data=shapes", f"data.root={images_root}",
-         f"hydra.run.dir={tmp_path / 'refused'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+         f"data.codes_root={tmp_path / 'no_codes'}", f"hydra.run.dir={tmp_path / 'refused'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0
-    assert "stage.vqgan_ckpt=PATH" in refused.stderr and "python -m t2i.pretokenize" in refused.stderr
+    assert "vqgan_ckpt=VQGAN.ckpt" in refused.stderr and "python -m t2i.pretokenize" in refused.stderr
 
     # the slow path's codes for a batch are exactly the code shards' for the same samples
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["stage=gpt", "model=shapes", "model.n_layer=1", "data=shapes",
                                           f"data.root={images_root}", "data.num_workers=0",
-                                          f"stage.vqgan_ckpt={codes_root.parent / 'vqgan.ckpt'}"])
+                                          f"vqgan_ckpt={codes_root.parent / 'vqgan.ckpt'}"])
     images_dm = ShardDataModule(OmegaConf.to_container(cfg.data, resolve=True))
     stage = GPTStage.from_config(cfg, images_dm)
     assert stage.gpt.cfg.image_len == 64 and stage.gpt.cfg.n_image_codes == 64
@@ -152,7 +153,7 @@ def test_image_shards_need_a_vqgan_and_encode_like_pretokenize(codes_root, tmp_p
     run = subprocess.run(
         [sys.executable, "train.py", "stage=gpt", "model=shapes", "model.n_layer=1", "model.n_embd=32",
          "model.n_head=2", "data=shapes", f"data.root={images_root}", "data.batch_size=16", "data.num_workers=0",
-         f"stage.vqgan_ckpt={codes_root.parent / 'vqgan.ckpt'}", "trainer=cpu", "trainer.max_steps=3",
+         f"vqgan_ckpt={codes_root.parent / 'vqgan.ckpt'}", "trainer=cpu", "trainer.max_steps=3",
          "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
          "stage.sample_every_n_steps=0", f"hydra.run.dir={tmp_path / 'slow'}"],
         cwd=REPO, capture_output=True, text=True, timeout=300)

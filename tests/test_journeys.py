@@ -3,7 +3,7 @@
 1. Own images: a folder of captioned images -> convert -> tokenizer -> VQGAN -> pre-tokenize -> GPT ->
    eval.py (FID/IS and CLIP on offline random weights) -> task=generate -> the demo's API returns images.
 2. pai-painter: an EasyNLP folder -> import -> generate -> fine-tune on the folder -> eval.py on the folder
-   (Caption Loss from a captioner over the same VQGAN, eval.caption_ckpt) -> task=caption -> export ->
+   (Caption Loss from a captioner over the same VQGAN, caption_ckpt) -> task=caption -> export ->
    re-import gives the same weights.
 
 Each journey's commands run one after another in one process (tests/run_each.py): a Python start per command
@@ -25,11 +25,8 @@ from t2i.checkpoints import load_gpt
 from t2i.data import shapes
 
 REPO = Path(__file__).parents[1]
-TINY_RUN = ["data.num_workers=0", "trainer=cpu", "trainer.max_steps=4", "trainer.val_check_interval=2",
-            "trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
-            "data.batch_size=8"]
-TINY_GPT = ["model=shapes", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "stage.warmup_steps=1",
-            "stage.sample_every_n_steps=0"]
+TINY_RUN = ["debug=tiny"]  # conf/debug/tiny.yaml: a tiny GPT, 4 CPU steps
+TINY_GPT = ["stage.sample_every_n_steps=0"]
 
 
 def run_each(*commands: list[str], data_dir: Path) -> None:
@@ -105,7 +102,7 @@ def test_paipainter_import_finetune_evaluate_caption_export(picture_folder, tmp_
         ["-m", "t2i.data.convert", "folder", "--src", picture_folder, "--out", data / "pics", "--size", "32"],
         # fine-tuned on the folder's images, encoded by the import's own VQGAN at every step
         ["train.py", "experiment=paipainter_finetune", f"init_ckpt={pai}", *folder, *TINY_RUN,
-         "stage.warmup_steps=1", "stage.sample_every_n_steps=0", f"hydra.run.dir={runs / 'tuned'}"],
+         "stage.sample_every_n_steps=0", f"hydra.run.dir={runs / 'tuned'}"],
         # a captioner over the same VQGAN (the import has no text head), its tokenizer kept apart: the folder
         # itself has no tokenizer.model, as a folder converted for a pai-painter model has not
         ["train.py", "stage=tokenizer", *folder, *captioner_tokenizer, f"hydra.run.dir={runs / 'tok'}"],
@@ -113,7 +110,7 @@ def test_paipainter_import_finetune_evaluate_caption_export(picture_folder, tmp_
         ["train.py", *folder, *captioner_tokenizer, *TINY_GPT, *TINY_RUN, "stage.caption_prob=1.0",
          "stage.cond_drop=0", f"hydra.run.dir={runs / 'captioner'}"],
         ["eval.py", f"ckpt={tuned}", *folder, "split=val", "eval.num_prompts=4", "eval.fid=false", "eval.clip=false",
-         f"eval.caption_ckpt={captioner}", "eval.rerank=2", f"hydra.run.dir={runs / 'eval'}"],
+         f"caption_ckpt={captioner}", "eval.rerank=2", f"hydra.run.dir={runs / 'eval'}"],
         ["eval.py", "task=caption", f"ckpt={captioner}", *folder, "split=val", f"hydra.run.dir={runs / 'caption'}"],
         ["-m", "t2i.interop", "export-paipainter", "--ckpt", tuned, "--out", tmp_path / "exported"],
         ["-m", "t2i.interop", "paipainter", "--src", tmp_path / "exported", "--out", tmp_path / "again.ckpt"],

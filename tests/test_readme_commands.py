@@ -46,15 +46,31 @@ DOCUMENTED = {
         'vqgan 16384codes shapes:shapes 1x1 single-device 32-true',
     'python -m t2i.pretokenize --data data/<name> --out data/<name>_codes --vqgan CKPT':
         't2i.pretokenize',
-    'python train.py stage=gpt model=<size> data=<name> data.root=data/<name>_codes':
+    'python train.py model=<size> data=<name>':
         'gpt 12/12/768 shapes:shapes_codes 1x1 single-device 32-true',
+    'python -m t2i.data.convert folder --src DIR --out data/mine':
+        't2i.data.convert',
+    'python train.py stage=tokenizer data=folder data.root=data/mine':
+        'tokenizer - folder',
+    'python train.py stage=vqgan vqgan=f16_16384 data=folder data.root=data/mine trainer=gpu':
+        'vqgan 16384codes folder:mine 1x1 single-device bf16-mixed',
+    'python -m t2i.pretokenize --data data/mine --out data/mine_codes --vqgan VQGAN.ckpt':
+        't2i.pretokenize',
+    'python train.py model=base data=folder data.root=data/mine trainer=gpu':
+        'gpt 12/12/768 folder:mine_codes 1x1 single-device bf16-mixed',
+    'python eval.py ckpt=GPT.ckpt data=folder data.root=data/mine split=val':
+        't2i folder 1x1',
+    'python eval.py task=generate ckpt=GPT.ckpt "prompts=[\'...\']"':
+        'generate shapes 1x1',
+    'python -m t2i.demo ckpt=GPT.ckpt':
+        't2i.demo',
     'python eval.py task=generate ckpt=GPT_CKPT "prompts=[\'...\']"':
         'generate shapes 1x1',
     'python eval.py ckpt=GPT_CKPT data=<name>':
         't2i shapes 1x1',
     'python train.py stage=vqgan vqgan=f16_16384 data=muge trainer=gpu':
         'vqgan 16384codes muge:muge 1x1 single-device bf16-mixed',
-    'python train.py stage=vqgan vqgan=f16_16384 stage.init_ckpt=last.ckpt ...':
+    'python train.py stage=vqgan vqgan=f16_16384 init_ckpt=last.ckpt ...':
         'vqgan 16384codes shapes:shapes 1x1 single-device 32-true',
     'python train.py experiment=vqgan_shapes':
         'vqgan 512codes shapes:shapes 1x1 single-device 32-true (built)',
@@ -68,7 +84,7 @@ DOCUMENTED = {
         'reconstruct muge 1x1',
     'python train.py stage=gpt model=base data=muge data.root=data/muge_codes trainer=gpu':
         'gpt 12/12/768 muge:muge_codes 1x1 single-device bf16-mixed',
-    'python train.py stage=gpt model=base data=muge stage.vqgan_ckpt=VQGAN.ckpt trainer=gpu':
+    'python train.py stage=gpt model=base data=muge vqgan_ckpt=VQGAN.ckpt trainer=gpu':
         'gpt 12/12/768 muge:muge 1x1 single-device bf16-mixed',
     'python train.py experiment=shapes':
         'gpt 4/4/96 shapes_codes:shapes_codes 1x1 single-device 32-true (built)',
@@ -76,7 +92,7 @@ DOCUMENTED = {
         'generate shapes 1x1',
     'python eval.py task=generate ckpt=GPT.ckpt prompts_file=experiments/prompts/shapes.txt':
         'generate shapes 1x1',
-    'python train.py experiment=vqgan_shapes_2x stage.init_ckpt=VQGAN.ckpt':
+    'python train.py experiment=vqgan_shapes_2x init_ckpt=VQGAN.ckpt':
         'vqgan 512codes shapes:shapes 1x1 single-device 32-true',
     'python -m t2i.pretokenize --data data/shapes --out data/shapes_superres_codes --vqgan VQGAN_2X.ckpt --image-size 32 --superres-size 64':
         't2i.pretokenize',
@@ -106,9 +122,9 @@ DOCUMENTED = {
         't2i muge 1x1',
     'python eval.py task=caption ckpt=GPT.ckpt data=shapes split=test':
         'caption shapes 1x1',
-    'python eval.py task=caption ckpt=GPT.ckpt data=coco_cn split=test caption.method=beam caption.num_beams=4':
+    'python eval.py task=caption ckpt=GPT.ckpt data=coco_cn split=test caption.strategy=beam caption.num_beams=4':
         'caption coco_cn 1x1',
-    'python eval.py task=caption ckpt=GPT.ckpt images=DIR caption.method=sample caption.temperature=0.7 caption.top_k=20':
+    'python eval.py task=caption ckpt=GPT.ckpt images=DIR caption.strategy=sample caption.temperature=0.7 caption.top_k=20':
         'caption shapes 1x1',
     'python -m t2i.demo ckpt=logs/quickstart/gpt/checkpoints/last.ckpt':
         't2i.demo',
@@ -176,7 +192,7 @@ DOCUMENTED = {
         't2i.pretokenize',
     'python eval.py task=generate ckpt=MUGE_T2I.ckpt superres_ckpt=... prompts_file=...':
         'generate shapes 1x1',
-    'python train.py experiment=vqgan_shapes_2x stage.init_ckpt=logs/quickstart/vqgan/checkpoints/last.ckpt':
+    'python train.py experiment=vqgan_shapes_2x init_ckpt=logs/quickstart/vqgan/checkpoints/last.ckpt':
         'vqgan 512codes shapes:shapes 1x1 single-device 32-true',
 }
 
@@ -274,11 +290,11 @@ def train_facts(args: list[str], run_dir: Path, monkeypatch) -> str:
     strategy = trainer.strategy if isinstance(trainer.strategy, str) else instantiate(trainer.strategy)
     world = f"{devices}x{trainer.num_nodes} {strategy_name(strategy, devices * trainer.num_nodes)}"
     if cfg.stage.name == "gpt":
-        model = "init_ckpt's" if cfg.stage.init_ckpt else f"{cfg.model.n_layer}/{cfg.model.n_head}/{cfg.model.n_embd}"
+        model = "init_ckpt's" if cfg.init_ckpt else f"{cfg.model.n_layer}/{cfg.model.n_head}/{cfg.model.n_embd}"
     else:
         model = f"{cfg.vqgan.n_embed}codes"
     facts = f"{cfg.stage.name} {model} {cfg.data.name}:{Path(cfg.data.root).name} {world} {trainer.precision}"
-    cpu_sized = model in ("4/4/96", "512codes") and not wants_gpus and "-m" not in args and not cfg.stage.init_ckpt
+    cpu_sized = model in ("4/4/96", "512codes") and not wants_gpus and "-m" not in args and not cfg.init_ckpt
     if cpu_sized and Path(cfg.data.root).is_dir():
         monkeypatch.syspath_prepend(str(REPO))
         import train
@@ -326,7 +342,7 @@ FACTS = {"train.py": train_facts, "eval.py": eval_facts, "-m": module_facts, "ma
 def fixtures(codes_root, gpt_run, tmp_path_factory):
     """The checkpoints and a data folder where every dataset name is the tests' tiny shapes data."""
     data = tmp_path_factory.mktemp("docs_data")
-    for name in ("shapes", "muge", "coco_cn", "flickr8k_cn", "flickr30k_cn", "guohua"):
+    for name in ("shapes", "muge", "coco_cn", "flickr8k_cn", "flickr30k_cn", "guohua", "mine"):
         (data / name).symlink_to(codes_root.parent / "shapes")
         if name != "shapes":
             (data / f"{name}_codes").symlink_to(codes_root)

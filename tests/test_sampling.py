@@ -292,8 +292,8 @@ def test_random_numbers_and_beam_scores_stay_float32_under_a_bf16_default_dtype(
             runs.append([_prompt_uniforms([1, 2], 2, 1, 256, torch.device("cpu")),
                          generate_codes(model, text, sampled),
                          generate_codes(model, text, replace(sampled, method="sjd", sjd_window=4)),
-                         generate_text(model, codes, CaptionConfig(method="sample", seed=0)),
-                         generate_text(model, codes, CaptionConfig(method="beam", num_beams=3, length_penalty=0.6))])
+                         generate_text(model, codes, CaptionConfig(strategy="sample", seed=0)),
+                         generate_text(model, codes, CaptionConfig(strategy="beam", num_beams=3, length_penalty=0.6))])
         finally:
             torch.set_default_dtype(torch.float32)
     uniforms = runs[1][0]

@@ -256,7 +256,7 @@ def test_superres_recipes_compose(recipe, window, context, layers):
     from hydra import compose, initialize_config_dir
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={recipe}"])
-        vqgan_2x = compose("train", overrides=["experiment=vqgan_shapes_2x", "stage.init_ckpt=X.ckpt"])
+        vqgan_2x = compose("train", overrides=["experiment=vqgan_shapes_2x", "init_ckpt=X.ckpt"])
     assert cfg.stage.superres.window == window and cfg.stage.superres.get("context", "whole") == context
     assert cfg.stage.caption_prob == 0 and cfg.stage.sample_every_n_steps == 0 and cfg.model.n_layer == layers
     assert cfg.data.root.endswith("superres_codes") and cfg.trainer.max_steps > 0

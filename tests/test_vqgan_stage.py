@@ -175,9 +175,9 @@ def test_train_py_end_to_end_then_load_and_fine_tune(shapes_root, tmp_path):
     for name in ("val/psnr", "val/ssim", "val/codebook_used", "val/codebook_perplexity", "train/pixel"):
         assert name in metrics
     assert list((run_dir / "csv" / "version_0" / "images").glob("reconstructions-step*.png"))
-    # fine-tuning starts from the checkpoint's weights: stage.init_ckpt
+    # fine-tuning starts from the checkpoint's weights: init_ckpt
     stage = VQGANStage.from_config(_compose(["stage=vqgan", *overrides, "stage.loss.perceptual_weight=0",
-                                             f"stage.init_ckpt={ckpt}"]))
+                                             f"init_ckpt={ckpt}"]))
     assert weights_hash(stage.vqgan) == weights_hash(model)
 
 

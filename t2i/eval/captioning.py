@@ -199,7 +199,7 @@ def caption_and_score(gpt: GPT, tokenizer: FixedLengthTokenizer, batches: Iterab
     rows, started = [], time.perf_counter()
     progress = tqdm(total=total, desc="caption", unit="image")
     for batch in batches:
-        seeds = prompt_seeds(cfg.seed, batch.keys) if cfg.method == "sample" and cfg.seed is not None else None
+        seeds = prompt_seeds(cfg.seed, batch.keys) if cfg.strategy == "sample" and cfg.seed is not None else None
         text = generate_text(gpt, batch.codes, cfg, seeds=seeds).cpu()
         for i, key in enumerate(batch.keys):
             caption = tokenizer.decode(text[i])

@@ -70,19 +70,19 @@ class CaptionScorer:
         if caption_ckpt:
             gpt, record = load_gpt(caption_ckpt)
             if not record.caption_prob:
-                return None, f"eval.caption_ckpt={caption_ckpt} was trained without the caption direction"
+                return None, f"caption_ckpt={caption_ckpt} was trained without the caption direction"
             ours, theirs = generator.record.vqgan.get("sha256"), record.vqgan.get("sha256")
             if ours != theirs:
-                raise ValueError(f"eval.caption_ckpt={caption_ckpt} reads codes of another VQGAN "
+                raise ValueError(f"caption_ckpt={caption_ckpt} reads codes of another VQGAN "
                                  f"({str(theirs)[:12]}..., the evaluated model's is {str(ours)[:12]}...)")
             return cls(gpt.to(generator.device), record.tokenizer_model(), str(caption_ckpt)), str(caption_ckpt)
         if generator.record.caption_prob:
             return cls(generator.gpt, generator.tokenizer, "self"), "self"
         if not generator.gpt.layout.captions:
             return None, (f"a {generator.gpt.layout.kind}-layout model has no image-to-text direction to score captions with "
-                          "(pass eval.caption_ckpt=a t2i captioning model over the same VQGAN)")
+                          "(pass caption_ckpt=a t2i captioning model over the same VQGAN)")
         return None, ("the checkpoint was trained without the caption direction (stage.caption_prob=0) and no "
-                      "eval.caption_ckpt was given")
+                      "caption_ckpt was given")
 
     def __call__(self, prompts: list[str], codes: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """Caption Loss [N] of prompts[i] for codes[i]."""

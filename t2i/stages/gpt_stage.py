@@ -22,7 +22,7 @@ Super-resolution (`stage.superres`, CogView's second model): code shards pre-tok
 in training, window i % windows for sample i in validation), and learns the window's codes.
 
 Codes come from code shards (fast path: `python -m t2i.pretokenize`) or from image shards encoded
-on the fly by a frozen VQGAN (`stage.vqgan_ckpt`, EasyNLP's way): the data manifest decides.
+on the fly by a frozen VQGAN (`vqgan_ckpt`, EasyNLP's way): the data manifest decides.
 Every `sample_every_n_steps` steps rank 0 samples images for fixed prompts (the first validation
 captions unless `stage.sample_prompts` names them) and logs the grid with its captions.
 
@@ -124,9 +124,10 @@ class GPTStage(L.LightningModule):
 
     @classmethod
     def from_config(cls, cfg: DictConfig, datamodule) -> "GPTStage":
-        """Architecture from `model` and sizes from the data it will read, or everything from `stage.init_ckpt`."""
+        """Architecture from `model` and sizes from the data it will read, or everything from `init_ckpt`."""
         stage = OmegaConf.to_container(cfg.stage, resolve=True)
-        init_gpt, init_record = load_gpt(stage["init_ckpt"]) if stage.get("init_ckpt") else (None, None)
+        init_ckpt = cfg.init_ckpt
+        init_gpt, init_record = load_gpt(init_ckpt) if init_ckpt else (None, None)
         if init_record is not None:  # fine-tune: the checkpoint's model, layout and tokenizer
             datamodule.use_tokenizer(init_record.tokenizer_model())
         manifest = datamodule.cfg.manifest()
@@ -156,11 +157,11 @@ class GPTStage(L.LightningModule):
         else:
             model = init_record.config
             if init_record.superres_grid != superres:
-                raise ValueError(f"stage.init_ckpt={stage['init_ckpt']} has super-resolution windows "
+                raise ValueError(f"init_ckpt={init_ckpt} has super-resolution windows "
                                  f"{init_record.superres}, this run {None if superres is None else superres.to_dict()}: "
                                  "fine-tune with the same stage.superres")
-            _check_same_vqgan(stage["init_ckpt"], init_record, vqgan_info)
-            origin = f"fine-tuned from {stage['init_ckpt']} ({init_record.training.get('origin', 'a t2i run')})"
+            _check_same_vqgan(init_ckpt, init_record, vqgan_info)
+            origin = f"fine-tuned from {init_ckpt} ({init_record.training.get('origin', 'a t2i run')})"
         record = {"tokenizer": {"kind": tokenizer.kind, "model": tokenizer.model, "text_len": tokenizer.text_len},
                   "vqgan": vqgan_info, "origin": origin}
         if superres is not None:
@@ -412,11 +413,11 @@ def _check_same_vqgan(init_ckpt: str, record: GPTRecord, vqgan_info: dict) -> No
     """Fine-tuning reads codes of the VQGAN the model was trained with, on the same grid."""
     ours, theirs = record.vqgan.get("sha256"), vqgan_info.get("sha256")
     if ours and theirs and ours != theirs:
-        raise ValueError(f"the data's codes come from another VQGAN ({theirs[:12]}...) than stage.init_ckpt="
+        raise ValueError(f"the data's codes come from another VQGAN ({theirs[:12]}...) than init_ckpt="
                          f"{init_ckpt}'s ({ours[:12]}...): pre-tokenize with its VQGAN, python -m t2i.pretokenize "
                          f"--vqgan {record.vqgan.get('checkpoint') or 'ITS_VQGAN.ckpt'} ...")
     if list(record.grid) != list(vqgan_info["grid"]):
-        raise ValueError(f"the data's code grid {vqgan_info['grid']} is not stage.init_ckpt={init_ckpt}'s "
+        raise ValueError(f"the data's code grid {vqgan_info['grid']} is not init_ckpt={init_ckpt}'s "
                          f"{list(record.grid)}: set data.image_size to match")
 
 
@@ -434,14 +435,14 @@ def _vqgan_for_samples(info: dict) -> VQModel | None:
 
 
 def _vqgan_for_images(cfg: DictConfig, datamodule, init: GPTRecord | None = None) -> tuple[VQModel, dict]:
-    """Slow path: a frozen VQGAN encodes the image shards at every step (stage.vqgan_ckpt, or init_ckpt's)."""
-    path = cfg.stage.vqgan_ckpt
+    """Slow path: a frozen VQGAN encodes the image shards at every step (vqgan_ckpt, or init_ckpt's)."""
+    path = cfg.vqgan_ckpt
     if not path and init is not None:
-        vqgan = load_record_vqgan(init, cfg.stage.init_ckpt)
+        vqgan = load_record_vqgan(init, cfg.init_ckpt)
         path = init.vqgan["checkpoint"]
     elif not path:
         raise ValueError(f"stage=gpt on image shards ({datamodule.cfg.root}) needs the VQGAN that encodes them: "
-                         "set stage.vqgan_ckpt=PATH (a taming checkpoint also needs vqgan=f16_16384), or pre-tokenize "
+                         "set vqgan_ckpt=PATH (a taming checkpoint also needs vqgan=f16_16384), or pre-tokenize "
                          "once and train on code shards, which is much faster: "
                          "python -m t2i.pretokenize --data IMAGE_SHARDS --out CODE_SHARDS --vqgan CKPT")
     else:  # our checkpoints carry their config; taming's get the `vqgan` config group's

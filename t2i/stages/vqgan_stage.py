@@ -113,7 +113,7 @@ class VQGANStage(L.LightningModule):
 
     @classmethod
     def from_config(cls, cfg: DictConfig, datamodule=None) -> "VQGANStage":
-        """From train.py's composed config: `vqgan` (the model) and `stage` (training, init_ckpt)."""
+        """From train.py's composed config: `vqgan` (the model), `stage` (training) and `init_ckpt`."""
         vqgan = OmegaConf.to_container(cfg.vqgan, resolve=True)
         stage = OmegaConf.to_container(cfg.stage, resolve=True)
         trainer = cfg.get("trainer", {})
@@ -125,7 +125,7 @@ class VQGANStage(L.LightningModule):
                    CodebookConfig(**stage["codebook"]), grad_clip=stage["grad_clip"],
                    warmup_steps=stage["warmup_steps"], lr_schedule=stage["lr_schedule"],
                    lr_scaling=stage["lr_scaling"], lr_reference_batch=stage["lr_reference_batch"],
-                   init_ckpt=stage["init_ckpt"], log_images=stage["log_images"])
+                   init_ckpt=cfg.init_ckpt, log_images=stage["log_images"])
 
     # -- optimisation ------------------------------------------------------------------------
 
