@@ -382,7 +382,7 @@ def test_gradio_client_calls_the_same_endpoint(server, generator):
     assert sorted(answers) == [0, 1, 2, 3] and all(len(answer[0]) == 2 for answer in answers.values())
     hashes = {hashlib.sha256(Path(answer[0][0]["image"]).read_bytes()).hexdigest() for answer in answers.values()}
     assert len(hashes) == 4
-    assert len(list((run_dir / "results").iterdir())) >= 6  # each request's PNGs, grid and zip on disk
+    assert len(list((run_dir / "results").iterdir())) >= 5  # this test's 5 answered requests: PNGs, grid, zip
 
 
 # ---------------------------------------------------------------------------------------------

@@ -87,6 +87,9 @@ def test_vqgan_stage_mixed_precision_steps(codes_root, tmp_path, precision, monk
     _, fp32 = _fit(VQGANStage, cfg, "32-true", tmp_path, steps=1)
     _, mixed = _fit(VQGANStage, cfg, precision, tmp_path, steps=1)
     assert scales == [1.0, 256.0 if precision == "16-mixed" else 1.0]
-    for name in ("train/grad_norm", "train/disc_grad_norm", "train/adaptive_weight"):  # after unscaling
-        assert mixed[name] == pytest.approx(fp32[name], rel=0.1), name
+    # after unscaling, near the fp32 values (the bug this guards against is a factor of 256); the adaptive weight is a
+    # ratio of two gradient norms, which bf16's 8-bit mantissa moved by 11% on an Intel Xeon
+    tolerance = {"train/adaptive_weight": 0.25 if precision == "bf16-mixed" else 0.1}
+    for name in ("train/grad_norm", "train/disc_grad_norm", "train/adaptive_weight"):
+        assert mixed[name] == pytest.approx(fp32[name], rel=tolerance.get(name, 0.1)), name
     _fit(VQGANStage, cfg, precision, tmp_path, steps=3)

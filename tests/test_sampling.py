@@ -133,7 +133,8 @@ def test_compiled_and_frozen_steps_are_freed_with_their_model_and_frozen_ones_ke
     assert kept[0]() is None and kept[1]() is not None
     model_ref, weight_ref = weakref.ref(model), weakref.ref(model.head.weight)
     del model
-    gc.collect()
+    for _ in range(3):  # the model's finalizer drops its compilations during a collection; what they held goes in the next
+        gc.collect()
     assert model_ref() is None and weight_ref() is None and kept[1]() is None
 
 
