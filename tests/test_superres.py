@@ -218,8 +218,18 @@ def test_train_superres_then_score_and_generate_at_2x(sr_data, gpt_run, tmp_path
     assert "re-encoded" in results["generated"]["low_codes"]  # the base GPT reads another VQGAN
     assert Image.open(scored / "grid.png").size[0] > 64 and (scored / "results.md").is_file()
 
-    generated = _run(["eval.py", "task=generate", f"ckpt={base}", f"superres_ckpt={ckpt}", "prompts=['红色的小圆形','蓝色']",
-                      "sampling.samples_per_prompt=2"], tmp_path / "gen")
+    # the super-resolution model's VQGAN moved away: named by its setting, and found again through it
+    vqgan_path = Path(record.vqgan["checkpoint"])
+    moved = tmp_path / "moved.vqgan.ckpt"
+    vqgan_path.rename(moved)
+    try:
+        with pytest.raises(FileNotFoundError, match="superres_vqgan_ckpt=PATH"):
+            SuperResolver.from_checkpoint(ckpt)
+        generated = _run(["eval.py", "task=generate", f"ckpt={base}", f"superres_ckpt={ckpt}",
+                          f"superres_vqgan_ckpt={moved}", "prompts=['红色的小圆形','蓝色']",
+                          "sampling.samples_per_prompt=2"], tmp_path / "gen")
+    finally:
+        moved.rename(vqgan_path)
     out = generated / "samples"
     assert len(list(out.glob("0*_2x.png"))) == 4 and Image.open(out / "0001_01_2x.png").size == (64, 64)
     assert np.load(out / "codes_2x.npy").shape == (4, 16, 16) and (out / "grid_2x.png").is_file()
