@@ -3,7 +3,6 @@
 import subprocess
 import sys
 import threading
-import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -113,8 +112,8 @@ def test_frozen_steps_compute_the_static_step_and_compile_once_per_batch_size(te
         assert torch.equal(step(token, position, frozen_cache, 40), frozen_logits)
 
 
-# Run in a process of its own: what the whole suite's earlier tests leave in this process (compilations, logging
-# handlers that keep records) can hold a weight for reasons of their own, which is not what this checks.
+# Run in a process of its own: in the whole suite's process (never in any subset tried) something an earlier test
+# left behind held the dropped model's weight, which is not what this checks.
 FREED_CHECK = """
 import gc, weakref, torch
 from t2i import sampling
