@@ -40,8 +40,9 @@ def stages(data: Path, runs: Path, seed: int, fid: bool, clip: bool, vqgan_steps
     gpt_steps = [f"trainer.max_steps={gpt_steps}"] if gpt_steps else []
     return [
         ("data", py + ["-m", "t2i.data.convert", "shapes", "--out", str(data / "shapes")]),
-        ("tokenizer", py + ["train.py", "stage=tokenizer", "data=shapes", f"paths.data_dir={data}",
-                            f"hydra.run.dir={runs}/tokenizer"]),
+        # overwrite: a DATA folder used before gets the same model again (the same captions and seed)
+        ("tokenizer", py + ["train.py", "stage=tokenizer", "stage.overwrite=true", "data=shapes",
+                            f"paths.data_dir={data}", f"hydra.run.dir={runs}/tokenizer"]),
         ("shard manifest", py + ["-m", "t2i.data.shards", str(data / "shapes")]),
         ("oracle on real images", py + ["eval.py", "task=oracle", "data=shapes", f"paths.data_dir={data}",
                                         f"hydra.run.dir={runs}/oracle"]),
