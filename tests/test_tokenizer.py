@@ -73,6 +73,10 @@ def test_bad_inputs_are_named(tmp_path):
         train_sentencepiece(CAPTIONS, 100)
     with pytest.raises(ValueError, match="no captions"):
         train_sentencepiece(["", "  "], 500)
+    # more distinct characters than the ceiling holds: SentencePiece's reason, and the setting to raise
+    many = ["".join(chr(0x4E00 + i * 8 + j) for j in range(8)) for i in range(60)]  # 480 characters
+    with pytest.raises(ValueError, match=r"data.tokenizer.vocab_size=300 .*required_chars.* Raise data.tokenizer"):
+        train_sentencepiece(many, 300)
     with pytest.raises(FileNotFoundError, match="stage=tokenizer"):
         TextTokenizer.from_file(tmp_path / "missing.model")
     with pytest.raises(ValueError, match="SentencePiece"):

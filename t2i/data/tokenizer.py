@@ -51,6 +51,17 @@ def train_sentencepiece(
         raise ValueError("no captions to train the tokenizer on: is the train split empty?")
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
+    try:
+        _train(texts, model, vocab_size, model_type, character_coverage, max_sentences)
+    except RuntimeError as error:  # SentencePiece's own words, e.g. more distinct characters than vocab_size
+        raise ValueError(f"SentencePiece could not train a vocabulary of data.tokenizer.vocab_size={vocab_size} on "
+                         f"these {len(texts)} captions: {str(error).strip()}. Raise data.tokenizer.vocab_size: it is a "
+                         "ceiling, so a larger one costs nothing when the captions need fewer pieces") from error
+    return model.getvalue()
+
+
+def _train(texts: list[str], model: io.BytesIO, vocab_size: int, model_type: str, character_coverage: float,
+           max_sentences: int) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
         model_writer=model,
@@ -72,7 +83,6 @@ def train_sentencepiece(
         num_threads=2,
         minloglevel=2,
     )
-    return model.getvalue()
 
 
 def fit_tokenizer(captions: Iterable[str], path: str | Path, vocab_size: int, model_type: str = "unigram",
