@@ -191,8 +191,7 @@ def generate(cfg: DictConfig, fabric: Fabric) -> dict:
                "codes": str(out / "codes.npy"), "files": files, "grid": str(grid), "sampling": asdict(sampling)}
     if cfg.superres_ckpt:  # CogView's second stage: every sample again at twice the resolution
         resolver = SuperResolver.from_checkpoint(cfg.superres_ckpt, cfg.superres_vqgan_ckpt, device=fabric.device,
-                                                 decode=cfg.sampling.decode,
-                                                 weights=cfg.sampling.weights)
+                                                 decode=cfg.sampling.decode, weights=cfg.sampling.weights)
         with fabric.autocast():
             results.update(write_generated_2x(resolver, generator, prompts, codes, images,
                                               superres_sampling(cfg, resolver), sampling.samples_per_prompt,
@@ -213,8 +212,7 @@ def superres(cfg: DictConfig, fabric: Fabric) -> dict:
     if not cfg.superres_ckpt:
         raise ValueError("task=superres needs superres_ckpt=PATH (a GPT from experiment=superres_shapes / stage.superres)")
     resolver = SuperResolver.from_checkpoint(cfg.superres_ckpt, cfg.superres_vqgan_ckpt, device=fabric.device,
-                                                 decode=cfg.sampling.decode,
-                                             weights=cfg.sampling.weights)
+                                             decode=cfg.sampling.decode, weights=cfg.sampling.weights)
     sizes = resolver.record.superres
     loaders = [eval_data(cfg, image_size=sizes[key]) for key in ("low_size", "high_size")]
     if loaders[0].cfg.kind() != "image":

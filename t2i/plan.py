@@ -137,11 +137,10 @@ class RunPlan:
 
 
 def strategy_name(strategy, world: int) -> str:
-    """trainer.strategy in words: a name, "auto" as Lightning resolves it, or a strategy (object or config)'s class."""
+    """trainer.strategy in words: a name, "auto" as Lightning resolves it, or a strategy object's class."""
     if isinstance(strategy, str):
         return ("ddp" if world > 1 else "single-device") if strategy == "auto" else strategy
-    target = strategy.get("_target_") if hasattr(strategy, "get") else None
-    return (target or type(strategy).__name__).rsplit(".", 1)[-1]
+    return type(strategy).__name__
 
 
 def _model_name(cfg: DictConfig, stage_module) -> str:

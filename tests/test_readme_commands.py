@@ -23,7 +23,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from t2i.plan import strategy_name, resolve_run
+from t2i.plan import resolve_run, strategy_name
 
 REPO = Path(__file__).parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "conf" / "experiment").glob("*.yaml"))]
