@@ -132,6 +132,8 @@ DOCUMENTED = {
         't2i.demo',
     'python train.py experiment=muge_base':
         'gpt 12/12/768 muge:muge_codes 8x1 ddp bf16-mixed',
+    'python train.py experiment=shapes dry_run=true hydra.run.dir=logs/plan':
+        'gpt 4/4/96 shapes_codes:shapes_codes 1x1 single-device 32-true (built)',
     'python train.py model=large data=muge trainer.devices=8':
         'gpt 24/16/1024 muge:muge_codes 8x1 ddp bf16-mixed',
     'python train.py stage=gpt ... trainer=gpu trainer.precision=16-mixed model.pb_relax=true':
