@@ -38,7 +38,8 @@ from t2i.data.stream import complete_samples
 from t2i.data.tokenizer import FixedLengthTokenizer
 from t2i.eval.clip import ClipMetrics, ClipTally
 from t2i.models.gpt import GPT
-from t2i.sampling import Generator, SamplingConfig, SamplingStats, prompt_seeds, save_captioned_grid
+from t2i.grids import save_captioned_grid
+from t2i.sampling import SamplingConfig, SamplingStats, T2IPipeline, prompt_seeds
 
 
 @torch.no_grad()
@@ -65,7 +66,7 @@ class CaptionScorer:
         self.gpt, self.tokenizer, self.source = gpt.eval(), tokenizer, source
 
     @classmethod
-    def for_generator(cls, generator: Generator, caption_ckpt: str | None) -> tuple[CaptionScorer | None, str]:
+    def for_generator(cls, generator: T2IPipeline, caption_ckpt: str | None) -> tuple[CaptionScorer | None, str]:
         """The evaluated model itself when it learned captioning, else `caption_ckpt`; (None, reason) when neither."""
         if caption_ckpt:
             gpt, record = load_gpt(caption_ckpt)
@@ -342,7 +343,7 @@ class _ImageSet:
 
 
 @torch.no_grad()
-def evaluate(generator: Generator, batches: Iterable[dict], sampling: SamplingConfig, cfg: EvalConfig,
+def evaluate(generator: T2IPipeline, batches: Iterable[dict], sampling: SamplingConfig, cfg: EvalConfig,
              out_dir: Path, scorer: CaptionScorer | None = None, fidelity_factory=None, logger=None,
              seeds: dict[str, int] | None = None, batch_size: int = 16, clip: ClipMetrics | None = None) -> dict | None:
     """Generate `sampling.samples_per_prompt` images for every caption of `batches` (see prompt_loader)
