@@ -59,9 +59,10 @@ def test_cuda_graph_decoding_samples_what_eager_decoding_samples():
     model = GPT(GPTConfig(**TINY, norm="sandwich")).cuda().eval()
     text = torch.tensor([[5, 6, 7, 0, 0, 0], [9, 3, 0, 0, 0, 0]], device="cuda")
     for cfg in (SamplingConfig(greedy=True, guidance_scale=3.0), SamplingConfig(seed=0, top_k=20, samples_per_prompt=2)):
-        eager = generate_codes(model, text, cfg)
-        assert torch.equal(generate_codes(model, text, cfg, step="compiled"), eager)
-        assert torch.equal(generate_codes(model, text, cfg, step="compiled"), eager)  # replayed, not recaptured
+        seeds = None if cfg.seed is None else [0, 1]
+        eager = generate_codes(model, text, cfg, seeds=seeds)
+        assert torch.equal(generate_codes(model, text, cfg, seeds=seeds, step="compiled"), eager)
+        assert torch.equal(generate_codes(model, text, cfg, seeds=seeds, step="compiled"), eager)  # replayed, not recaptured
 
 
 @torch.no_grad()
@@ -96,7 +97,7 @@ def test_frozen_step_on_cuda_computes_the_eager_step(weights):
             frozen = step(tokens[:, position:position + 1], torch.tensor([position], device="cuda"), frozen_cache, 64)
             torch.testing.assert_close(frozen.float(), eager, atol=3e-2, rtol=3e-2)
     text = torch.tensor([[5, 6, 7, 0, 0, 0], [9, 3, 0, 0, 0, 0]], device="cuda")
-    codes = generate_codes(model, text, SamplingConfig(seed=0, top_k=20, guidance_scale=3.0), step="frozen")
+    codes = generate_codes(model, text, SamplingConfig(top_k=20, guidance_scale=3.0), seeds=[0, 1], step="frozen")
     assert codes.shape == (2, 16) and codes.max() < 64
 
 

@@ -84,8 +84,8 @@ def test_sjd_keeps_the_sampling_distribution():
     exact = exact_distribution(model, text, cfg)
     assert torch.isclose(exact.sum(), torch.tensor(1.0, dtype=torch.float64))
     assert exact.max() < 0.3  # drafts get rejected and resampled
-    sjd = generate_codes(model, text, SamplingConfig(**{**cfg.__dict__, "method": "sjd", "sjd_window": 3}))
-    plain = generate_codes(model, text, cfg)
+    sjd = generate_codes(model, text, SamplingConfig(**{**cfg.__dict__, "method": "sjd", "sjd_window": 3}), seeds=[0])
+    plain = generate_codes(model, text, cfg, seeds=[0])
     # df ~ 29: a statistic above 80 has probability < 1e-6 for an unbiased sampler. A biased rule is far
     # above it (measured: resampling from p instead of the residual ~950, accepting with p(x) instead of
     # p(x) / q(x) ~1400; the correct rule 27-36 over three seeds).
@@ -115,7 +115,8 @@ def test_sjd_sequences_do_not_depend_on_their_batch():
 def test_sjd_needs_fewer_model_calls_when_predictions_are_easy():
     model = tiny(sharpen=20.0, image_len=32)
     stats = SamplingStats()
-    generate_codes(model, TEXT, SamplingConfig(method="sjd", sjd_window=8, temperature=0.05, seed=0), stats=stats)
+    generate_codes(model, TEXT, SamplingConfig(method="sjd", sjd_window=8, temperature=0.05, seed=0), stats=stats,
+                   seeds=list(range(len(TEXT))))
     assert stats.token_by_token_calls == 32
     assert stats.speedup >= 2, stats  # near-deterministic predictions: the Jacobi iteration converges
 
