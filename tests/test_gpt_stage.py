@@ -118,7 +118,9 @@ def test_sample_grids_are_logged_with_their_captions(codes_root, gpt_run):
     images = gpt_run / "csv" / "version_0" / "images"
     grids = sorted(images.glob("samples-step*.png"))
     assert [g.name for g in grids] == ["samples-step0000003.png", "samples-step0000006.png"]
-    assert Image.open(grids[0]).size == (2 + 3 * (32 + 2), 2 + 2 * (32 + 2))  # 3 samples x 2 prompts
+    # 3 samples x 2 prompts, 32 px cells enlarged 4x (t2i.grids.captioned_grid), a caption above each row
+    width, height = Image.open(grids[0]).size
+    assert width == 4 + 3 * (128 + 4) and height > 2 * (128 + 8)
     captions = grids[0].with_suffix(".md").read_text(encoding="utf-8")
     first_two = list(itertools.islice(DataConfig(root=str(codes_root)).captions("val"), 2))
     assert all(f"{i + 1}. {c}\n" in captions for i, c in enumerate(first_two))
