@@ -199,8 +199,9 @@ def memory_probe(ckpt: str, batch_size: str) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from t2i.demo import Engine, Job, Settings
-    from t2i.eval.text_to_image import CaptionScorer
+    from t2i.demo.engine import Engine, Job
+    from t2i.demo.settings import Settings
+    from t2i.scorers import CaptionScorer
     from t2i.sampling import Generator
 
     limits = OmegaConf.load(REPO / "conf" / "demo.yaml").limits

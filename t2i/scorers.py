@@ -74,8 +74,9 @@ class CaptionScorer:
 
 
 def take(values: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
-    """values [n, K, S, ...] (K candidates of S samples) and the chosen candidates [n, S] -> [n, S, ...]."""
-    index = best.view(*best.shape[:1], 1, best.shape[1], *[1] * (values.dim() - 3))
+    """values [n, K, S, ...] (K candidates of S samples) and the chosen candidates [n, S] -> [n, S, ...].
+    The choice may lie on another device (scores are gathered on the CPU, codes stay on the GPU)."""
+    index = best.to(values.device).view(*best.shape[:1], 1, best.shape[1], *[1] * (values.dim() - 3))
     return values.gather(1, index.expand(-1, 1, -1, *values.shape[3:]))[:, 0]
 
 

@@ -1,4 +1,4 @@
-"""The web demo (t2i/demo.py): its parts in process, then the real command on a free local port,
+"""The web demo (t2i/demo/): its parts in process, then the real command on a free local port,
 used as a person does through headless Chromium (Debian's `chromium`, driven by Playwright) and as
 a program does through gradio_client.
 
@@ -33,10 +33,15 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from t2i.checkpoints import save_vqgan
-from t2i.demo import EMPTY_NOTE, Engine, Job, Settings, StepCounter, clean_prompt, file_sha256, prompt_notes, setup
+from t2i.demo.app import setup
+from t2i.demo.card import example_prompts, file_sha256
+from t2i.demo.engine import Engine, Job, StepCounter
+from t2i.demo.page import progress_text
+from t2i.demo.settings import EMPTY_NOTE, Settings, clean_prompt, prompt_notes
 from t2i.grids import captioned_grid, find_cjk_font
 from t2i.models.vqgan import VQGANConfig, VQModel
 from t2i.sampling import Generator, prompt_seeds
+from t2i.scorers import CaptionScorer
 
 REPO = Path(__file__).parents[1]
 PROMPT = "画面左上角有一个红色的小圆形"
@@ -84,8 +89,6 @@ def test_settings_refused_with_the_setting_named():
 
 
 def test_progress_text():
-    from t2i.demo import progress_text
-
     assert progress_text(13, 256, 256) == "sampling: step 13 of 256"
     assert progress_text(256, 256, 256) == "sampling: step 256 of 256"
     assert progress_text(70, 128, 64) == "sampling: step 6 of 64, batch 2 of 2"
@@ -132,8 +135,6 @@ def test_a_batch_gives_each_request_its_own_images(generator):
 
 
 def test_reranking_keeps_the_lowest_caption_loss(generator):
-    from t2i.eval.text_to_image import CaptionScorer
-
     scorer, source = CaptionScorer.for_generator(generator, None)
     if scorer is None:
         pytest.skip(f"the checkpoint cannot rerank: {source}")
@@ -162,8 +163,6 @@ def test_grid_draws_chinese_captions_with_a_font_and_falls_back_without(tmp_path
 
 
 def test_examples_from_the_file_and_the_checkpoints_run(ckpt):
-    from t2i.demo import example_prompts
-
     lines = (REPO / "experiments" / "prompts" / "shapes.txt").read_text(encoding="utf-8").split()
     examples = example_prompts(str(REPO / "experiments" / "prompts" / "shapes.txt"), ckpt, 5)
     assert examples[: len(lines)] == lines
@@ -417,8 +416,6 @@ def test_a_prompts_samples_split_over_sampling_batches_keep_their_codes(generato
 def test_a_request_at_the_page_limits_stays_within_the_sampling_batch(generator, monkeypatch):
     """The most a page request may ask for (conf/demo.yaml's limits, guidance on, reranking): no KV cache and no
     forward pass (sampling, Caption Loss) holds more than sampling.batch_size x 2 sequences."""
-    from t2i.eval.text_to_image import CaptionScorer
-
     cfg = _demo_cfg([])
     batch_size, limits = cfg.sampling.batch_size, cfg.limits
     scorer, source = CaptionScorer.for_generator(generator, None)
