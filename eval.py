@@ -12,8 +12,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import hydra
-import numpy as np
-import torchvision
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning import Fabric
@@ -52,7 +50,7 @@ from t2i.precision import set_matmul_precision
 from t2i.models.vqgan import VQGANConfig
 from t2i.eval.superres import evaluate_superres, write_generated_2x
 from t2i.eval.superres import markdown_table as superres_table
-from t2i.sampling import CaptionConfig, Generator, SamplingConfig, SuperResolver, resolve_sampling, save_captioned_grid
+from t2i.sampling import CaptionConfig, SamplingConfig, SuperResPipeline, T2IPipeline, resolve_sampling, write_samples
 from t2i.scorers import CaptionScorer
 
 log = logging.getLogger("eval")
@@ -145,17 +143,17 @@ def caption(cfg: DictConfig, fabric: Fabric) -> dict:
     return results
 
 
-def sampling_options(cfg: DictConfig, generator: Generator) -> tuple[SamplingConfig, int]:
+def sampling_options(cfg: DictConfig, pipeline: T2IPipeline) -> tuple[SamplingConfig, int]:
     """(the sampling options, the sequences per sampling batch): those given on the command line, then
     the checkpoint's (what its training grids used), then SamplingConfig's defaults."""
     options = OmegaConf.to_container(cfg.sampling, resolve=True)
     batch_size = options.pop("batch_size", None)
-    for generator_option in ("decode", "weights"):  # how steps run, not what they sample: the Generator's
-        options.pop(generator_option, None)
+    for pipeline_option in ("step", "weights"):  # how steps run, not what they sample: the pipeline's
+        options.pop(pipeline_option, None)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"sampling.batch_size must be an integer >= 1 (sequences per sampling batch), "
                          f"got {batch_size}")
-    return resolve_sampling(options, generator.record.sampling), batch_size
+    return resolve_sampling(options, pipeline.record.sampling), batch_size
 
 
 def generate(cfg: DictConfig, fabric: Fabric) -> dict:
@@ -167,39 +165,28 @@ def generate(cfg: DictConfig, fabric: Fabric) -> dict:
         prompts += [line.strip() for line in Path(cfg.prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise ValueError("task=generate needs prompts=[...] or prompts_file=PATH")
-    generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device,
-                                          decode=cfg.sampling.decode,
-                                          weights=cfg.sampling.weights)
-    sampling, batch_size = sampling_options(cfg, generator)
-    text_ids = generator.tokenizer(prompts)  # what the model receives, recorded for inspection
+    pipeline = T2IPipeline.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device, step=cfg.sampling.step,
+                                            weights=cfg.sampling.weights)
+    sampling, batch_size = sampling_options(cfg, pipeline)
+    text_ids = pipeline.tokenizer(prompts)  # what the model receives, recorded for inspection
     with fabric.autocast():  # trainer.precision (fp32 unless asked)
-        codes = generator.sample_codes(prompts, sampling, batch_size=batch_size)
-        images = generator.decode(codes, batch_size)
+        samples = pipeline.sample(prompts, sampling, batch_size=batch_size)
     out = Path(HydraConfig.get().runtime.output_dir) / "samples"
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "codes.npy", codes.cpu().numpy().astype(np.int64))  # [prompts x samples, h, w]
-    files = []
-    for index, image in enumerate(images):
-        prompt, sample = divmod(index, sampling.samples_per_prompt)
-        files.append(str(out / f"{prompt:04d}_{sample:02d}.png"))
-        torchvision.utils.save_image(image.float() / 255, files[-1])
-    grid = out / "grid.png"
-    save_captioned_grid(images, prompts, grid, sampling.samples_per_prompt)
-    prefix_ids = generator.gpt.layout.prefix(text_ids)  # the positions before the first code, as the model reads them
+    written = write_samples(samples, out)
+    prefix_ids = pipeline.gpt.layout.prefix(text_ids)  # the positions before the first code, as the model reads them
     results = {"task": "generate", "ckpt": str(cfg.ckpt), "prompts": prompts, "text_ids": text_ids.tolist(),
                "prefix_ids": prefix_ids.tolist(),
-               "codes": str(out / "codes.npy"), "files": files, "grid": str(grid), "sampling": asdict(sampling)}
+               "codes": written["codes"], "files": written["files"], "grid": written["grid"], "sampling": asdict(sampling)}
     if cfg.superres_ckpt:  # CogView's second stage: every sample again at twice the resolution
-        resolver = SuperResolver.from_checkpoint(cfg.superres_ckpt, cfg.superres_vqgan_ckpt, device=fabric.device,
-                                                 decode=cfg.sampling.decode, weights=cfg.sampling.weights)
+        resolver = SuperResPipeline.from_checkpoint(cfg.superres_ckpt, cfg.superres_vqgan_ckpt, device=fabric.device,
+                                                    step=cfg.sampling.step, weights=cfg.sampling.weights)
         with fabric.autocast():
-            results.update(write_generated_2x(resolver, generator, prompts, codes, images,
-                                              superres_sampling(cfg, resolver), sampling.samples_per_prompt,
-                                              batch_size, out))
+            results.update(write_generated_2x(resolver, pipeline, samples,
+                                              superres_sampling(cfg, resolver), batch_size, out))
     return results
 
 
-def superres_sampling(cfg: DictConfig, resolver: SuperResolver) -> SamplingConfig:
+def superres_sampling(cfg: DictConfig, resolver: SuperResPipeline) -> SamplingConfig:
     """The super-resolution model's sampling: superres.sampling given, then its checkpoint's; sampling.seed."""
     options = OmegaConf.to_container(cfg.superres.sampling, resolve=True)
     return resolve_sampling({**options, "seed": cfg.sampling.seed, "samples_per_prompt": 1}, resolver.record.sampling)
@@ -211,23 +198,23 @@ def superres(cfg: DictConfig, fabric: Fabric) -> dict:
     ckpt= (a text-to-image GPT) also the oracle on generated images and their 2x (t2i.eval.superres)."""
     if not cfg.superres_ckpt:
         raise ValueError("task=superres needs superres_ckpt=PATH (a GPT from experiment=superres_shapes / stage.superres)")
-    resolver = SuperResolver.from_checkpoint(cfg.superres_ckpt, cfg.superres_vqgan_ckpt, device=fabric.device,
-                                             decode=cfg.sampling.decode, weights=cfg.sampling.weights)
+    resolver = SuperResPipeline.from_checkpoint(cfg.superres_ckpt, cfg.superres_vqgan_ckpt, device=fabric.device,
+                                                step=cfg.sampling.step, weights=cfg.sampling.weights)
     sizes = resolver.record.superres
     loaders = [eval_data(cfg, image_size=sizes[key]) for key in ("low_size", "high_size")]
     if loaders[0].cfg.kind() != "image":
         raise ValueError(f"task=superres compares with the split's real images: use image shards (e.g. data=shapes, "
                          f"not data={cfg.data.name})")
-    generator, generator_sampling = None, None
+    pipeline, generator_sampling = None, None
     if cfg.ckpt:
-        generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device, decode=cfg.sampling.decode,
-                                              weights=cfg.sampling.weights)
-        generator_sampling, _ = sampling_options(cfg, generator)
+        pipeline = T2IPipeline.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device, step=cfg.sampling.step,
+                                                weights=cfg.sampling.weights)
+        generator_sampling, _ = sampling_options(cfg, pipeline)
     out = Path(HydraConfig.get().runtime.output_dir)
     with fabric.autocast():
         results = evaluate_superres(resolver, loaders[0].loader(cfg.split), loaders[1].loader(cfg.split),
                                     superres_sampling(cfg, resolver), cfg.superres.num_images,
-                                    cfg.sampling.batch_size, out, generator, generator_sampling)
+                                    cfg.sampling.batch_size, out, pipeline, generator_sampling)
     results = {"task": "superres", "superres_ckpt": str(cfg.superres_ckpt), "ckpt": cfg.ckpt, "data": cfg.data.name,
                "split": cfg.split, **results}
     (out / "results.md").write_text(superres_table(results), encoding="utf-8")
@@ -262,14 +249,13 @@ def text_to_image(cfg: DictConfig, fabric: Fabric) -> dict | None:
                                    options["rprecision_distractors"], options["rprecision_seed"],
                                    f"split={cfg.split}") if options["clip"] else None
     fabric.launch()  # with several devices: starts the other processes, each running this script
-    generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device,
-                                          decode=cfg.sampling.decode,
-                                          weights=cfg.sampling.weights)
-    sampling, batch_size = sampling_options(cfg, generator)
+    pipeline = T2IPipeline.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device, step=cfg.sampling.step,
+                                            weights=cfg.sampling.weights)
+    sampling, batch_size = sampling_options(cfg, pipeline)
     # a loader batch is one sampling batch: its prompts' candidates, samples_per_prompt x rerank each
     prompts_per_batch = max(1, batch_size // (sampling.samples_per_prompt * eval_cfg.rerank))
     loader = prompt_loader(dm, prompts, prompts_per_batch, fabric.global_rank, fabric.world_size)
-    scorer, caption_model = CaptionScorer.for_generator(generator, cfg.caption_ckpt)
+    scorer, caption_model = CaptionScorer.for_generator(pipeline, cfg.caption_ckpt)
     if scorer is None:
         warn_unavailable(caption_model)
         if eval_cfg.rerank > 1 and eval_cfg.rerank_by == "caption_loss":
@@ -286,7 +272,7 @@ def text_to_image(cfg: DictConfig, fabric: Fabric) -> dict | None:
         logger = instantiate(cfg.logger)
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # the resolved config (W&B: the run config)
     with fabric.autocast():  # trainer.precision (fp32 unless asked)
-        results = evaluate(generator, loader, sampling, eval_cfg, out, scorer, fidelity, logger,
+        results = evaluate(pipeline, loader, sampling, eval_cfg, out, scorer, fidelity, logger,
                            seeds=prompts.seeds(sampling.seed), batch_size=batch_size, clip=clip)
     if results is None:  # not the main process
         return None

@@ -5,7 +5,7 @@
     python experiments/bench_generate.py --recompute-steps 32 # estimate recomputation from 32 of its 256 forwards
     python experiments/bench_generate.py --layout paipainter  # pai-painter-base: EasyNLP's loop vs t2i's sampler
     python experiments/bench_generate.py --device cuda --steps-table --batches 1 64 256  # GPU decoding (bf16)
-    python experiments/bench_generate.py --device cuda --steps-table --batches 1 64 --decodes compiled frozen --weights int8
+    python experiments/bench_generate.py --device cuda --steps-table --batches 1 64 --step-modes compiled frozen --weights int8
     python experiments/bench_generate.py --sjd-ckpt logs/quickstart/gpt/checkpoints/last.ckpt  # + SJD on a trained model
 
 Random weights at the base size (12 layers, 12 heads, 768 wide, 32 text + 256 image positions,
@@ -25,12 +25,12 @@ batch 1 within 1.5x of the floor.
 The batch-1 table interleaves the methods compared there (`--interleave N` rounds, each method once
 per round; median and spread), with the floor measured in every round too (the bandwidth moves a lot
 on a shared machine): recomputation (estimated from `--recompute-steps` forwards, default 32), the KV
-cache with eager, compiled and frozen steps (sampling.decode), and taming-transformers' KV
+cache with eager, compiled and frozen steps (sampling.step), and taming-transformers' KV
 sampler as an algorithm on t2i's own module (`taming_style_codes`: per layer the past keys and values
 concatenated with the new ones at every step, attention written out, the whole head projected).
 Targets there: >= 12x recompute, <= 1.5x the fp32 floor, >= 1.3x faster than taming's sampler.
 
-`--steps-table` times the decode modes instead (sampling.decode: eager, static, compiled = a CUDA
+`--steps-table` times the step modes instead (sampling.step: eager, static, compiled = a CUDA
 graph on GPUs, frozen; `--weights int8` for sampling.weights), in bf16 on a GPU (fp32 on the CPU),
 with guidance 3 (both halves in one batch): ms per image step at each batch, images/s including the VQGAN f16 decode (bf16 autocast, the VQ lookup
 exact), the memory floor per step (weights read once at the bandwidth measured) and peak memory.
@@ -67,7 +67,7 @@ from t2i.models.gpt import GPT, GPTConfig
 from t2i.models.int8 import WEIGHTS, quantize_weights
 from t2i.models.vqgan import VQModel
 from t2i.pretokenize import load_vqgan_config
-from t2i.sampling import DECODES, SamplingConfig, SamplingStats, decode_to_uint8, filter_logits, generate_codes
+from t2i.sampling import STEP_MODES, SamplingConfig, SamplingStats, decode_to_uint8, filter_logits, generate_codes
 
 BASE = {"n_layer": 12, "n_head": 12, "n_embd": 768, "text_len": 32, "image_len": 256, "n_image_codes": 16384,
         "n_text_tokens": 16000}
@@ -101,6 +101,12 @@ def prompts(model: GPT, batch: int, device: str) -> torch.Tensor:
 
 def sampling(top_k: int) -> SamplingConfig:
     return SamplingConfig(top_k=top_k, seed=0)
+
+
+def sample(model: GPT, text: torch.Tensor, cfg: SamplingConfig, **options) -> torch.Tensor:
+    """generate_codes with prompt i seeded cfg.seed + i: the seeds the figures in experiments/RESULTS.md were
+    drawn with (the sampler's default for token ids then), so that they stay reproducible."""
+    return generate_codes(model, text, cfg, seeds=[cfg.seed + i for i in range(len(text))], **options)
 
 
 def timed(fn, device: str) -> float:
@@ -142,11 +148,11 @@ def generation_seconds(model: GPT, batch: int, cfg: SamplingConfig, use_cache: b
     if not use_cache and recompute_steps and recompute_steps < image_len:
         return recompute_estimate(model, text, cfg, recompute_steps, device), f"est. from {recompute_steps} forwards"
     if use_cache:
-        generate_codes(model, text, cfg)  # warm-up
+        sample(model, text, cfg)  # warm-up
     else:
         with torch.no_grad():  # warm-up at the longest length: the full loop is too long to run twice for it
             model(torch.zeros(batch, model.cfg.block_size - 1, dtype=torch.long, device=device))
-    best = min(timed(lambda: generate_codes(model, text, cfg, use_cache=use_cache), device) for _ in range(repeats))
+    best = min(timed(lambda: sample(model, text, cfg, use_cache=use_cache), device) for _ in range(repeats))
     return best, f"best of {repeats}" if repeats > 1 else "1 run"
 
 
@@ -204,18 +210,18 @@ def batch_one_table(args: argparse.Namespace, model: GPT) -> None:
     methods = {
         FLOOR_ROW: lambda: read / bandwidth(args.device, args.bandwidth_gb, repeats=3),
         f"recompute (est. from {steps} forwards)": lambda: recompute_estimate(model, text, cfg, steps, args.device),
-        "KV cache, eager steps": lambda: timed(lambda: generate_codes(model, text, cfg), args.device),
-        "KV cache, compiled steps": lambda: timed(lambda: generate_codes(model, text, cfg, decode="compiled"),
+        "KV cache, eager steps": lambda: timed(lambda: sample(model, text, cfg), args.device),
+        "KV cache, compiled steps": lambda: timed(lambda: sample(model, text, cfg, step="compiled"),
                                                   args.device),
-        "KV cache, frozen steps": lambda: timed(lambda: generate_codes(model, text, cfg, decode="frozen"),
+        "KV cache, frozen steps": lambda: timed(lambda: sample(model, text, cfg, step="frozen"),
                                                 args.device),
-        "KV cache, frozen steps, int8 weights": lambda: timed(lambda: generate_codes(int8, text, cfg, decode="frozen"),
+        "KV cache, frozen steps, int8 weights": lambda: timed(lambda: sample(int8, text, cfg, step="frozen"),
                                                               args.device),
         "taming-style KV (concatenated)": lambda: timed(lambda: taming_style_codes(model, text, cfg), args.device),
     }
-    for decode in ("compiled", "frozen"):  # compiles (not timed)
-        generate_codes(model, text, cfg, decode=decode)
-    generate_codes(int8, text, cfg, decode="frozen")
+    for mode in ("compiled", "frozen"):  # compiles (not timed)
+        sample(model, text, cfg, step=mode)
+    sample(int8, text, cfg, step="frozen")
     taming_style_codes(model, text, cfg)
     times: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(args.interleave):
@@ -234,7 +240,7 @@ def batch_one_table(args: argparse.Namespace, model: GPT) -> None:
     print(f"\ntargets (the fastest fp32 KV row): >= 12x recompute: {recompute / best:.1f}x; <= 1.5x floor: "
           f"{best / floor:.2f}x; >= 1.3x taming-style: {taming / best:.2f}x")
     greedy = replace(cfg, greedy=True)
-    agree = (generate_codes(int8, text, greedy, decode="frozen") == generate_codes(model, text, greedy)).float().mean()
+    agree = (sample(int8, text, greedy, step="frozen") == sample(model, text, greedy)).float().mean()
     print(f"int8 weights (sampling.weights=int8, bf16 activations): greedy codes agree with fp32's on {agree:.1%} "
           f"of the positions (random weights: not the quality test); <= 0.6x the fp32 floor: "
           f"{median['KV cache, frozen steps, int8 weights'] / floor:.2f}x; they read {bytes_per_step(int8) / MB:.1f} MB "
@@ -247,12 +253,12 @@ def sjd_row(label: str, model: GPT, text: torch.Tensor, cfg: SamplingConfig, win
     """SJD vs the KV sampler on one prompt (batch 1), interleaved: best seconds of each, model calls."""
     sjd = replace(cfg, method="sjd", sjd_window=window)
     stats = SamplingStats()
-    generate_codes(model, text, sjd, stats=stats)  # warm-up, and its model calls (seeded: every run the same)
-    generate_codes(model, text, cfg)
+    sample(model, text, sjd, stats=stats)  # warm-up, and its model calls (seeded: every run the same)
+    sample(model, text, cfg)
     times = {"ar": [], "sjd": []}
     for _ in range(repeats):
-        times["ar"].append(timed(lambda: generate_codes(model, text, cfg), device))
-        times["sjd"].append(timed(lambda: generate_codes(model, text, sjd), device))
+        times["ar"].append(timed(lambda: sample(model, text, cfg), device))
+        times["sjd"].append(timed(lambda: sample(model, text, sjd), device))
     ar, fast = min(times["ar"]), min(times["sjd"])
     return [label, f"{ar:.3f}", f"{fast:.3f}", f"{ar / fast:.2f}x", f"{stats.model_calls} / {stats.token_by_token_calls}",
             f">= {SJD_TARGET}x", "met" if ar / fast >= SJD_TARGET else "MISSED"]
@@ -340,7 +346,7 @@ def memory_probe(args: argparse.Namespace) -> None:
     text = prompts(model, args.probe_batch, "cpu")
     torch.ones(64, 64) @ torch.ones(64, 64)  # start the thread pool in both probes
     if args.memory_probe == "sample":
-        generate_codes(model, text, sampling(args.top_k))
+        sample(model, text, sampling(args.top_k))
     print(json.dumps({"peak": peak_rss()}))
 
 
@@ -365,7 +371,7 @@ def peak_memory(args: argparse.Namespace, model: GPT, batch: int) -> tuple[int, 
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         built = torch.cuda.max_memory_allocated()
-        generate_codes(model, text, sampling(args.top_k))
+        sample(model, text, sampling(args.top_k))
         torch.cuda.synchronize()
         return built, torch.cuda.max_memory_allocated()
     peaks = []
@@ -438,24 +444,24 @@ def steps_table(args: argparse.Namespace, model: GPT) -> dict:
     rows, best, results = [], {}, {"steps": {}, "images": {}}
     for batch in args.batches:
         text = prompts(model, batch, device)
-        for decode in args.decodes:
-            run = partial(generate_codes, model, text, cfg, decode=decode)
+        for mode in args.step_modes:
+            run = partial(sample, model, text, cfg, step=mode)
             started = time.perf_counter()
             run()  # warm-up: compiles and captures for this batch
             warmup = time.perf_counter() - started
             seconds = min(timed(run, device) for _ in range(args.repeats))
-            best[batch] = min(best.get(batch, (float("inf"), "")), (seconds, decode))
-            results["steps"][batch, decode] = {"ms_per_step": seconds / steps * 1e3, "images_per_s": batch / seconds}
-            rows.append([batch, decode, f"{seconds / steps * 1e3:.3f}", f"{batch / seconds:.1f}", f"{warmup:.1f}"])
-    table(["batch (x2 guidance)", "decode", "ms / step", "images/s, codes only", "first call s"], rows)
+            best[batch] = min(best.get(batch, (float("inf"), "")), (seconds, mode))
+            results["steps"][batch, mode] = {"ms_per_step": seconds / steps * 1e3, "images_per_s": batch / seconds}
+            rows.append([batch, mode, f"{seconds / steps * 1e3:.3f}", f"{batch / seconds:.1f}", f"{warmup:.1f}"])
+    table(["batch (x2 guidance)", "step", "ms / step", "images/s, codes only", "first call s"], rows)
 
     rows = []
-    for batch, (seconds, decode) in best.items():
+    for batch, (seconds, mode) in best.items():
         text = prompts(model, batch, device)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         grid = int(steps ** 0.5)
-        codes = generate_codes(model, text, cfg, decode=decode).view(-1, grid, grid)
+        codes = sample(model, text, cfg, step=mode).view(-1, grid, grid)
 
         def images() -> None:
             with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
@@ -465,9 +471,9 @@ def steps_table(args: argparse.Namespace, model: GPT) -> dict:
         images()
         pixels = min(timed(images, device) for _ in range(args.repeats))
         peak = f"{torch.cuda.max_memory_allocated() / MB:.0f}" if device == "cuda" else "-"
-        rows.append([batch, decode, f"{batch / (seconds + pixels):.1f}", f"{pixels / batch * 1e3:.2f}", peak])
-        results["images"][batch] = {"decode": decode, "images_per_s": batch / (seconds + pixels), "peak_mb": peak}
-    table(["batch", "decode", "images/s with VQGAN decode", "VQGAN ms / image", "peak MB (sampling + decode)"], rows)
+        rows.append([batch, mode, f"{batch / (seconds + pixels):.1f}", f"{pixels / batch * 1e3:.2f}", peak])
+        results["images"][batch] = {"step": mode, "images_per_s": batch / (seconds + pixels), "peak_mb": peak}
+    table(["batch", "step", "images/s with VQGAN decode", "VQGAN ms / image", "peak MB (sampling + decode)"], rows)
 
     read = bytes_per_step(model)
     rate = bandwidth(device, args.bandwidth_gb)
@@ -501,10 +507,10 @@ def main() -> None:
     parser.add_argument("--interleave", type=int, default=5, metavar="ROUNDS",
                         help="rounds of the interleaved batch-1 table (0: skip it)")
     parser.add_argument("--steps-table", action="store_true",
-                        help="time the decode modes (--decodes) with guidance instead; bf16 on CUDA")
-    parser.add_argument("--decodes", nargs="+", default=["eager", "compiled"], choices=DECODES)
+                        help="time the step modes (--step-modes) with guidance instead; bf16 on CUDA")
+    parser.add_argument("--step-modes", nargs="+", default=["eager", "compiled"], choices=STEP_MODES)
     parser.add_argument("--weights", default="unchanged", choices=WEIGHTS,
-                        help="the steps table's sampling.weights (int8: pair it with --decodes frozen)")
+                        help="the steps table's sampling.weights (int8: pair it with --step-modes frozen)")
     parser.add_argument("--sjd-window", type=int, default=16, help="SJD's draft window (0: skip the SJD rows)")
     parser.add_argument("--sjd-ckpt", default=None, help="also time SJD on this trained GPT checkpoint")
     parser.add_argument("--memory-probe", choices=["build", "sample"], help=argparse.SUPPRESS)

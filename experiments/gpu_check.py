@@ -9,7 +9,7 @@ Rows:
     with activation checkpointing, and its peak memory beside the same steps without.
   * a VQGAN f16_16384 training step in bf16-mixed and in 16-mixed (finite losses, LPIPS off: no VGG
     weights offline), and its codes: encode() under bf16 autocast and TF32 matmuls vs plain fp32.
-  * sampling: experiments/bench_generate.py's decode table (eager vs compiled = a CUDA graph, bf16,
+  * sampling: experiments/bench_generate.py's step-mode table (eager vs compiled = a CUDA graph, bf16,
     guidance 3) at batch 1, 64 and 256, with the VQGAN decode and the memory floor.
   * eval.py with FID on 64 shapes test prompts on the GPU and on the CPU, from a small GPT trained here
     on shapes codes of a random VQGAN; the Inception weights are random too unless --inception-weights
@@ -182,17 +182,17 @@ def vqgan_steps(args) -> None:
 @guarded("sampling")
 def sampling(args) -> None:
     bench_args = argparse.Namespace(device=args.device, quick=args.quick, top_k=100, repeats=2, bandwidth_gb=1.0,
-                                    batches=[1, 4] if args.quick else [1, 64, 256], decodes=["eager", "compiled"])
+                                    batches=[1, 4] if args.quick else [1, 64, 256], step_modes=["eager", "compiled"])
     model = bench_generate.build(args.quick, args.device)
     results = bench_generate.steps_table(bench_args, model)
-    for (batch, decode), figures in sorted(results["steps"].items()):
+    for (batch, mode), figures in sorted(results["steps"].items()):
         verdict = ""
-        if batch == 1 and decode == "compiled" and not args.quick:
+        if batch == 1 and mode == "compiled" and not args.quick:
             verdict = "met" if figures["ms_per_step"] <= 1.0 else "MISSED (goal 1 ms)"
-        row("sampling", f"batch {batch} x2 guidance, {decode}", f"{figures['ms_per_step']:.3f} ms/step, "
+        row("sampling", f"batch {batch} x2 guidance, {mode}", f"{figures['ms_per_step']:.3f} ms/step, "
             f"{figures['images_per_s']:.1f} images/s codes only", verdict)
     for batch, figures in sorted(results["images"].items()):
-        row("sampling", f"batch {batch}, {figures['decode']}, with VQGAN decode",
+        row("sampling", f"batch {batch}, {figures['step']}, with VQGAN decode",
             f"{figures['images_per_s']:.1f} images/s, peak {figures['peak_mb']} MB")
     row("sampling", "memory floor per step (batch 1)", f"{results['floor_ms']:.3f} ms "
         f"({results['weights_mb']:.0f} MB at {results['bandwidth_gbs']:.0f} GB/s)")

@@ -2,7 +2,7 @@
 neither the new setting nor the package to install.
 
 - Renamed settings: the old spelling is refused with the new one (one name per concept, the same place in
-  every entry point: checkpoints are top-level `*_ckpt` settings, how a step runs is `sampling.decode`, ...).
+  every entry point: checkpoints are top-level `*_ckpt` settings, how a step runs is `sampling.step`, ...).
 - Sweeps that need a Hydra plugin (an optional extra) say which extra to install.
 """
 
@@ -15,8 +15,9 @@ RENAMED = {
     "train": {"stage.init_ckpt": "init_ckpt", "stage.vqgan_ckpt": "vqgan_ckpt"},
     "eval": {"eval.caption_ckpt": "caption_ckpt", "superres.vqgan_ckpt": "superres_vqgan_ckpt",
              "caption.method": "caption.strategy", "eval.samples_per_prompt": "sampling.samples_per_prompt",
-             "eval.batch_size": "sampling.batch_size"},
-    "demo": {"decode": "sampling.decode", "weights": "sampling.weights", "sampling.rerank": "rerank"},
+             "eval.batch_size": "sampling.batch_size", "sampling.decode": "sampling.step"},
+    "demo": {"decode": "sampling.step", "sampling.decode": "sampling.step", "weights": "sampling.weights",
+             "sampling.rerank": "rerank"},
 }
 
 # command-line overrides that need a Hydra plugin, which Hydra looks for before any of our code runs

@@ -2,8 +2,10 @@
 
 t2i ships no font file: a CJK font comes from a package the machine has (Debian's fonts-noto-cjk or
 fonts-wqy-microhei; `make test` installs the latter as root), found through fontconfig or at its
-usual path. Without one the captions that need it are left off the picture (the caller keeps them
-in text) and `find_cjk_font` says what to install.
+usual path. Without one the captions that need it are left off the picture and `find_cjk_font` says
+what to install; `save_captioned_grid` always writes them beside the picture as text too.
+
+`save_captioned_grid` is the one grid writer: evaluation grids, training grids, task=generate, super-resolution.
 """
 
 from __future__ import annotations
@@ -104,3 +106,18 @@ def captioned_grid(images: torch.Tensor, captions: list[str], per_row: int, font
         y += cell_h + padding
     return grid, drawn
 
+
+
+def save_captioned_grid(images: torch.Tensor, captions: list[str], path: str | Path, per_row: int,
+                        font_path: str | None = None) -> Path:
+    """A PNG grid of uint8 images [N, 3, H, W], a row of `per_row` images under each caption (drawn in
+    `font_path`, else in the CJK font find_cjk_font() finds; without one only ASCII captions are drawn), and
+    beside it `<name>.md` with the captions, which is there whatever the machine's fonts. Returns the PNG's path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid, _ = captioned_grid(images, captions, per_row, font_path or find_cjk_font())
+    grid.save(path)
+    path.with_suffix(".md").write_text(
+        f"![samples]({path.name})\n\nRows, top to bottom:\n\n" + "".join(f"{i + 1}. {c}\n" for i, c in enumerate(captions)),
+        encoding="utf-8")
+    return path

@@ -21,7 +21,7 @@ from t2i.data.tokenizer import FixedLengthTokenizer
 from t2i.models.gpt import GPT
 
 if TYPE_CHECKING:
-    from t2i.sampling import Generator
+    from t2i.sampling import T2IPipeline
 
 
 @torch.no_grad()
@@ -48,7 +48,7 @@ class CaptionScorer:
         self.gpt, self.tokenizer, self.source = gpt.eval(), tokenizer, source
 
     @classmethod
-    def for_generator(cls, generator: Generator, caption_ckpt: str | None) -> tuple[CaptionScorer | None, str]:
+    def for_generator(cls, generator: T2IPipeline, caption_ckpt: str | None) -> tuple[CaptionScorer | None, str]:
         """The evaluated model itself when it learned captioning, else `caption_ckpt`; (None, reason) when neither."""
         if caption_ckpt:
             gpt, record = load_gpt(caption_ckpt)

@@ -12,7 +12,7 @@ from t2i.callbacks import AtomicCheckpointIO, saved_wandb_run_id
 from t2i.checkpoints import CheckpointError, load_gpt, load_vqgan, read_checkpoint
 from t2i.interop.paipainter import import_paipainter
 from t2i.models.vqgan import VQGANConfig
-from t2i.sampling import SuperResolver
+from t2i.sampling import SuperResPipeline
 
 
 class RunsCode:
@@ -46,7 +46,7 @@ def _loaders(codes_root, tmp_path):
     return {
         "gpt": load_gpt,
         "vqgan": lambda path: load_vqgan(path, _vqgan_config(codes_root)),
-        "superres": SuperResolver.from_checkpoint,
+        "superres": SuperResPipeline.from_checkpoint,
         "paipainter": paipainter,
         "resume": AtomicCheckpointIO().load_checkpoint,  # what trainer.fit(ckpt_path=...) reads with (train.py)
         "wandb_run_id": saved_wandb_run_id,  # train.py reads the resume file for the W&B run first
@@ -113,7 +113,7 @@ def test_wrong_shaped_and_non_tensor_weights_are_named(gpt_run, codes_root, tmp_
     checkpoint["state_dict"]["gpt.tok_emb.weight"] = torch.zeros(shape[0] + 1, shape[1])
     path = tmp_path / "misshaped.ckpt"
     torch.save(checkpoint, path)
-    for load in (load_gpt, SuperResolver.from_checkpoint):
+    for load in (load_gpt, SuperResPipeline.from_checkpoint):
         with pytest.raises(CheckpointError, match=f"(?s){path} does not fit .*tok_emb.weight: checkpoint"):
             load(path)
     vqgan = read_checkpoint(codes_root.parent / "vqgan.ckpt")

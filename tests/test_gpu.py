@@ -60,8 +60,8 @@ def test_cuda_graph_decoding_samples_what_eager_decoding_samples():
     text = torch.tensor([[5, 6, 7, 0, 0, 0], [9, 3, 0, 0, 0, 0]], device="cuda")
     for cfg in (SamplingConfig(greedy=True, guidance_scale=3.0), SamplingConfig(seed=0, top_k=20, samples_per_prompt=2)):
         eager = generate_codes(model, text, cfg)
-        assert torch.equal(generate_codes(model, text, cfg, decode="compiled"), eager)
-        assert torch.equal(generate_codes(model, text, cfg, decode="compiled"), eager)  # replayed, not recaptured
+        assert torch.equal(generate_codes(model, text, cfg, step="compiled"), eager)
+        assert torch.equal(generate_codes(model, text, cfg, step="compiled"), eager)  # replayed, not recaptured
 
 
 @torch.no_grad()
@@ -83,7 +83,7 @@ def test_bf16_cuda_graph_step_computes_the_eager_step():
 @torch.no_grad()
 @pytest.mark.parametrize("weights", ["unchanged", "int8"])
 def test_frozen_step_on_cuda_computes_the_eager_step(weights):
-    # decode=frozen on a GPU: max-autotune + CUDA graph + frozen weights; int8: torch's weight-only int8 product
+    # step=frozen on a GPU: max-autotune + CUDA graph + frozen weights; int8: torch's weight-only int8 product
     torch.manual_seed(0)
     model = quantize_weights(GPT(GPTConfig(**TINY, mlp="swiglu")).cuda().to(torch.bfloat16).eval(), weights)
     tokens = torch.randint(0, 64, (4, 12), device="cuda")
@@ -96,7 +96,7 @@ def test_frozen_step_on_cuda_computes_the_eager_step(weights):
             frozen = step(tokens[:, position:position + 1], torch.tensor([position], device="cuda"), frozen_cache, 64)
             torch.testing.assert_close(frozen.float(), eager, atol=3e-2, rtol=3e-2)
     text = torch.tensor([[5, 6, 7, 0, 0, 0], [9, 3, 0, 0, 0, 0]], device="cuda")
-    codes = generate_codes(model, text, SamplingConfig(seed=0, top_k=20, guidance_scale=3.0), decode="frozen")
+    codes = generate_codes(model, text, SamplingConfig(seed=0, top_k=20, guidance_scale=3.0), step="frozen")
     assert codes.shape == (2, 16) and codes.max() < 64
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from t2i.models.gpt import GPT, GPTConfig
 from t2i.models.int8 import Int8Linear, Int8SwiGLU, quantize_weights
-from t2i.sampling import Generator, SamplingConfig, frozen_step, generate_codes
+from t2i.sampling import SamplingConfig, T2IPipeline, frozen_step, generate_codes, prompt_seeds
 
 TINY = dict(n_image_codes=40, n_text_tokens=30, text_len=6, image_len=9, n_layer=2, n_head=4, n_embd=64)
 LLAMA = dict(norm_type="rms", mlp="swiglu", pos="rope2d", bias=False)
@@ -56,23 +56,31 @@ def test_frozen_int8_step_computes_the_eager_int8_step():
     text = torch.tensor([[5, 6, 7, 0, 0, 0], [9, 3, 0, 0, 0, 0]])
     prefix = quantized.layout.prefix(text)
     outputs = {}
-    for decode in ("static", "frozen"):
+    for mode in ("static", "frozen"):
         static = nullcontext((quantized.forward_at, quantized.new_cache(len(prefix))))
-        with frozen_step(quantized, len(prefix)) if decode == "frozen" else static as (step, cache):
+        with frozen_step(quantized, len(prefix)) if mode == "frozen" else static as (step, cache):
             quantized(prefix, cache, last=1, head_rows=40)
             token, position = torch.tensor([[3], [4]]), torch.tensor([cache.length])
-            outputs[decode] = step(token, position, cache, 40).float()
+            outputs[mode] = step(token, position, cache, 40).float()
     assert torch.allclose(outputs["frozen"], outputs["static"], rtol=0.05, atol=0.05)
-    codes = generate_codes(quantized, text, SamplingConfig(seed=0, top_k=10), decode="frozen")
+    codes = generate_codes(quantized, text, SamplingConfig(top_k=10), seeds=[0, 1], step="frozen")
     assert codes.shape == (2, 9) and codes.max() < 40
 
 
-def test_generator_samples_with_int8_weights_and_scores_with_the_loaded_ones(gpt_run):
+def test_pipeline_samples_with_int8_weights_and_scores_with_the_loaded_ones(gpt_run):
     ckpt = gpt_run / "checkpoints" / "last.ckpt"
-    with pytest.warns(UserWarning, match="fast only with sampling.decode=frozen"):
-        generator = Generator.from_checkpoint(ckpt, weights="int8")
-    assert isinstance(generator.sampler.head, Int8Linear) and isinstance(generator.gpt.head, nn.Linear)
-    images = generator(["画面左上角有一个红色的小圆形"], SamplingConfig(seed=0))
-    assert images.dtype == torch.uint8 and images.shape[:2] == (1, 3)
+    with pytest.warns(UserWarning, match="fast only with sampling.step=frozen"):
+        pipeline = T2IPipeline.from_checkpoint(ckpt, weights="int8")
+    assert isinstance(pipeline.sampler.head, Int8Linear) and isinstance(pipeline.gpt.head, nn.Linear)
+    prompts = ["画面左上角有一个红色的小圆形", "一个蓝色的方形"]
+    progress = []
+    samples = pipeline.sample(prompts, SamplingConfig(seed=0), batch_size=1,
+                               progress=lambda done, total: progress.append((done, total)))
+    images = samples.images
+    assert images.dtype == torch.uint8 and images.shape[:2] == (2, 3)
+    assert samples.seeds == prompt_seeds(0, prompts) and samples.codes.shape[0] == 2
+    # progress over both sampling batches (one prompt each): positions fixed so far, up to both batches' positions
+    positions = 2 * pipeline.gpt.cfg.image_len
+    assert [done for done, _ in progress] == list(range(1, positions + 1)) and {t for _, t in progress} == {positions}
     with pytest.raises(ValueError, match="sampling.weights must be one of"):
-        Generator.from_checkpoint(ckpt, weights="fp8", decode="frozen")
+        T2IPipeline.from_checkpoint(ckpt, weights="fp8", step="frozen")

@@ -21,7 +21,7 @@ from t2i.interop.__main__ import main as interop
 from t2i.interop.paipainter import TAMING_KEYS, export_paipainter, import_paipainter
 from t2i.models.gpt import GPT, GPTConfig
 from t2i.models.vqgan import VQGANConfig, VQModel
-from t2i.sampling import Generator, SamplingConfig
+from t2i.sampling import T2IPipeline, SamplingConfig
 
 REPO = Path(__file__).parents[1]
 VQGAN = VQGANConfig(resolution=32, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8], z_channels=16,
@@ -160,7 +160,7 @@ def test_bad_config_and_vocabulary_are_refused(tmp_path, captions):
 
 def test_every_sampler_runs_on_an_imported_model(imported):
     _, ckpt = imported
-    generator = Generator.from_checkpoint(ckpt)
+    generator = T2IPipeline.from_checkpoint(ckpt)
     prompts = ["红色的小圆形", "一只戴帽子的猫 [MASK]", ""]
     text = generator.tokenizer(prompts)
     assert text[2].tolist() == [0] * TEXT_LEN and (text[1] == 103).any()  # [PAD] = 0, [MASK] kept whole

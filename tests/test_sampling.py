@@ -9,12 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from t2i import sampling
 from t2i.models.gpt import GPT, GPTConfig
-from t2i.sampling import (CaptionConfig, SamplingConfig, _draw, _prompt_uniforms, filter_logits, frozen_step,
-                          generate_codes, generate_text, guidance_scales)
+from t2i.sampling import (CaptionConfig, SamplingConfig, SamplingStats, ar, draw, filter_logits, frozen_step, generate_codes,
+                          generate_text, guidance_scales, prompt_uniforms)
 
 REPO = Path(__file__).parents[1]
+
+
+def seeds_of(cfg, text):
+    """Prompt i's seed cfg.seed + i (None: unseeded): generate_codes takes seeds, not the config's seed alone."""
+    return None if cfg.seed is None else [cfg.seed + i for i in range(len(text))]
+
+
 TINY = dict(n_image_codes=40, n_text_tokens=30, text_len=6, image_len=9, n_layer=2, n_head=2, n_embd=32)
 
 
@@ -41,12 +47,17 @@ def test_greedy_with_cache_equals_recomputation(model, text, guidance):
 
 def test_seeded_sampling_is_reproducible_and_batched(model, text):
     cfg = SamplingConfig(samples_per_prompt=4, seed=7, top_k=10, temperature=1.5)
-    a, b = generate_codes(model, text, cfg), generate_codes(model, text, cfg)
+    seeds = seeds_of(cfg, text)
+    a, b = generate_codes(model, text, cfg, seeds=seeds), generate_codes(model, text, cfg, seeds=seeds)
     assert a.shape == (12, 9) and torch.equal(a, b)
-    assert not torch.equal(a, generate_codes(model, text, SamplingConfig(samples_per_prompt=4, seed=8, top_k=10,
-                                                                          temperature=1.5)))
-    # with the same seed, cached and recomputed sampling draw the same codes
-    assert torch.equal(a, generate_codes(model, text, cfg, use_cache=False))
+    assert not torch.equal(a, generate_codes(model, text, cfg, seeds=[8, 9, 10]))
+    # with the same seeds, cached and recomputed sampling draw the same codes
+    assert torch.equal(a, generate_codes(model, text, cfg, seeds=seeds, use_cache=False))
+    # the config's seed alone does not say which stream each prompt takes: the error names the fix
+    with pytest.raises(ValueError, match=r"seeds=prompt_seeds\(seed, prompts\)"):
+        generate_codes(model, text, cfg)
+    with pytest.raises(ValueError, match="seeds="):
+        generate_text(model, a[:3], CaptionConfig(strategy="sample", seed=0))
 
 
 def test_filter_logits_top_k_and_top_p():
@@ -72,14 +83,16 @@ def test_bad_options_are_named():
 
 
 @pytest.mark.parametrize("layout", ["t2i", "paipainter"])
-@pytest.mark.parametrize("decode", ["static", "compiled"])
-def test_fixed_shape_decode_steps_sample_what_the_eager_step_samples(text, layout, decode):
+@pytest.mark.parametrize("step", ["static", "compiled"])
+def test_fixed_shape_steps_sample_what_the_eager_step_samples(text, layout, step):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY, norm="sandwich", layout=layout)).eval()
     for cfg in (SamplingConfig(greedy=True, guidance_scale=3.0), SamplingConfig(seed=3, top_k=10, samples_per_prompt=2)):
-        assert torch.equal(generate_codes(model, text, cfg, decode=decode), generate_codes(model, text, cfg))
-    with pytest.raises(ValueError, match="sampling.decode must be one of"):
-        generate_codes(model, text, SamplingConfig(), decode="graph")
+        seeds = seeds_of(cfg, text)
+        assert torch.equal(generate_codes(model, text, cfg, seeds=seeds, step=step),
+                           generate_codes(model, text, cfg, seeds=seeds))
+    with pytest.raises(ValueError, match="sampling.step must be one of"):
+        generate_codes(model, text, SamplingConfig(), step="graph")
 
 
 @pytest.mark.parametrize("layout", ["t2i", "paipainter"])
@@ -100,10 +113,10 @@ def test_frozen_steps_compute_the_static_step_and_compile_once_per_batch_size(te
         frozen_logits = step(token, position, frozen_cache, 40)
     assert torch.allclose(static, frozen_logits, rtol=1e-4, atol=1e-5)
     cfg = SamplingConfig(seed=1, top_k=10, guidance_scale=3.0, guidance_interval=(0.0, 0.5))
-    generate_codes(model, text, cfg, decode="frozen")
+    generate_codes(model, text, cfg, step="frozen")
     other = text.flip(0)
     with torch.compiler.set_stance("fail_on_recompile"):  # the same step and cache: no new compilation
-        frozen = generate_codes(model, other, cfg, decode="frozen")
+        frozen = generate_codes(model, other, cfg, step="frozen")
     assert (frozen == generate_codes(model, other, cfg)).float().mean() >= 0.9
     # the weights really are compiled in: changed afterwards, the frozen step still computes with the old ones
     model.head.weight.data.zero_()
@@ -116,15 +129,14 @@ def test_frozen_steps_compute_the_static_step_and_compile_once_per_batch_size(te
 # left behind held the dropped model's weight, which is not what this checks.
 FREED_CHECK = """
 import gc, weakref, torch
-from t2i import sampling
 from t2i.models.gpt import GPT, GPTConfig
-from t2i.sampling import SamplingConfig, frozen_step, generate_codes
+from t2i.sampling import SamplingConfig, frozen_step, generate_codes, steps
 
-sampling.FROZEN_BATCH_SIZES = 1  # one compilation fewer than the default to show it
+steps.FROZEN_BATCH_SIZES = 1  # one compilation fewer than the default to show it
 torch.manual_seed(0)
 model = GPT(GPTConfig(**TINY)).eval()
 text = torch.tensor(TEXT)
-cfg = SamplingConfig(seed=0, top_k=10)
+cfg = SamplingConfig(top_k=10)
 
 
 def cache_ref(batch_size):  # a weak reference to the keys of the frozen cache at this batch size
@@ -133,10 +145,10 @@ def cache_ref(batch_size):  # a weak reference to the keys of the frozen cache a
 
 
 with torch.no_grad():
-    generate_codes(model, text[:1], cfg, decode="compiled")
+    generate_codes(model, text[:1], cfg, step="compiled")
     kept = []
     for batch_size in (1, 2):
-        generate_codes(model, text[:batch_size], cfg, decode="frozen")
+        generate_codes(model, text[:batch_size], cfg, step="frozen")
         kept.append(cache_ref(batch_size))
 gc.collect()
 # the older batch size is dropped, its compilation (which held the cache and the weights) with it
@@ -157,9 +169,9 @@ def test_compiled_and_frozen_steps_are_freed_with_their_model_and_frozen_ones_ke
 
 def test_one_frozen_generation_per_model_at_a_time(model, text, monkeypatch):
     cfg = SamplingConfig(seed=0, top_k=10)
-    alone = generate_codes(model, text[:1], cfg, decode="frozen")
+    alone = generate_codes(model, text[:1], cfg, seeds=[0], step="frozen")
     paused, resume = threading.Event(), threading.Event()
-    draw = sampling._draw
+    draw = ar.draw
 
     def pausing_draw(probs, uniforms):  # the thread "first" stops at its first draw until resumed
         if threading.current_thread().name == "first" and not paused.is_set():
@@ -167,11 +179,11 @@ def test_one_frozen_generation_per_model_at_a_time(model, text, monkeypatch):
             resume.wait(60)
         return draw(probs, uniforms)
 
-    monkeypatch.setattr(sampling, "_draw", pausing_draw)
+    monkeypatch.setattr(ar, "draw", pausing_draw)  # the token-by-token loop's draw
     codes = {}
 
     def generate():
-        codes[threading.current_thread().name] = generate_codes(model, text[:1], cfg, decode="frozen")
+        codes[threading.current_thread().name] = generate_codes(model, text[:1], cfg, seeds=[0], step="frozen")
 
     first = threading.Thread(target=generate, name="first", daemon=True)
     first.start()
@@ -195,8 +207,8 @@ def test_llama_style_models_sample_alike_on_every_path(text, options):
     cfg = SamplingConfig(greedy=True, guidance_scale=3.0)
     eager = generate_codes(model, text, cfg)
     assert torch.equal(generate_codes(model, text, cfg, use_cache=False), eager)
-    for decode in ("static", "compiled"):
-        assert torch.equal(generate_codes(model, text, cfg, decode=decode), eager)
+    for step in ("static", "compiled"):
+        assert torch.equal(generate_codes(model, text, cfg, step=step), eager)
 
 
 # -- guidance schedules ----------------------------------------------------------------------------
@@ -206,7 +218,7 @@ def reference_codes(model, text, scale_at, seeds=None, temperature=1.0, top_k=0)
     step, with the guidance scale of position t given by scale_at(t) (greedy when seeds is None)."""
     layout, n_codes = model.layout, model.cfg.n_image_codes
     cond, uncond = layout.prefix(text), layout.prefix(layout.null_text(text))
-    uniforms = None if seeds is None else _prompt_uniforms(seeds, len(text), 1, model.cfg.image_len, text.device)
+    uniforms = None if seeds is None else prompt_uniforms(seeds, len(text), 1, model.cfg.image_len, text.device)
     codes = torch.empty(len(text), 0, dtype=torch.long)
     with torch.no_grad():
         for t in range(model.cfg.image_len):
@@ -218,7 +230,7 @@ def reference_codes(model, text, scale_at, seeds=None, temperature=1.0, top_k=0)
             if seeds is None:
                 step = logits.argmax(-1)
             else:
-                step = _draw(filter_logits(logits / temperature, top_k).softmax(-1), uniforms[:, t])
+                step = draw(filter_logits(logits / temperature, top_k).softmax(-1), uniforms[:, t])
             codes = torch.cat([codes, step[:, None]], 1)
     return codes
 
@@ -274,8 +286,8 @@ def test_schedules_guide_each_position_with_its_scale(model, text, options):
 def test_schedules_at_scale_one_are_unguided(model, text, schedule):
     cfg = SamplingConfig(guidance_scale=1.0, guidance_schedule=schedule, guidance_interval=[0.2, 0.9], seed=3,
                          samples_per_prompt=2)
-    assert torch.equal(generate_codes(model, text, cfg),
-                       generate_codes(model, text, SamplingConfig(seed=3, samples_per_prompt=2)))
+    assert torch.equal(generate_codes(model, text, cfg, seeds=[3, 4, 5]),
+                       generate_codes(model, text, SamplingConfig(seed=3, samples_per_prompt=2), seeds=[3, 4, 5]))
 
 
 def test_bad_schedule_options_are_named():
@@ -288,13 +300,14 @@ def test_bad_schedule_options_are_named():
             SamplingConfig(guidance_interval=interval)
 
 
-@pytest.mark.parametrize("decode", ["static", "compiled"])
-def test_fixed_shape_steps_follow_a_guidance_interval(text, decode):
+@pytest.mark.parametrize("step", ["static", "compiled"])
+def test_fixed_shape_steps_follow_a_guidance_interval(text, step):
     # past the interval the eager step drops the null-text half; the fixed-shape step keeps it at scale 1
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY)).eval()
     cfg = SamplingConfig(seed=5, top_k=10, guidance_scale=3.0, guidance_interval=(0.0, 0.5))
-    assert torch.equal(generate_codes(model, text, cfg, decode=decode), generate_codes(model, text, cfg))
+    seeds = seeds_of(cfg, text)
+    assert torch.equal(generate_codes(model, text, cfg, seeds=seeds, step=step), generate_codes(model, text, cfg, seeds=seeds))
 
 
 # -- precision ------------------------------------------------------------------------------------
@@ -307,10 +320,10 @@ def test_random_numbers_and_beam_scores_stay_float32_under_a_bf16_default_dtype(
     for dtype in (torch.float32, torch.bfloat16):
         torch.set_default_dtype(dtype)
         try:
-            runs.append([_prompt_uniforms([1, 2], 2, 1, 256, torch.device("cpu")),
-                         generate_codes(model, text, sampled),
-                         generate_codes(model, text, replace(sampled, method="sjd", sjd_window=4)),
-                         generate_text(model, codes, CaptionConfig(strategy="sample", seed=0)),
+            runs.append([prompt_uniforms([1, 2], 2, 1, 256, torch.device("cpu")),
+                         generate_codes(model, text, sampled, seeds=[3, 4, 5]),
+                         generate_codes(model, text, replace(sampled, method="sjd", sjd_window=4), seeds=[3, 4, 5]),
+                         generate_text(model, codes, CaptionConfig(strategy="sample", seed=0), seeds=[0, 1]),
                          generate_text(model, codes, CaptionConfig(strategy="beam", num_beams=3, length_penalty=0.6))])
         finally:
             torch.set_default_dtype(torch.float32)
@@ -318,3 +331,18 @@ def test_random_numbers_and_beam_scores_stay_float32_under_a_bf16_default_dtype(
     assert uniforms.dtype == torch.float32 and all(len(row.unique()) >= 250 for row in uniforms)
     for fp32, bf16 in zip(*runs):
         assert torch.equal(fp32, bf16)
+
+
+# -- progress -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["ar", "sjd"])
+def test_progress_reports_the_positions_fixed_after_each_model_call(model, text, method):
+    # frozen at batch 1, as test_one_frozen_generation_per_model_at_a_time compiles it (SJD's windows run eagerly)
+    cfg = SamplingConfig(top_k=10, method=method, sjd_window=3)
+    for step, prompts in (("eager", text), ("frozen", text[:1])):
+        calls, stats = [], SamplingStats()
+        generate_codes(model, prompts, cfg, seeds=seeds_of(replace(cfg, seed=0), prompts), step=step, stats=stats,
+                       progress=lambda done, total: calls.append((done, total)))
+        done = [d for d, _ in calls]
+        assert len(calls) == stats.model_calls and done == sorted(done), (step, calls)
+        assert calls[-1] == (9, 9) and {total for _, total in calls} == {9}, (step, calls)

@@ -67,7 +67,7 @@ def outputs(model: GPT, text: torch.Tensor) -> dict:
     out = {}
     for name, cfg in CONFIGS.items():
         for step in ("eager", "static", "compiled", "frozen"):
-            out[f"ar/{name}/{step}"] = generate_codes(model, text, cfg, seeds=SEEDS, decode=step).tolist()
+            out[f"ar/{name}/{step}"] = generate_codes(model, text, cfg, seeds=SEEDS, step=step).tolist()
         out[f"ar/{name}/recomputed"] = generate_codes(model, text, cfg, seeds=SEEDS, use_cache=False).tolist()
         out[f"ar/{name}/second_sample"] = generate_codes(model, text, cfg, seeds=SEEDS, samples=range(1, 2)).tolist()
         out[f"sjd/{name}"] = generate_codes(model, text, SamplingConfig(**{**vars(cfg), "method": "sjd"}),

@@ -21,7 +21,7 @@ from t2i.data.tokenizer import train_sentencepiece
 from t2i.models.gpt import GPT, GPTConfig
 from t2i.models.layout import SuperresGrid, TokenLayout
 from t2i.models.vqgan import VQGANConfig, VQModel
-from t2i.sampling import SamplingConfig, SuperResolver, generate_codes, superres_codes
+from t2i.sampling import SamplingConfig, SuperResPipeline, generate_codes, superres_codes
 from t2i.stages.gpt_stage import GPTStage
 
 REPO = Path(__file__).parents[1]
@@ -203,7 +203,7 @@ def test_train_superres_then_score_and_generate_at_2x(sr_data, gpt_run, tmp_path
     assert record.grid == (16, 16)
     base = gpt_run / "checkpoints" / "last.ckpt"
     with pytest.raises(ValueError, match="not a super-resolution GPT"):
-        SuperResolver.from_checkpoint(base)
+        SuperResPipeline.from_checkpoint(base)
 
     scored = _run(["eval.py", "task=superres", f"superres_ckpt={ckpt}", f"ckpt={base}", "data=shapes",
                    f"data.root={images}", "data.num_workers=0", "data.batch_size=5", "superres.num_images=7"],
@@ -224,7 +224,7 @@ def test_train_superres_then_score_and_generate_at_2x(sr_data, gpt_run, tmp_path
     vqgan_path.rename(moved)
     try:
         with pytest.raises(FileNotFoundError, match="superres_vqgan_ckpt=PATH"):
-            SuperResolver.from_checkpoint(ckpt)
+            SuperResPipeline.from_checkpoint(ckpt)
         generated = _run(["eval.py", "task=generate", f"ckpt={base}", f"superres_ckpt={ckpt}",
                           f"superres_vqgan_ckpt={moved}", "prompts=['红色的小圆形','蓝色']",
                           "sampling.samples_per_prompt=2"], tmp_path / "gen")

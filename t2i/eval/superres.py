@@ -24,18 +24,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from torchmetrics.image import StructuralSimilarityIndexMeasure
 from tqdm import tqdm
 
 from t2i.data.shapes import oracle_accuracy
 from t2i.eval.reconstruction import PSNR, image_psnr
-from t2i.sampling import Generator, SamplingConfig, SuperResolver, prompt_seeds, save_captioned_grid
+from t2i.grids import save_captioned_grid
+from t2i.sampling import SamplingConfig, Samples, SuperResPipeline, T2IPipeline, write_samples
 
 REFERENCES = ("superres", "bicubic", "bicubic_real", "vqgan_high")
 
 
-def low_codes_for(resolver: SuperResolver, generator: Generator, codes: torch.Tensor,
+def low_codes_for(resolver: SuperResPipeline, generator: T2IPipeline, codes: torch.Tensor,
                   images: torch.Tensor) -> tuple[torch.Tensor, str]:
     """The super-resolution model's low-resolution input for a text-to-image GPT's codes [N, h, w] and their
     decoded images [N, 3, S, S]: the codes themselves when both models read the same VQGAN on the same grid,
@@ -48,31 +48,27 @@ def low_codes_for(resolver: SuperResolver, generator: Generator, codes: torch.Te
                                          "model's VQGAN (the two models read different VQGANs or grids)")
 
 
-def upsample_generated(resolver: SuperResolver, generator: Generator, prompts: list[str], codes: torch.Tensor,
+def upsample_generated(resolver: SuperResPipeline, generator: T2IPipeline, prompts: list[str], codes: torch.Tensor,
                        images: torch.Tensor, sampling: SamplingConfig, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     """2x codes and images of a text-to-image GPT's samples (prompts[i] with codes[i]): (codes, uint8 images, how
     the low-resolution codes were obtained). One super-resolution sample per input (samples_per_prompt 1)."""
     low, how = low_codes_for(resolver, generator, codes, images)
     sampling = SamplingConfig(**{**asdict(sampling), "samples_per_prompt": 1})
-    seeds = None if sampling.seed is None else prompt_seeds(sampling.seed, prompts)
-    high = resolver.upsample_codes(prompts, low, sampling, batch_size=batch_size, seeds=seeds)
+    high = resolver.upsample_codes(prompts, low, sampling, batch_size=batch_size)  # seeded by prompt_seeds
     return high, resolver.decode(high, batch_size), how
 
 
-def write_generated_2x(resolver: SuperResolver, generator: Generator, prompts: list[str], codes: torch.Tensor,
-                       images: torch.Tensor, sampling: SamplingConfig, samples_per_prompt: int, batch_size: int,
-                       out: Path) -> dict:
-    """task=generate's super-resolution pass: NNNN_SS_2x.png, grid_2x.png (+ .md) and codes_2x.npy in `out`."""
-    per_sample = [p for p in prompts for _ in range(samples_per_prompt)]
-    high, high_images, how = upsample_generated(resolver, generator, per_sample, codes, images, sampling, batch_size)
-    np.save(out / "codes_2x.npy", high.cpu().numpy().astype(np.int64))
-    files = []
-    for index, image in enumerate(high_images):
-        prompt, sample = divmod(index, samples_per_prompt)
-        files.append(str(out / f"{prompt:04d}_{sample:02d}_2x.png"))
-        torchvision.utils.save_image(image.float() / 255, files[-1])
-    save_captioned_grid(high_images, prompts, out / "grid_2x.png", samples_per_prompt)
-    return {"files_2x": files, "grid_2x": str(out / "grid_2x.png"), "codes_2x": str(out / "codes_2x.npy"),
+def write_generated_2x(resolver: SuperResPipeline, generator: T2IPipeline, samples: Samples,
+                       sampling: SamplingConfig, batch_size: int, out: Path) -> dict:
+    """task=generate's super-resolution pass over its `samples`: NNNN_SS_2x.png, grid_2x.png (+ .md) and
+    codes_2x.npy in `out` (write_samples)."""
+    per_sample = [p for p in samples.prompts for _ in range(samples.samples_per_prompt)]
+    high, high_images, how = upsample_generated(resolver, generator, per_sample, samples.codes, samples.images,
+                                                sampling, batch_size)
+    # seeds None: each 2x sample had its own (prompt_seeds over per_sample), not one per prompt
+    written = write_samples(Samples(samples.prompts, None, high, high_images, samples.samples_per_prompt), out,
+                            suffix="_2x")
+    return {"files_2x": written["files"], "grid_2x": written["grid"], "codes_2x": written["codes"],
             "superres": {"low_codes": how, "grid": resolver.grid.to_dict(), "sampling": asdict(sampling),
                          "size": list(high_images.shape[-2:])}}
 
@@ -92,8 +88,8 @@ def _channels_last(images: torch.Tensor) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def evaluate_superres(resolver: SuperResolver, low_batches, high_batches, sampling: SamplingConfig, num_images: int,
-                      batch_size: int, out: Path, generator: Generator | None = None,
+def evaluate_superres(resolver: SuperResPipeline, low_batches, high_batches, sampling: SamplingConfig, num_images: int,
+                      batch_size: int, out: Path, generator: T2IPipeline | None = None,
                       generator_sampling: SamplingConfig | None = None, grid_images: int = 8) -> dict:
     """Scores on the first `num_images` images of two loaders over the same split (uint8 `image` at the model's
     low and high sizes, with `key`, `caption`, `meta`); see the module docstring. Writes grid.png: per image,
@@ -115,8 +111,7 @@ def evaluate_superres(resolver: SuperResolver, low_batches, high_batches, sampli
             prompts = list(low_batch["caption"][:take])
             real_low, real_high = low_batch["image"][:take], high_batch["image"][:take]
             low_codes = resolver.encode_low(real_low)
-            seeds = None if sampling.seed is None else prompt_seeds(sampling.seed, prompts)
-            sr_codes = resolver.upsample_codes(prompts, low_codes, sampling, batch_size=batch_size, seeds=seeds)
+            sr_codes = resolver.upsample_codes(prompts, low_codes, sampling, batch_size=batch_size)  # prompt_seeds
             sets = {"superres": resolver.decode(sr_codes, batch_size),
                     "bicubic": _bicubic(resolver.decode(low_codes, batch_size), high_size),
                     "bicubic_real": _bicubic(real_low, high_size),

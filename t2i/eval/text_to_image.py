@@ -2,8 +2,8 @@
 
 For every caption: `samples_per_prompt` images, each the best of `rerank` candidates by Caption
 Loss (CogView: the mean negative log-likelihood per text token of the caption given the image,
-under a captioning model; t2i.scorers scores and reranks). Reported with and without reranking (the first candidate is what
-plain sampling gives): FID and IS against the split's real images, mean Caption Loss, the
+under a captioning model; t2i.scorers scores and reranks). Reported with and without reranking
+(the first candidate is what plain sampling gives): FID and IS against the split's real images, mean Caption Loss, the
 Chinese-CLIP score and R-precision (t2i.eval.clip; also of the real images, the reference row; reranking
 may use the CLIP score instead), and on the shapes data the oracle's attribute accuracy.
 
@@ -34,7 +34,8 @@ from t2i.data.datamodule import ShardDataModule
 from t2i.data.shapes import oracle_accuracy
 from t2i.data.stream import complete_samples
 from t2i.eval.clip import ClipMetrics, ClipTally
-from t2i.sampling import Generator, SamplingConfig, SamplingStats, prompt_seeds, save_captioned_grid
+from t2i.grids import save_captioned_grid
+from t2i.sampling import SamplingConfig, SamplingStats, T2IPipeline, prompt_seeds
 from t2i.scorers import CaptionScorer, rerank, take
 
 
@@ -290,7 +291,7 @@ class _ImageSet:
 
 
 @torch.no_grad()
-def evaluate(generator: Generator, batches: Iterable[dict], sampling: SamplingConfig, cfg: EvalConfig,
+def evaluate(generator: T2IPipeline, batches: Iterable[dict], sampling: SamplingConfig, cfg: EvalConfig,
              out_dir: Path, scorer: CaptionScorer | None = None, fidelity_factory=None, logger=None,
              seeds: dict[str, int] | None = None, batch_size: int = 16, clip: ClipMetrics | None = None) -> dict | None:
     """Generate `sampling.samples_per_prompt` images for every caption of `batches` (see prompt_loader)

@@ -54,7 +54,7 @@ from t2i.data.tokenizer import load_tokenizer
 from t2i.models.gpt import GPT, GPTConfig
 from t2i.models.layout import SuperresGrid
 from t2i.models.vqgan import VQGANConfig, VQModel
-from t2i.sampling import SamplingConfig, decode_to_uint8, generate_codes, prompt_seeds, save_captioned_grid
+from t2i.sampling import SamplingConfig, T2IPipeline, write_samples
 from t2i.stages.scaling import apply_lr_scaling, grad_norm, run_steps, warmup_cosine, weight_decay_groups
 
 
@@ -118,7 +118,7 @@ class GPTStage(L.LightningModule):
         self.sample_prompts = list(sample_prompts or [])
         self.sample_every_n_steps = sample_every_n_steps
         self.sampling = sampling or SamplingConfig()
-        self._sample_text = None  # token ids of sample_prompts
+        self._sample_tokenizer = None  # the record's tokenizer, loaded at the first grid
         self._image_dir: Path | None = None  # <log dir>/images, set when fitting starts
         self.superres = superres
 
@@ -324,21 +324,18 @@ class GPTStage(L.LightningModule):
     @torch.no_grad()
     def log_samples(self) -> None:
         """Images for the fixed prompts: a PNG grid (a row per prompt) + captions, and the logger's image panel."""
-        if self._sample_text is None:  # the prompts are fixed: tokenize them once
-            self._sample_text = load_tokenizer(**self.record["tokenizer"])(self.sample_prompts)
-        text = self._sample_text.to(self.device)
+        if self._sample_tokenizer is None:
+            self._sample_tokenizer = load_tokenizer(**self.record["tokenizer"])
         was_training = self.gpt.training
-        self.gpt.eval()
-        # seeded as task=generate seeds the same prompts: the grid shows what generate would draw
-        seeds = None if self.sampling.seed is None else prompt_seeds(self.sampling.seed, self.sample_prompts)
-        codes = generate_codes(self.gpt, text, self.sampling, seeds=seeds)
-        self.gpt.train(was_training)
-        h, w = self.record["vqgan"]["grid"]
-        images = decode_to_uint8(self.vqgan, codes.view(-1, h, w)).cpu()
+        # task=generate's path (T2IPipeline.sample, seeded by prompt_seeds): the grid shows what generate would
+        # draw; one sampling batch of every prompt's samples
+        pipeline = T2IPipeline(self.gpt, self._sample_tokenizer, self.vqgan, self.checkpoint_record())
         per_prompt = self.sampling.samples_per_prompt
+        samples = pipeline.sample(self.sample_prompts, self.sampling, batch_size=len(self.sample_prompts) * per_prompt)
+        self.gpt.train(was_training)
+        images = samples.images
         if self._image_dir is not None:
-            save_captioned_grid(images, self.sample_prompts,
-                                self._image_dir / f"samples-step{self.global_step:07d}.png", per_prompt)
+            write_samples(samples, self._image_dir, grid_name=f"samples-step{self.global_step:07d}", each_sample=False)
         if hasattr(self.logger, "log_image"):  # W&B: one image per prompt, captioned
             rows = [torch.cat(list(images[i * per_prompt:(i + 1) * per_prompt]), dim=2)
                     for i in range(len(self.sample_prompts))]

@@ -1,0 +1,96 @@
+"""What sampling is asked to do: the option dataclasses, their checks and the names they accept."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STEP_MODES = ("eager", "static", "compiled", "frozen")  # how a step runs (sampling.step): t2i.sampling.steps
+METHODS = ("ar", "sjd")  # "ar": one position per model call; "sjd": speculative Jacobi decoding
+GUIDANCE_SCHEDULES = ("constant", "linear", "power_cosine")
+CAPTION_STRATEGIES = ("greedy", "sample", "beam")
+
+
+def check_filtering(group: str, temperature: float, top_k: int, top_p: float) -> None:
+    """The temperature and top-k/top-p of images (group "sampling") or captions ("caption"), or an error naming them."""
+    if temperature <= 0:
+        raise ValueError(f"{group}.temperature must be > 0, got {temperature}")
+    if top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"{group}.top_k must be >= 0 and {group}.top_p in (0, 1], got {top_k}, {top_p}")
+
+
+def check_step_mode(step: str) -> None:
+    if step not in STEP_MODES:
+        raise ValueError(f"sampling.step must be one of {STEP_MODES}, got {step!r}")
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0
+    top_k: int = 0  # keep the k most likely codes (0: all)
+    top_p: float = 1.0  # keep the smallest set of codes whose probability reaches p (1: all)
+    guidance_scale: float = 1.0  # classifier-free guidance; 1 = none (no null-text half is run)
+    greedy: bool = False  # argmax instead of sampling
+    samples_per_prompt: int = 1
+    seed: int | None = None
+    # how the guidance scale moves over the image positions: constant, linear (VAR), power_cosine (RAR)
+    guidance_schedule: str = "constant"
+    guidance_power: float = 2.75  # power_cosine's exponent p (RAR-B's released value)
+    # guidance only for image positions t with start <= t / image_len < end (scale 1 elsewhere)
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+    method: str = "ar"  # METHODS
+    sjd_window: int = 16  # draft codes verified per model call (method=sjd)
+
+    def __post_init__(self):
+        check_filtering("sampling", self.temperature, self.top_k, self.top_p)
+        if self.samples_per_prompt < 1:
+            raise ValueError(f"sampling.samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        if self.guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(f"sampling.guidance_schedule must be one of {', '.join(GUIDANCE_SCHEDULES)}, "
+                             f"got {self.guidance_schedule!r}")
+        if self.guidance_power <= 0:
+            raise ValueError(f"sampling.guidance_power must be > 0, got {self.guidance_power}")
+        interval = tuple(self.guidance_interval)  # a list from YAML
+        if len(interval) != 2 or not 0 <= interval[0] < interval[1] <= 1:
+            raise ValueError(f"sampling.guidance_interval must be [start, end] with 0 <= start < end <= 1 (fractions "
+                             f"of the image positions), got {self.guidance_interval}")
+        self.guidance_interval = (float(interval[0]), float(interval[1]))
+        if self.method not in METHODS:
+            raise ValueError(f"sampling.method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.sjd_window < 1:
+            raise ValueError(f"sampling.sjd_window must be >= 1, got {self.sjd_window}")
+
+
+@dataclass
+class CaptionConfig:
+    """How captions are decoded (eval.py task=caption: the `caption.*` options)."""
+    strategy: str = "greedy"  # greedy (argmax), sample (temperature, top-k, top-p) or beam (beam search)
+    temperature: float = 1.0
+    top_k: int = 0  # keep the k most likely text ids (0: all)
+    top_p: float = 1.0  # keep the smallest set of text ids whose probability reaches p (1: all)
+    num_beams: int = 4  # strategy=beam
+    length_penalty: float = 1.0  # strategy=beam: a finished beam is ranked by log p / length ** length_penalty
+    seed: int | None = 0  # strategy=sample: with the image's key, each image's seed (null: unseeded)
+
+    def __post_init__(self):
+        if self.strategy not in CAPTION_STRATEGIES:
+            raise ValueError(f"caption.strategy must be one of {', '.join(CAPTION_STRATEGIES)}, got {self.strategy!r}")
+        check_filtering("caption", self.temperature, self.top_k, self.top_p)
+        if self.num_beams < 1:
+            raise ValueError(f"caption.num_beams must be >= 1, got {self.num_beams}")
+
+
+@dataclass
+class SamplingStats:
+    """Model calls made, and how many token-by-token sampling (method=ar) would have made for the same codes."""
+    model_calls: int = 0
+    token_by_token_calls: int = 0
+
+    @property
+    def speedup(self) -> float:
+        return self.token_by_token_calls / max(self.model_calls, 1)
+
+
+def resolve_sampling(options: dict, checkpoint_defaults: dict | None = None) -> SamplingConfig:
+    """Sampling options: those given (not None) win over the checkpoint's (what its training grids used)."""
+    merged = {**(checkpoint_defaults or {}), **{k: v for k, v in options.items() if v is not None}}
+    return SamplingConfig(**merged)

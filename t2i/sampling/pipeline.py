@@ -1,0 +1,211 @@
+"""A loaded model with its tokenizer and VQGAN: prompts -> codes -> uint8 images (`T2IPipeline`, and
+`SuperResPipeline` for CogView's 2x stage), and the one path from prompts to files: `T2IPipeline.sample` gives
+`Samples` (tokenized, seeded with prompt_seeds, sampled in sampling batches, decoded) and `write_samples` writes
+them (a PNG per sample, codes.npy, the captioned grid). eval.py's task=generate and the training grids use it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from t2i.checkpoints import GPTRecord, load_gpt, load_record_vqgan
+from t2i.data.tokenizer import FixedLengthTokenizer
+from t2i.grids import save_captioned_grid
+from t2i.models.gpt import GPT
+from t2i.models.int8 import quantize_weights
+from t2i.models.vqgan import VQModel
+from t2i.sampling.ar import generate_codes
+from t2i.sampling.options import SamplingConfig, SamplingStats, check_step_mode
+from t2i.sampling.progress import Progress, progress_part
+from t2i.sampling.seeds import prompt_seeds
+from t2i.sampling.superres import superres_codes
+
+
+def decode_to_uint8(vqgan: VQModel, codes: torch.Tensor) -> torch.Tensor:
+    """Codes [B, h, w] -> uint8 images [B, 3, H, W]."""
+    pixels = vqgan.decode(codes).float()
+    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def sampling_batches(n_prompts: int, samples_per_prompt: int, batch_size: int) -> list[tuple[range, range]]:
+    """How `T2IPipeline.sample_codes` splits its sequences: (prompts, samples of each) per sampling batch, in
+    order, at most `batch_size` sequences each. Whole prompts while their samples fit in a batch, else each
+    prompt's samples in runs of `batch_size` (a sample's codes do not depend on the split: generate_codes)."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"sampling.batch_size must be an integer >= 1, got {batch_size!r}")
+    if samples_per_prompt <= batch_size:
+        per_batch = batch_size // samples_per_prompt
+        return [(range(start, min(start + per_batch, n_prompts)), range(samples_per_prompt))
+                for start in range(0, n_prompts, per_batch)]
+    return [(range(prompt, prompt + 1), range(start, min(start + batch_size, samples_per_prompt)))
+            for prompt in range(n_prompts) for start in range(0, samples_per_prompt, batch_size)]
+
+
+@dataclass
+class Samples:
+    """What `T2IPipeline.sample` made: codes [P * S, h, w] and uint8 images [P * S, 3, H, W] on the CPU, the
+    S = samples_per_prompt samples of a prompt adjacent; seeds: each prompt's (None: unseeded)."""
+    prompts: list[str]
+    seeds: list[int] | None
+    codes: torch.Tensor
+    images: torch.Tensor
+    samples_per_prompt: int
+
+
+def write_samples(samples: Samples, folder: str | Path, grid_name: str = "grid", suffix: str = "",
+                  each_sample: bool = True) -> dict:
+    """Write `samples` into `folder`: the captioned grid `<grid_name><suffix>.png` (a row per prompt, with its
+    `.md`), and with `each_sample` also `NNNN_SS<suffix>.png` per sample (prompt NNNN, sample SS) and the codes
+    `codes<suffix>.npy` (int64 [P * S, h, w]). Returns the written paths: grid, and files and codes."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    if each_sample:
+        written["codes"] = str(folder / f"codes{suffix}.npy")
+        np.save(written["codes"], samples.codes.cpu().numpy().astype(np.int64))
+        written["files"] = []
+        for index, image in enumerate(samples.images):
+            prompt, sample = divmod(index, samples.samples_per_prompt)
+            written["files"].append(str(folder / f"{prompt:04d}_{sample:02d}{suffix}.png"))
+            torchvision.utils.save_image(image.float() / 255, written["files"][-1])
+    grid = folder / f"{grid_name}{suffix}.png"
+    save_captioned_grid(samples.images, samples.prompts, grid, samples.samples_per_prompt)
+    written["grid"] = str(grid)
+    return written
+
+
+class T2IPipeline:
+    """A trained GPT with its tokenizer and VQGAN: prompts in, codes and images out.
+
+    `record` is the checkpoint's (t2i.checkpoints.GPTRecord): GPT config, tokenizer, VQGAN identity,
+    training options, sampling defaults. `step_mode` is how sampling steps run (STEP_MODES) and `weights`
+    what the sampler's weights are (t2i.models.int8.WEIGHTS): `sampler` is the GPT that samples,
+    `gpt` the one loaded (which scores, e.g. Caption Loss).
+    """
+
+    def __init__(self, gpt: GPT, tokenizer: FixedLengthTokenizer, vqgan: VQModel, record: GPTRecord,
+                 step: str = "eager", weights: str = "unchanged"):
+        check_step_mode(step)
+        if weights != "unchanged" and step != "frozen":
+            warnings.warn(f"sampling.weights={weights} is fast only with sampling.step=frozen (torch's int8 kernels "
+                          f"come with compilation); step={step} turns the weights back into bf16 at every step")
+        self.gpt, self.tokenizer, self.vqgan = gpt.eval(), tokenizer, vqgan.eval()
+        self.sampler = quantize_weights(self.gpt, weights)
+        self.record, self.step_mode = record, step
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, vqgan_ckpt: str | Path | None = None, device: str = "cpu",
+                        step: str = "eager", weights: str = "unchanged"):
+        """Everything from a GPT checkpoint; the VQGAN it names (or `vqgan_ckpt`) must match its hash."""
+        gpt, record = load_gpt(path)
+        vqgan = load_record_vqgan(record, str(path), vqgan_ckpt)
+        return cls(gpt.to(device), record.tokenizer_model(), vqgan.to(device), record, step, weights)
+
+    @property
+    def device(self) -> torch.device:
+        return self.gpt.tok_emb.weight.device
+
+    def _seeds(self, prompts: list[str], cfg: SamplingConfig, seeds: Sequence[int] | None) -> list[int] | None:
+        """The prompts' seeds: those given, else prompt_seeds(cfg.seed, prompts) (None: unseeded)."""
+        if seeds is None and cfg.seed is not None:
+            seeds = prompt_seeds(cfg.seed, prompts)
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        return None if seeds is None else list(seeds)
+
+    @torch.no_grad()
+    def sample_codes(self, prompts: list[str], cfg: SamplingConfig, batch_size: int = 16,
+                     seeds: Sequence[int] | None = None, stats: SamplingStats | None = None,
+                     progress: Progress | None = None) -> torch.Tensor:
+        """Codes [len(prompts) * samples_per_prompt, h, w], the samples of a prompt adjacent.
+
+        At most `batch_size` sequences sample at once (`sampling_batches`; twice as many KV-cache rows with
+        guidance). Prompt i is sampled with seeds[i], by default prompt_seeds(cfg.seed, prompts): the codes do
+        not depend on batch_size. `stats`, when given, counts the model calls; `progress(done, total)` is called
+        after each model call with the image positions fixed so far over all sampling batches.
+        """
+        if any(not p.strip() for p in prompts):
+            warnings.warn("an empty prompt generates unconditionally (the null text)")
+        seeds = self._seeds(prompts, cfg, seeds)
+        h, w = self.record.grid
+        batches = sampling_batches(len(prompts), cfg.samples_per_prompt, batch_size)
+        image_len = self.gpt.cfg.image_len
+        codes = []
+        for index, (rows, samples) in enumerate(batches):
+            text = self.tokenizer(prompts[rows.start:rows.stop]).to(self.device)
+            batch_seeds = None if seeds is None else seeds[rows.start:rows.stop]
+            batch_progress = progress_part(progress, index * image_len, len(batches) * image_len)
+            codes.append(generate_codes(self.sampler, text, cfg, seeds=batch_seeds, stats=stats, step=self.step_mode,
+                                        samples=samples, progress=batch_progress).view(-1, h, w))
+        return torch.cat(codes)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        """Codes [N, h, w] -> uint8 images [N, 3, H, W] on the CPU."""
+        return torch.cat([decode_to_uint8(self.vqgan, chunk).cpu() for chunk in codes.split(batch_size)])
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], cfg: SamplingConfig, batch_size: int = 16,
+               seeds: Sequence[int] | None = None, stats: SamplingStats | None = None,
+               progress: Progress | None = None) -> Samples:
+        """Prompts -> Samples: their codes (sample_codes) and images (decode), `batch_size` sequences at a time."""
+        seeds = self._seeds(prompts, cfg, seeds)
+        codes = self.sample_codes(prompts, cfg, batch_size, seeds, stats, progress)
+        return Samples(list(prompts), seeds, codes, self.decode(codes, batch_size), cfg.samples_per_prompt)
+
+
+class SuperResPipeline(T2IPipeline):
+    """A super-resolution GPT (layout "superres") with its tokenizer and VQGAN: prompts and low-resolution
+    codes in, codes and images at twice the resolution out (CogView's super-resolution stage)."""
+
+    def __init__(self, gpt: GPT, tokenizer: FixedLengthTokenizer, vqgan: VQModel, record: GPTRecord,
+                 step: str = "eager", weights: str = "unchanged"):
+        if record.superres_grid is None:
+            raise ValueError("not a super-resolution GPT (its checkpoint record has no superres entry): train one "
+                             "with python train.py experiment=superres_shapes (stage.superres)")
+        super().__init__(gpt, tokenizer, vqgan, record, step, weights)
+        self.grid = record.superres_grid
+
+    @property
+    def low_size(self) -> int:
+        """The side of the low-resolution images its low codes were encoded from."""
+        return self.record.superres["low_size"]
+
+    @torch.no_grad()
+    def encode_low(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images [N, 3, S, S] -> their low-resolution codes [N, h, w] under this model's VQGAN, resized
+        to low_size first (antialiased bicubic) when S differs."""
+        x = images.to(self.device).float() / 127.5 - 1
+        if x.shape[-1] != self.low_size or x.shape[-2] != self.low_size:
+            x = F.interpolate(x, size=(self.low_size, self.low_size), mode="bicubic", antialias=True).clamp(-1, 1)
+        return self.vqgan.encode(x)
+
+    @torch.no_grad()
+    def upsample_codes(self, prompts: list[str], low: torch.Tensor, cfg: SamplingConfig, batch_size: int = 16,
+                       seeds: Sequence[int] | None = None, stats: SamplingStats | None = None,
+                       progress: Progress | None = None) -> torch.Tensor:
+        """Prompts and their low-resolution codes [len(prompts), h, w] -> 2x codes [len(prompts) * samples, H, W].
+        Prompt i samples with seeds[i], by default prompt_seeds(cfg.seed, prompts): independent of batch_size.
+        `progress(done, total)`: positions fixed over all batches and windows."""
+        if len(low) != len(prompts):
+            raise ValueError(f"{len(low)} low-resolution grids for {len(prompts)} prompts")
+        seeds = self._seeds(prompts, cfg, seeds)
+        per_batch = max(1, batch_size // cfg.samples_per_prompt)
+        starts = range(0, len(prompts), per_batch)
+        positions = self.grid.windows * self.grid.window_len  # per batch
+        out = []
+        for index, start in enumerate(starts):
+            text = self.tokenizer(prompts[start:start + per_batch]).to(self.device)
+            out.append(superres_codes(self.sampler, self.grid, text, low[start:start + per_batch].to(self.device), cfg,
+                                      seeds=None if seeds is None else seeds[start:start + per_batch], stats=stats,
+                                      step=self.step_mode,
+                                      progress=progress_part(progress, index * positions, len(starts) * positions)))
+        return torch.cat(out)

@@ -1,0 +1,116 @@
+"""Speculative Jacobi decoding (method=sjd; Teng et al. 2024, arXiv 2410.01699): each model call verifies a
+window of draft codes at once and keeps the sampling distribution exactly (`sjd_codes`)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from t2i.models.gpt import GPT
+from t2i.sampling.draws import draw, filter_logits
+from t2i.sampling.guidance import guided_logits
+from t2i.sampling.options import SamplingConfig, SamplingStats
+from t2i.sampling.progress import Progress
+
+
+def sjd_codes(model: GPT, prefix: torch.Tensor, n: int, cfg: SamplingConfig, scales: torch.Tensor,
+              guided_until: int, generators: list[torch.Generator], stats: SamplingStats,
+              progress: Progress | None = None) -> torch.Tensor:
+    """Speculative Jacobi decoding (Teng et al. 2024): prefix [n (+ n null-text rows), L] -> codes [n, image_len].
+
+    Each model call feeds the last committed code and every sequence's window of draft codes (the KV
+    cache is first rolled back to the committed codes: later writes overwrite the rest), then verifies
+    each sequence's drafts left to right as speculative sampling does: a draft x drawn from q is
+    accepted with probability min(1, p(x) / q(x)), p the model's distribution given the codes before it
+    (guided, tempered and filtered as token-by-token sampling does); at the first rejection the code is
+    drawn from the residual max(0, p - q) normalised, and when the whole window is accepted the call's
+    last output gives one more code. So every code is distributed as token-by-token sampling draws it,
+    and every call gives at least one. The unverified rest of the window becomes the next drafts, drawn
+    from this call's p at those positions (the Jacobi iteration; q = that p), and the positions new to
+    the window start as uniformly random codes with q a point mass on the drawn code (the paper's
+    random initialisation; accepted with probability p(x)). Greedy: a draft is accepted when it is the
+    argmax, which gives exactly the greedy codes.
+
+    Batches: sequences accept different numbers of codes. Each keeps its own count (`done`) and random
+    stream; the cache keeps the codes all sequences have accepted (the minimum) and the sequences ahead
+    re-feed theirs. A sequence more than a window ahead waits (draws nothing) until the others catch
+    up, so each sequence's codes are those it gets alone.
+    """
+    gpt = model.cfg
+    T, V, W = gpt.image_len, gpt.n_image_codes, cfg.sjd_window
+    device = prefix.device
+    start = prefix.shape[1] - 1  # the position of the token before the first code
+    cache = model.new_cache(len(prefix))
+    if start:  # the prompt but its last token, which the first window feeds
+        model(prefix[:, :-1], cache, last=1, head_rows=1)
+        stats.model_calls += 1
+        if progress is not None:
+            progress(0, T)
+    before = prefix[:, -1]  # each row's token before code 0 (the null text's own in the unconditional half)
+    scales = torch.cat([scales, scales.new_ones(1)])[:, None]  # position T: the output past the last code (unused)
+    tokens = torch.zeros(n, T + W, dtype=torch.long, device=device)  # codes before done[i], then the drafts
+    done = torch.zeros(n, dtype=torch.long, device=device)
+    steps = torch.arange(W, device=device)
+    # random numbers in float32 whatever the default dtype (prompt_uniforms)
+    init = torch.stack([torch.rand(W, generator=g, dtype=torch.float32) for g in generators]).to(device)
+    drafts = (init * V).long().clamp(max=V - 1)
+    q = F.one_hot(drafts, V).float()  # each draft's distribution
+    while True:
+        c = int(done.min())  # codes every sequence has accepted
+        if c == T:
+            return tokens[:, :T]
+        active = (done < T) & (done - c <= W)
+        ends = (done + W).clamp(max=T)  # each verifies its drafts at done .. ends - 1
+        count = torch.where(active, ends - done, 0)
+        end = int(ends[active].max())  # the window: codes c .. end - 1 (a waiting sequence's own beyond it wait too)
+        tokens.scatter_(1, done[:, None] + steps, drafts)
+        halves = 2 if c < guided_until else 1
+        first = before[:halves * n] if c == 0 else tokens[:, c - 1].repeat(halves)
+        window = torch.cat([first[:, None], tokens[:, c:end].repeat(halves, 1)], 1)
+        cache.length = start + c
+        logits = guided_logits(model(window, cache, head_rows=V).float(), n, scales[c:end + 1])  # output j: code c + j
+        stats.model_calls += 1
+        # the window's outputs at each sequence's positions done .. done + W
+        at = ((done - c)[:, None] + torch.arange(W + 1, device=device)).clamp(max=end - c)
+        draws = torch.zeros(n, 3 * W + 1, dtype=torch.float32)
+        for row in active.nonzero().squeeze(1).tolist():
+            draws[row] = torch.rand(3 * W + 1, generator=generators[row], dtype=torch.float32)
+        draws = draws.to(device)
+        u_accept, u_code, u_draft, u_init = draws[:, :W], draws[:, W], draws[:, W + 1:2 * W + 1], draws[:, 2 * W + 1:]
+        if cfg.greedy:
+            best = logits.argmax(-1).gather(1, at)  # [n, W + 1]
+            accepted = (drafts == best[:, :W]) & (steps < count[:, None])
+            m = accepted.long().cumprod(1).sum(1)  # drafts accepted, in order
+            code = best.gather(1, m[:, None]).squeeze(1)
+        else:
+            probs = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
+            p = probs.gather(1, at[..., None].expand(-1, -1, V))  # [n, W + 1, V]
+            px = p[:, :W].gather(-1, drafts[..., None]).squeeze(-1)
+            qx = q.gather(-1, drafts[..., None]).squeeze(-1)  # > 0: each draft was drawn from its q
+            accepted = (u_accept < px / qx) & (steps < count[:, None])
+            m = accepted.long().cumprod(1).sum(1)
+            p_m = p.gather(1, m[:, None, None].expand(-1, 1, V)).squeeze(1)
+            q_m = q.gather(1, m.clamp(max=W - 1)[:, None, None].expand(-1, 1, V)).squeeze(1)
+            residual = (p_m - q_m).clamp_min(0)
+            # rejected: the residual; the window all accepted: the next position's p (p == q up to rounding: p)
+            rejected = (m < count) & (residual.sum(-1) > 0)
+            code = draw(torch.where(rejected[:, None], residual, p_m), u_code)
+        new = active & (done + m < T)  # the window all accepted up to the last code gives none more
+        rows = new.nonzero().squeeze(1)
+        tokens[rows, done[rows] + m[rows]] = code[rows]
+        # the next window: positions new_done + k, which this call's outputs cover up to ends
+        source = m[:, None] + 1 + steps  # their index in `at`
+        refined = source <= count[:, None]
+        random = (u_init * V).long().clamp(max=V - 1)
+        if cfg.greedy:
+            drafted = best.gather(1, source.clamp(max=W))
+            q_next = q
+        else:
+            p_source = p.gather(1, source.clamp(max=W)[..., None].expand(-1, -1, V))
+            drafted = draw(p_source.flatten(0, 1), u_draft.flatten()).view(n, W)
+            q_next = torch.where(refined[..., None], p_source, F.one_hot(random, V).float())
+        drafts = torch.where(active[:, None], torch.where(refined, drafted, random), drafts)
+        q = torch.where(active[:, None, None], q_next, q)
+        done = torch.where(active, (done + m + 1).clamp(max=T), done)
+        if progress is not None:  # the positions every sequence has committed
+            progress(int(done.min()), T)
