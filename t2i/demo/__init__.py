@@ -2,12 +2,12 @@
 
 Type a prompt, set the sampling options, press Generate: the images appear in a gallery with the
 prompt and the settings under each, beside a captioned grid and a zip of the PNGs to download.
-Built with Gradio; `t2i.sampling.Generator` does the work. One job a module:
+Built with Gradio; `t2i.sampling.T2IPipeline` does the work. One job a module:
 
 - `settings`: what a request asks for (`Settings`), and reading what the page or an API client sent
   (`Controls`, `clean_prompt`, `read_number`, `prompt_notes`): bad input is refused naming the control.
 - `engine`: the model's thread (`Engine`): the queue, batching requests of equal settings, sampling,
-  reranking by Caption Loss (t2i.scorers), the progress of each request (`Job`).
+  reranking by Caption Loss (t2i.scorers), the progress of each request (`Job`) as the sampler reports it.
 - `files`: a request's files (`Results`): PNGs, the captioned grid, settings.json and a zip, in a
   folder of its own with a random token in its name; the oldest pruned.
 - `card`: the model panel (`model_card`, `file_sha256`) and the example prompts.

@@ -20,7 +20,7 @@ from t2i.demo.page import PAGE_CSS, build_page
 from t2i.demo.settings import Controls, Limits, Settings, positive_integers
 from t2i.extras import require
 from t2i.grids import FONT_HINT, find_cjk_font
-from t2i.sampling import Generator, resolve_sampling
+from t2i.sampling import T2IPipeline, resolve_sampling
 from t2i.scorers import CaptionScorer
 
 log = logging.getLogger("demo")
@@ -44,8 +44,8 @@ def setup(cfg: DictConfig, out_dir: Path):
     limits = Limits.from_config(OmegaConf.to_container(cfg.limits, resolve=True))
     queue = positive_integers("queue", OmegaConf.to_container(cfg.queue, resolve=True))
     options = OmegaConf.to_container(cfg.sampling, resolve=True)
-    generator = Generator.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=resolve_device(cfg.device),
-                                          decode=options.pop("decode"), weights=options.pop("weights"))
+    generator = T2IPipeline.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=resolve_device(cfg.device),
+                                            step=options.pop("step"), weights=options.pop("weights"))
     scorer, caption_source = CaptionScorer.for_generator(generator, cfg.caption_ckpt)
     if cfg.caption_ckpt:  # the page names the file, not where it lies
         caption_source = caption_source.replace(str(cfg.caption_ckpt), Path(cfg.caption_ckpt).name)

@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from t2i.grids import FONT_HINT
-from t2i.sampling import Generator
+from t2i.sampling import T2IPipeline
 
 log = logging.getLogger("demo")
 
@@ -29,7 +29,7 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def model_card(generator: Generator, ckpt: str, ckpt_sha256: str, caption_source: str, can_rerank: bool,
+def model_card(generator: T2IPipeline, ckpt: str, ckpt_sha256: str, caption_source: str, can_rerank: bool,
                font: str | None) -> tuple[str, dict]:
     """The model panel (markdown) and its facts (written into each result's settings.json): files by name and
     sha256, never by absolute path (both reach every visitor)."""

@@ -3,8 +3,10 @@
 The `Engine` takes the oldest waiting request together with the others that ask for the same
 settings (up to max_batch) and samples them as one run, each prompt from its own seed (the seed
 `eval.py task=generate` gives it), so batching never changes a request's images. A request's
-`Job` carries its progress (steps done of total while it samples, the requests ahead while it
-waits) and, once done, its images or the error.
+`Job` carries its progress and, once done, its images or the error. While it waits the progress is
+the requests ahead; while it samples, the sampler's own count (`progress=` of
+T2IPipeline.sample_codes, after each model call): image positions fixed so far over all the
+sampling batches of its batch, whatever the step mode.
 """
 
 from __future__ import annotations
@@ -13,53 +15,15 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from t2i.demo.settings import Settings
-from t2i.models.gpt import GPT
-from t2i.sampling import Generator, prompt_seeds, sampling_batches
+from t2i.sampling import T2IPipeline, prompt_seeds
 from t2i.scorers import CaptionScorer, rerank, take
 
 log = logging.getLogger("demo")
-
-
-class StepCounter:
-    """Counts the sampling steps of a GPT from outside the sampler: each forward call of the model
-    computes the logits of one step (the prompt's call those of the first). A forward hook sees the
-    eager steps and the prompt's call; decode="static" steps go through `forward_at`, wrapped on the
-    instance while counting; decode="compiled" and "frozen" steps are compiled code, so there only the prompt's
-    call is seen and the count moves a whole sampling batch at a time."""
-
-    def __init__(self, gpt: GPT, decode: str, on_step: Callable[[int], None]):
-        self.gpt, self.decode, self.on_step = gpt, decode, on_step
-        self.calls = 0
-        self._handle = None
-
-    def _tick(self, *_):
-        self.calls += 1
-        if self.decode in ("compiled", "frozen"):  # a prompt's call starts a batch: the batches before it are done
-            self.on_step((self.calls - 1) * self.gpt.cfg.image_len)
-        else:
-            self.on_step(self.calls)
-
-    def __enter__(self) -> StepCounter:
-        self._handle = self.gpt.register_forward_hook(self._tick)
-        if self.decode == "static":
-            step = self.gpt.forward_at
-
-            def counted(*args, **kwargs):
-                self._tick()
-                return step(*args, **kwargs)
-
-            self.gpt.forward_at = counted  # an instance attribute: the class's method is untouched
-        return self
-
-    def __exit__(self, *_):
-        self._handle.remove()
-        self.gpt.__dict__.pop("forward_at", None)
 
 
 @dataclass
@@ -69,8 +33,8 @@ class Job:
     prompt: str
     seed: int
     settings: Settings
-    steps: int = 0  # sampling steps done (over all the sampling batches of its batch)
-    total: int = 0  # 0 until it samples
+    steps: int = 0  # image positions fixed so far (over all the sampling batches of its batch)
+    total: int = 0  # positions to fix in all; 0 until the sampler first reports
     ahead: int = 0  # requests the model takes before this one (while waiting)
     images: torch.Tensor | None = None  # uint8 [samples, 3, H, W]
     losses: torch.Tensor | None = None  # Caption Loss of each image, when there is a captioning model
@@ -83,7 +47,7 @@ class Job:
 class Engine:
     """The model's thread: takes waiting jobs in order, batching those with equal settings."""
 
-    def __init__(self, generator: Generator, scorer: CaptionScorer | None, batch_size: int = 16, max_batch: int = 4,
+    def __init__(self, generator: T2IPipeline, scorer: CaptionScorer | None, batch_size: int = 16, max_batch: int = 4,
                  start: bool = True):
         self.generator, self.scorer = generator, scorer
         self.batch_size, self.max_batch = batch_size, max_batch
@@ -112,6 +76,8 @@ class Engine:
             batch = [first] + [job for job in self._waiting if job.settings == first.settings][: self.max_batch - 1]
             for job in batch[1:]:
                 self._waiting.remove(job)
+            for job in batch:  # none ahead now: the page says so until the sampler's first report
+                job.ahead = 0
             for ahead, job in enumerate(self._waiting):
                 job.ahead = ahead
         return batch
@@ -137,20 +103,15 @@ class Engine:
         sampling = settings.sampling()
         prompts = [job.prompt for job in jobs]
         seeds = [prompt_seeds(job.seed, [job.prompt])[0] for job in jobs]  # as task=generate seeds each prompt
-        generator = self.generator
-        # as Generator.sample_codes splits them: at most batch_size sequences (samples x candidates) at once
-        total = len(sampling_batches(len(jobs), sampling.samples_per_prompt, self.batch_size)) * generator.gpt.cfg.image_len
         for job in jobs:
-            job.total, job.steps, job.batched_with = total, 0, len(jobs)
+            job.steps, job.total, job.batched_with = 0, 0, len(jobs)
 
-        def on_step(steps: int):
+        def report(done: int, total: int):  # the sampler's own count, after each model call
             for job in jobs:
-                job.steps = min(steps, total)
+                job.steps, job.total = done, total
 
         started = time.perf_counter()
-        with StepCounter(generator.sampler, generator.decode_mode, on_step):
-            codes = generator.sample_codes(prompts, sampling, self.batch_size, seeds)
-        on_step(total)
+        codes = self.generator.sample_codes(prompts, sampling, self.batch_size, seeds, progress=report)
         for job in jobs:
             job.seconds = time.perf_counter() - started
         n, k, s = len(jobs), settings.rerank, settings.samples
@@ -164,7 +125,7 @@ class Engine:
             losses = take(losses, best)
         else:
             codes, losses = codes[:, 0], None if losses is None else losses[:, 0]
-        images = generator.decode(codes.flatten(0, 1), self.batch_size)
+        images = self.generator.decode(codes.flatten(0, 1), self.batch_size)
         images = images.view(n, s, *images.shape[1:])
         for i, job in enumerate(jobs):
             job.images = images[i]

@@ -1,4 +1,4 @@
-"""A request's files on disk: its PNGs, the captioned grid, settings.json and a zip of them all.
+"""A request's files on disk: its PNGs, the captioned grid (and its grid.md), settings.json and a zip of them all.
 
 Each request writes a folder of its own under the run folder's results/, named by time, a count and a
 random token (so a name seen, or a time and count guessed, never leads to another request's files);
@@ -20,7 +20,7 @@ from pathlib import Path
 import torchvision
 
 from t2i.demo.engine import Job
-from t2i.grids import captioned_grid
+from t2i.grids import save_captioned_grid
 from t2i.sampling import prompt_seeds
 
 
@@ -51,17 +51,17 @@ class Results:
             loss = "" if job.losses is None else f" · Caption Loss {job.losses[i].item():.3f}"
             gallery.append((str(path), f"{shown}\n#{i + 1} of {len(job.images)} · {header}{loss}"))
             pngs.append(path)
-        grid, drawn = captioned_grid(job.images, [f"{shown}\n{header}"], settings.samples, self.font)
-        grid_path = folder / "grid.png"
-        grid.save(grid_path)
+        # the one grid writer: the caption drawn (in a CJK font when the machine has one) and in grid.md beside it
+        grid_path = save_captioned_grid(job.images, [f"{shown}\n{header}"], folder / "grid.png", settings.samples,
+                                        self.font)
         record = {"prompt": prompt, "seed": job.seed, "random_seed": random_seed,
                   "prompt_seed": prompt_seeds(job.seed, [prompt])[0], "settings": asdict(settings),
                   "caption_loss": None if job.losses is None else [round(x, 4) for x in job.losses.tolist()],
-                  "notes": notes, "caption_drawn_on_grid": drawn, "model": self.model}
+                  "notes": notes, "model": self.model}
         (folder / "settings.json").write_text(json.dumps(record, ensure_ascii=False, indent=1), encoding="utf-8")
         archive = folder / "images.zip"
         with zipfile.ZipFile(archive, "w") as zf:
-            for path in [*pngs, grid_path, folder / "settings.json"]:
+            for path in [*pngs, grid_path, grid_path.with_suffix(".md"), folder / "settings.json"]:
                 zf.write(path, path.name)
         return gallery, [str(grid_path), str(archive)], folder.name
 
