@@ -36,7 +36,6 @@ from t2i.eval.clip import ChineseClip, ClipMetrics, draw_distractors
 from t2i.eval.reconstruction import LPIPS_INPUT, reconstruction_metrics
 from t2i.eval.reconstruction import markdown_table as reconstruction_table
 from t2i.eval.text_to_image import (
-    CaptionScorer,
     EvalConfig,
     PromptSet,
     evaluate,
@@ -52,6 +51,7 @@ from t2i.models.vqgan import VQGANConfig
 from t2i.eval.superres import evaluate_superres, write_generated_2x
 from t2i.eval.superres import markdown_table as superres_table
 from t2i.sampling import CaptionConfig, SamplingConfig, SuperResPipeline, T2IPipeline, resolve_sampling, write_samples
+from t2i.scorers import CaptionScorer
 
 log = logging.getLogger("eval")
 

@@ -199,12 +199,13 @@ def memory_probe(ckpt: str, batch_size: str) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from t2i.demo import Engine, Job, Settings
-    from t2i.eval.text_to_image import CaptionScorer
-    from t2i.sampling import Generator
+    from t2i.demo.engine import Engine, Job
+    from t2i.demo.settings import Settings
+    from t2i.scorers import CaptionScorer
+    from t2i.sampling import T2IPipeline
 
     limits = OmegaConf.load(REPO / "conf" / "demo.yaml").limits
-    generator = Generator.from_checkpoint(ckpt)
+    generator = T2IPipeline.from_checkpoint(ckpt)
     scorer, _ = CaptionScorer.for_generator(generator, None)
     rerank = limits.max_rerank if scorer is not None else 1
     sequences = limits.max_samples * rerank

@@ -18,7 +18,8 @@ from transformers import BertConfig
 
 from t2i.data.datamodule import ShardDataModule
 from t2i.eval.clip import ChineseClip, ClipMetrics, ClipTally, TensorFeatures, draw_distractors, load_chinese_clip
-from t2i.eval.text_to_image import select_prompts, take
+from t2i.eval.text_to_image import select_prompts
+from t2i.scorers import take
 
 REPO = Path(__file__).parents[1]
 CAPTIONS = ["画面左上角有一个红色的小圆形", "蓝色的大方块在右下方", "背景是白色的，中间有绿色三角形"]

@@ -1,4 +1,4 @@
-"""The web demo (t2i/demo.py): its parts in process, then the real command on a free local port,
+"""The web demo (t2i/demo/): its parts in process, then the real command on a free local port,
 used as a person does through headless Chromium (Debian's `chromium`, driven by Playwright) and as
 a program does through gradio_client.
 
@@ -33,10 +33,15 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from t2i.checkpoints import save_vqgan
-from t2i.demo import EMPTY_NOTE, Engine, Job, Settings, StepCounter, clean_prompt, file_sha256, prompt_notes, setup
+from t2i.demo.app import setup
+from t2i.demo.card import example_prompts, file_sha256
+from t2i.demo.engine import Engine, Job
+from t2i.demo.page import progress_text
+from t2i.demo.settings import EMPTY_NOTE, Settings, clean_prompt, prompt_notes
 from t2i.grids import captioned_grid, find_cjk_font
 from t2i.models.vqgan import VQGANConfig, VQModel
-from t2i.sampling import Generator, prompt_seeds
+from t2i.sampling import T2IPipeline, prompt_seeds
+from t2i.scorers import CaptionScorer
 
 REPO = Path(__file__).parents[1]
 PROMPT = "画面左上角有一个红色的小圆形"
@@ -51,7 +56,7 @@ def ckpt(request):
 
 @pytest.fixture(scope="module")
 def generator(ckpt):
-    return Generator.from_checkpoint(ckpt)
+    return T2IPipeline.from_checkpoint(ckpt)
 
 
 def test_prompts_any_unicode_empty_and_too_long(generator):
@@ -84,8 +89,6 @@ def test_settings_refused_with_the_setting_named():
 
 
 def test_progress_text():
-    from t2i.demo import progress_text
-
     assert progress_text(13, 256, 256) == "sampling: step 13 of 256"
     assert progress_text(256, 256, 256) == "sampling: step 256 of 256"
     assert progress_text(70, 128, 64) == "sampling: step 6 of 64, batch 2 of 2"
@@ -103,25 +106,26 @@ def test_engine_batches_equal_settings_in_order():
     assert engine._take() == [jobs[4]]
 
 
-@pytest.mark.parametrize("decode", ["eager", "static"])
-def test_step_counter_counts_every_step(generator, decode):
-    seen = []
-    text = generator.tokenizer([PROMPT])
-    from t2i.sampling import SamplingConfig, generate_codes
-
-    with StepCounter(generator.gpt, decode, seen.append):
-        generate_codes(generator.gpt, text, SamplingConfig(seed=0), decode=decode)
-    assert seen == list(range(1, generator.gpt.cfg.image_len + 1))
-    assert "forward_at" not in generator.gpt.__dict__ and not generator.gpt._forward_hooks  # left as found
-
-
-def test_a_batch_gives_each_request_its_own_images(generator):
-    """Batched requests get the images each would get alone, which are task=generate's for the prompt and seed."""
+def test_a_batch_gives_each_request_its_own_images(generator, monkeypatch):
+    """Batched requests get the images each would get alone, which are task=generate's for the prompt and seed;
+    while they sample, every request shows the sampler's progress: one more position after each model call."""
     settings = Settings(samples=2, guidance_scale=3.0, top_k=10)
     engine = Engine(generator, scorer=None, batch_size=4, start=False)  # 2 prompts per sampling batch: 2 batches
     jobs = [Job(PROMPT, 5, settings), Job("", 5, settings), Job("蓝色的大方块", 9, settings)]
+    shown, sample_codes = [], generator.sample_codes  # what each job shows after each of the sampler's reports
+
+    def watched(*args, progress, **kwargs):
+        def report(done, total):
+            progress(done, total)
+            shown.append({(job.steps, job.total) for job in jobs})
+
+        return sample_codes(*args, progress=report, **kwargs)
+
+    monkeypatch.setattr(generator, "sample_codes", watched)
     engine.sample(jobs)
     image_len = generator.gpt.cfg.image_len
+    assert shown == [{(done, 2 * image_len)} for done in range(1, 2 * image_len + 1)]
+    monkeypatch.undo()
     for job in jobs:
         assert job.total == 2 * image_len and job.steps == job.total and job.batched_with == 3
         # alone, as task=generate samples the prompt: the same images
@@ -132,8 +136,6 @@ def test_a_batch_gives_each_request_its_own_images(generator):
 
 
 def test_reranking_keeps_the_lowest_caption_loss(generator):
-    from t2i.eval.text_to_image import CaptionScorer
-
     scorer, source = CaptionScorer.for_generator(generator, None)
     if scorer is None:
         pytest.skip(f"the checkpoint cannot rerank: {source}")
@@ -162,8 +164,6 @@ def test_grid_draws_chinese_captions_with_a_font_and_falls_back_without(tmp_path
 
 
 def test_examples_from_the_file_and_the_checkpoints_run(ckpt):
-    from t2i.demo import example_prompts
-
     lines = (REPO / "experiments" / "prompts" / "shapes.txt").read_text(encoding="utf-8").split()
     examples = example_prompts(str(REPO / "experiments" / "prompts" / "shapes.txt"), ckpt, 5)
     assert examples[: len(lines)] == lines
@@ -182,7 +182,7 @@ def test_missing_or_mismatched_checkpoint_stops_with_a_clear_error(ckpt, tmp_pat
         setup(_demo_cfg([]), tmp_path)
     with pytest.raises(FileNotFoundError, match="checkpoint .*missing.ckpt not found"):
         setup(_demo_cfg([f"ckpt={tmp_path / 'missing.ckpt'}"]), tmp_path)
-    config = VQGANConfig(**Generator.from_checkpoint(ckpt).record.vqgan["config"])
+    config = VQGANConfig(**T2IPipeline.from_checkpoint(ckpt).record.vqgan["config"])
     torch.manual_seed(1)
     other = tmp_path / "other_vqgan.ckpt"
     save_vqgan(other, VQModel(config))
@@ -417,8 +417,6 @@ def test_a_prompts_samples_split_over_sampling_batches_keep_their_codes(generato
 def test_a_request_at_the_page_limits_stays_within_the_sampling_batch(generator, monkeypatch):
     """The most a page request may ask for (conf/demo.yaml's limits, guidance on, reranking): no KV cache and no
     forward pass (sampling, Caption Loss) holds more than sampling.batch_size x 2 sequences."""
-    from t2i.eval.text_to_image import CaptionScorer
-
     cfg = _demo_cfg([])
     batch_size, limits = cfg.sampling.batch_size, cfg.limits
     scorer, source = CaptionScorer.for_generator(generator, None)

@@ -26,13 +26,12 @@ from t2i.eval.text_to_image import (
     Pick,
     PromptSet,
     _ImageSet,
-    caption_loss,
-    pick_best,
     prompt_loader,
     select_prompts,
 )
 from t2i.models.gpt import GPT, GPTConfig
 from t2i.sampling import SamplingConfig, generate_codes, prompt_seeds
+from t2i.scorers import caption_loss, rerank, take
 
 REPO = Path(__file__).parents[1]
 
@@ -61,14 +60,18 @@ def test_caption_loss_equals_a_hand_computation():
     assert math.isnan(caption_loss(model, codes[:1], torch.zeros(1, 4, dtype=torch.long)).item())  # empty caption
 
 
-def test_pick_best_keeps_the_lowest_caption_loss():
+def test_rerank_keeps_the_lowest_caption_loss_or_the_highest_score():
     codes = torch.arange(2 * 3 * 2 * 2 * 2).view(2, 3, 2, 2, 2)  # 2 prompts, 3 candidates, 2 samples, 2x2 grid
     losses = torch.tensor([[[3.0, 0.5], [1.0, 0.7], [2.0, 0.6]], [[float("nan"), 9.0], [5.0, 8.0], [4.0, 7.0]]])
-    chosen, chosen_losses = pick_best(codes, losses)
+    chosen, best = rerank(codes, losses)
     assert chosen.shape == (2, 2, 2, 2)
     for prompt, sample, candidate in [(0, 0, 1), (0, 1, 0), (1, 0, 2), (1, 1, 2)]:
         assert torch.equal(chosen[prompt, sample], codes[prompt, candidate, sample])
-    assert chosen_losses.tolist() == [[1.0, 0.5], [4.0, 7.0]]
+    assert take(losses, best).tolist() == [[1.0, 0.5], [4.0, 7.0]]
+    # by a score where higher is better (CLIP): the highest, and a NaN never wins either way
+    chosen, best = rerank(codes, losses, highest=True)
+    assert best.tolist() == [[0, 1], [1, 0]]
+    assert torch.equal(chosen, take(codes, best)) and torch.equal(take(losses, best), torch.tensor([[3.0, 0.7], [5.0, 9.0]]))
 
 
 def test_a_prompts_samples_depend_on_its_seed_not_on_its_batch():

@@ -2,8 +2,8 @@
 
 For every caption: `samples_per_prompt` images, each the best of `rerank` candidates by Caption
 Loss (CogView: the mean negative log-likelihood per text token of the caption given the image,
-under a captioning model). Reported with and without reranking (the first candidate is what
-plain sampling gives): FID and IS against the split's real images, mean Caption Loss, the
+under a captioning model; t2i.scorers scores and reranks). Reported with and without reranking
+(the first candidate is what plain sampling gives): FID and IS against the split's real images, mean Caption Loss, the
 Chinese-CLIP score and R-precision (t2i.eval.clip; also of the real images, the reference row; reranking
 may use the CLIP score instead), and on the shapes data the oracle's attribute accuracy.
 
@@ -26,69 +26,17 @@ from pathlib import Path
 
 import torch
 import torch.distributed
-import torch.nn.functional as F
 import torchvision
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from t2i.data.datamodule import ShardDataModule
 from t2i.data.shapes import oracle_accuracy
-from t2i.checkpoints import load_gpt
 from t2i.data.stream import complete_samples
-from t2i.data.tokenizer import FixedLengthTokenizer
 from t2i.eval.clip import ClipMetrics, ClipTally
-from t2i.models.gpt import GPT
 from t2i.grids import save_captioned_grid
 from t2i.sampling import SamplingConfig, SamplingStats, T2IPipeline, prompt_seeds
-
-
-@torch.no_grad()
-def caption_loss(model: GPT, codes: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """Per sample: mean NLL of the text tokens (padding excluded) in the image-to-text sequence.
-
-    codes [N, image_len] (or [N, h, w]), text ids [N, text_len] -> [N] (NaN for an empty text).
-    As in training, a text position competes only among text ids: only the text positions are
-    projected, and only onto the text rows of the head.
-    """
-    layout = model.layout
-    sequence = layout.image_to_text(codes, text)  # a clear error for a layout without captioning
-    text_rows = slice(layout.text_offset, layout.text_offset + layout.n_text_tokens)
-    logits = model(sequence[:, :-1], last=layout.text_len, head_rows=text_rows)
-    nll = F.cross_entropy(logits.float().transpose(1, 2), text, reduction="none")
-    real = text > 0
-    return (nll * real).sum(1) / real.sum(1)  # 0/0 = NaN: an empty caption has no loss
-
-
-class CaptionScorer:
-    """Caption Loss under a captioning GPT (one trained with stage.caption_prob > 0)."""
-
-    def __init__(self, gpt: GPT, tokenizer: FixedLengthTokenizer, source: str):
-        self.gpt, self.tokenizer, self.source = gpt.eval(), tokenizer, source
-
-    @classmethod
-    def for_generator(cls, generator: T2IPipeline, caption_ckpt: str | None) -> tuple[CaptionScorer | None, str]:
-        """The evaluated model itself when it learned captioning, else `caption_ckpt`; (None, reason) when neither."""
-        if caption_ckpt:
-            gpt, record = load_gpt(caption_ckpt)
-            if not record.caption_prob:
-                return None, f"caption_ckpt={caption_ckpt} was trained without the caption direction"
-            ours, theirs = generator.record.vqgan.get("sha256"), record.vqgan.get("sha256")
-            if ours != theirs:
-                raise ValueError(f"caption_ckpt={caption_ckpt} reads codes of another VQGAN "
-                                 f"({str(theirs)[:12]}..., the evaluated model's is {str(ours)[:12]}...)")
-            return cls(gpt.to(generator.device), record.tokenizer_model(), str(caption_ckpt)), str(caption_ckpt)
-        if generator.record.caption_prob:
-            return cls(generator.gpt, generator.tokenizer, "self"), "self"
-        if not generator.gpt.layout.captions:
-            return None, (f"a {generator.gpt.layout.kind}-layout model has no image-to-text direction to score captions with "
-                          "(pass caption_ckpt=a t2i captioning model over the same VQGAN)")
-        return None, ("the checkpoint was trained without the caption direction (stage.caption_prob=0) and no "
-                      "caption_ckpt was given")
-
-    def __call__(self, prompts: list[str], codes: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        """Caption Loss [N] of prompts[i] for codes[i]."""
-        text = self.tokenizer(prompts).to(codes.device)
-        return torch.cat([caption_loss(self.gpt, c, t) for c, t in zip(codes.split(batch_size), text.split(batch_size))])
+from t2i.scorers import CaptionScorer, rerank, take
 
 
 @dataclass
@@ -400,14 +348,14 @@ def evaluate(generator: T2IPipeline, batches: Iterable[dict], sampling: Sampling
             other_scores = clip(others.flatten(0, 2), keys, (k - 1) * per_prompt)  # a prompt's candidates together
             every_scores = {name: torch.cat([scores[name].view(n, 1, per_prompt), value.view(n, k - 1, per_prompt)], 1)
                             for name, value in other_scores.items()}
-            best = every_scores["clip_score"].argmax(1)  # [n, S]
-            sets[f"rerank_{k}"].add(take(every, best).flatten(0, 1), keys, per_prompt,
+            chosen_images, best = rerank(every, every_scores["clip_score"], highest=True)
+            sets[f"rerank_{k}"].add(chosen_images.flatten(0, 1), keys, per_prompt,
                                     None if losses is None else take(losses, best).flatten(), attributes,
                                     {name: take(value, best).flatten() for name, value in every_scores.items()})
         elif k > 1:
-            chosen, chosen_losses = pick_best(codes, losses)
+            chosen, best = rerank(codes, losses)
             chosen_images = generator.decode(chosen.flatten(0, 1), batch_size)
-            sets[f"rerank_{k}"].add(chosen_images, keys, per_prompt, chosen_losses.flatten(), attributes,
+            sets[f"rerank_{k}"].add(chosen_images, keys, per_prompt, take(losses, best).flatten(), attributes,
                                     None if clip is None else clip(chosen_images, keys, per_prompt))
         if cfg.save_images:  # each process writes its own prompts' images
             _save_images(images, out_dir / "samples", keys, per_prompt)
@@ -452,19 +400,6 @@ def evaluate(generator: T2IPipeline, batches: Iterable[dict], sampling: Sampling
 
 def _grid_file(set_name: str) -> str:
     return "grid.png" if set_name == "plain" else f"grid_{set_name}.png"
-
-
-def take(values: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
-    """values [n, K, S, ...] (K candidates of S samples) and the chosen candidates [n, S] -> [n, S, ...]."""
-    index = best.view(*best.shape[:1], 1, best.shape[1], *[1] * (values.dim() - 3))
-    return values.gather(1, index.expand(-1, 1, -1, *values.shape[3:]))[:, 0]
-
-
-def pick_best(codes: torch.Tensor, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Self-reranking: codes [n, K, S, h, w] and Caption Losses [n, K, S] (K candidates of S samples)
-    -> the lowest-loss candidate of each sample: codes [n, S, h, w], losses [n, S]."""
-    best = losses.nan_to_num(float("inf")).argmin(1)  # [n, S]
-    return take(codes, best), take(losses, best)
 
 
 def _save_images(images: torch.Tensor, folder: Path, keys: list[str], per_prompt: int) -> None:

@@ -1,0 +1,132 @@
+"""The model's thread: a queue of requests, batching those of equal settings, sampling and reranking.
+
+The `Engine` takes the oldest waiting request together with the others that ask for the same
+settings (up to max_batch) and samples them as one run, each prompt from its own seed (the seed
+`eval.py task=generate` gives it), so batching never changes a request's images. A request's
+`Job` carries its progress and, once done, its images or the error. While it waits the progress is
+the requests ahead; while it samples, the sampler's own count (`progress=` of
+T2IPipeline.sample_codes, after each model call): image positions fixed so far over all the
+sampling batches of its batch, whatever the step mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from t2i.demo.settings import Settings
+from t2i.sampling import T2IPipeline, prompt_seeds
+from t2i.scorers import CaptionScorer, rerank, take
+
+log = logging.getLogger("demo")
+
+
+@dataclass
+class Job:
+    """One request: waiting, sampling (steps of total), then done with images or an error."""
+
+    prompt: str
+    seed: int
+    settings: Settings
+    steps: int = 0  # image positions fixed so far (over all the sampling batches of its batch)
+    total: int = 0  # positions to fix in all; 0 until the sampler first reports
+    ahead: int = 0  # requests the model takes before this one (while waiting)
+    images: torch.Tensor | None = None  # uint8 [samples, 3, H, W]
+    losses: torch.Tensor | None = None  # Caption Loss of each image, when there is a captioning model
+    error: BaseException | None = None
+    batched_with: int = 1  # requests in the batch it was sampled in
+    seconds: float = 0.0  # how long its codes took to sample
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class Engine:
+    """The model's thread: takes waiting jobs in order, batching those with equal settings."""
+
+    def __init__(self, generator: T2IPipeline, scorer: CaptionScorer | None, batch_size: int = 16, max_batch: int = 4,
+                 start: bool = True):
+        self.generator, self.scorer = generator, scorer
+        self.batch_size, self.max_batch = batch_size, max_batch
+        self._waiting: deque[Job] = deque()
+        self._lock = threading.Condition()
+        self.batches = 0  # batches sampled so far
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        threading.Thread(target=self._serve, name="t2i-demo-model", daemon=True).start()
+
+    def submit(self, prompt: str, seed: int, settings: Settings) -> Job:
+        job = Job(prompt, seed, settings)
+        with self._lock:
+            job.ahead = len(self._waiting)
+            self._waiting.append(job)
+            self._lock.notify()
+        return job
+
+    def _take(self) -> list[Job]:
+        with self._lock:
+            while not self._waiting:
+                self._lock.wait()
+            first = self._waiting.popleft()
+            batch = [first] + [job for job in self._waiting if job.settings == first.settings][: self.max_batch - 1]
+            for job in batch[1:]:
+                self._waiting.remove(job)
+            for job in batch:  # none ahead now: the page says so until the sampler's first report
+                job.ahead = 0
+            for ahead, job in enumerate(self._waiting):
+                job.ahead = ahead
+        return batch
+
+    def _serve(self):
+        while True:
+            batch = self._take()
+            try:
+                self.sample(batch)
+            except Exception as error:  # the page shows it; the model thread goes on
+                log.exception("sampling failed")
+                for job in batch:
+                    job.error = error
+            finally:
+                self.batches += 1
+                for job in batch:
+                    job.done.set()
+
+    @torch.no_grad()
+    def sample(self, jobs: list[Job]) -> None:
+        """Images (and Caption Losses) for jobs of equal settings, as one sampling run."""
+        settings = jobs[0].settings
+        sampling = settings.sampling()
+        prompts = [job.prompt for job in jobs]
+        seeds = [prompt_seeds(job.seed, [job.prompt])[0] for job in jobs]  # as task=generate seeds each prompt
+        for job in jobs:
+            job.steps, job.total, job.batched_with = 0, 0, len(jobs)
+
+        def report(done: int, total: int):  # the sampler's own count, after each model call
+            for job in jobs:
+                job.steps, job.total = done, total
+
+        started = time.perf_counter()
+        codes = self.generator.sample_codes(prompts, sampling, self.batch_size, seeds, progress=report)
+        for job in jobs:
+            job.seconds = time.perf_counter() - started
+        n, k, s = len(jobs), settings.rerank, settings.samples
+        losses = None
+        if self.scorer is not None:
+            captions = [p for p in prompts for _ in range(k * s)]
+            losses = self.scorer(captions, codes, self.batch_size).cpu().view(n, k, s)
+        codes = codes.view(n, k, s, *codes.shape[1:])  # candidate c of image i: row c * S + i
+        if k > 1:  # Settings.check allows it only with a scorer
+            codes, best = rerank(codes, losses)
+            losses = take(losses, best)
+        else:
+            codes, losses = codes[:, 0], None if losses is None else losses[:, 0]
+        images = self.generator.decode(codes.flatten(0, 1), self.batch_size)
+        images = images.view(n, s, *images.shape[1:])
+        for i, job in enumerate(jobs):
+            job.images = images[i]
+            job.losses = None if losses is None else losses[i]

@@ -1,0 +1,109 @@
+"""The Gradio page: the prompt box and examples, the sampling controls, the gallery with its notes, the
+downloads and the model panel. Its Generate button is the API endpoint /generate.
+
+The event reads the controls' values itself (settings.Controls; Gradio's preprocessing off), hands the
+request to the engine, shows its progress while it waits and samples, and returns only this request's
+files, copied into Gradio's cache: the run folder itself is never served.
+"""
+
+from __future__ import annotations
+
+import os
+
+from t2i.demo.engine import Engine
+from t2i.demo.files import Results
+from t2i.demo.settings import Controls, prompt_notes
+
+# small images enlarged in the gallery keep their pixels sharp
+PAGE_CSS = "#gallery img { image-rendering: pixelated; }"
+
+
+def progress_text(steps: int, total: int, image_len: int) -> str:
+    """'step i of image_len' (and which sampling batch, when a request takes several)."""
+    batches = total // image_len
+    batch = min(steps // image_len, batches - 1)  # the batch sampling now
+    text = f"sampling: step {steps - batch * image_len} of {image_len}"
+    return text + (f", batch {batch + 1} of {batches}" if batches > 1 else "")
+
+
+def build_page(engine: Engine, results: Results, controls: Controls, seed: int | None, examples: list[str],
+               card: str, rerank_reason: str, concurrency: int):
+    """The Gradio page over the engine; `seed` the starting seed (None: random seed ticked)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+
+    tokenizer = engine.generator.tokenizer
+    image_len = engine.generator.gpt.cfg.image_len
+    defaults, ends, can_rerank = controls.defaults, controls.ends, controls.can_rerank
+
+    def generate(prompt, samples, guidance_scale, temperature, top_k, top_p, seed, random_seed, rerank,
+                 progress=gr.Progress()):
+        try:
+            prompt, settings, seed = controls.read(prompt, samples, guidance_scale, temperature, top_k, top_p, seed,
+                                                   random_seed, rerank)
+        except ValueError as error:
+            raise gr.Error(str(error)) from None
+        notes = prompt_notes(tokenizer, prompt)
+        job = engine.submit(prompt, seed, settings)
+        while not job.done.wait(0.1):
+            if job.total:
+                progress((job.steps, job.total), desc=progress_text(job.steps, job.total, image_len), unit="steps")
+            else:
+                progress(None, desc=f"waiting for the model: {job.ahead} request(s) ahead")
+        if job.error is not None:
+            raise gr.Error(f"sampling failed: {job.error}")
+        entries, downloads, name = results.save(job, notes, bool(random_seed))
+        # this request's files, copied into Gradio's cache and served from there under a path only this answer
+        # carries (a hash of the content and a secret); the run folder itself is never served (no allowed_paths)
+        entries = [(gallery.move_resource_to_block_cache(path), caption) for path, caption in entries]
+        downloads = [files.move_resource_to_block_cache(path) for path in downloads]
+        summary = [f"{settings.samples} image(s), seed {seed}{' (random)' if random_seed else ''}, {settings.describe()}"
+                   + f"; sampled in {job.seconds:.2f} s"
+                   + (f", in a batch of {job.batched_with} requests" if job.batched_with > 1 else "")
+                   + f". Result `{name}`."]
+        return entries, "\n\n".join(notes + summary), downloads
+
+    with gr.Blocks(title="t2i demo", analytics_enabled=False, delete_cache=(3600, 3600)) as page:
+        gr.Markdown("# t2i: text to image\nType a prompt (Chinese), choose the sampling options, press **Generate**.")
+        with gr.Row():
+            with gr.Column(scale=2):
+                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
+                                    placeholder="画面左上角有一个红色的小圆形，背景是白色的 (empty: unconditional)")
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+                if examples:
+                    gr.Examples([[p] for p in examples], inputs=[prompt], label="Examples")
+                with gr.Accordion("Sampling", open=True):
+                    samples = gr.Slider(*ends["samples"], value=defaults.samples, step=1,
+                                        label="Samples per prompt", elem_id="samples")
+                    guidance = gr.Slider(*ends["guidance_scale"], value=defaults.guidance_scale, step=0.5,
+                                         label="Guidance scale (1: none)", elem_id="guidance")
+                    temperature = gr.Slider(*ends["temperature"], value=defaults.temperature, step=0.05,
+                                            label="Temperature", elem_id="temperature")
+                    with gr.Row():
+                        top_k = gr.Number(value=defaults.top_k, precision=0, minimum=ends["top_k"][0],
+                                          maximum=ends["top_k"][1], label="Top-k (0: all codes)",
+                                          elem_id="top-k")
+                        top_p = gr.Slider(*ends["top_p"], value=defaults.top_p, step=0.01, label="Top-p (1: all)",
+                                          elem_id="top-p")
+                    with gr.Row():
+                        seed_box = gr.Number(value=0 if seed is None else seed, precision=0, minimum=ends["seed"][0],
+                                             maximum=ends["seed"][1],
+                                             label="Seed", elem_id="seed")
+                        random_seed = gr.Checkbox(value=seed is None, label="Random seed", elem_id="random-seed")
+                    rerank = gr.Slider(*ends["rerank"], value=defaults.rerank if can_rerank else 1, step=1,
+                                       label="Rerank: best of N by Caption Loss", interactive=can_rerank,
+                                       info=None if can_rerank else f"unavailable: {rerank_reason}", elem_id="rerank")
+            with gr.Column(scale=3):
+                note = gr.Markdown(label="Notes", elem_id="note")
+                gallery = gr.Gallery(label="Images", columns=4, object_fit="contain", height="auto", elem_id="gallery")
+                files = gr.File(label="Download: the captioned grid and a zip of the PNGs (with settings.json)",
+                                file_count="multiple", elem_id="downloads")
+        with gr.Accordion("Model", open=False):
+            gr.Markdown(card, elem_id="model-card")
+        inputs = [prompt, samples, guidance, temperature, top_k, top_p, seed_box, random_seed, rerank]
+        button.click(generate, inputs, [gallery, note, files], api_name="generate", concurrency_limit=concurrency,
+                     concurrency_id="generate", preprocess=False)
+        prompt.submit(generate, inputs, [gallery, note, files], api_name=False, concurrency_limit=concurrency,
+                      concurrency_id="generate", preprocess=False)
+    return page
+
