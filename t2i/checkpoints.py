@@ -113,7 +113,8 @@ def _fits(value, hint) -> bool:
 
 
 def _type_name(hint) -> str:
-    return str(hint).replace("typing.", "").replace("NoneType", "None")
+    name = hint.__name__ if isinstance(hint, type) else str(hint)  # int, not <class 'int'>; list[int] as written
+    return name.replace("typing.", "").replace("NoneType", "None")
 
 
 def _short(value) -> str:
