@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
 from t2i.models.losses import VQGANLossConfig
 from t2i.sampling import SamplingConfig
@@ -120,6 +121,19 @@ class VQGANStageConfig:
     def __post_init__(self):
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"stage.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+
+
+def typed_stage_config(node: DictConfig) -> GPTStageConfig | VQGANStageConfig:
+    """The composed `stage` node as its dataclass (interpolations resolved, __post_init__ checks run).
+
+    Hydra lets `+stage.KEY=VALUE` add a key past the schema, and OmegaConf would drop it silently when
+    building the dataclass: refused here, naming it."""
+    config = OmegaConf.to_object(node)
+    unknown = sorted(set(node) - {f.name for f in fields(config)})
+    if unknown:
+        raise ValueError(f"stage={config.name} has no setting {', '.join(f'stage.{key}' for key in unknown)}: its "
+                         f"settings are {', '.join(f.name for f in fields(config))} (conf/stage/{config.name}.yaml)")
+    return config
 
 
 ConfigStore.instance().store(group="stage", name="gpt_schema", node=GPTStageConfig)

@@ -65,7 +65,7 @@ from t2i.models.gpt import GPT, GPTConfig
 from t2i.models.layout import SuperresGrid
 from t2i.models.vqgan import VQGANConfig, VQModel
 from t2i.sampling import decode_to_uint8, generate_codes, prompt_seeds, save_captioned_grid
-from t2i.stages.configs import GPTStageConfig, SuperresOptions
+from t2i.stages.configs import GPTStageConfig, SuperresOptions, typed_stage_config
 from t2i.stages.scaling import apply_lr_scaling, grad_norm, run_steps, warmup_cosine, weight_decay_groups
 
 
@@ -110,7 +110,7 @@ class GPTStage(L.LightningModule):
     @classmethod
     def from_config(cls, cfg: DictConfig, datamodule) -> "GPTStage":
         """Architecture from `model` and sizes from the data it will read, or everything from `init_ckpt`."""
-        stage: GPTStageConfig = OmegaConf.to_object(cfg.stage)
+        stage: GPTStageConfig = typed_stage_config(cfg.stage)
         init_ckpt = cfg.init_ckpt
         init_gpt, init_record = load_gpt(init_ckpt) if init_ckpt else (None, None)
         if init_record is not None:  # fine-tune: the checkpoint's model, layout and tokenizer

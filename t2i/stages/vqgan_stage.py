@@ -33,7 +33,7 @@ from t2i.models.losses import VQGANLoss
 from t2i.checkpoints import load_weights, read_checkpoint, vqgan_state_dict
 from t2i.eval.reconstruction import image_psnr
 from t2i.models.vqgan import VQGANConfig, VQModel, codebook_usage
-from t2i.stages.configs import VQGANStageConfig
+from t2i.stages.configs import VQGANStageConfig, typed_stage_config
 from t2i.stages.scaling import apply_lr_scaling, run_steps, warmup_cosine
 
 
@@ -96,7 +96,7 @@ class VQGANStage(L.LightningModule):
             raise ValueError("the VQGAN stage steps its two optimizers itself: leave trainer.accumulate_grad_batches=1 "
                              "and trainer.gradient_clip_val=null (clip with stage.grad_clip; for a larger batch raise "
                              "data.batch_size or trainer.devices)")
-        return cls(VQGANConfig(**OmegaConf.to_container(cfg.vqgan, resolve=True)), OmegaConf.to_object(cfg.stage),
+        return cls(VQGANConfig(**OmegaConf.to_container(cfg.vqgan, resolve=True)), typed_stage_config(cfg.stage),
                    instantiate(cfg.optim), init_ckpt=cfg.init_ckpt)
 
     # -- optimisation ------------------------------------------------------------------------
@@ -193,7 +193,8 @@ class VQGANStage(L.LightningModule):
         counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
         cfg = self.stage_config.codebook
         self.code_usage.mul_(cfg.usage_decay).add_(counts, alpha=1 - cfg.usage_decay)
-        if cfg.restart_every and (step + 1) % cfg.restart_every == 0 and (not cfg.restart_until or step < cfg.restart_until):
+        if cfg.restart_every and (step + 1) % cfg.restart_every == 0 \
+                and (not cfg.restart_until or step < cfg.restart_until):
             self._restart_dead_codes(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float())
 
     @torch.no_grad()
