@@ -128,42 +128,24 @@ class GPTStage(L.LightningModule):
             vqgan = _vqgan_for_samples(vqgan_record) if stage.sample_every_n_steps else None
         else:
             vqgan, vqgan_record = _vqgan_for_images(cfg, datamodule, init_record)
-        h, w = vqgan_record.grid
-        sizes = {"image_len": h * w}
-        if superres is not None:  # the model writes the 2x grid's windows after the whole low-resolution grid
+        if superres is not None:  # the model writes the 2x grid's windows
             vqgan_record = replace(vqgan_record, grid=list(superres.high))
-            sizes = {"image_len": superres.window_len, "layout": "superres", "low_len": superres.low_len,
-                     "windows": superres.windows}
-        tokenizer = datamodule.tokenizer
         if init_record is None:
-            model = GPTConfig(**{**OmegaConf.to_container(cfg.model, resolve=True), **sizes},
-                              n_image_codes=vqgan_record.config.n_embed, n_text_tokens=tokenizer.vocab_size,
-                              text_len=tokenizer.text_len)
+            model = _model_config(cfg.model, datamodule.tokenizer, vqgan_record, superres)
             origin = "trained from scratch"
         else:
+            _check_fine_tuning(init_ckpt, init_record, vqgan_record, superres)
             model = init_record.gpt
-            if init_record.superres_grid != superres:
-                theirs = None if init_record.superres_grid is None else init_record.superres_grid.to_dict()
-                raise ValueError(f"init_ckpt={init_ckpt} has super-resolution windows {theirs}, this run "
-                                 f"{None if superres is None else superres.to_dict()}: fine-tune with the same "
-                                 "stage.superres")
-            _check_same_vqgan(init_ckpt, init_record, vqgan_record)
             origin = f"fine-tuned from {init_ckpt} ({init_record.training.origin or 'a t2i run'})"
         record = GPTRecord(
-            gpt=model, tokenizer=TokenizerRecord.of(tokenizer), vqgan=vqgan_record,
+            gpt=model, tokenizer=TokenizerRecord.of(datamodule.tokenizer), vqgan=vqgan_record,
             training=TrainingRecord(caption_prob=stage.caption_prob, caption_end=stage.caption_end,
                                     txt_loss_scale=stage.txt_loss_scale, cond_drop=stage.cond_drop, origin=origin),
             sampling=asdict(stage.sampling),
             superres=None if superres is None else SuperresRecord.of(superres, manifest["image_size"],
                                                                      manifest["hr_image_size"]))
-        prompts = stage.sample_prompts
-        if stage.sample_every_n_steps and not prompts:
-            if datamodule.cfg.splits.get("val") not in datamodule.cfg.manifest()["splits"]:
-                raise ValueError("sample grids need prompts: set stage.sample_prompts=[...] (this data has no val "
-                                 "split to take them from) or stage.sample_every_n_steps=0")
-            prompts = list(itertools.islice(datamodule.cfg.captions("val"), stage.num_sample_prompts))
-        module = cls(model, stage, instantiate(cfg.optim), record=record, vqgan=vqgan, sample_prompts=prompts,
-                     superres=superres)
+        module = cls(model, stage, instantiate(cfg.optim), record=record, vqgan=vqgan,
+                     sample_prompts=_sample_prompts(stage, datamodule), superres=superres)
         if init_gpt is not None:
             module.gpt.load_state_dict(init_gpt.state_dict())
         return module
@@ -387,8 +369,34 @@ def _superres_grid(options: SuperresOptions | None, manifest: dict, root) -> Sup
                         stride=options.stride or options.window or high, context=options.context or "whole")
 
 
-def _check_same_vqgan(init_ckpt: str, record: GPTRecord, data_vqgan: VQGANRecord) -> None:
-    """Fine-tuning reads codes of the VQGAN the model was trained with, on the same grid."""
+def _model_config(model: DictConfig, tokenizer, vqgan: VQGANRecord, superres: SuperresGrid | None) -> GPTConfig:
+    """The `model` architecture with the sizes of the data it reads: its tokenizer, its VQGAN's codes and grid."""
+    h, w = vqgan.grid
+    sizes = {"image_len": h * w}
+    if superres is not None:  # the window's codes after the whole low-resolution grid
+        sizes = {"image_len": superres.window_len, "layout": "superres", "low_len": superres.low_len,
+                 "windows": superres.windows}
+    return GPTConfig(**{**OmegaConf.to_container(model, resolve=True), **sizes}, n_image_codes=vqgan.config.n_embed,
+                     n_text_tokens=tokenizer.vocab_size, text_len=tokenizer.text_len)
+
+
+def _sample_prompts(stage: GPTStageConfig, datamodule) -> list[str]:
+    """stage.sample_prompts, or the first num_sample_prompts validation captions when grids are drawn."""
+    if not stage.sample_every_n_steps or stage.sample_prompts:
+        return stage.sample_prompts
+    if datamodule.cfg.splits.get("val") not in datamodule.cfg.manifest()["splits"]:
+        raise ValueError("sample grids need prompts: set stage.sample_prompts=[...] (this data has no val "
+                         "split to take them from) or stage.sample_every_n_steps=0")
+    return list(itertools.islice(datamodule.cfg.captions("val"), stage.num_sample_prompts))
+
+
+def _check_fine_tuning(init_ckpt: str, record: GPTRecord, data_vqgan: VQGANRecord,
+                       superres: SuperresGrid | None) -> None:
+    """Fine-tuning reads codes of the VQGAN the model was trained with, on the same grid and windows."""
+    if record.superres_grid != superres:
+        theirs = None if record.superres_grid is None else record.superres_grid.to_dict()
+        raise ValueError(f"init_ckpt={init_ckpt} has super-resolution windows {theirs}, this run "
+                         f"{None if superres is None else superres.to_dict()}: fine-tune with the same stage.superres")
     ours, theirs = record.vqgan.sha256, data_vqgan.sha256
     if ours and theirs and ours != theirs:
         raise ValueError(f"the data's codes come from another VQGAN ({theirs[:12]}...) than init_ckpt="
