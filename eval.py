@@ -201,7 +201,7 @@ def superres(cfg: DictConfig, fabric: Fabric) -> dict:
     resolver = SuperResPipeline.from_checkpoint(cfg.superres_ckpt, cfg.superres_vqgan_ckpt, device=fabric.device,
                                                 step=cfg.sampling.step, weights=cfg.sampling.weights)
     sizes = resolver.record.superres
-    loaders = [eval_data(cfg, image_size=sizes[key]) for key in ("low_size", "high_size")]
+    loaders = [eval_data(cfg, image_size=size) for size in (sizes.low_size, sizes.high_size)]
     if loaders[0].cfg.kind() != "image":
         raise ValueError(f"task=superres compares with the split's real images: use image shards (e.g. data=shapes, "
                          f"not data={cfg.data.name})")

@@ -45,6 +45,7 @@ from t2i.models.gpt import GPTConfig  # noqa: E402
 from t2i.models.losses import VQGANLossConfig  # noqa: E402
 from t2i.models.vqgan import VQModel  # noqa: E402
 from t2i.pretokenize import load_vqgan_config  # noqa: E402
+from t2i.stages.configs import GPTStageConfig, VQGANStageConfig  # noqa: E402
 from t2i.stages.gpt_stage import GPTStage  # noqa: E402
 from t2i.stages.vqgan_stage import VQGANStage  # noqa: E402
 
@@ -90,8 +91,8 @@ def fit_gpt(args, size: str, batch: int, steps: int, **switches) -> dict:
     torch.manual_seed(0)
     cfg = GPTConfig(**SIZES[size], text_len=32, image_len=64 if args.quick else 256,
                     n_image_codes=1024 if args.quick else 16384, n_text_tokens=1000 if args.quick else 16000)
-    stage = GPTStage(cfg, functools.partial(torch.optim.AdamW, lr=1e-4, betas=(0.9, 0.95)), warmup_steps=1,
-                     min_lr_ratio=1.0, **switches)
+    stage = GPTStage(cfg, GPTStageConfig(warmup_steps=1, min_lr_ratio=1.0, **switches),
+                     functools.partial(torch.optim.AdamW, lr=1e-4, betas=(0.9, 0.95)))
     window = max(2, steps - 5)  # the first steps (compilation, allocator warm-up) fall outside the window
     trainer = L.Trainer(accelerator=args.device, devices=1, precision=args.precision, max_steps=steps,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -148,8 +149,8 @@ def vqgan_steps(args) -> None:
     images = torch.rand(8, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
     for precision in ("bf16-mixed", "16-mixed"):
         torch.manual_seed(0)
-        stage = VQGANStage(cfg, VQGANLossConfig(perceptual_weight=0.0),
-                           functools.partial(torch.optim.Adam, lr=4.5e-6, betas=(0.5, 0.9)), log_images=0)
+        stage = VQGANStage(cfg, VQGANStageConfig(loss=VQGANLossConfig(perceptual_weight=0.0), log_images=0),
+                           functools.partial(torch.optim.Adam, lr=4.5e-6, betas=(0.5, 0.9)))
         trainer = L.Trainer(accelerator=args.device, devices=1, precision=precision, max_steps=3, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
         started = time.perf_counter()

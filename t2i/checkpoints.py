@@ -8,7 +8,8 @@ GPT's weights under `state_dict` (`gpt.*`) and, under `t2i`, the record
     gpt        GPTConfig's fields, the token layout included
     tokenizer  {kind: sentencepiece | wordpiece, model: the model's bytes, text_len}
     vqgan      {config: VQGANConfig's fields, checkpoint: its path, sha256: its weights' hash, grid: [h, w]}
-    training   {caption_prob, txt_loss_scale, cond_drop, origin}: what the model learned, where it came from
+    training   {caption_prob, caption_end, txt_loss_scale, cond_drop, origin}: what the model learned, where it
+               came from (null: not recorded)
     sampling   SamplingConfig's fields: eval.py's defaults (what the training grids used)
     superres   null, or for a super-resolution GPT (layout "superres") its windows on the code grids,
                SuperresGrid's fields {low, high, window, stride, context}, and the image sizes {low_size, high_size}
@@ -16,20 +17,27 @@ GPT's weights under `state_dict` (`gpt.*`) and, under `t2i`, the record
 
 Version 1 (no version number) kept the tokenizer bytes, text_len and caption_prob at the top:
 it is read and upgraded. Version 2 had no `superres` entry (no super-resolution models): read as null.
+
+In memory the record is GPTRecord, its entries small dataclasses (TokenizerRecord, VQGANRecord,
+TrainingRecord, SuperresRecord; the configs as GPTConfig and VQGANConfig), built and checked here
+only: a field of the wrong type, an unknown or a missing one raises CheckpointError naming the file
+and the field (`t2i.vqgan.sha256`). On disk it stays the plain dict above (`GPTRecord.to_dict()`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import pickle
+import types
+import typing
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from t2i.data.tokenizer import FixedLengthTokenizer, load_tokenizer
+from t2i.data.tokenizer import TOKENIZERS, FixedLengthTokenizer, load_tokenizer
 from t2i.models.gpt import GPT, GPTConfig
 from t2i.models.layout import SuperresGrid
 from t2i.models.vqgan import VQGANConfig, VQModel
@@ -41,69 +49,255 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used: the message names the file and what is wrong with it."""
 
 
-@dataclass
-class GPTRecord:
-    gpt: dict
-    tokenizer: dict  # kind, model (bytes), text_len
-    vqgan: dict  # config, checkpoint, sha256, grid
-    training: dict = field(default_factory=dict)  # caption_prob, txt_loss_scale, cond_drop, origin
-    sampling: dict = field(default_factory=dict)
-    superres: dict | None = None  # a super-resolution GPT's grids and image sizes (SuperresGrid + low/high_size)
-    version: int = RECORD_VERSION
+class RecordEntry:
+    """One entry of the checkpoint record: a dataclass whose fields are checked against their types when
+    it is built (the message names the field: `t2i.<entry>.<field>`), written to disk as a plain dict."""
+
+    where = "t2i"  # the entry's place in the checkpoint, for error messages
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not _fits(value, hints[f.name]):
+                raise CheckpointError(f"the checkpoint record's {self.where}.{f.name} must be "
+                                      f"{_type_name(hints[f.name])}, got {type(value).__name__} {_short(value)}")
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: dict, source: str) -> GPTRecord:
-        record = checkpoint.get("t2i") or {}
-        if "gpt" not in record:
-            raise CheckpointError(f"{source} is not a t2i GPT checkpoint (no t2i.gpt record): train one with "
-                                  "stage=gpt, or import one with python -m t2i.interop paipainter")
-        version = record.get("version", 1)
-        if version > RECORD_VERSION:
-            raise CheckpointError(f"{source} has checkpoint record version {version}; this t2i reads up to "
-                                  f"{RECORD_VERSION}: update t2i")
-        if version == 1:
-            record = {"gpt": record["gpt"], "vqgan": record["vqgan"], "sampling": record.get("sampling", {}),
-                      "tokenizer": {"kind": "sentencepiece", "model": record["tokenizer"],
-                                    "text_len": record["text_len"]},
-                      "training": {"caption_prob": record.get("caption_prob", 0.0)}}
-        missing = [name for name in ("tokenizer", "vqgan") if name not in record]
+    def from_dict(cls, data, **converted):
+        """The entry from its on-disk dict: every key a field, every field without a default given;
+        `converted`: fields already built from their dicts (nested configs)."""
+        if not isinstance(data, dict):
+            raise CheckpointError(f"the checkpoint record's {cls.where} must be a mapping, got "
+                                  f"{type(data).__name__} {_short(data)}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CheckpointError(f"the checkpoint record's {cls.where} has unknown field(s) {', '.join(unknown)} "
+                                  f"(known: {', '.join(sorted(known))})")
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [name for name in required if name not in data]
         if missing:
-            raise CheckpointError(f"{source}: the checkpoint record lacks {', '.join(missing)}")
-        return cls(**{**record, "version": RECORD_VERSION})
+            raise CheckpointError(f"the checkpoint record's {cls.where} lacks {', '.join(missing)}")
+        return cls(**{**data, **converted})
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+
+def _fits(value, hint) -> bool:
+    """Whether `value` has the type `hint` names (an int passes for a float; a bool for neither)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list or hint is list:  # a tuple too: torch.save keeps the tuples a config was given
+        return isinstance(value, (list, tuple)) and all(_fits(item, args[0]) for item in value if args)
+    return isinstance(value, origin or hint)
+
+
+def _type_name(hint) -> str:
+    name = hint.__name__ if isinstance(hint, type) else str(hint)  # int, not <class 'int'>; list[int] as written
+    return name.replace("typing.", "").replace("NoneType", "None")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@dataclass
+class TokenizerRecord(RecordEntry):
+    """The text tokenizer, whole: its kind, its model's bytes (SentencePiece model or WordPiece vocab), text_len."""
+
+    kind: str
+    model: bytes
+    text_len: int
+    where = "t2i.tokenizer"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.kind not in TOKENIZERS:
+            raise CheckpointError(f"the checkpoint record's {self.where}.kind must be one of "
+                                  f"{', '.join(TOKENIZERS)}, got {self.kind!r}")
+
+    @classmethod
+    def of(cls, tokenizer: FixedLengthTokenizer) -> TokenizerRecord:
+        return cls(kind=tokenizer.kind, model=tokenizer.model, text_len=tokenizer.text_len)
+
+    def load(self) -> FixedLengthTokenizer:
+        return load_tokenizer(self.kind, self.model, self.text_len)
+
+
+@dataclass
+class VQGANRecord(RecordEntry):
+    """The VQGAN whose codes the GPT reads: its config, its checkpoint file (when there is one), its weights'
+    hash (when known) and the code grid [h, w] of the images the GPT writes."""
+
+    config: VQGANConfig
+    checkpoint: str | None
+    sha256: str | None
+    grid: list[int]
+    where = "t2i.vqgan"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if len(self.grid) != 2 or min(self.grid) < 1:
+            raise CheckpointError(f"the checkpoint record's {self.where}.grid must be two positive sizes [h, w], "
+                                  f"got {self.grid}")
+
+    @classmethod
+    def from_dict(cls, data) -> VQGANRecord:
+        converted = {}
+        if isinstance(data, dict) and "config" in data:
+            converted["config"] = _config(VQGANConfig, data["config"], f"{cls.where}.config")
+        return super().from_dict(data, **converted)
+
+
+@dataclass
+class TrainingRecord(RecordEntry):
+    """What the model learned and where it came from (None: not recorded, by checkpoints before version 2)."""
+
+    caption_prob: float = 0.0  # > 0: the model learned the image-to-text direction and can score captions
+    caption_end: bool = False  # caption rows learned where their text ends
+    txt_loss_scale: float | None = None
+    cond_drop: float | None = None
+    origin: str | None = None  # "trained from scratch", "fine-tuned from ...", "pai-painter import of ..."
+    where = "t2i.training"
+
+
+@dataclass
+class SuperresRecord(RecordEntry):
+    """A super-resolution GPT's windows on its code grids (SuperresGrid's fields) and the image sizes its low
+    and high codes were encoded at."""
+
+    low: list[int]
+    high: list[int]
+    window: list[int]
+    stride: list[int]
+    context: str
+    low_size: int
+    high_size: int
+    where = "t2i.superres"
+
+    def __post_init__(self):
+        super().__post_init__()
+        try:
+            self.grid
+        except ValueError as error:
+            raise CheckpointError(f"the checkpoint record's {self.where} is not a valid window layout: {error}") \
+                from None
+
+    @classmethod
+    def of(cls, grid: SuperresGrid, low_size: int, high_size: int) -> SuperresRecord:
+        return cls(**grid.to_dict(), low_size=low_size, high_size=high_size)
+
     @property
-    def config(self) -> GPTConfig:
-        return GPTConfig(**self.gpt)
+    def grid(self) -> SuperresGrid:
+        return SuperresGrid(low=self.low, high=self.high, window=self.window, stride=self.stride, context=self.context)
+
+
+@dataclass
+class GPTRecord(RecordEntry):
+    """The record a GPT checkpoint carries under "t2i" (see the module's docstring for its fields)."""
+
+    gpt: GPTConfig
+    tokenizer: TokenizerRecord
+    vqgan: VQGANRecord
+    training: TrainingRecord = field(default_factory=TrainingRecord)
+    sampling: dict = field(default_factory=dict)  # SamplingConfig's fields (t2i.sampling reads them)
+    superres: SuperresRecord | None = None  # a super-resolution GPT's grids and image sizes
+    version: int = RECORD_VERSION
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict, source: str) -> GPTRecord:
+        """The record of a checkpoint, upgraded to RECORD_VERSION and checked field by field."""
+        record = checkpoint.get("t2i") or {}
+        if not isinstance(record, dict) or "gpt" not in record:
+            raise CheckpointError(f"{source} is not a t2i GPT checkpoint (no t2i.gpt record): train one with "
+                                  "stage=gpt, or import one with python -m t2i.interop paipainter")
+        version = record.get("version", 1)
+        if not isinstance(version, int) or version > RECORD_VERSION:
+            raise CheckpointError(f"{source} has checkpoint record version {version}; this t2i reads up to "
+                                  f"{RECORD_VERSION}: update t2i")
+        try:
+            return cls.from_dict(_upgraded(record, version))
+        except CheckpointError as error:
+            raise CheckpointError(f"{source}: {error}") from None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GPTRecord:
+        """The record from its on-disk dict (of the current version), every entry checked."""
+        entries = {"gpt": lambda d: _config(GPTConfig, d, "t2i.gpt"), "tokenizer": TokenizerRecord.from_dict,
+                   "vqgan": VQGANRecord.from_dict, "training": TrainingRecord.from_dict,
+                   "superres": lambda d: None if d is None else SuperresRecord.from_dict(d)}
+        converted = {name: build(data[name]) for name, build in entries.items()
+                     if isinstance(data, dict) and name in data}
+        return super().from_dict(data, **converted)
 
     @property
     def caption_prob(self) -> float:
         """> 0: the model learned the image-to-text direction and can score captions."""
-        return self.training.get("caption_prob", 0.0)
+        return self.training.caption_prob
 
     @property
     def grid(self) -> tuple[int, int]:
         """The code grid the model reads and writes (superres: the high-resolution one)."""
-        h, w = self.vqgan["grid"]
+        h, w = self.vqgan.grid
         return h, w
 
     @property
     def superres_grid(self) -> SuperresGrid | None:
         """A super-resolution GPT's windows on its code grids; None for a text-to-image GPT."""
-        if self.superres is None:
-            return None
-        return SuperresGrid(**{k: self.superres[k] for k in ("low", "high", "window", "stride", "context")})
+        return None if self.superres is None else self.superres.grid
 
     def tokenizer_model(self) -> FixedLengthTokenizer:
-        return load_tokenizer(**self.tokenizer)
+        return self.tokenizer.load()
 
 
-def vqgan_identity(vqgan: VQModel, checkpoint: str | Path | None, grid: tuple[int, int] | list[int]) -> dict:
+def _upgraded(record: dict, version: int) -> dict:
+    """A record of an older version in the current version's shape."""
+    if version == 1:  # the tokenizer's bytes, text_len and caption_prob at the top
+        record = {"gpt": record["gpt"], "vqgan": record.get("vqgan"), "sampling": record.get("sampling", {}),
+                  "tokenizer": {"kind": "sentencepiece", "model": record.get("tokenizer"),
+                                "text_len": record.get("text_len")},
+                  "training": {"caption_prob": record.get("caption_prob", 0.0)}}
+        if record["vqgan"] is None:
+            del record["vqgan"]
+    # version 2 had no superres entry: read as None
+    return {**record, "version": RECORD_VERSION}
+
+
+def _config(cls, data, where: str):
+    """A model config (GPTConfig, VQGANConfig) from the record's dict of its fields."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"the checkpoint record's {where} must be a mapping of {cls.__name__}'s fields, got "
+                              f"{type(data).__name__} {_short(data)}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise CheckpointError(f"the checkpoint record's {where} has field(s) {cls.__name__} does not know: "
+                              f"{', '.join(unknown)}")
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        if not _fits(value, hints[name]):
+            raise CheckpointError(f"the checkpoint record's {where}.{name} must be {_type_name(hints[name])}, got "
+                                  f"{type(value).__name__} {_short(value)}")
+    try:
+        return cls(**data)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"the checkpoint record's {where} is not a valid {cls.__name__}: {error}") from None
+
+
+def vqgan_identity(vqgan: VQModel, checkpoint: str | Path | None, grid: tuple[int, int] | list[int]) -> VQGANRecord:
     """The record's `vqgan` entry for a VQGAN (its checkpoint file, when there is one)."""
-    return {"config": asdict(vqgan.cfg), "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
-            "sha256": weights_hash(vqgan), "grid": list(grid)}
+    return VQGANRecord(config=vqgan.cfg, checkpoint=str(Path(checkpoint).resolve()) if checkpoint else None,
+                       sha256=weights_hash(vqgan), grid=[int(n) for n in grid])
 
 
 def gpt_state_dict(checkpoint: dict, source: str = "the checkpoint") -> dict:
@@ -116,7 +310,7 @@ def load_gpt(path: str | Path) -> tuple[GPT, GPTRecord]:
     """The GPT of a t2i GPT checkpoint and its record."""
     checkpoint = read_checkpoint(path, foreign_objects=False)  # t2i writes tensors and plain data only
     record = GPTRecord.from_checkpoint(checkpoint, str(path))
-    gpt = GPT(record.config)
+    gpt = GPT(record.gpt)
     load_weights(gpt, gpt_state_dict(checkpoint, str(path)), str(path), what="GPT")
     return gpt.eval(), record
 
@@ -144,14 +338,14 @@ VQGAN_SETTINGS = ("vqgan_ckpt=PATH (for ckpt= in eval.py and the demo, for init_
 
 def load_record_vqgan(record: GPTRecord, source: str, vqgan_ckpt: str | Path | None = None) -> VQModel:
     """The VQGAN a GPT checkpoint names (or `vqgan_ckpt`), checked against the record's hash."""
-    path = vqgan_ckpt or record.vqgan.get("checkpoint")
+    path = vqgan_ckpt or record.vqgan.checkpoint
     how = f"pass the VQGAN {source} was trained with: {VQGAN_SETTINGS}"
     if not path:
         raise ValueError(f"{source} names no VQGAN checkpoint: {how}")
     if not vqgan_ckpt and not Path(path).is_file():
         raise FileNotFoundError(f"{source} names its VQGAN at {path}, which is not there (moved?): {how}")
-    vqgan = load_vqgan(path, VQGANConfig(**record.vqgan["config"]))
-    expected = record.vqgan.get("sha256")
+    vqgan = load_vqgan(path, record.vqgan.config)
+    expected = record.vqgan.sha256
     if expected and weights_hash(vqgan) != expected:
         raise ValueError(f"the VQGAN at {path} is not the one {source} was trained with "
                          f"(sha256 {weights_hash(vqgan)[:12]}..., expected {expected[:12]}...): "

@@ -54,7 +54,7 @@ class CaptionScorer:
             gpt, record = load_gpt(caption_ckpt)
             if not record.caption_prob:
                 return None, f"caption_ckpt={caption_ckpt} was trained without the caption direction"
-            ours, theirs = generator.record.vqgan.get("sha256"), record.vqgan.get("sha256")
+            ours, theirs = generator.record.vqgan.sha256, record.vqgan.sha256
             if ours != theirs:
                 raise ValueError(f"caption_ckpt={caption_ckpt} reads codes of another VQGAN "
                                  f"({str(theirs)[:12]}..., the evaluated model's is {str(ours)[:12]}...)")

@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import FSDPStrategy
 
 from t2i.devices import check_devices
 from t2i.models.gpt import GPT, Block, GPTConfig
+from t2i.stages.configs import SuperresOptions, VQGANStageConfig, typed_stage_config
 from t2i.stages.scaling import scaled_lr
 
 REPO = Path(__file__).parents[1]
@@ -91,6 +93,29 @@ def test_bad_settings_get_messages_that_name_them(tmp_path):
     assert f"data.root={tmp_path / 'nowhere'} does not exist" in missing_root.stderr
     assert "python -m t2i.pretokenize" in missing_root.stderr
     assert too_many.returncode != 0 and "trainer.devices=4096 but this machine has" in too_many.stderr
+
+
+def test_stage_settings_are_checked_against_their_schema_when_composed():
+    """conf/stage/gpt.yaml and vqgan.yaml are typed (t2i.stages.configs): an unknown key or a value of the wrong
+    type fails when the config is composed, naming the key; one added past the schema with + when the stage is built."""
+    for overrides, problem in [
+        (["stage.warmup_step=5"], "Key 'warmup_step' not in 'GPTStageConfig'\n    full_key: stage.warmup_step"),
+        (["stage.warmup_steps=abc"], "could not be converted to Integer\n    full_key: stage.warmup_steps"),
+        (["stage.sampling={top_kk: 5}"], "Key 'top_kk' not in 'SamplingConfig'\n    full_key: stage.sampling.top_kk"),
+        (["stage=vqgan", "stage.loss={disc_wieght: 1}"], "Key 'disc_wieght' not in 'VQGANLossConfig'\n    full_key: "
+                                                         "stage.loss.disc_wieght"),
+    ]:
+        with pytest.raises(ConfigCompositionException) as refused:
+            _compose(overrides)
+        assert problem in str(refused.value.__cause__)
+    with pytest.raises(ValueError, match="stage=gpt has no setting stage.warmup_step: its settings are"):
+        typed_stage_config(_compose(["+stage.warmup_step=5"]).stage)
+    with pytest.raises(ValueError, match=r"stage.cond_drop must be in \[0, 1\], got 1.5"):
+        typed_stage_config(_compose(["stage.cond_drop=1.5"]).stage)
+    superres = typed_stage_config(_compose(["experiment=superres_shapes", "stage.superres.stride=[4,8]"]).stage)
+    assert superres.superres == SuperresOptions(window=[8, 8], stride=[4, 8], context="window")
+    vqgan = typed_stage_config(_compose(["stage=vqgan", "stage.codebook.restart_every=7"]).stage)
+    assert isinstance(vqgan, VQGANStageConfig) and vqgan.codebook.restart_every == 7
 
 
 def test_lr_scaling_rules():

@@ -39,7 +39,7 @@ from t2i.demo.engine import Engine, Job
 from t2i.demo.page import progress_text
 from t2i.demo.settings import EMPTY_NOTE, Settings, clean_prompt, prompt_notes
 from t2i.grids import captioned_grid, find_cjk_font
-from t2i.models.vqgan import VQGANConfig, VQModel
+from t2i.models.vqgan import VQModel
 from t2i.sampling import T2IPipeline, prompt_seeds
 from t2i.scorers import CaptionScorer
 
@@ -182,7 +182,7 @@ def test_missing_or_mismatched_checkpoint_stops_with_a_clear_error(ckpt, tmp_pat
         setup(_demo_cfg([]), tmp_path)
     with pytest.raises(FileNotFoundError, match="checkpoint .*missing.ckpt not found"):
         setup(_demo_cfg([f"ckpt={tmp_path / 'missing.ckpt'}"]), tmp_path)
-    config = VQGANConfig(**T2IPipeline.from_checkpoint(ckpt).record.vqgan["config"])
+    config = T2IPipeline.from_checkpoint(ckpt).record.vqgan.config
     torch.manual_seed(1)
     other = tmp_path / "other_vqgan.ckpt"
     save_vqgan(other, VQModel(config))

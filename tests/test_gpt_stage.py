@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from t2i.checkpoints import RECORD_VERSION, read_checkpoint
 from t2i.data.datamodule import DataConfig, ShardDataModule
 from t2i.models.gpt import GPTConfig
+from t2i.stages.configs import GPTStageConfig
 from t2i.stages.gpt_stage import GPTStage
 
 REPO = Path(__file__).parents[1]
@@ -23,7 +24,7 @@ TINY = dict(n_image_codes=40, n_text_tokens=30, text_len=4, image_len=6, n_layer
 
 
 def _stage(**options):
-    return GPTStage(GPTConfig(**TINY), torch.optim.AdamW, **options)
+    return GPTStage(GPTConfig(**TINY), GPTStageConfig(**options), torch.optim.AdamW)
 
 
 def test_text_to_image_layout_and_targets():
@@ -82,7 +83,7 @@ def test_caption_end_makes_the_first_padding_of_a_caption_a_text_target():
 
 def test_paipainter_layout_trains_on_image_codes_only():
     model = GPTConfig(**TINY, layout="paipainter")
-    stage = GPTStage(model, torch.optim.AdamW, txt_loss_scale=0.0, cond_drop=0)
+    stage = GPTStage(model, GPTStageConfig(txt_loss_scale=0.0, cond_drop=0), torch.optim.AdamW)
     codes, text = torch.tensor([[1, 2, 3, 4, 5, 6]]), torch.tensor([[7, 8, 0, 0]])
     inputs, targets = stage.sequences(codes, text, train=True)
     assert inputs.tolist() == [[47, 48, 40, 40, 1, 2, 3, 4, 5]] and targets[0, 3:].tolist() == [1, 2, 3, 4, 5, 6]
@@ -92,9 +93,9 @@ def test_paipainter_layout_trains_on_image_codes_only():
     expected = torch.nn.functional.cross_entropy(logits[0, 3:], codes[0])  # EasyNLP: CE over the 256 image tokens
     assert torch.allclose(loss, expected) and logs["text_loss"] == 0
     with pytest.raises(ValueError, match="no text head"):
-        GPTStage(model, torch.optim.AdamW, txt_loss_scale=1.0)
+        GPTStage(model, GPTStageConfig(txt_loss_scale=1.0), torch.optim.AdamW)
     with pytest.raises(ValueError, match="no text head"):
-        GPTStage(model, torch.optim.AdamW, txt_loss_scale=0.0, caption_prob=0.1)
+        GPTStage(model, GPTStageConfig(txt_loss_scale=0.0, caption_prob=0.1), torch.optim.AdamW)
 
 
 def test_train_py_on_code_shards_writes_a_self_contained_checkpoint(codes_root, gpt_run):
@@ -149,7 +150,7 @@ def test_image_shards_need_a_vqgan_and_encode_like_pretokenize(codes_root, tmp_p
     assert image_batch["key"] == code_batch["key"]
     assert torch.equal(stage._codes(image_batch), code_batch["codes"].flatten(1))
     manifest = json.loads((codes_root / "manifest.json").read_text())
-    assert stage.record["vqgan"]["sha256"] == manifest["vqgan_sha256"]
+    assert stage.record.vqgan.sha256 == manifest["vqgan_sha256"]
 
     # and train.py runs on them
     run = subprocess.run(

@@ -11,6 +11,7 @@ from t2i.models.gpt import GPT, GPTConfig
 from t2i.models.vqgan import VQGANConfig, VQModel
 from t2i.models.int8 import quantize_weights
 from t2i.sampling import SamplingConfig, frozen_step, generate_codes
+from t2i.stages.configs import GPTStageConfig
 from t2i.stages.gpt_stage import GPTStage
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -20,8 +21,8 @@ TINY = dict(n_image_codes=64, n_text_tokens=50, text_len=6, image_len=16, n_laye
 def _fit(steps: int, **switches) -> tuple[GPTStage, float]:
     torch.manual_seed(0)
     cfg = GPTConfig(**TINY)
-    stage = GPTStage(cfg, functools.partial(torch.optim.AdamW, lr=1e-3), warmup_steps=1, min_lr_ratio=1.0,
-                     cond_drop=0.0, **switches)
+    stage = GPTStage(cfg, GPTStageConfig(warmup_steps=1, min_lr_ratio=1.0, cond_drop=0.0, **switches),
+                     functools.partial(torch.optim.AdamW, lr=1e-3))
     data = [{"codes": torch.randint(0, 64, (16,)), "text": torch.randint(1, 50, (6,))} for _ in range(8 * steps)]
     trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from t2i.checkpoints import GPTRecord, load_gpt, load_vqgan, save_gpt, save_vqgan, vqgan_identity
+from t2i.checkpoints import GPTRecord, TokenizerRecord, load_gpt, load_vqgan, save_gpt, save_vqgan, vqgan_identity
 from t2i.data.datamodule import DataConfig
 from t2i.interop.__main__ import main as interop
 from t2i.interop.paipainter import TAMING_KEYS, export_paipainter, import_paipainter
@@ -120,12 +120,12 @@ def test_import_is_strict_and_complete(imported):
     for key, value in state.items():  # every tensor used: the GPT's, the VQGAN's (encoder included), or a mask
         if key.startswith("transformer.") and not key.endswith(".attn.mask"):
             assert torch.equal(gpt.state_dict()[key[len("transformer."):]], value), key
-    vqgan = load_vqgan(record.vqgan["checkpoint"])
+    vqgan = load_vqgan(record.vqgan.checkpoint)
     for key, value in vqgan.state_dict().items():
         assert torch.equal(state[f"first_stage_model.{key}"], value), key
     assert gpt.cfg.layout == "paipainter" and gpt.cfg.text_len == TEXT_LEN and gpt.cfg.image_len == 64
-    assert record.tokenizer["kind"] == "wordpiece" and record.tokenizer["model"] == (src / "vocab.txt").read_bytes()
-    assert record.training["origin"].startswith("pai-painter import") and record.caption_prob == 0
+    assert record.tokenizer.kind == "wordpiece" and record.tokenizer.model == (src / "vocab.txt").read_bytes()
+    assert record.training.origin.startswith("pai-painter import") and record.caption_prob == 0
 
 
 @pytest.mark.parametrize("change, message", [
@@ -193,7 +193,7 @@ def test_export_round_trip_is_the_identity(imported, tmp_path):
     # a t2i-layout model cannot go to EasyNLP
     cfg = GPTConfig(n_image_codes=8, n_text_tokens=10, text_len=2, image_len=4, n_layer=1, n_head=1, n_embd=8)
     save_gpt(tmp_path / "t2i.ckpt", GPT(cfg),
-             GPTRecord(gpt=asdict(cfg), tokenizer={"kind": "sentencepiece", "model": b"unused", "text_len": 2},
+             GPTRecord(gpt=cfg, tokenizer=TokenizerRecord(kind="sentencepiece", model=b"unused", text_len=2),
                        vqgan=load_gpt(ckpt)[1].vqgan))
     with pytest.raises(ValueError, match="model.layout=t2i .EasyNLP: paipainter.*sentencepiece tokenizer"):
         export_paipainter(tmp_path / "t2i.ckpt", tmp_path / "no")
@@ -213,7 +213,7 @@ def test_export_refuses_what_easynlp_cannot_hold_naming_the_option(imported, tmp
         vqgan = VQModel(replace(VQGAN, **vqgan_option))
         save_vqgan(tmp_path / "vqgan.ckpt", vqgan)
         record.vqgan = vqgan_identity(vqgan, tmp_path / "vqgan.ckpt", record.grid)
-    record.gpt = asdict(cfg)
+    record.gpt = cfg
     save_gpt(tmp_path / "model.ckpt", GPT(cfg), record)
     (name, value), = (gpt_option or vqgan_option).items()
     prefix = "model" if gpt_option else "vqgan"

@@ -16,6 +16,7 @@ from t2i.checkpoints import read_checkpoint
 from t2i.models.gpt import GPT, GPTConfig
 from t2i.models.vqgan import VectorQuantizer
 from t2i.precision import exact_fp32, set_matmul_precision
+from t2i.stages.configs import GPTStageConfig
 from t2i.stages.gpt_stage import GPTStage
 from test_precision import _fit, _gpt_config
 
@@ -68,7 +69,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(norm):
 
 
 def _optimizer_of(fused, factory=functools.partial(torch.optim.AdamW, lr=1e-3)) -> torch.optim.Optimizer:
-    stage = GPTStage(GPTConfig(**TINY), factory, fused_optimizer=fused)
+    stage = GPTStage(GPTConfig(**TINY), GPTStageConfig(fused_optimizer=fused), factory)
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False)
     stage.trainer = trainer
@@ -82,7 +83,7 @@ def test_fused_optimizer_resolves_by_device_and_class():
     with pytest.raises(ValueError, match="stage.fused_optimizer=true but RAdam"):
         _optimizer_of(True, functools.partial(torch.optim.RAdam, lr=1e-3))
     with pytest.raises(ValueError, match="stage.fused_optimizer must be"):
-        GPTStage(GPTConfig(**TINY), torch.optim.AdamW, fused_optimizer="yes")
+        GPTStageConfig(fused_optimizer="yes")
 
 
 @pytest.mark.slow

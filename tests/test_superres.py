@@ -22,6 +22,7 @@ from t2i.models.gpt import GPT, GPTConfig
 from t2i.models.layout import SuperresGrid, TokenLayout
 from t2i.models.vqgan import VQGANConfig, VQModel
 from t2i.sampling import SamplingConfig, SuperResPipeline, generate_codes, superres_codes
+from t2i.stages.configs import GPTStageConfig
 from t2i.stages.gpt_stage import GPTStage
 
 REPO = Path(__file__).parents[1]
@@ -163,7 +164,7 @@ def test_known_codes_are_kept_and_one_window_is_one_pass():
 def test_a_superres_stage_needs_both_grids_and_no_captioning():
     grid = SuperresGrid(low=(2, 2), high=(4, 4), window=(2, 2), stride=(2, 2))
     cfg = asdict(_tiny_superres_gpt(grid).cfg)
-    stage = GPTStage(GPTConfig(**cfg), torch.optim.AdamW, cond_drop=0, superres=grid)
+    stage = GPTStage(GPTConfig(**cfg), GPTStageConfig(cond_drop=0), torch.optim.AdamW, superres=grid)
     low, high, text = torch.randint(12, (4, 2, 2)), torch.randint(12, (4, 4, 4)), torch.randint(1, 6, (4, 3))
     inputs, targets = stage.sequences(low.flatten(1), text, train=False, hr_codes=high)
     layout = stage.gpt.layout
@@ -172,9 +173,11 @@ def test_a_superres_stage_needs_both_grids_and_no_captioning():
     with pytest.raises(ValueError, match="--superres-size"):
         stage.sequences(low.flatten(1), text, train=True)
     with pytest.raises(ValueError, match="caption_prob=0"):
-        GPTStage(GPTConfig(**cfg), torch.optim.AdamW, caption_prob=0.1, superres=grid)
+        GPTStage(GPTConfig(**cfg), GPTStageConfig(caption_prob=0.1), torch.optim.AdamW, superres=grid)
+    with pytest.raises(ValueError, match="caption_prob=0"):
+        GPTStageConfig(caption_prob=0.1, superres={"window": [2, 2]})
     with pytest.raises(ValueError, match="stage.superres"):
-        GPTStage(GPTConfig(**cfg), torch.optim.AdamW)
+        GPTStage(GPTConfig(**cfg), GPTStageConfig(), torch.optim.AdamW)
 
 
 def _run(args, out):
@@ -196,7 +199,7 @@ def test_train_superres_then_score_and_generate_at_2x(sr_data, gpt_run, tmp_path
                tmp_path / "train")
     ckpt = run / "checkpoints" / "last.ckpt"
     gpt, record = load_gpt(ckpt)
-    assert record.superres == {"low": [8, 8], "high": [16, 16], "window": [8, 8], "stride": [4, 8], "context": "window",
+    assert record.superres.to_dict() == {"low": [8, 8], "high": [16, 16], "window": [8, 8], "stride": [4, 8], "context": "window",
                                "low_size": 32, "high_size": 64}
     assert gpt.cfg.layout == "superres" and gpt.cfg.windows == 3 * 2 and gpt.cfg.image_len == 64
     assert gpt.cfg.low_len == 16  # the 4x4 low codes under an 8x8 window (the recipe's context=window)
@@ -219,7 +222,7 @@ def test_train_superres_then_score_and_generate_at_2x(sr_data, gpt_run, tmp_path
     assert Image.open(scored / "grid.png").size[0] > 64 and (scored / "results.md").is_file()
 
     # the super-resolution model's VQGAN moved away: named by its setting, and found again through it
-    vqgan_path = Path(record.vqgan["checkpoint"])
+    vqgan_path = Path(record.vqgan.checkpoint)
     moved = tmp_path / "moved.vqgan.ckpt"
     vqgan_path.rename(moved)
     try:

@@ -25,6 +25,7 @@ from hydra.utils import instantiate
 from t2i import callbacks
 from t2i.callbacks import process_seed
 from t2i.models.gpt import GPT, GPTConfig
+from t2i.stages.configs import GPTStageConfig
 from t2i.stages.gpt_stage import GPTStage
 from t2i.stages.scaling import grad_norm, run_steps, warmup_cosine, weight_decay_groups
 
@@ -91,7 +92,7 @@ def test_a_run_bounded_by_time_alone_asks_for_a_length(codes_root, tmp_path, mon
     # nothing decays: no length needed, the lr stays after the warmup
     trainer = L.Trainer(max_time="00:00:01:00", max_steps=-1, max_epochs=None, logger=False,
                         enable_checkpointing=False, accelerator="cpu", devices=1)
-    stage = GPTStage(GPTConfig(**TINY), torch.optim.AdamW, warmup_steps=2, min_lr_ratio=1.0)
+    stage = GPTStage(GPTConfig(**TINY), GPTStageConfig(warmup_steps=2, min_lr_ratio=1.0), torch.optim.AdamW)
     stage.trainer = trainer
     schedule = stage.configure_optimizers()["lr_scheduler"]["scheduler"]
     assert [schedule.lr_lambdas[0](step) for step in range(5)] == [0.5, 1.0, 1.0, 1.0, 1.0]

@@ -19,7 +19,8 @@ from t2i.data.tokenizer import train_sentencepiece
 from t2i.models.losses import VQGANLossConfig
 from t2i.checkpoints import load_vqgan, weights_hash
 from t2i.models.vqgan import VQGANConfig
-from t2i.stages.vqgan_stage import CodebookConfig, VQGANStage, broadcast_from_rank_zero
+from t2i.stages.configs import CodebookConfig, VQGANStageConfig
+from t2i.stages.vqgan_stage import VQGANStage, broadcast_from_rank_zero
 
 REPO = Path(__file__).parents[1]
 TINY = dict(resolution=32, ch=16, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], z_channels=16,
@@ -42,9 +43,9 @@ def _datamodule(root):
 
 def _stage(lr_schedule: str = "constant", **loss):
     loss = {"perceptual_weight": 0, "disc_start": 2, **loss}
-    return VQGANStage(VQGANConfig(**TINY), VQGANLossConfig(**loss),
-                      lambda params: torch.optim.Adam(params, lr=1e-3, betas=(0.5, 0.9)),
-                      CodebookConfig(restart_every=2), lr_schedule=lr_schedule, log_images=4)
+    stage = VQGANStageConfig(loss=VQGANLossConfig(**loss), codebook=CodebookConfig(restart_every=2),
+                             lr_schedule=lr_schedule, log_images=4)
+    return VQGANStage(VQGANConfig(**TINY), stage, lambda params: torch.optim.Adam(params, lr=1e-3, betas=(0.5, 0.9)))
 
 
 def _compose(overrides: list[str]):
@@ -203,9 +204,10 @@ def test_eval_reconstruct_reports_psnr_and_usage(shapes_root, tmp_path):
     ({"codebook": "simvq", "entropy_weight": 0.1}, 2),  # restarts through the projection
 ])
 def test_codebook_options_train_with_finite_losses(shapes_root, tmp_path, options, restart_every):
-    stage = VQGANStage(VQGANConfig(**{**TINY, **options}), VQGANLossConfig(perceptual_weight=0, disc_start=2),
-                       lambda params: torch.optim.Adam(params, lr=1e-3, betas=(0.5, 0.9)),
-                       CodebookConfig(restart_every=restart_every), log_images=0)
+    settings = VQGANStageConfig(loss=VQGANLossConfig(perceptual_weight=0, disc_start=2),
+                                codebook=CodebookConfig(restart_every=restart_every), log_images=0)
+    stage = VQGANStage(VQGANConfig(**{**TINY, **options}), settings,
+                       lambda params: torch.optim.Adam(params, lr=1e-3, betas=(0.5, 0.9)))
     quantizer = stage.vqgan.quantize
     codebook_before = quantizer.codebook().detach().clone()
     basis_before = quantizer.embedding.weight.detach().clone()

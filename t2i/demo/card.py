@@ -45,10 +45,10 @@ def model_card(generator: T2IPipeline, ckpt: str, ckpt_sha256: str, caption_sour
         "checkpoint": Path(ckpt).name, "checkpoint_sha256": ckpt_sha256,
         "parameters": params, "layers": cfg.n_layer, "width": cfg.n_embd, "heads": cfg.n_head,
         "layout": cfg.layout, "text_len": cfg.text_len, "image_len": cfg.image_len, "grid": list(h_w),
-        "tokenizer": f"{record.tokenizer['kind']} ({generator.tokenizer.vocab_size} pieces)",
-        "vqgan_sha256": vqgan.get("sha256"),
-        "vqgan_checkpoint": Path(vqgan["checkpoint"]).name if vqgan.get("checkpoint") else None,
-        "vqgan_codebook": vqgan["config"].get("n_embed"), "origin": record.training.get("origin", "unknown"),
+        "tokenizer": f"{record.tokenizer.kind} ({generator.tokenizer.vocab_size} pieces)",
+        "vqgan_sha256": vqgan.sha256,
+        "vqgan_checkpoint": Path(vqgan.checkpoint).name if vqgan.checkpoint else None,
+        "vqgan_codebook": vqgan.config.n_embed, "origin": record.training.origin or "unknown",
         "caption_prob": record.caption_prob, "device": device_text,
     }
     blocks = [f"norm {cfg.norm}/{cfg.norm_type}", f"MLP {cfg.mlp}", f"positions {cfg.pos}"]

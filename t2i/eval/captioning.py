@@ -177,7 +177,7 @@ def run_captioning(ckpt: str | Path, cfg: CaptionConfig, out_dir: Path, data: di
         dm.use_tokenizer(tokenizer)
         vqgan = None
         if dm.cfg.kind() == "codes":
-            theirs, ours = dm.cfg.manifest().get("vqgan_sha256"), record.vqgan.get("sha256")
+            theirs, ours = dm.cfg.manifest().get("vqgan_sha256"), record.vqgan.sha256
             if theirs != ours:
                 raise ValueError(f"data={dm.cfg.name} ({dm.cfg.root}) holds codes of another VQGAN ({str(theirs)[:12]}..., "
                                  f"the checkpoint's is {str(ours)[:12]}...): caption its image shards instead")
@@ -187,7 +187,7 @@ def run_captioning(ckpt: str | Path, cfg: CaptionConfig, out_dir: Path, data: di
         source = f"split={split} of data={dm.cfg.name}"
     results = caption_and_score(gpt, tokenizer, batches, total, cfg, out_dir)
     return {"task": "caption", "ckpt": str(ckpt), "source": source,
-            "caption_end_learned": bool(record.training.get("caption_end", False)), **results,
+            "caption_end_learned": record.training.caption_end, **results,
             "captions_file": str(out_dir / "captions.jsonl")}
 
 

@@ -40,7 +40,7 @@ def low_codes_for(resolver: SuperResPipeline, generator: T2IPipeline, codes: tor
     """The super-resolution model's low-resolution input for a text-to-image GPT's codes [N, h, w] and their
     decoded images [N, 3, S, S]: the codes themselves when both models read the same VQGAN on the same grid,
     else the images re-encoded by the super-resolution model's VQGAN (at its low size). Returns (codes, how)."""
-    same = (generator.record.vqgan.get("sha256") == resolver.record.vqgan.get("sha256")
+    same = (generator.record.vqgan.sha256 == resolver.record.vqgan.sha256
             and tuple(codes.shape[1:]) == resolver.grid.low)
     if same:
         return codes.to(resolver.device), "the text-to-image GPT's codes (the same VQGAN and grid)"
@@ -94,7 +94,7 @@ def evaluate_superres(resolver: SuperResPipeline, low_batches, high_batches, sam
     """Scores on the first `num_images` images of two loaders over the same split (uint8 `image` at the model's
     low and high sizes, with `key`, `caption`, `meta`); see the module docstring. Writes grid.png: per image,
     a row real high / bicubic / super-resolved (and, with a generator, generated low / its 2x)."""
-    high_size = resolver.record.superres["high_size"]
+    high_size = resolver.record.superres.high_size
     sampling = SamplingConfig(**{**asdict(sampling), "samples_per_prompt": 1})
     metrics = {name: (image_psnr(), StructuralSimilarityIndexMeasure(data_range=1.0))
                for name in REFERENCES}
@@ -149,7 +149,7 @@ def evaluate_superres(resolver: SuperResPipeline, low_batches, high_batches, sam
         raise ValueError("task=superres read no images: check split= and superres.num_images")
     if done < num_images:
         warnings.warn(f"the split has {done} images, fewer than superres.num_images={num_images}")
-    results = {"images": done, "size": [high_size, high_size], "low_size": resolver.record.superres["low_size"],
+    results = {"images": done, "size": [high_size, high_size], "low_size": resolver.record.superres.low_size,
                "grid": resolver.grid.to_dict(), "sampling": asdict(sampling), "psnr_protocol": PSNR,
                **{name: {"psnr": float(psnr.compute()), "ssim": float(ssim.compute())}
                   for name, (psnr, ssim) in metrics.items()}}

@@ -28,6 +28,8 @@ import torch
 from t2i.checkpoints import (
     CheckpointError,
     GPTRecord,
+    TokenizerRecord,
+    TrainingRecord,
     load_gpt,
     load_record_vqgan,
     load_weights,
@@ -159,10 +161,10 @@ def import_paipainter(src: str | Path, out: str | Path) -> tuple[Path, Path]:
     load_weights(gpt, {k: v.float() for k, v in gpt_state.items()}, f"{src / WEIGHTS} ({GPT_PREFIX}*)", what="GPT")
     vqgan_path = out.with_name(out.stem + ".vqgan.ckpt")
     save_vqgan(vqgan_path, vqgan)
-    record = GPTRecord(gpt=asdict(model), tokenizer={"kind": tokenizer.kind, "model": vocab, "text_len": model.text_len},
+    record = GPTRecord(gpt=model, tokenizer=TokenizerRecord(kind=tokenizer.kind, model=vocab, text_len=model.text_len),
                        vqgan=vqgan_identity(vqgan, vqgan_path, (grid, grid)),
-                       training={"caption_prob": 0.0, "txt_loss_scale": 0.0, "cond_drop": 0.0,
-                                 "origin": f"pai-painter import of {src.resolve()}"},
+                       training=TrainingRecord(caption_prob=0.0, txt_loss_scale=0.0, cond_drop=0.0,
+                                               origin=f"pai-painter import of {src.resolve()}"),
                        sampling=asdict(EASYNLP_SAMPLING))
     save_gpt(out, gpt, record)
     return out, vqgan_path
@@ -205,8 +207,8 @@ def _easynlp_mismatches(ckpt, record: GPTRecord, cfg: GPTConfig, vqgan: VQModel,
     options += [f"vqgan.{name}={value} (EasyNLP: {getattr(easynlp_vqgan, name)})"
                 for name, value in asdict(vqgan.cfg).items()
                 if name not in UNUSED_BY_EASYNLP and value != getattr(easynlp_vqgan, name)]
-    if record.tokenizer["kind"] != "wordpiece":
-        options.append(f"a {record.tokenizer['kind']} tokenizer (EasyNLP: BERT's WordPiece vocab.txt)")
+    if record.tokenizer.kind != "wordpiece":
+        options.append(f"a {record.tokenizer.kind} tokenizer (EasyNLP: BERT's WordPiece vocab.txt)")
     expected = easynlp_shapes(config, vqgan.cfg)
     ours = {k: tuple(v.shape) for k, v in state.items()}
     extra, absent = sorted(set(ours) - set(expected)), sorted(set(expected) - set(ours))
@@ -250,5 +252,5 @@ def export_paipainter(ckpt: str | Path, out: str | Path, vqgan_ckpt: str | Path 
                       "vqgan_config, but EasyNLP itself will not build it")
         config["vqgan_config"] = {k: v for k, v in asdict(vqgan.cfg).items() if k in TAMING_KEYS}
     (out / CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
-    (out / VOCAB).write_bytes(record.tokenizer["model"])
+    (out / VOCAB).write_bytes(record.tokenizer.model)
     return out

@@ -177,7 +177,7 @@ class SuperResPipeline(T2IPipeline):
     @property
     def low_size(self) -> int:
         """The side of the low-resolution images its low codes were encoded from."""
-        return self.record.superres["low_size"]
+        return self.record.superres.low_size
 
     @torch.no_grad()
     def encode_low(self, images: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -49,12 +49,23 @@ from hydra.utils import instantiate
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
-from t2i.checkpoints import GPTRecord, load_gpt, load_record_vqgan, load_vqgan, vqgan_identity, weights_hash
-from t2i.data.tokenizer import load_tokenizer
+from t2i.checkpoints import (
+    GPTRecord,
+    SuperresRecord,
+    TokenizerRecord,
+    TrainingRecord,
+    VQGANRecord,
+    load_gpt,
+    load_record_vqgan,
+    load_vqgan,
+    vqgan_identity,
+    weights_hash,
+)
 from t2i.models.gpt import GPT, GPTConfig
 from t2i.models.layout import SuperresGrid
 from t2i.models.vqgan import VQGANConfig, VQModel
-from t2i.sampling import SamplingConfig, T2IPipeline, write_samples
+from t2i.sampling import T2IPipeline, write_samples
+from t2i.stages.configs import GPTStageConfig, SuperresOptions, typed_stage_config
 from t2i.stages.scaling import apply_lr_scaling, grad_norm, run_steps, warmup_cosine, weight_decay_groups
 
 
@@ -62,62 +73,36 @@ class GPTStage(L.LightningModule):
     def __init__(
         self,
         model: GPTConfig,
+        stage: GPTStageConfig,
         optimizer: Callable,  # param groups -> torch.optim.Optimizer (a Hydra partial)
-        txt_loss_scale: float = 1.0,
-        pkeep: float = 1.0,
-        cond_drop: float = 0.1,
-        caption_prob: float = 0.0,
-        caption_end: bool = False,
-        weight_decay: float = 0.01,
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.1,
-        lr_scaling: str = "none",
-        lr_reference_batch: int = 256,
-        record: dict | None = None,  # tokenizer, VQGAN identity, origin: travel in checkpoints (GPTRecord)
+        record: GPTRecord | None = None,  # what the checkpoints carry: tokenizer, VQGAN identity, training, sampling
         vqgan: VQModel | None = None,  # frozen: encodes image shards, decodes sample grids
         sample_prompts: list[str] | None = None,
-        sample_every_n_steps: int = 0,  # 0: no sample grids during training
-        sampling: SamplingConfig | None = None,
-        compile: bool = False,
-        compile_mode: str | None = None,  # torch.compile's mode: None (default), "max-autotune", ...
-        fused_optimizer: bool | str = "auto",
-        activation_checkpointing: bool = False,
         superres: SuperresGrid | None = None,  # a super-resolution GPT's windows (layout "superres")
     ):
         super().__init__()
+        # what the config alone decides is checked by GPTStageConfig; here what needs the model too
         if (superres is not None) != (model.layout == "superres"):
             raise ValueError("a superres-layout GPT trains with stage.superres (its windows), and only it")
-        if superres is not None and caption_prob:
-            raise ValueError("a super-resolution GPT has no captioning direction: set stage.caption_prob=0")
-        for name, p in (("pkeep", pkeep), ("cond_drop", cond_drop), ("caption_prob", caption_prob)):
-            if not 0 <= p <= 1:
-                raise ValueError(f"stage.{name} must be in [0, 1], got {p}")
-        if not model.tokens.captions and caption_prob and model.tokens.predicts_text:
+        if not model.tokens.captions and stage.caption_prob and model.tokens.predicts_text:
             raise ValueError(f"a {model.layout}-layout model has no captioning direction: set stage.caption_prob=0")
-        if not model.tokens.predicts_text and (txt_loss_scale or caption_prob):
+        if not model.tokens.predicts_text and (stage.txt_loss_scale or stage.caption_prob):
             raise ValueError(f"a {model.layout}-layout model has no text head: set stage.txt_loss_scale=0 and "
                              "stage.caption_prob=0 (experiment=paipainter_finetune does)")
-        if txt_loss_scale < 0:
-            raise ValueError(f"stage.txt_loss_scale must be >= 0, got {txt_loss_scale}")
-        if fused_optimizer not in (True, False, "auto"):
-            raise ValueError(f"stage.fused_optimizer must be true, false or auto, got {fused_optimizer!r}")
+        self.stage_config = stage
         self.gpt = GPT(model)
-        self.gpt.checkpoint_activations = activation_checkpointing
+        self.gpt.checkpoint_activations = stage.activation_checkpointing
         # counted once, before any strategy shards the weights
         self.flops_per_sequence = self.gpt.flops_per_sequence(model.block_size - 1)
-        self.compile, self.compile_mode, self.fused_optimizer = compile, compile_mode, fused_optimizer
         self._compiled_step = None  # forward_loss through torch.compile (configure_model)
         self.optimizer = optimizer
-        self.txt_loss_scale, self.pkeep = txt_loss_scale, pkeep
-        self.cond_drop, self.caption_prob, self.caption_end = cond_drop, caption_prob, caption_end
-        self.weight_decay, self.warmup_steps, self.min_lr_ratio = weight_decay, warmup_steps, min_lr_ratio
-        self.lr_scaling, self.lr_reference_batch = lr_scaling, lr_reference_batch
-        self.record = record or {}
+        self.record = record
         # kept out of the module tree: never trained, never saved in the state dict, never wrapped by DDP
         self._frozen = {"vqgan": vqgan.requires_grad_(False).eval() if vqgan is not None else None}
+        # sample grids: on_fit_start turns them off where rank 0 cannot draw them
         self.sample_prompts = list(sample_prompts or [])
-        self.sample_every_n_steps = sample_every_n_steps
-        self.sampling = sampling or SamplingConfig()
+        self.sample_every_n_steps = stage.sample_every_n_steps
+        self.sampling = stage.sampling
         self._sample_tokenizer = None  # the record's tokenizer, loaded at the first grid
         self._image_dir: Path | None = None  # <log dir>/images, set when fitting starts
         self.superres = superres
@@ -125,64 +110,42 @@ class GPTStage(L.LightningModule):
     @classmethod
     def from_config(cls, cfg: DictConfig, datamodule) -> "GPTStage":
         """Architecture from `model` and sizes from the data it will read, or everything from `init_ckpt`."""
-        stage = OmegaConf.to_container(cfg.stage, resolve=True)
+        stage: GPTStageConfig = typed_stage_config(cfg.stage)
         init_ckpt = cfg.init_ckpt
         init_gpt, init_record = load_gpt(init_ckpt) if init_ckpt else (None, None)
         if init_record is not None:  # fine-tune: the checkpoint's model, layout and tokenizer
             datamodule.use_tokenizer(init_record.tokenizer_model())
         manifest = datamodule.cfg.manifest()
-        superres = _superres_grid(stage, manifest, datamodule.cfg.root)
-        if superres is not None and stage["sample_every_n_steps"]:
+        superres = _superres_grid(stage.superres, manifest, datamodule.cfg.root)
+        if superres is not None and stage.sample_every_n_steps:
             warnings.warn("no sample grids while training a super-resolution GPT (they need low-resolution codes): "
                           "score it with python eval.py task=superres")
-            stage["sample_every_n_steps"] = 0
+            stage = replace(stage, sample_every_n_steps=0)
         if manifest.get("kind") == "codes":  # fast path: the VQGAN is needed only to draw sample grids
-            vqgan_info = {"config": manifest["vqgan"], "checkpoint": manifest.get("vqgan_checkpoint"),
-                          "sha256": manifest.get("vqgan_sha256"), "grid": list(manifest["grid"])}
-            vqgan = _vqgan_for_samples(vqgan_info) if stage["sample_every_n_steps"] else None
+            vqgan_record = VQGANRecord(config=VQGANConfig(**manifest["vqgan"]),
+                                       checkpoint=manifest.get("vqgan_checkpoint"),
+                                       sha256=manifest.get("vqgan_sha256"), grid=list(manifest["grid"]))
+            vqgan = _vqgan_for_samples(vqgan_record) if stage.sample_every_n_steps else None
         else:
-            vqgan, vqgan_info = _vqgan_for_images(cfg, datamodule, init_record)
-        h, w = vqgan_info["grid"]
-        sizes = {"image_len": h * w}
-        if superres is not None:  # the model writes the 2x grid's windows after the whole low-resolution grid
-            vqgan_info["grid"] = list(superres.high)
-            sizes = {"image_len": superres.window_len, "layout": "superres", "low_len": superres.low_len,
-                     "windows": superres.windows}
-        tokenizer = datamodule.tokenizer
+            vqgan, vqgan_record = _vqgan_for_images(cfg, datamodule, init_record)
+        if superres is not None:  # the model writes the 2x grid's windows
+            vqgan_record = replace(vqgan_record, grid=list(superres.high))
         if init_record is None:
-            model = GPTConfig(**{**OmegaConf.to_container(cfg.model, resolve=True), **sizes},
-                              n_image_codes=vqgan_info["config"]["n_embed"], n_text_tokens=tokenizer.vocab_size,
-                              text_len=tokenizer.text_len)
+            model = _model_config(cfg.model, datamodule.tokenizer, vqgan_record, superres)
             origin = "trained from scratch"
         else:
-            model = init_record.config
-            if init_record.superres_grid != superres:
-                raise ValueError(f"init_ckpt={init_ckpt} has super-resolution windows "
-                                 f"{init_record.superres}, this run {None if superres is None else superres.to_dict()}: "
-                                 "fine-tune with the same stage.superres")
-            _check_same_vqgan(init_ckpt, init_record, vqgan_info)
-            origin = f"fine-tuned from {init_ckpt} ({init_record.training.get('origin', 'a t2i run')})"
-        record = {"tokenizer": {"kind": tokenizer.kind, "model": tokenizer.model, "text_len": tokenizer.text_len},
-                  "vqgan": vqgan_info, "origin": origin}
-        if superres is not None:
-            record["superres"] = {**superres.to_dict(), "low_size": manifest["image_size"],
-                                  "high_size": manifest["hr_image_size"]}
-        prompts = stage["sample_prompts"]
-        if stage["sample_every_n_steps"] and not prompts:
-            if datamodule.cfg.splits.get("val") not in datamodule.cfg.manifest()["splits"]:
-                raise ValueError("sample grids need prompts: set stage.sample_prompts=[...] (this data has no val "
-                                 "split to take them from) or stage.sample_every_n_steps=0")
-            prompts = list(itertools.islice(datamodule.cfg.captions("val"), stage["num_sample_prompts"]))
-        module = cls(model, instantiate(cfg.optim), txt_loss_scale=stage["txt_loss_scale"],
-                     pkeep=stage["pkeep"], cond_drop=stage["cond_drop"], caption_prob=stage["caption_prob"],
-                     caption_end=stage["caption_end"],
-                     weight_decay=stage["weight_decay"], warmup_steps=stage["warmup_steps"],
-                     min_lr_ratio=stage["min_lr_ratio"], lr_scaling=stage["lr_scaling"],
-                     lr_reference_batch=stage["lr_reference_batch"], record=record, vqgan=vqgan,
-                     sample_prompts=prompts, sample_every_n_steps=stage["sample_every_n_steps"],
-                     sampling=SamplingConfig(**stage["sampling"]), compile=stage["compile"],
-                     compile_mode=stage["compile_mode"], fused_optimizer=stage["fused_optimizer"],
-                     activation_checkpointing=stage["activation_checkpointing"], superres=superres)
+            _check_fine_tuning(init_ckpt, init_record, vqgan_record, superres)
+            model = init_record.gpt
+            origin = f"fine-tuned from {init_ckpt} ({init_record.training.origin or 'a t2i run'})"
+        record = GPTRecord(
+            gpt=model, tokenizer=TokenizerRecord.of(datamodule.tokenizer), vqgan=vqgan_record,
+            training=TrainingRecord(caption_prob=stage.caption_prob, caption_end=stage.caption_end,
+                                    txt_loss_scale=stage.txt_loss_scale, cond_drop=stage.cond_drop, origin=origin),
+            sampling=asdict(stage.sampling),
+            superres=None if superres is None else SuperresRecord.of(superres, manifest["image_size"],
+                                                                     manifest["hr_image_size"]))
+        module = cls(model, stage, instantiate(cfg.optim), record=record, vqgan=vqgan,
+                     sample_prompts=_sample_prompts(stage, datamodule), superres=superres)
         if init_gpt is not None:
             module.gpt.load_state_dict(init_gpt.state_dict())
         return module
@@ -211,13 +174,15 @@ class GPTStage(L.LightningModule):
             low = self.superres.low_context(codes.view(b, *self.superres.low), window)
             codes = self.superres.crop(hr_codes, window)
         inputs_codes = codes
-        if train and self.cond_drop:
-            null = torch.rand(b, 1, device=codes.device) < self.cond_drop
+        options = self.stage_config
+        if train and options.cond_drop:
+            null = torch.rand(b, 1, device=codes.device) < options.cond_drop
             text = torch.where(null, layout.null_text(text), text)
-        if train and self.pkeep < 1:
-            replace = torch.rand(codes.shape, device=codes.device) > self.pkeep
-            inputs_codes = torch.where(replace, torch.randint_like(codes, layout.n_image_codes), codes)
-        captions = torch.rand(b, device=codes.device) < self.caption_prob if train and self.caption_prob else None
+        if train and options.pkeep < 1:
+            random = torch.rand(codes.shape, device=codes.device) > options.pkeep
+            inputs_codes = torch.where(random, torch.randint_like(codes, layout.n_image_codes), codes)
+        captions = (torch.rand(b, device=codes.device) < options.caption_prob if train and options.caption_prob
+                    else None)
 
         def sequence(image: torch.Tensor) -> torch.Tensor:
             t2i = layout.text_to_image(text, image, low, 0 if window is None else window)
@@ -248,10 +213,10 @@ class GPTStage(L.LightningModule):
         text_sum = n_text = logits.new_zeros((), dtype=torch.float32)
         if layout.predicts_text:
             text = layout.text_targets(targets)
-            if self.caption_end:  # the first padding of a caption is a target too: where captioning stops
+            if self.stage_config.caption_end:  # the first padding of a caption is a target too: where captioning stops
                 text = text | layout.caption_end_targets(targets)
             text_sum, n_text = summed_ce(layout.text_logits(logits), text, targets - layout.text_offset)
-        w = self.txt_loss_scale
+        w = self.stage_config.txt_loss_scale
         loss = (image_sum + w * text_sum) / (n_image + w * n_text)
         return loss, {"image_loss": (image_sum / n_image.clamp_min(1)).detach(),
                       "text_loss": (text_sum / n_text.clamp_min(1)).detach()}
@@ -272,11 +237,11 @@ class GPTStage(L.LightningModule):
         return self.loss(self.gpt(inputs), targets)
 
     def configure_model(self) -> None:
-        if self.compile and self._compiled_step is None:
+        if self.stage_config.compile and self._compiled_step is None:
             # a compiled function, not a compiled module: the GPT's parameters, state dict and checkpoints stay
             # as they are (torch.compile of the module would rename every key to _orig_mod.*), sampling stays eager
             self._compiled_step = torch.compile(lambda inputs, targets: self.loss(self.gpt(inputs), targets),
-                                                mode=self.compile_mode)
+                                                mode=self.stage_config.compile_mode)
 
     def on_fit_start(self) -> None:
         if self.vqgan is not None:
@@ -325,11 +290,11 @@ class GPTStage(L.LightningModule):
     def log_samples(self) -> None:
         """Images for the fixed prompts: a PNG grid (a row per prompt) + captions, and the logger's image panel."""
         if self._sample_tokenizer is None:
-            self._sample_tokenizer = load_tokenizer(**self.record["tokenizer"])
+            self._sample_tokenizer = self.record.tokenizer_model()
         was_training = self.gpt.training
         # task=generate's path (T2IPipeline.sample, seeded by prompt_seeds): the grid shows what generate would
         # draw; one sampling batch of every prompt's samples
-        pipeline = T2IPipeline(self.gpt, self._sample_tokenizer, self.vqgan, self.checkpoint_record())
+        pipeline = T2IPipeline(self.gpt, self._sample_tokenizer, self.vqgan, self.record)
         per_prompt = self.sampling.samples_per_prompt
         samples = pipeline.sample(self.sample_prompts, self.sampling, batch_size=len(self.sample_prompts) * per_prompt)
         self.gpt.train(was_training)
@@ -352,17 +317,19 @@ class GPTStage(L.LightningModule):
         # weight decay on matrices only: not on biases, LayerNorms, embeddings or positions (by module type:
         # under FSDP this runs after wrapping, when every parameter is a flat 1-D shard)
         fused = self._fused_optimizer()
-        optimizer = self.optimizer(weight_decay_groups(self.gpt, self.weight_decay), **({"fused": True} if fused else {}))
+        optimizer = self.optimizer(weight_decay_groups(self.gpt, self.stage_config.weight_decay),
+                                   **({"fused": True} if fused else {}))
         if self.logger is not None:  # what the switches resolved to on this machine
-            self.logger.log_hyperparams({"run/compile": self.compile, "run/fused_optimizer": fused,
+            self.logger.log_hyperparams({"run/compile": self.stage_config.compile, "run/fused_optimizer": fused,
                                          "run/activation_checkpointing": self.gpt.checkpoint_activations,
                                          "run/matmul_precision": torch.get_float32_matmul_precision(),
                                          "run/precision": str(self.trainer.precision)})
-        apply_lr_scaling(self, [optimizer], self.lr_scaling, self.lr_reference_batch,
+        options = self.stage_config
+        apply_lr_scaling(self, [optimizer], options.lr_scaling, options.lr_reference_batch,
                          tokens_per_sample=self.gpt.cfg.block_size - 1)
         # linear warmup, then a cosine to min_lr_ratio over the run (no length needed when nothing decays)
-        total = run_steps(self.trainer, constant="stage.min_lr_ratio=1") if self.min_lr_ratio != 1 else None
-        warmup, min_ratio = self.warmup_steps, self.min_lr_ratio
+        total = run_steps(self.trainer, constant="stage.min_lr_ratio=1") if options.min_lr_ratio != 1 else None
+        warmup, min_ratio = options.warmup_steps, options.min_lr_ratio
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, warmup, total, min_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -372,71 +339,90 @@ class GPTStage(L.LightningModule):
         factory = self.optimizer
         cls = getattr(factory, "func", factory)  # a Hydra partial
         takes_fused = "fused" in inspect.signature(cls).parameters
-        if self.fused_optimizer is True and not takes_fused:
+        fused = self.stage_config.fused_optimizer
+        if fused is True and not takes_fused:
             raise ValueError(f"stage.fused_optimizer=true but {getattr(cls, '__name__', cls)} has no fused "
                              "implementation: set stage.fused_optimizer=auto or false")
-        if self.fused_optimizer == "auto":
+        if fused == "auto":
             return takes_fused and self.device.type == "cuda"
-        return bool(self.fused_optimizer)
+        return bool(fused)
 
     # -- checkpoints: everything sampling needs ------------------------------------------------
 
-    def checkpoint_record(self) -> GPTRecord:
-        return GPTRecord(gpt=asdict(self.gpt.cfg), tokenizer=self.record["tokenizer"], vqgan=self.record["vqgan"],
-                         training={"caption_prob": self.caption_prob, "caption_end": self.caption_end,
-                                   "txt_loss_scale": self.txt_loss_scale,
-                                   "cond_drop": self.cond_drop, "origin": self.record.get("origin", "")},
-                         sampling=asdict(self.sampling), superres=self.record.get("superres"))
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["t2i"] = self.checkpoint_record().to_dict()
+        if self.record is not None:  # a GPTStage built by hand, without one, trains but saves no record
+            checkpoint["t2i"] = self.record.to_dict()
 
 
-def _superres_grid(stage: dict, manifest: dict, root) -> SuperresGrid | None:
+def _superres_grid(options: SuperresOptions | None, manifest: dict, root) -> SuperresGrid | None:
     """stage.superres ({window, stride} in codes of the 2x grid) on code shards with two grids, or None."""
-    options = stage.get("superres")
-    if not options:
+    if options is None:
         return None
     if manifest.get("kind") != "codes" or "hr_grid" not in manifest:
         raise ValueError(f"stage.superres needs code shards with a second, 2x grid per image; {root} has none: "
                          "python -m t2i.pretokenize --data IMAGE_SHARDS --out CODE_SHARDS --vqgan CKPT --superres-size S")
     high = manifest["hr_grid"]
-    return SuperresGrid(low=manifest["grid"], high=high, window=options.get("window") or high,
-                        stride=options.get("stride") or options.get("window") or high,
-                        context=options.get("context") or "whole")
+    return SuperresGrid(low=manifest["grid"], high=high, window=options.window or high,
+                        stride=options.stride or options.window or high, context=options.context or "whole")
 
 
-def _check_same_vqgan(init_ckpt: str, record: GPTRecord, vqgan_info: dict) -> None:
-    """Fine-tuning reads codes of the VQGAN the model was trained with, on the same grid."""
-    ours, theirs = record.vqgan.get("sha256"), vqgan_info.get("sha256")
+def _model_config(model: DictConfig, tokenizer, vqgan: VQGANRecord, superres: SuperresGrid | None) -> GPTConfig:
+    """The `model` architecture with the sizes of the data it reads: its tokenizer, its VQGAN's codes and grid."""
+    h, w = vqgan.grid
+    sizes = {"image_len": h * w}
+    if superres is not None:  # the window's codes after the whole low-resolution grid
+        sizes = {"image_len": superres.window_len, "layout": "superres", "low_len": superres.low_len,
+                 "windows": superres.windows}
+    return GPTConfig(**{**OmegaConf.to_container(model, resolve=True), **sizes}, n_image_codes=vqgan.config.n_embed,
+                     n_text_tokens=tokenizer.vocab_size, text_len=tokenizer.text_len)
+
+
+def _sample_prompts(stage: GPTStageConfig, datamodule) -> list[str]:
+    """stage.sample_prompts, or the first num_sample_prompts validation captions when grids are drawn."""
+    if not stage.sample_every_n_steps or stage.sample_prompts:
+        return stage.sample_prompts
+    if datamodule.cfg.splits.get("val") not in datamodule.cfg.manifest()["splits"]:
+        raise ValueError("sample grids need prompts: set stage.sample_prompts=[...] (this data has no val "
+                         "split to take them from) or stage.sample_every_n_steps=0")
+    return list(itertools.islice(datamodule.cfg.captions("val"), stage.num_sample_prompts))
+
+
+def _check_fine_tuning(init_ckpt: str, record: GPTRecord, data_vqgan: VQGANRecord,
+                       superres: SuperresGrid | None) -> None:
+    """Fine-tuning reads codes of the VQGAN the model was trained with, on the same grid and windows."""
+    if record.superres_grid != superres:
+        theirs = None if record.superres_grid is None else record.superres_grid.to_dict()
+        raise ValueError(f"init_ckpt={init_ckpt} has super-resolution windows {theirs}, this run "
+                         f"{None if superres is None else superres.to_dict()}: fine-tune with the same stage.superres")
+    ours, theirs = record.vqgan.sha256, data_vqgan.sha256
     if ours and theirs and ours != theirs:
         raise ValueError(f"the data's codes come from another VQGAN ({theirs[:12]}...) than init_ckpt="
                          f"{init_ckpt}'s ({ours[:12]}...): pre-tokenize with its VQGAN, python -m t2i.pretokenize "
-                         f"--vqgan {record.vqgan.get('checkpoint') or 'ITS_VQGAN.ckpt'} ...")
-    if list(record.grid) != list(vqgan_info["grid"]):
-        raise ValueError(f"the data's code grid {vqgan_info['grid']} is not init_ckpt={init_ckpt}'s "
+                         f"--vqgan {record.vqgan.checkpoint or 'ITS_VQGAN.ckpt'} ...")
+    if list(record.grid) != list(data_vqgan.grid):
+        raise ValueError(f"the data's code grid {data_vqgan.grid} is not init_ckpt={init_ckpt}'s "
                          f"{list(record.grid)}: set data.image_size to match")
 
 
-def _vqgan_for_samples(info: dict) -> VQModel | None:
+def _vqgan_for_samples(identity: VQGANRecord) -> VQModel | None:
     """The VQGAN that made the code shards, to draw sample grids; None (with a warning) when it is gone."""
-    path = info["checkpoint"]
+    path = identity.checkpoint
     if not path or not Path(path).is_file():
         warnings.warn(f"the VQGAN that made the code shards ({path}) is not there: no sample grids during training")
         return None
-    vqgan = load_vqgan(path, VQGANConfig(**info["config"]))
-    if info["sha256"] and weights_hash(vqgan) != info["sha256"]:
+    vqgan = load_vqgan(path, identity.config)
+    if identity.sha256 and weights_hash(vqgan) != identity.sha256:
         warnings.warn(f"{path} changed since the code shards were made: no sample grids during training")
         return None
     return vqgan
 
 
-def _vqgan_for_images(cfg: DictConfig, datamodule, init: GPTRecord | None = None) -> tuple[VQModel, dict]:
+def _vqgan_for_images(cfg: DictConfig, datamodule, init: GPTRecord | None = None) -> tuple[VQModel, VQGANRecord]:
     """Slow path: a frozen VQGAN encodes the image shards at every step (vqgan_ckpt, or init_ckpt's)."""
     path = cfg.vqgan_ckpt
     if not path and init is not None:
         vqgan = load_record_vqgan(init, cfg.init_ckpt)
-        path = init.vqgan["checkpoint"]
+        path = init.vqgan.checkpoint
     elif not path:
         raise ValueError(f"stage=gpt on image shards ({datamodule.cfg.root}) needs the VQGAN that encodes them: "
                          "set vqgan_ckpt=PATH (a taming checkpoint also needs vqgan=f16_16384), or pre-tokenize "

@@ -15,7 +15,7 @@ as train/entropy with its two terms (computed on each process's own batch under 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -29,24 +29,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics.image import StructuralSimilarityIndexMeasure
 
-from t2i.models.losses import VQGANLoss, VQGANLossConfig
+from t2i.models.losses import VQGANLoss
 from t2i.checkpoints import load_weights, read_checkpoint, vqgan_state_dict
 from t2i.eval.reconstruction import image_psnr
 from t2i.models.vqgan import VQGANConfig, VQModel, codebook_usage
+from t2i.stages.configs import VQGANStageConfig, typed_stage_config
 from t2i.stages.scaling import apply_lr_scaling, run_steps, warmup_cosine
 
 
-@dataclass
-class CodebookConfig:
-    """Keeping the codebook in use: data-dependent restarts of dead codes."""
-
-    restart_every: int = 0  # steps between restarts of unused codes (0: never)
-    restart_until: int = 0  # no restarts after this step (0: no limit)
-    usage_decay: float = 0.99  # EMA of per-code counts; a code below `dead_below` counts as dead
-    dead_below: float = 0.03
-
-
-LR_SCHEDULES = ("constant", "cosine")
 FIND_UNUSED = "ddp_find_unused_parameters_true"  # Lightning's registered name for DDP(find_unused_parameters=True)
 
 
@@ -78,32 +68,19 @@ class VQGANStage(L.LightningModule):
     def __init__(
         self,
         vqgan: VQGANConfig,
-        loss: VQGANLossConfig,
+        stage: VQGANStageConfig,
         optimizer: Callable,  # params -> torch.optim.Optimizer (a Hydra partial)
-        codebook: CodebookConfig = CodebookConfig(),
-        grad_clip: float = 1.0,
-        warmup_steps: int = 0,
-        lr_schedule: str = "constant",
-        lr_scaling: str = "none",
-        lr_reference_batch: int = 1,
-        init_ckpt: str | None = None,
-        log_images: int = 8,
+        init_ckpt: str | None = None,  # fine-tune from a taming or t2i checkpoint
     ):
         super().__init__()
         self.automatic_optimization = False
+        self.stage_config = stage
         self.vqgan = VQModel(vqgan)
-        if init_ckpt:  # fine-tune from a taming or t2i checkpoint
+        if init_ckpt:
             load_weights(self.vqgan, vqgan_state_dict(read_checkpoint(init_ckpt)), init_ckpt)
-        self.loss = VQGANLoss(loss)
+        self.loss = VQGANLoss(stage.loss)
         self.optimizer = optimizer
-        self.codebook_cfg = codebook
-        self.grad_clip = grad_clip
-        if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"stage.lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
-        self.warmup_steps, self.lr_schedule = warmup_steps, lr_schedule
         self._total_steps = 0  # the run's autoencoder steps (set with the optimizers)
-        self.lr_scaling, self.lr_reference_batch = lr_scaling, lr_reference_batch
-        self.log_images = log_images
         self.register_buffer("code_usage", torch.zeros(vqgan.n_embed))
         self.register_buffer("val_code_counts", torch.zeros(vqgan.n_embed), persistent=False)
         self._flops_per_image: int | None = None  # counted at the first batch (t2i.callbacks.TrainingThroughput)
@@ -114,18 +91,13 @@ class VQGANStage(L.LightningModule):
     @classmethod
     def from_config(cls, cfg: DictConfig, datamodule=None) -> "VQGANStage":
         """From train.py's composed config: `vqgan` (the model), `stage` (training) and `init_ckpt`."""
-        vqgan = OmegaConf.to_container(cfg.vqgan, resolve=True)
-        stage = OmegaConf.to_container(cfg.stage, resolve=True)
         trainer = cfg.get("trainer", {})
         if trainer.get("accumulate_grad_batches", 1) != 1 or trainer.get("gradient_clip_val"):
             raise ValueError("the VQGAN stage steps its two optimizers itself: leave trainer.accumulate_grad_batches=1 "
                              "and trainer.gradient_clip_val=null (clip with stage.grad_clip; for a larger batch raise "
                              "data.batch_size or trainer.devices)")
-        return cls(VQGANConfig(**vqgan), VQGANLossConfig(**stage["loss"]), instantiate(cfg.optim),
-                   CodebookConfig(**stage["codebook"]), grad_clip=stage["grad_clip"],
-                   warmup_steps=stage["warmup_steps"], lr_schedule=stage["lr_schedule"],
-                   lr_scaling=stage["lr_scaling"], lr_reference_batch=stage["lr_reference_batch"],
-                   init_ckpt=cfg.init_ckpt, log_images=stage["log_images"])
+        return cls(VQGANConfig(**OmegaConf.to_container(cfg.vqgan, resolve=True)), typed_stage_config(cfg.stage),
+                   instantiate(cfg.optim), init_ckpt=cfg.init_ckpt)
 
     # -- optimisation ------------------------------------------------------------------------
 
@@ -142,8 +114,8 @@ class VQGANStage(L.LightningModule):
     def configure_optimizers(self):
         autoencoder = [p for name, p in self.named_parameters() if name.startswith("vqgan.")]
         optimizers = [self.optimizer(autoencoder), self.optimizer(self.loss.discriminator.parameters())]
-        apply_lr_scaling(self, optimizers, self.lr_scaling, self.lr_reference_batch)
-        if self.lr_schedule == "cosine":
+        apply_lr_scaling(self, optimizers, self.stage_config.lr_scaling, self.stage_config.lr_reference_batch)
+        if self.stage_config.lr_schedule == "cosine":
             # global_step counts autoencoder steps, one per batch: so does estimated_stepping_batches
             self._total_steps = run_steps(self.trainer, "stage.lr_schedule=constant")
         return optimizers
@@ -152,13 +124,15 @@ class VQGANStage(L.LightningModule):
         name = "grad_norm" if optimizer is self.trainer.optimizers[0] else "disc_grad_norm"
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         self.log(f"train/{name}", torch.nn.utils.get_total_norm(grads))
-        if self.grad_clip:
-            self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+        if self.stage_config.grad_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.stage_config.grad_clip,
+                                gradient_clip_algorithm="norm")
 
     def _set_lr(self, optimizer, step: int) -> None:
         """Linear warmup, then constant (taming) or cosine decay to 10% over the run."""
-        scale = warmup_cosine(step, self.warmup_steps, self._total_steps if self.lr_schedule == "cosine" else None,
-                              min_ratio=0.1)
+        options = self.stage_config
+        total = self._total_steps if options.lr_schedule == "cosine" else None
+        scale = warmup_cosine(step, options.warmup_steps, total, min_ratio=0.1)
         for group in optimizer.param_groups:
             group.setdefault("base_lr", group["lr"])
             group["lr"] = group["base_lr"] * scale
@@ -217,23 +191,23 @@ class VQGANStage(L.LightningModule):
     def _track_codes(self, codes: torch.Tensor, z: torch.Tensor, step: int) -> None:
         counts = torch.bincount(codes.flatten(), minlength=self.code_usage.numel()).float()
         counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
-        decay = self.codebook_cfg.usage_decay
-        self.code_usage.mul_(decay).add_(counts, alpha=1 - decay)
-        cfg = self.codebook_cfg
-        if cfg.restart_every and (step + 1) % cfg.restart_every == 0 and (not cfg.restart_until or step < cfg.restart_until):
+        cfg = self.stage_config.codebook
+        self.code_usage.mul_(cfg.usage_decay).add_(counts, alpha=1 - cfg.usage_decay)
+        if cfg.restart_every and (step + 1) % cfg.restart_every == 0 \
+                and (not cfg.restart_until or step < cfg.restart_until):
             self._restart_dead_codes(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float())
 
     @torch.no_grad()
     def _restart_dead_codes(self, z: torch.Tensor) -> None:
         """Move unused codes onto this batch's encoder outputs `z` [N, D] (same on every rank)."""
-        dead = (self.code_usage < self.codebook_cfg.dead_below).nonzero().flatten()
+        dead = (self.code_usage < self.stage_config.codebook.dead_below).nonzero().flatten()
         if dead.numel() == 0:
             return
         picks = z[torch.randint(len(z), (dead.numel(),), device=z.device)]
         picks = picks + 0.01 * z.std() * torch.randn_like(picks)  # split copies of one vector apart
         picks = broadcast_from_rank_zero(picks)
         self.vqgan.quantize.set_codes(dead, picks)  # SimVQ: through its projection
-        self.code_usage[dead] = self.codebook_cfg.dead_below  # a grace period before the next restart
+        self.code_usage[dead] = self.stage_config.codebook.dead_below  # a grace period before the next restart
         self.log("train/codes_restarted", float(dead.numel()))
 
     # -- validation --------------------------------------------------------------------------
@@ -249,8 +223,8 @@ class VQGANStage(L.LightningModule):
         self.log("val/reconstruction", rec, sync_dist=True, batch_size=len(x))
         self.log("val/psnr", self.val_psnr)
         self.log("val/ssim", self.val_ssim)
-        if batch_idx == 0 and self.log_images:
-            self._log_grid(real[: self.log_images], fake[: self.log_images])
+        if batch_idx == 0 and self.stage_config.log_images:
+            self._log_grid(real[: self.stage_config.log_images], fake[: self.stage_config.log_images])
 
     def on_validation_epoch_end(self) -> None:
         counts = self.trainer.strategy.reduce(self.val_code_counts, reduce_op="sum")
