@@ -205,16 +205,16 @@ def superres(cfg: DictConfig, fabric: Fabric) -> dict:
     if loaders[0].cfg.kind() != "image":
         raise ValueError(f"task=superres compares with the split's real images: use image shards (e.g. data=shapes, "
                          f"not data={cfg.data.name})")
-    pipeline, generator_sampling = None, None
+    pipeline, pipeline_sampling = None, None
     if cfg.ckpt:
         pipeline = T2IPipeline.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device, step=cfg.sampling.step,
                                                 weights=cfg.sampling.weights)
-        generator_sampling, _ = sampling_options(cfg, pipeline)
+        pipeline_sampling, _ = sampling_options(cfg, pipeline)
     out = Path(HydraConfig.get().runtime.output_dir)
     with fabric.autocast():
         results = evaluate_superres(resolver, loaders[0].loader(cfg.split), loaders[1].loader(cfg.split),
                                     superres_sampling(cfg, resolver), cfg.superres.num_images,
-                                    cfg.sampling.batch_size, out, pipeline, generator_sampling)
+                                    cfg.sampling.batch_size, out, pipeline, pipeline_sampling)
     results = {"task": "superres", "superres_ckpt": str(cfg.superres_ckpt), "ckpt": cfg.ckpt, "data": cfg.data.name,
                "split": cfg.split, **results}
     (out / "results.md").write_text(superres_table(results), encoding="utf-8")
@@ -255,7 +255,7 @@ def text_to_image(cfg: DictConfig, fabric: Fabric) -> dict | None:
     # a loader batch is one sampling batch: its prompts' candidates, samples_per_prompt x rerank each
     prompts_per_batch = max(1, batch_size // (sampling.samples_per_prompt * eval_cfg.rerank))
     loader = prompt_loader(dm, prompts, prompts_per_batch, fabric.global_rank, fabric.world_size)
-    scorer, caption_model = CaptionScorer.for_generator(pipeline, cfg.caption_ckpt)
+    scorer, caption_model = CaptionScorer.for_pipeline(pipeline, cfg.caption_ckpt)
     if scorer is None:
         warn_unavailable(caption_model)
         if eval_cfg.rerank > 1 and eval_cfg.rerank_by == "caption_loss":

@@ -205,20 +205,20 @@ def memory_probe(ckpt: str, batch_size: str) -> None:
     from t2i.sampling import T2IPipeline
 
     limits = OmegaConf.load(REPO / "conf" / "demo.yaml").limits
-    generator = T2IPipeline.from_checkpoint(ckpt)
-    scorer, _ = CaptionScorer.for_generator(generator, None)
+    pipeline = T2IPipeline.from_checkpoint(ckpt)
+    scorer, _ = CaptionScorer.for_pipeline(pipeline, None)
     rerank = limits.max_rerank if scorer is not None else 1
     sequences = limits.max_samples * rerank
     size = sequences if batch_size == "all" else int(batch_size)
-    engine = Engine(generator, scorer, batch_size=size, start=False)
+    engine = Engine(pipeline, scorer, batch_size=size, start=False)
     engine.sample([Job("warm-up", 0, Settings(samples=1, guidance_scale=3.0))])
     Path("/proc/self/clear_refs").write_text("5")  # the peak RSS starts again from the present RSS
     before = _status_mb("VmRSS")
     job = Job("画面左上角有一个红色的小圆形", 0, Settings(limits.max_samples, 3.0, 1.0, 0, 1.0, rerank))
     engine.sample([job])
-    cfg = generator.gpt.cfg
+    cfg = pipeline.gpt.cfg
     rows = 2 * min(size, sequences)  # guidance: both halves
-    cache = rows * 2 * cfg.n_layer * cfg.block_size * cfg.n_embd * generator.gpt.tok_emb.weight.element_size() / 2 ** 20
+    cache = rows * 2 * cfg.n_layer * cfg.block_size * cfg.n_embd * pipeline.gpt.tok_emb.weight.element_size() / 2 ** 20
     print(f"RESULT {sequences} {size} {rows} {_status_mb('VmHWM') - before:.1f} {cache:.1f} {torch.get_num_threads()}")
 
 

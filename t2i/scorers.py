@@ -48,21 +48,21 @@ class CaptionScorer:
         self.gpt, self.tokenizer, self.source = gpt.eval(), tokenizer, source
 
     @classmethod
-    def for_generator(cls, generator: T2IPipeline, caption_ckpt: str | None) -> tuple[CaptionScorer | None, str]:
+    def for_pipeline(cls, pipeline: T2IPipeline, caption_ckpt: str | None) -> tuple[CaptionScorer | None, str]:
         """The evaluated model itself when it learned captioning, else `caption_ckpt`; (None, reason) when neither."""
         if caption_ckpt:
             gpt, record = load_gpt(caption_ckpt)
             if not record.caption_prob:
                 return None, f"caption_ckpt={caption_ckpt} was trained without the caption direction"
-            ours, theirs = generator.record.vqgan.sha256, record.vqgan.sha256
+            ours, theirs = pipeline.record.vqgan.sha256, record.vqgan.sha256
             if ours != theirs:
                 raise ValueError(f"caption_ckpt={caption_ckpt} reads codes of another VQGAN "
                                  f"({str(theirs)[:12]}..., the evaluated model's is {str(ours)[:12]}...)")
-            return cls(gpt.to(generator.device), record.tokenizer_model(), str(caption_ckpt)), str(caption_ckpt)
-        if generator.record.caption_prob:
-            return cls(generator.gpt, generator.tokenizer, "self"), "self"
-        if not generator.gpt.layout.captions:
-            return None, (f"a {generator.gpt.layout.kind}-layout model has no image-to-text direction to score captions with "
+            return cls(gpt.to(pipeline.device), record.tokenizer_model(), str(caption_ckpt)), str(caption_ckpt)
+        if pipeline.record.caption_prob:
+            return cls(pipeline.gpt, pipeline.tokenizer, "self"), "self"
+        if not pipeline.gpt.layout.captions:
+            return None, (f"a {pipeline.gpt.layout.kind}-layout model has no image-to-text direction to score captions with "
                           "(pass caption_ckpt=a t2i captioning model over the same VQGAN)")
         return None, ("the checkpoint was trained without the caption direction (stage.caption_prob=0) and no "
                       "caption_ckpt was given")

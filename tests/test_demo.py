@@ -55,12 +55,12 @@ def ckpt(request):
 
 
 @pytest.fixture(scope="module")
-def generator(ckpt):
+def pipeline(ckpt):
     return T2IPipeline.from_checkpoint(ckpt)
 
 
-def test_prompts_any_unicode_empty_and_too_long(generator):
-    tokenizer = generator.tokenizer
+def test_prompts_any_unicode_empty_and_too_long(pipeline):
+    tokenizer = pipeline.tokenizer
     assert clean_prompt(None) == "" and clean_prompt(" \n\t ") == "" and clean_prompt(" 红色 \n") == "红色"
     assert clean_prompt("a\ud83d") == "a\ufffd"  # a lone surrogate (JSON can carry one) becomes U+FFFD
     assert clean_prompt("\ud83d\ude00") == "😀"  # a surrogate pair, the character it stands for
@@ -96,7 +96,7 @@ def test_progress_text():
 
 
 def test_engine_batches_equal_settings_in_order():
-    engine = Engine(generator=None, scorer=None, max_batch=3, start=False)
+    engine = Engine(pipeline=None, scorer=None, max_batch=3, start=False)
     a, b = Settings(samples=2), Settings(samples=2, temperature=0.5)
     jobs = [engine.submit(p, 0, s) for p, s in [("1", a), ("2", b), ("3", a), ("4", a), ("5", a)]]
     assert [job.ahead for job in jobs] == [0, 1, 2, 3, 4]
@@ -106,13 +106,13 @@ def test_engine_batches_equal_settings_in_order():
     assert engine._take() == [jobs[4]]
 
 
-def test_a_batch_gives_each_request_its_own_images(generator, monkeypatch):
+def test_a_batch_gives_each_request_its_own_images(pipeline, monkeypatch):
     """Batched requests get the images each would get alone, which are task=generate's for the prompt and seed;
     while they sample, every request shows the sampler's progress: one more position after each model call."""
     settings = Settings(samples=2, guidance_scale=3.0, top_k=10)
-    engine = Engine(generator, scorer=None, batch_size=4, start=False)  # 2 prompts per sampling batch: 2 batches
+    engine = Engine(pipeline, scorer=None, batch_size=4, start=False)  # 2 prompts per sampling batch: 2 batches
     jobs = [Job(PROMPT, 5, settings), Job("", 5, settings), Job("蓝色的大方块", 9, settings)]
-    shown, sample_codes = [], generator.sample_codes  # what each job shows after each of the sampler's reports
+    shown, sample_codes = [], pipeline.sample_codes  # what each job shows after each of the sampler's reports
 
     def watched(*args, progress, **kwargs):
         def report(done, total):
@@ -121,25 +121,25 @@ def test_a_batch_gives_each_request_its_own_images(generator, monkeypatch):
 
         return sample_codes(*args, progress=report, **kwargs)
 
-    monkeypatch.setattr(generator, "sample_codes", watched)
+    monkeypatch.setattr(pipeline, "sample_codes", watched)
     engine.sample(jobs)
-    image_len = generator.gpt.cfg.image_len
+    image_len = pipeline.gpt.cfg.image_len
     assert shown == [{(done, 2 * image_len)} for done in range(1, 2 * image_len + 1)]
     monkeypatch.undo()
     for job in jobs:
         assert job.total == 2 * image_len and job.steps == job.total and job.batched_with == 3
         # alone, as task=generate samples the prompt: the same images
         cfg = settings.sampling()
-        alone = generator.decode(generator.sample_codes([job.prompt], cfg, seeds=prompt_seeds(job.seed, [job.prompt])))
+        alone = pipeline.decode(pipeline.sample_codes([job.prompt], cfg, seeds=prompt_seeds(job.seed, [job.prompt])))
         assert torch.equal(job.images, alone)
     assert not torch.equal(jobs[0].images, jobs[2].images)
 
 
-def test_reranking_keeps_the_lowest_caption_loss(generator):
-    scorer, source = CaptionScorer.for_generator(generator, None)
+def test_reranking_keeps_the_lowest_caption_loss(pipeline):
+    scorer, source = CaptionScorer.for_pipeline(pipeline, None)
     if scorer is None:
         pytest.skip(f"the checkpoint cannot rerank: {source}")
-    engine = Engine(generator, scorer, start=False)
+    engine = Engine(pipeline, scorer, start=False)
     plain, reranked = Job(PROMPT, 3, Settings(samples=2)), Job(PROMPT, 3, Settings(samples=2, rerank=3))
     engine.sample([plain])
     engine.sample([reranked])
@@ -302,12 +302,12 @@ def _generate(page, prompt: str, count: int) -> list[str]:
 
 
 @pytest.mark.slow  # the server starts in ~20 s
-def test_page_in_a_browser(server, ckpt, generator):
+def test_page_in_a_browser(server, ckpt, pipeline):
     browser_path = _chromium()
     from playwright.sync_api import expect, sync_playwright
 
     url, _, _ = server
-    image_len = generator.gpt.cfg.image_len
+    image_len = pipeline.gpt.cfg.image_len
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
@@ -347,7 +347,7 @@ def test_page_in_a_browser(server, ckpt, generator):
 
 
 @pytest.mark.slow
-def test_gradio_client_calls_the_same_endpoint(server, generator):
+def test_gradio_client_calls_the_same_endpoint(server, pipeline):
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
@@ -358,7 +358,7 @@ def test_gradio_client_calls_the_same_endpoint(server, generator):
     assert sorted(Path(f).name for f in files) == ["grid.png", "images.zip"]
     # the images task=generate gives this prompt and seed
     cfg = Settings(2, 3.0, 1.0, 10, 1.0).sampling()
-    expected = generator.decode(generator.sample_codes([PROMPT], cfg, seeds=prompt_seeds(4, [PROMPT])))
+    expected = pipeline.decode(pipeline.sample_codes([PROMPT], cfg, seeds=prompt_seeds(4, [PROMPT])))
     for entry, image in zip(gallery, expected):
         assert np.array_equal(np.asarray(Image.open(entry["image"])), image.permute(1, 2, 0).numpy())
     # refused requests are answered with the reason (Gradio's checks of the controls' ranges, then the
@@ -399,7 +399,7 @@ def _rows_allocated(monkeypatch) -> list[int]:
 
 
 @pytest.mark.parametrize("method", ["ar", "sjd"])
-def test_a_prompts_samples_split_over_sampling_batches_keep_their_codes(generator, monkeypatch, method):
+def test_a_prompts_samples_split_over_sampling_batches_keep_their_codes(pipeline, monkeypatch, method):
     """More samples than sampling.batch_size: a prompt's samples go over several batches, each sample
     drawing from its own stream, so every code is the one the unsplit batch gives; the cache never holds
     more than batch_size sequences (x2: guidance's unconditional half)."""
@@ -407,30 +407,30 @@ def test_a_prompts_samples_split_over_sampling_batches_keep_their_codes(generato
 
     prompts, seeds = [PROMPT, "蓝色的大方块"], prompt_seeds(3, [PROMPT, "蓝色的大方块"])
     cfg = SamplingConfig(samples_per_prompt=3, guidance_scale=3.0, top_k=10, method=method, sjd_window=8)
-    whole = generator.sample_codes(prompts, cfg, batch_size=6, seeds=seeds)  # one batch: both prompts
+    whole = pipeline.sample_codes(prompts, cfg, batch_size=6, seeds=seeds)  # one batch: both prompts
     rows = _rows_allocated(monkeypatch)
-    split = generator.sample_codes(prompts, cfg, batch_size=2, seeds=seeds)  # samples 0-1, then 2, of each prompt
+    split = pipeline.sample_codes(prompts, cfg, batch_size=2, seeds=seeds)  # samples 0-1, then 2, of each prompt
     assert torch.equal(split, whole)
     assert rows == [4, 2, 4, 2]
 
 
-def test_a_request_at_the_page_limits_stays_within_the_sampling_batch(generator, monkeypatch):
+def test_a_request_at_the_page_limits_stays_within_the_sampling_batch(pipeline, monkeypatch):
     """The most a page request may ask for (conf/demo.yaml's limits, guidance on, reranking): no KV cache and no
     forward pass (sampling, Caption Loss) holds more than sampling.batch_size x 2 sequences."""
     cfg = _demo_cfg([])
     batch_size, limits = cfg.sampling.batch_size, cfg.limits
-    scorer, source = CaptionScorer.for_generator(generator, None)
+    scorer, source = CaptionScorer.for_pipeline(pipeline, None)
     assert scorer is not None, source  # the tests' checkpoint learned captioning: rerank is on the page
     settings = Settings(limits.max_samples, 3.0, 1.0, 10, 1.0, limits.max_rerank)
     rows, batches = _rows_allocated(monkeypatch), []
-    hook = generator.gpt.register_forward_pre_hook(lambda _, args: batches.append(len(args[0])))
+    hook = pipeline.gpt.register_forward_pre_hook(lambda _, args: batches.append(len(args[0])))
     try:
         job = Job(PROMPT, 0, settings)
-        Engine(generator, scorer, batch_size=batch_size, start=False).sample([job])
+        Engine(pipeline, scorer, batch_size=batch_size, start=False).sample([job])
     finally:
         hook.remove()
     sequences = limits.max_samples * limits.max_rerank  # 128: 8 sampling batches of 16
-    assert job.images.shape[0] == limits.max_samples and job.total == sequences // batch_size * generator.gpt.cfg.image_len
+    assert job.images.shape[0] == limits.max_samples and job.total == sequences // batch_size * pipeline.gpt.cfg.image_len
     assert rows == [2 * batch_size] * (sequences // batch_size)
     assert max(batches) == 2 * batch_size
 

@@ -160,21 +160,21 @@ def test_bad_config_and_vocabulary_are_refused(tmp_path, captions):
 
 def test_every_sampler_runs_on_an_imported_model(imported):
     _, ckpt = imported
-    generator = T2IPipeline.from_checkpoint(ckpt)
+    pipeline = T2IPipeline.from_checkpoint(ckpt)
     prompts = ["红色的小圆形", "一只戴帽子的猫 [MASK]", ""]
-    text = generator.tokenizer(prompts)
+    text = pipeline.tokenizer(prompts)
     assert text[2].tolist() == [0] * TEXT_LEN and (text[1] == 103).any()  # [PAD] = 0, [MASK] kept whole
-    greedy = generator.sample_codes(prompts, SamplingConfig(greedy=True))
+    greedy = pipeline.sample_codes(prompts, SamplingConfig(greedy=True))
     # greedy equals recomputing EasyNLP's way (the whole sequence every step, the head over image codes)
-    tokens = generator.gpt.layout.prefix(text)
+    tokens = pipeline.gpt.layout.prefix(text)
     for _ in range(64):
-        tokens = torch.cat([tokens, generator.gpt(tokens)[:, -1].argmax(-1, keepdim=True)], 1)
+        tokens = torch.cat([tokens, pipeline.gpt(tokens)[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(greedy.flatten(1), tokens[:, TEXT_LEN:])
     for options in (dict(top_k=100, seed=1), dict(top_p=0.9, temperature=0.7, seed=2),
                     dict(guidance_scale=3.0, samples_per_prompt=2, seed=3)):
-        codes = generator.sample_codes(prompts, SamplingConfig(**options))
+        codes = pipeline.sample_codes(prompts, SamplingConfig(**options))
         assert codes.shape == (len(prompts) * options.get("samples_per_prompt", 1), 8, 8) and codes.max() < 48
-    assert generator.decode(greedy).shape == (3, 3, 32, 32)
+    assert pipeline.decode(greedy).shape == (3, 3, 32, 32)
 
 
 def test_export_round_trip_is_the_identity(imported, tmp_path):

@@ -347,3 +347,11 @@ def test_progress_reports_the_positions_fixed_after_each_model_call(model, text,
         done = [d for d, _ in calls]
         assert len(calls) == stats.model_calls and done == sorted(done), (step, calls)
         assert calls[-1] == (9, 9) and {total for _, total in calls} == {9}, (step, calls)
+
+
+def test_the_sampler_and_the_scorers_import_no_lightning_torchmetrics_hydra_or_gradio():
+    # docs/architecture.md: a script samples and reranks with torch alone
+    code = ("import sys, t2i.sampling, t2i.scorers\n"
+            "print(sorted(m for m in ('lightning', 'torchmetrics', 'hydra', 'gradio') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr[-2000:]

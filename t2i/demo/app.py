@@ -44,15 +44,15 @@ def setup(cfg: DictConfig, out_dir: Path):
     limits = Limits.from_config(OmegaConf.to_container(cfg.limits, resolve=True))
     queue = positive_integers("queue", OmegaConf.to_container(cfg.queue, resolve=True))
     options = OmegaConf.to_container(cfg.sampling, resolve=True)
-    generator = T2IPipeline.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=resolve_device(cfg.device),
+    pipeline = T2IPipeline.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=resolve_device(cfg.device),
                                             step=options.pop("step"), weights=options.pop("weights"))
-    scorer, caption_source = CaptionScorer.for_generator(generator, cfg.caption_ckpt)
+    scorer, caption_source = CaptionScorer.for_pipeline(pipeline, cfg.caption_ckpt)
     if cfg.caption_ckpt:  # the page names the file, not where it lies
         caption_source = caption_source.replace(str(cfg.caption_ckpt), Path(cfg.caption_ckpt).name)
     rerank, batch_size, seed = cfg.rerank, options.pop("batch_size"), options.pop("seed")
     samples = options.pop("samples_per_prompt")
-    sampling = resolve_sampling(options, generator.record.sampling)
-    top_k = min(sampling.top_k, generator.gpt.cfg.n_image_codes)  # keeping more codes than there are keeps all
+    sampling = resolve_sampling(options, pipeline.record.sampling)
+    top_k = min(sampling.top_k, pipeline.gpt.cfg.n_image_codes)  # keeping more codes than there are keeps all
     defaults = Settings(samples, sampling.guidance_scale, sampling.temperature, top_k, sampling.top_p,
                         rerank if scorer is not None else 1)
     defaults.check(limits.max_samples, limits.max_rerank, True)
@@ -61,11 +61,11 @@ def setup(cfg: DictConfig, out_dir: Path):
     font = find_cjk_font(cfg.font)
     if font is None:
         log.warning("no CJK font found: grids carry the prompt only when it is ASCII (%s)", FONT_HINT)
-    card, facts = model_card(generator, cfg.ckpt, file_sha256(cfg.ckpt), caption_source, scorer is not None, font)
-    engine = Engine(generator, scorer, batch_size, queue["max_batch"])
+    card, facts = model_card(pipeline, cfg.ckpt, file_sha256(cfg.ckpt), caption_source, scorer is not None, font)
+    engine = Engine(pipeline, scorer, batch_size, queue["max_batch"])
     results = Results(out_dir / "results", queue["keep_results"], font, facts)
     examples = example_prompts(cfg.examples_file, cfg.ckpt, cfg.examples_from_run)
-    controls = Controls(limits, defaults, generator.gpt.cfg.n_image_codes, generator.tokenizer.text_len,
+    controls = Controls(limits, defaults, pipeline.gpt.cfg.n_image_codes, pipeline.tokenizer.text_len,
                         can_rerank=scorer is not None)
     page = build_page(engine, results, controls, seed, examples, card, caption_source,
                       concurrency=2 * queue["max_batch"])  # the next batch gathers while one samples

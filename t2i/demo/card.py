@@ -29,15 +29,15 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def model_card(generator: T2IPipeline, ckpt: str, ckpt_sha256: str, caption_source: str, can_rerank: bool,
+def model_card(pipeline: T2IPipeline, ckpt: str, ckpt_sha256: str, caption_source: str, can_rerank: bool,
                font: str | None) -> tuple[str, dict]:
     """The model panel (markdown) and its facts (written into each result's settings.json): files by name and
     sha256, never by absolute path (both reach every visitor)."""
-    record, gpt = generator.record, generator.gpt
+    record, gpt = pipeline.record, pipeline.gpt
     cfg = gpt.cfg
     params = sum(p.numel() for p in gpt.parameters())
     vqgan, h_w = record.vqgan, record.grid
-    device = generator.device
+    device = pipeline.device
     device_text = str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})"
     if device.type == "cpu":
         device_text += f", {torch.get_num_threads()} threads"
@@ -45,7 +45,7 @@ def model_card(generator: T2IPipeline, ckpt: str, ckpt_sha256: str, caption_sour
         "checkpoint": Path(ckpt).name, "checkpoint_sha256": ckpt_sha256,
         "parameters": params, "layers": cfg.n_layer, "width": cfg.n_embd, "heads": cfg.n_head,
         "layout": cfg.layout, "text_len": cfg.text_len, "image_len": cfg.image_len, "grid": list(h_w),
-        "tokenizer": f"{record.tokenizer.kind} ({generator.tokenizer.vocab_size} pieces)",
+        "tokenizer": f"{record.tokenizer.kind} ({pipeline.tokenizer.vocab_size} pieces)",
         "vqgan_sha256": vqgan.sha256,
         "vqgan_checkpoint": Path(vqgan.checkpoint).name if vqgan.checkpoint else None,
         "vqgan_codebook": vqgan.config.n_embed, "origin": record.training.origin or "unknown",
@@ -58,8 +58,8 @@ def model_card(generator: T2IPipeline, ckpt: str, ckpt_sha256: str, caption_sour
         ("Layout", f"{cfg.layout}: {cfg.text_len} text tokens, then {cfg.image_len} image codes "
                    f"({h_w[0]}×{h_w[1]} grid)"),
         ("Tokenizer", facts["tokenizer"]),
-        ("VQGAN", f"{vqgan['config'].get('resolution')} px, {facts['vqgan_codebook']} codes, sha256 "
-                  f"`{str(vqgan.get('sha256'))[:16]}…`, {facts['vqgan_checkpoint'] or 'no path recorded'}"),
+        ("VQGAN", f"{vqgan.config.resolution} px, {facts['vqgan_codebook']} codes, sha256 "
+                  f"`{str(vqgan.sha256)[:16]}…`, {facts['vqgan_checkpoint'] or 'no path recorded'}"),
         ("Training", f"{facts['origin']}; caption direction: "
                      f"{'yes (caption_prob ' + format(record.caption_prob, 'g') + ')' if record.caption_prob else 'no'}"),
         ("Reranking", f"by Caption Loss under {caption_source}" if can_rerank else f"unavailable: {caption_source}"),

@@ -47,9 +47,9 @@ class Job:
 class Engine:
     """The model's thread: takes waiting jobs in order, batching those with equal settings."""
 
-    def __init__(self, generator: T2IPipeline, scorer: CaptionScorer | None, batch_size: int = 16, max_batch: int = 4,
+    def __init__(self, pipeline: T2IPipeline, scorer: CaptionScorer | None, batch_size: int = 16, max_batch: int = 4,
                  start: bool = True):
-        self.generator, self.scorer = generator, scorer
+        self.pipeline, self.scorer = pipeline, scorer
         self.batch_size, self.max_batch = batch_size, max_batch
         self._waiting: deque[Job] = deque()
         self._lock = threading.Condition()
@@ -111,7 +111,7 @@ class Engine:
                 job.steps, job.total = done, total
 
         started = time.perf_counter()
-        codes = self.generator.sample_codes(prompts, sampling, self.batch_size, seeds, progress=report)
+        codes = self.pipeline.sample_codes(prompts, sampling, self.batch_size, seeds, progress=report)
         for job in jobs:
             job.seconds = time.perf_counter() - started
         n, k, s = len(jobs), settings.rerank, settings.samples
@@ -125,7 +125,7 @@ class Engine:
             losses = take(losses, best)
         else:
             codes, losses = codes[:, 0], None if losses is None else losses[:, 0]
-        images = self.generator.decode(codes.flatten(0, 1), self.batch_size)
+        images = self.pipeline.decode(codes.flatten(0, 1), self.batch_size)
         images = images.view(n, s, *images.shape[1:])
         for i, job in enumerate(jobs):
             job.images = images[i]

@@ -32,8 +32,8 @@ def build_page(engine: Engine, results: Results, controls: Controls, seed: int |
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
-    tokenizer = engine.generator.tokenizer
-    image_len = engine.generator.gpt.cfg.image_len
+    tokenizer = engine.pipeline.tokenizer
+    image_len = engine.pipeline.gpt.cfg.image_len
     defaults, ends, can_rerank = controls.defaults, controls.ends, controls.can_rerank
 
     def generate(prompt, samples, guidance_scale, temperature, top_k, top_p, seed, random_seed, rerank,

@@ -35,12 +35,12 @@ from t2i.sampling import SamplingConfig, Samples, SuperResPipeline, T2IPipeline,
 REFERENCES = ("superres", "bicubic", "bicubic_real", "vqgan_high")
 
 
-def low_codes_for(resolver: SuperResPipeline, generator: T2IPipeline, codes: torch.Tensor,
+def low_codes_for(resolver: SuperResPipeline, pipeline: T2IPipeline, codes: torch.Tensor,
                   images: torch.Tensor) -> tuple[torch.Tensor, str]:
     """The super-resolution model's low-resolution input for a text-to-image GPT's codes [N, h, w] and their
     decoded images [N, 3, S, S]: the codes themselves when both models read the same VQGAN on the same grid,
     else the images re-encoded by the super-resolution model's VQGAN (at its low size). Returns (codes, how)."""
-    same = (generator.record.vqgan.sha256 == resolver.record.vqgan.sha256
+    same = (pipeline.record.vqgan.sha256 == resolver.record.vqgan.sha256
             and tuple(codes.shape[1:]) == resolver.grid.low)
     if same:
         return codes.to(resolver.device), "the text-to-image GPT's codes (the same VQGAN and grid)"
@@ -48,22 +48,22 @@ def low_codes_for(resolver: SuperResPipeline, generator: T2IPipeline, codes: tor
                                          "model's VQGAN (the two models read different VQGANs or grids)")
 
 
-def upsample_generated(resolver: SuperResPipeline, generator: T2IPipeline, prompts: list[str], codes: torch.Tensor,
+def upsample_generated(resolver: SuperResPipeline, pipeline: T2IPipeline, prompts: list[str], codes: torch.Tensor,
                        images: torch.Tensor, sampling: SamplingConfig, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     """2x codes and images of a text-to-image GPT's samples (prompts[i] with codes[i]): (codes, uint8 images, how
     the low-resolution codes were obtained). One super-resolution sample per input (samples_per_prompt 1)."""
-    low, how = low_codes_for(resolver, generator, codes, images)
+    low, how = low_codes_for(resolver, pipeline, codes, images)
     sampling = SamplingConfig(**{**asdict(sampling), "samples_per_prompt": 1})
     high = resolver.upsample_codes(prompts, low, sampling, batch_size=batch_size)  # seeded by prompt_seeds
     return high, resolver.decode(high, batch_size), how
 
 
-def write_generated_2x(resolver: SuperResPipeline, generator: T2IPipeline, samples: Samples,
+def write_generated_2x(resolver: SuperResPipeline, pipeline: T2IPipeline, samples: Samples,
                        sampling: SamplingConfig, batch_size: int, out: Path) -> dict:
     """task=generate's super-resolution pass over its `samples`: NNNN_SS_2x.png, grid_2x.png (+ .md) and
     codes_2x.npy in `out` (write_samples)."""
     per_sample = [p for p in samples.prompts for _ in range(samples.samples_per_prompt)]
-    high, high_images, how = upsample_generated(resolver, generator, per_sample, samples.codes, samples.images,
+    high, high_images, how = upsample_generated(resolver, pipeline, per_sample, samples.codes, samples.images,
                                                 sampling, batch_size)
     # seeds None: each 2x sample had its own (prompt_seeds over per_sample), not one per prompt
     written = write_samples(Samples(samples.prompts, None, high, high_images, samples.samples_per_prompt), out,
@@ -89,11 +89,11 @@ def _channels_last(images: torch.Tensor) -> list[np.ndarray]:
 
 @torch.no_grad()
 def evaluate_superres(resolver: SuperResPipeline, low_batches, high_batches, sampling: SamplingConfig, num_images: int,
-                      batch_size: int, out: Path, generator: T2IPipeline | None = None,
-                      generator_sampling: SamplingConfig | None = None, grid_images: int = 8) -> dict:
+                      batch_size: int, out: Path, pipeline: T2IPipeline | None = None,
+                      pipeline_sampling: SamplingConfig | None = None, grid_images: int = 8) -> dict:
     """Scores on the first `num_images` images of two loaders over the same split (uint8 `image` at the model's
     low and high sizes, with `key`, `caption`, `meta`); see the module docstring. Writes grid.png: per image,
-    a row real high / bicubic / super-resolved (and, with a generator, generated low / its 2x)."""
+    a row real high / bicubic / super-resolved (and, with a text-to-image pipeline, generated low / its 2x)."""
     high_size = resolver.record.superres.high_size
     sampling = SamplingConfig(**{**asdict(sampling), "samples_per_prompt": 1})
     metrics = {name: (image_psnr(), StructuralSimilarityIndexMeasure(data_range=1.0))
@@ -129,12 +129,12 @@ def evaluate_superres(resolver: SuperResPipeline, low_batches, high_batches, sam
                 for name, images in sets.items():
                     read[name] += _channels_last(images)
             rows = [real_high, sets["bicubic"], sets["superres"]]
-            if generator is not None:
-                base_codes = generator.sample_codes(prompts, SamplingConfig(**{**asdict(generator_sampling),
+            if pipeline is not None:
+                base_codes = pipeline.sample_codes(prompts, SamplingConfig(**{**asdict(pipeline_sampling),
                                                                               "samples_per_prompt": 1}),
                                                     batch_size=batch_size)
-                base_images = generator.decode(base_codes, batch_size)
-                _, generated_2x, how = upsample_generated(resolver, generator, prompts, base_codes, base_images,
+                base_images = pipeline.decode(base_codes, batch_size)
+                _, generated_2x, how = upsample_generated(resolver, pipeline, prompts, base_codes, base_images,
                                                           sampling, batch_size)
                 if with_attributes:
                     read["generated_low"] += _channels_last(base_images)
@@ -157,11 +157,11 @@ def evaluate_superres(resolver: SuperResPipeline, low_batches, high_batches, sam
     results["ssim_gain_over_bicubic"] = results["superres"]["ssim"] - results["bicubic"]["ssim"]
     if attributes:
         results["oracle"] = {name: oracle_accuracy(images, attributes) for name, images in read.items() if images}
-        if generator is not None:
+        if pipeline is not None:
             low, high = results["oracle"]["generated_low"], results["oracle"]["generated_2x"]
             results["generated_2x_minus_low"] = {k: high[k] - low[k] for k in low}
-    if generator is not None:
-        results["generated"] = {"low_codes": how, "sampling": asdict(generator_sampling)}
+    if pipeline is not None:
+        results["generated"] = {"low_codes": how, "sampling": asdict(pipeline_sampling)}
     per_row = len(grid_rows) // max(len(captions), 1)
     save_captioned_grid(torch.stack(grid_rows), captions, out / "grid.png", per_row)
     return results

@@ -291,7 +291,7 @@ class _ImageSet:
 
 
 @torch.no_grad()
-def evaluate(generator: T2IPipeline, batches: Iterable[dict], sampling: SamplingConfig, cfg: EvalConfig,
+def evaluate(pipeline: T2IPipeline, batches: Iterable[dict], sampling: SamplingConfig, cfg: EvalConfig,
              out_dir: Path, scorer: CaptionScorer | None = None, fidelity_factory=None, logger=None,
              seeds: dict[str, int] | None = None, batch_size: int = 16, clip: ClipMetrics | None = None) -> dict | None:
     """Generate `sampling.samples_per_prompt` images for every caption of `batches` (see prompt_loader)
@@ -333,16 +333,16 @@ def evaluate(generator: T2IPipeline, batches: Iterable[dict], sampling: Sampling
             plain.fidelity.add_real(batch["image"], keys)
         if clip is not None and "image" in batch:  # code shards carry no real images
             real.add(clip(batch["image"], keys))
-        codes = generator.sample_codes(captions, candidates, batch_size,
+        codes = pipeline.sample_codes(captions, candidates, batch_size,
                                        None if seeds is None else [seeds[key] for key in keys], stats=calls)
         losses = scorer([c for c in captions for _ in range(per_prompt * k)], codes).cpu() if scorer else None
         codes = codes.view(n, k, per_prompt, *codes.shape[1:])
         losses = None if losses is None else losses.view(n, k, per_prompt)
-        images = generator.decode(codes[:, 0].flatten(0, 1), batch_size)  # the first candidates: plain sampling
+        images = pipeline.decode(codes[:, 0].flatten(0, 1), batch_size)  # the first candidates: plain sampling
         scores = None if clip is None else clip(images, keys, per_prompt)
         plain.add(images, keys, per_prompt, None if losses is None else losses[:, 0].flatten(), attributes, scores)
         if k > 1 and cfg.rerank_by == "clip_score":  # every candidate's image and CLIP score, the highest kept
-            others = generator.decode(codes[:, 1:].flatten(0, 2), batch_size)
+            others = pipeline.decode(codes[:, 1:].flatten(0, 2), batch_size)
             others = others.view(n, k - 1, per_prompt, *images.shape[1:])
             every = torch.cat([images.view(n, 1, per_prompt, *images.shape[1:]), others], 1)
             other_scores = clip(others.flatten(0, 2), keys, (k - 1) * per_prompt)  # a prompt's candidates together
@@ -354,7 +354,7 @@ def evaluate(generator: T2IPipeline, batches: Iterable[dict], sampling: Sampling
                                     {name: take(value, best).flatten() for name, value in every_scores.items()})
         elif k > 1:
             chosen, best = rerank(codes, losses)
-            chosen_images = generator.decode(chosen.flatten(0, 1), batch_size)
+            chosen_images = pipeline.decode(chosen.flatten(0, 1), batch_size)
             sets[f"rerank_{k}"].add(chosen_images, keys, per_prompt, take(losses, best).flatten(), attributes,
                                     None if clip is None else clip(chosen_images, keys, per_prompt))
         if cfg.save_images:  # each process writes its own prompts' images

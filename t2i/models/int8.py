@@ -4,7 +4,7 @@
 and activations are bf16. An Int8Linear computes `F.linear(x, weight.to(x.dtype)) * scales`: the form
 torch.compile's inductor replaces by torch's weight-only int8 matrix product (`_weight_int8pack_mm`,
 and on CPUs its own C++ GEMM picked by autotuning) when x is bf16 and the weight an int8 constant,
-i.e. under sampling.decode=frozen. There a batch-1 step reads a quarter of the fp32 weights' bytes.
+i.e. under sampling.step=frozen. There a batch-1 step reads a quarter of the fp32 weights' bytes.
 Run any other way it turns each weight back into bf16 at every call: the same numbers, slowly.
 """
 
