@@ -11,6 +11,7 @@ Plain torch (no Lightning, no torchmetrics), so the demo loads it in a moment.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,6 +23,9 @@ from t2i.models.gpt import GPT
 
 if TYPE_CHECKING:
     from t2i.sampling import T2IPipeline
+
+# what reranking asks of a scorer: (prompts [N], codes [N, h, w], batch_size) -> a score per image [N], lower better
+Scorer = Callable[[list[str], torch.Tensor, int], torch.Tensor]
 
 
 @torch.no_grad()

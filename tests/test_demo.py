@@ -146,6 +146,12 @@ def test_reranking_keeps_the_lowest_caption_loss(pipeline):
     # candidate 0 of each image is the plain sample: the best of 3 is never worse
     assert (reranked.losses <= plain.losses + 1e-6).all()
     assert reranked.images.shape == plain.images.shape
+    # the demo reranks through task=generate's path: T2IPipeline.sample with the scorer
+    samples = pipeline.sample([PROMPT], Settings(samples=2).sampling(), seeds=prompt_seeds(3, [PROMPT]), scorer=scorer,
+                              rerank=3)
+    assert torch.equal(samples.images, reranked.images) and torch.equal(samples.scores, reranked.losses)
+    with pytest.raises(ValueError, match="needs a scorer"):
+        pipeline.sample([PROMPT], Settings().sampling(), rerank=2)
 
 
 def test_grid_draws_chinese_captions_with_a_font_and_falls_back_without(tmp_path):

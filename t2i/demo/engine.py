@@ -21,7 +21,7 @@ import torch
 
 from t2i.demo.settings import Settings
 from t2i.sampling import T2IPipeline, prompt_seeds
-from t2i.scorers import CaptionScorer, rerank, take
+from t2i.scorers import CaptionScorer
 
 log = logging.getLogger("demo")
 
@@ -40,7 +40,7 @@ class Job:
     losses: torch.Tensor | None = None  # Caption Loss of each image, when there is a captioning model
     error: BaseException | None = None
     batched_with: int = 1  # requests in the batch it was sampled in
-    seconds: float = 0.0  # how long its codes took to sample
+    seconds: float = 0.0  # how long its images took: sampling, scoring and decoding
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -111,22 +111,12 @@ class Engine:
                 job.steps, job.total = done, total
 
         started = time.perf_counter()
-        codes = self.pipeline.sample_codes(prompts, sampling, self.batch_size, seeds, progress=report)
-        for job in jobs:
-            job.seconds = time.perf_counter() - started
-        n, k, s = len(jobs), settings.rerank, settings.samples
-        losses = None
-        if self.scorer is not None:
-            captions = [p for p in prompts for _ in range(k * s)]
-            losses = self.scorer(captions, codes, self.batch_size).cpu().view(n, k, s)
-        codes = codes.view(n, k, s, *codes.shape[1:])  # candidate c of image i: row c * S + i
-        if k > 1:  # Settings.check allows it only with a scorer
-            codes, best = rerank(codes, losses)
-            losses = take(losses, best)
-        else:
-            codes, losses = codes[:, 0], None if losses is None else losses[:, 0]
-        images = self.pipeline.decode(codes.flatten(0, 1), self.batch_size)
-        images = images.view(n, s, *images.shape[1:])
+        # task=generate's path, each image the best of settings.rerank candidates by the scorer
+        samples = self.pipeline.sample(prompts, sampling, self.batch_size, seeds, progress=report,
+                                       scorer=self.scorer, rerank=settings.rerank)
+        images = samples.images.view(len(jobs), settings.samples, *samples.images.shape[1:])
+        losses = None if samples.scores is None else samples.scores.view(len(jobs), settings.samples)
         for i, job in enumerate(jobs):
+            job.seconds = time.perf_counter() - started
             job.images = images[i]
             job.losses = None if losses is None else losses[i]

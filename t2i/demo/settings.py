@@ -44,9 +44,9 @@ class Settings:
         self.sampling()
 
     def sampling(self) -> SamplingConfig:
-        """The sampler's options: every candidate of every image as one of the prompt's samples."""
+        """The sampler's options (the candidates of reranking are T2IPipeline.sample's: `rerank`)."""
         return SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                              guidance_scale=self.guidance_scale, samples_per_prompt=self.samples * self.rerank)
+                              guidance_scale=self.guidance_scale, samples_per_prompt=self.samples)
 
     def describe(self) -> str:
         text = (f"guidance {self.guidance_scale:g} · temperature {self.temperature:g} · top-k {self.top_k} · "

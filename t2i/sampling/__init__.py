@@ -8,7 +8,8 @@
 - ar.py: generate_codes (the entry, by method) and token-by-token sampling; sjd.py: speculative Jacobi decoding
 - captions.py: generate_text (greedy, sampled, beam); superres.py: superres_codes (CogView's windows)
 - progress.py: progress(done, total) reported by the sampler
-- pipeline.py: T2IPipeline / SuperResPipeline (a loaded model: prompts -> codes -> images), Samples, write_samples
+- pipeline.py: T2IPipeline / SuperResPipeline (a loaded model: prompts -> codes -> images, reranked when asked),
+  Samples; files.py: write_samples (Samples -> PNGs, codes.npy, the captioned grid)
 """
 
 from t2i.sampling.ar import generate_codes
@@ -17,8 +18,8 @@ from t2i.sampling.draws import draw, filter_logits
 from t2i.sampling.guidance import guidance_scales
 from t2i.sampling.options import (CAPTION_STRATEGIES, GUIDANCE_SCHEDULES, METHODS, STEP_MODES, CaptionConfig,
                                   SamplingConfig, SamplingStats, check_filtering, resolve_sampling)
-from t2i.sampling.pipeline import (Samples, SuperResPipeline, T2IPipeline, decode_to_uint8, sampling_batches,
-                                   write_samples)
+from t2i.sampling.files import write_samples
+from t2i.sampling.pipeline import Samples, SuperResPipeline, T2IPipeline, decode_to_uint8, sampling_batches
 from t2i.sampling.progress import Progress
 from t2i.sampling.seeds import derived_seed, prompt_seeds, prompt_uniforms
 from t2i.sampling.steps import compiled_step, frozen_step, sampling_steps

@@ -1,24 +1,22 @@
 """A loaded model with its tokenizer and VQGAN: prompts -> codes -> uint8 images (`T2IPipeline`, and
 `SuperResPipeline` for CogView's 2x stage), and the one path from prompts to files: `T2IPipeline.sample` gives
-`Samples` (tokenized, seeded with prompt_seeds, sampled in sampling batches, decoded) and `write_samples` writes
-them (a PNG per sample, codes.npy, the captioned grid). eval.py's task=generate and the training grids use it.
+`Samples` (tokenized, seeded with prompt_seeds, sampled in sampling batches, scored and reranked when asked,
+decoded); t2i.sampling.files.write_samples writes them. eval.py's task=generate, the training grids and the
+demo use it.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 
 from t2i.checkpoints import GPTRecord, load_gpt, load_record_vqgan
 from t2i.data.tokenizer import FixedLengthTokenizer
-from t2i.grids import save_captioned_grid
 from t2i.models.gpt import GPT
 from t2i.models.int8 import quantize_weights
 from t2i.models.vqgan import VQModel
@@ -27,6 +25,7 @@ from t2i.sampling.options import SamplingConfig, SamplingStats, check_step_mode
 from t2i.sampling.progress import Progress, progress_part
 from t2i.sampling.seeds import prompt_seeds
 from t2i.sampling.superres import superres_codes
+from t2i.scorers import Scorer, rerank as best_candidates, take
 
 
 def decode_to_uint8(vqgan: VQModel, codes: torch.Tensor) -> torch.Tensor:
@@ -52,34 +51,14 @@ def sampling_batches(n_prompts: int, samples_per_prompt: int, batch_size: int) -
 @dataclass
 class Samples:
     """What `T2IPipeline.sample` made: codes [P * S, h, w] and uint8 images [P * S, 3, H, W] on the CPU, the
-    S = samples_per_prompt samples of a prompt adjacent; seeds: each prompt's (None: unseeded)."""
+    S = samples_per_prompt samples of a prompt adjacent; seeds: each prompt's (None: unseeded); scores [P * S]:
+    each image's score when a scorer was given (its Caption Loss)."""
     prompts: list[str]
     seeds: list[int] | None
     codes: torch.Tensor
     images: torch.Tensor
     samples_per_prompt: int
-
-
-def write_samples(samples: Samples, folder: str | Path, grid_name: str = "grid", suffix: str = "",
-                  each_sample: bool = True) -> dict:
-    """Write `samples` into `folder`: the captioned grid `<grid_name><suffix>.png` (a row per prompt, with its
-    `.md`), and with `each_sample` also `NNNN_SS<suffix>.png` per sample (prompt NNNN, sample SS) and the codes
-    `codes<suffix>.npy` (int64 [P * S, h, w]). Returns the written paths: grid, and files and codes."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    written = {}
-    if each_sample:
-        written["codes"] = str(folder / f"codes{suffix}.npy")
-        np.save(written["codes"], samples.codes.cpu().numpy().astype(np.int64))
-        written["files"] = []
-        for index, image in enumerate(samples.images):
-            prompt, sample = divmod(index, samples.samples_per_prompt)
-            written["files"].append(str(folder / f"{prompt:04d}_{sample:02d}{suffix}.png"))
-            torchvision.utils.save_image(image.float() / 255, written["files"][-1])
-    grid = folder / f"{grid_name}{suffix}.png"
-    save_captioned_grid(samples.images, samples.prompts, grid, samples.samples_per_prompt)
-    written["grid"] = str(grid)
-    return written
+    scores: torch.Tensor | None = None
 
 
 class T2IPipeline:
@@ -155,11 +134,33 @@ class T2IPipeline:
     @torch.no_grad()
     def sample(self, prompts: list[str], cfg: SamplingConfig, batch_size: int = 16,
                seeds: Sequence[int] | None = None, stats: SamplingStats | None = None,
-               progress: Progress | None = None) -> Samples:
-        """Prompts -> Samples: their codes (sample_codes) and images (decode), `batch_size` sequences at a time."""
+               progress: Progress | None = None, scorer: Scorer | None = None, rerank: int = 1) -> Samples:
+        """Prompts -> Samples: their codes (sample_codes) and images (decode), `batch_size` sequences at a time.
+
+        With `scorer` (prompts, codes -> a score per image, the lower the better: t2i.scorers.CaptionScorer) each
+        image is scored; with `rerank` K > 1 each image is the best of K candidates (CogView's self-reranking):
+        K * samples_per_prompt sequences are sampled per prompt, image i's candidate c being sample c * S + i, and
+        only the chosen ones are decoded."""
+        if not isinstance(rerank, int) or rerank < 1:
+            raise ValueError(f"rerank must be an integer >= 1 (candidates per image), got {rerank!r}")
+        if rerank > 1 and scorer is None:
+            raise ValueError("reranking needs a scorer (a captioning model): set rerank to 1 or give caption_ckpt=")
         seeds = self._seeds(prompts, cfg, seeds)
-        codes = self.sample_codes(prompts, cfg, batch_size, seeds, stats, progress)
-        return Samples(list(prompts), seeds, codes, self.decode(codes, batch_size), cfg.samples_per_prompt)
+        n, k, s = len(prompts), rerank, cfg.samples_per_prompt
+        candidates = replace(cfg, samples_per_prompt=k * s) if k > 1 else cfg
+        codes = self.sample_codes(prompts, candidates, batch_size, seeds, stats, progress)
+        scores = None
+        if scorer is not None:
+            scores = scorer([p for p in prompts for _ in range(k * s)], codes, batch_size).cpu().view(n, k, s)
+        codes = codes.view(n, k, s, *codes.shape[1:])
+        if k > 1:
+            codes, best = best_candidates(codes, scores)
+            scores = take(scores, best)
+        else:
+            codes, scores = codes[:, 0], None if scores is None else scores[:, 0]
+        codes = codes.flatten(0, 1)
+        return Samples(list(prompts), seeds, codes, self.decode(codes, batch_size), s,
+                       None if scores is None else scores.flatten())
 
 
 class SuperResPipeline(T2IPipeline):
