@@ -148,7 +148,7 @@ class T2IPipeline:
         seeds = self._seeds(prompts, cfg, seeds)
         n, k, s = len(prompts), rerank, cfg.samples_per_prompt
         candidates = replace(cfg, samples_per_prompt=k * s) if k > 1 else cfg
-        codes = self.sample_codes(prompts, candidates, batch_size, seeds, stats, progress)
+        codes = self.sample_codes(prompts, candidates, batch_size, seeds=seeds, stats=stats, progress=progress)
         scores = None
         if scorer is not None:
             scores = scorer([p for p in prompts for _ in range(k * s)], codes, batch_size).cpu().view(n, k, s)
