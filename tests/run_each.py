@@ -6,8 +6,20 @@ import contextlib
 import io
 import json
 import runpy
+import subprocess
 import sys
 import traceback
+from pathlib import Path
+
+
+def run_each(*argvs: list, timeout: float = 600) -> list[tuple[int, str]]:
+    """Run the commands (argument lists as above) in one Python process: (exit code, stderr) of each."""
+    commands = [[str(arg) for arg in argv] for argv in argvs]
+    result = subprocess.run([sys.executable, __file__, json.dumps(commands)], cwd=Path(__file__).parents[1],
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [tuple(each) for each in json.loads(result.stdout.splitlines()[-1])]
+
 
 if __name__ == "__main__":
     said = []

@@ -1,7 +1,5 @@
 """Trainer presets, experiment recipes and the errors a wrong setting gets."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +9,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import FSDPStrategy
 
+from run_each import run_each
 from t2i.devices import check_devices
 from t2i.models.gpt import GPT, Block, GPTConfig
 from t2i.stages.configs import SuperresOptions, VQGANStageConfig, typed_stage_config
@@ -75,24 +74,19 @@ def test_device_requests_beyond_the_machine_name_the_setting():
     check_devices("cpu", "auto")
 
 
-def _train(*overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *overrides], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
-
-
 def test_bad_settings_get_messages_that_name_them(tmp_path):
-    run = [f"hydra.run.dir={tmp_path}"]
-    unknown_group = _train("model=huge", *run)
-    assert unknown_group.returncode != 0
-    assert "Could not find 'model/huge'" in unknown_group.stderr and "Available options" in unknown_group.stderr
-    unknown_key = _train("trainer.devcies=2", *run)
-    assert unknown_key.returncode != 0 and "Could not override 'trainer.devcies'" in unknown_key.stderr
-    too_many = _train("stage=gpt", "data=shapes_codes", f"data.root={tmp_path}", "trainer.devices=4096", *run)
-    missing_root = _train("stage=gpt", "data=shapes_codes", f"data.root={tmp_path / 'nowhere'}", *run)
-    assert missing_root.returncode != 0
-    assert f"data.root={tmp_path / 'nowhere'} does not exist" in missing_root.stderr
-    assert "python -m t2i.pretokenize" in missing_root.stderr
-    assert too_many.returncode != 0 and "trainer.devices=4096 but this machine has" in too_many.stderr
+    run = f"hydra.run.dir={tmp_path}"
+    unknown_group, unknown_key, too_many, missing_root = run_each(  # train.py each time, in one process
+        ["train.py", "model=huge", run], ["train.py", "trainer.devcies=2", run],
+        ["train.py", "stage=gpt", "data=shapes_codes", f"data.root={tmp_path}", "trainer.devices=4096", run],
+        ["train.py", "stage=gpt", "data=shapes_codes", f"data.root={tmp_path / 'nowhere'}", run])
+    assert unknown_group[0] != 0
+    assert "Could not find 'model/huge'" in unknown_group[1] and "Available options" in unknown_group[1]
+    assert unknown_key[0] != 0 and "Could not override 'trainer.devcies'" in unknown_key[1]
+    assert missing_root[0] != 0
+    assert f"data.root={tmp_path / 'nowhere'} does not exist" in missing_root[1]
+    assert "python -m t2i.pretokenize" in missing_root[1]
+    assert too_many[0] != 0 and "trainer.devices=4096 but this machine has" in too_many[1]
 
 
 def test_stage_settings_are_checked_against_their_schema_when_composed():

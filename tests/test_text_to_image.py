@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from run_each import run_each
 from t2i.checkpoints import read_checkpoint
 from t2i.data.datamodule import DataConfig, ShardDataModule
 from t2i.data.shards import ImageOptions, Row, write_manifest, write_split
@@ -241,14 +242,16 @@ def test_paper_table_has_a_row_per_model_and_reranking(tmp_path):
 def test_too_few_images_for_fid_or_is_fail_before_sampling(codes_root, gpt_run, tmp_path):
     common = [f"ckpt={gpt_run / 'checkpoints' / 'last.ckpt'}", "data=shapes", f"data.root={codes_root.parent / 'shapes'}",
               "split=val", "trainer.accelerator=cpu", "eval.inception_weights=/nonexistent"]  # never loaded
-    one = _evaluate([*common, "eval.num_prompts=1", "sampling.samples_per_prompt=4"], tmp_path / "one")
-    assert one.returncode != 0
-    assert "FID needs at least 2 real and 2 generated images" in one.stderr and "1 real and 4 generated" in one.stderr
-    assert "eval.num_prompts" in one.stderr and "eval.fid=false" in one.stderr
-    few = _evaluate([*common, "eval.num_prompts=3", "eval.isc_splits=10"], tmp_path / "few")
-    assert few.returncode != 0 and "eval.isc_splits=10 needs at least 10 generated images" in few.stderr
-    moved = _evaluate([*common, "+eval.samples_per_prompt=4"], tmp_path / "moved")  # the setting's old place
-    assert moved.returncode != 0 and "eval.samples_per_prompt is now sampling.samples_per_prompt" in moved.stderr
+    evaluate = ["eval.py", "eval.clip=false", *common]  # as _evaluate, the three in one process
+    one, few, moved = run_each(
+        [*evaluate, "eval.num_prompts=1", "sampling.samples_per_prompt=4", f"hydra.run.dir={tmp_path / 'one'}"],
+        [*evaluate, "eval.num_prompts=3", "eval.isc_splits=10", f"hydra.run.dir={tmp_path / 'few'}"],
+        [*evaluate, "+eval.samples_per_prompt=4", f"hydra.run.dir={tmp_path / 'moved'}"])  # the setting's old place
+    assert one[0] != 0
+    assert "FID needs at least 2 real and 2 generated images" in one[1] and "1 real and 4 generated" in one[1]
+    assert "eval.num_prompts" in one[1] and "eval.fid=false" in one[1]
+    assert few[0] != 0 and "eval.isc_splits=10 needs at least 10 generated images" in few[1]
+    assert moved[0] != 0 and "eval.samples_per_prompt is now sampling.samples_per_prompt" in moved[1]
 
 
 # -- multi-caption data (COCO-CN, Flickr-CN layout): several caption rows per image --------------
