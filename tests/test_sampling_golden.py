@@ -92,5 +92,9 @@ def test_every_step_mode_method_and_caption_strategy_samples_the_recorded_codes(
     assert sorted(got) == sorted(recorded)
     changed = [name for name in recorded if got[name] != recorded[name]]
     assert not changed, f"sampled outputs changed: {changed}"
+    # every step mode, and recomputation without the cache, samples what the eager step samples
+    for name in CONFIGS:
+        for step in ("static", "compiled", "frozen", "recomputed"):
+            assert recorded[f"ar/{name}/{step}"] == recorded[f"ar/{name}/eager"], (name, step)
     # the cases are not trivially alike: sampling differs from greedy, and guidance schedules from each other
     assert recorded["ar/greedy_guided/eager"] != recorded["ar/topk_linear/eager"] != recorded["ar/topp_cosine_interval/eager"]
