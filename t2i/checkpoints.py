@@ -67,14 +67,7 @@ class RecordEntry:
     def from_dict(cls, data, **converted):
         """The entry from its on-disk dict: every key a field, every field without a default given;
         `converted`: fields already built from their dicts (nested configs)."""
-        if not isinstance(data, dict):
-            raise CheckpointError(f"the checkpoint record's {cls.where} must be a mapping, got "
-                                  f"{type(data).__name__} {_short(data)}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise CheckpointError(f"the checkpoint record's {cls.where} has unknown field(s) {', '.join(unknown)} "
-                                  f"(known: {', '.join(sorted(known))})")
+        _check_keys(cls, data, cls.where)
         required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
         missing = [name for name in required if name not in data]
         if missing:
@@ -83,6 +76,18 @@ class RecordEntry:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _check_keys(cls, data, where: str) -> None:
+    """`data` must be a mapping of the dataclass `cls`'s fields (a CheckpointError naming `where` otherwise)."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"the checkpoint record's {where} must be a mapping of {cls.__name__}'s fields, got "
+                              f"{type(data).__name__} {_short(data)}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise CheckpointError(f"the checkpoint record's {where} has unknown field(s) {', '.join(unknown)} "
+                              f"(known: {', '.join(sorted(known))})")
 
 
 def _fits(value, hint) -> bool:
@@ -275,14 +280,7 @@ def _upgraded(record: dict, version: int) -> dict:
 
 def _config(cls, data, where: str):
     """A model config (GPTConfig, VQGANConfig) from the record's dict of its fields."""
-    if not isinstance(data, dict):
-        raise CheckpointError(f"the checkpoint record's {where} must be a mapping of {cls.__name__}'s fields, got "
-                              f"{type(data).__name__} {_short(data)}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise CheckpointError(f"the checkpoint record's {where} has field(s) {cls.__name__} does not know: "
-                              f"{', '.join(unknown)}")
+    _check_keys(cls, data, where)
     hints = typing.get_type_hints(cls)
     for name, value in data.items():
         if not _fits(value, hints[name]):
