@@ -40,7 +40,7 @@ class Job:
     losses: torch.Tensor | None = None  # Caption Loss of each image, when there is a captioning model
     error: BaseException | None = None
     batched_with: int = 1  # requests in the batch it was sampled in
-    seconds: float = 0.0  # how long its images took: sampling, scoring and decoding
+    seconds: float = 0.0  # how long its codes took to sample
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -106,17 +106,17 @@ class Engine:
         for job in jobs:
             job.steps, job.total, job.batched_with = 0, 0, len(jobs)
 
-        def report(done: int, total: int):  # the sampler's own count, after each model call
-            for job in jobs:
-                job.steps, job.total = done, total
-
         started = time.perf_counter()
+
+        def report(done: int, total: int):  # the sampler's own count, after each model call
+            for job in jobs:  # the last report ends the sampling: its time is the codes' (not scoring, decoding)
+                job.steps, job.total, job.seconds = done, total, time.perf_counter() - started
+
         # task=generate's path, each image the best of settings.rerank candidates by the scorer
         samples = self.pipeline.sample(prompts, sampling, self.batch_size, seeds, progress=report,
                                        scorer=self.scorer, rerank=settings.rerank)
         images = samples.images.view(len(jobs), settings.samples, *samples.images.shape[1:])
         losses = None if samples.scores is None else samples.scores.view(len(jobs), settings.samples)
         for i, job in enumerate(jobs):
-            job.seconds = time.perf_counter() - started
             job.images = images[i]
             job.losses = None if losses is None else losses[i]
