@@ -280,8 +280,8 @@ def test_every_process_has_its_own_random_streams_and_gets_them_back(codes_root,
         for generator in ("torch", "numpy", "python"):
             assert straight[0][step][generator] != straight[1][step][generator], (step, generator)
 
-    _train_ddp(tmp_path / "first", codes_root, "trainer.max_steps=3")
-    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    # the checkpoint the straight run saved after step 3's validation: resuming from it must continue its streams
+    ckpt = tmp_path / "straight" / "checkpoints" / "step0000003.ckpt"
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert saved["global_step"] == 3
     (rng,) = [state["rng"] for key, state in saved["callbacks"].items() if key.startswith("ResumeState")]
