@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from run_each import run_each
 
 from t2i.data.convert import run as convert
 from t2i.data.tokenizer import train_sentencepiece
@@ -20,7 +18,6 @@ from t2i.eval.reconstruction import PSNR, image_psnr, markdown_table, reconstruc
 from t2i.models.losses import build_lpips
 from t2i.models.vqgan import VQGANConfig, VQModel
 
-REPO = Path(__file__).parents[1]
 TINY = dict(resolution=32, ch=16, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], z_channels=16,
             embed_dim=8, n_embed=64, l2_normalize=True, legacy_beta=False)
 
@@ -156,43 +153,49 @@ def checkpoint(model, tmp_path_factory):
     return path
 
 
-def _reconstruct(shapes_root, checkpoint, run_dir, *overrides):
-    return subprocess.run(
-        [sys.executable, "eval.py", "task=reconstruct", f"ckpt={checkpoint}", "data=shapes", f"data.root={shapes_root}",
-         "data.image_size=32", "data.batch_size=10", "split=val", f"hydra.run.dir={run_dir}", *overrides],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def reconstruct_runs(shapes_root, checkpoint, inception_weights, random_vgg16, tmp_path_factory):
+    """eval.py task=reconstruct three ways, run one after another in one process (tests/run_each): with rFID and
+    LPIPS, with the defaults and no weights anywhere, and rFID asked for without its weights: {name: (run folder,
+    exit code, stderr)}."""
+    root = tmp_path_factory.mktemp("reconstruct")
+    common = ["eval.py", "task=reconstruct", f"ckpt={checkpoint}", "data=shapes", f"data.root={shapes_root}",
+              "data.image_size=32", "data.batch_size=10", "split=val"]
+    runs = {"metrics": ["eval.rfid=true", "eval.lpips=true", f"eval.inception_weights={inception_weights}",
+                        "eval.fid_layer=64", f"eval.stats_cache={root / 'stats'}",
+                        f"eval.lpips_vgg_path={random_vgg16[0]}"],
+            "defaults": ["eval.inception_weights=/nonexistent", "eval.lpips_vgg_path=/nonexistent"],
+            "missing": ["eval.rfid=true", f"eval.inception_weights={root / 'missing.pth'}"]}
+    said = run_each(*[[*common, f"hydra.run.dir={root / name}", *overrides] for name, overrides in runs.items()])
+    return {name: (root / name, code, stderr) for name, (code, stderr) in zip(runs, said)}
 
 
-def test_eval_py_reconstruct_with_rfid_and_lpips(shapes_root, checkpoint, inception_weights, random_vgg16, tmp_path):
-    result = _reconstruct(shapes_root, checkpoint, tmp_path / "run", "eval.rfid=true", "eval.lpips=true",
-                          f"eval.inception_weights={inception_weights}", "eval.fid_layer=64",
-                          f"eval.stats_cache={tmp_path / 'stats'}", f"eval.lpips_vgg_path={random_vgg16[0]}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
+def test_eval_py_reconstruct_with_rfid_and_lpips(reconstruct_runs, random_vgg16):
+    run, code, stderr = reconstruct_runs["metrics"]
+    assert code == 0, stderr[-3000:]
+    results = json.loads((run / "results.json").read_text())
     assert results["images"] == 24
     assert math.isfinite(results["rfid"]) and results["rfid"] > 0
     assert results["rfid_protocol"]["real_images"] == results["rfid_protocol"]["generated_images"] == 24
     assert "every sample of the split" in results["rfid_protocol"]["real_images_choice"]
-    assert len(list((tmp_path / "stats").glob("*.npz"))) == 1  # the real statistics, cached
+    assert len(list((run.parent / "stats").glob("*.npz"))) == 1  # the real statistics, cached
     assert results["lpips"] > 0 and results["lpips_protocol"]["backbone"] == str(random_vgg16[0])
     assert results["not_computed"] == {}
-    table = (tmp_path / "run" / "results.md").read_text()
+    table = (run / "results.md").read_text()
     assert "rFID" in table and f"{results['rfid']:.3f}" in table and f"{results['lpips']:.4f}" in table
 
 
-def test_eval_py_reconstruct_defaults_need_no_weights(shapes_root, checkpoint, tmp_path):
+def test_eval_py_reconstruct_defaults_need_no_weights(reconstruct_runs):
     """As the quickstart runs it: no Inception or VGG weights anywhere, nothing downloaded."""
-    result = _reconstruct(shapes_root, checkpoint, tmp_path / "run", "eval.inception_weights=/nonexistent",
-                          "eval.lpips_vgg_path=/nonexistent")
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    run, code, stderr = reconstruct_runs["defaults"]
+    assert code == 0, stderr[-3000:]
+    results = json.loads((run / "results.json").read_text())
     assert "rfid" not in results and "lpips" not in results and results["psnr"] > 0
     assert set(results["not_computed"]) == {"rfid", "lpips"}
-    assert "rfid not computed" in (tmp_path / "run" / "results.md").read_text()
+    assert "rfid not computed" in (run / "results.md").read_text()
 
 
-def test_eval_py_reconstruct_rfid_without_weights_names_the_setting(shapes_root, checkpoint, tmp_path):
-    result = _reconstruct(shapes_root, checkpoint, tmp_path / "run", "eval.rfid=true",
-                          f"eval.inception_weights={tmp_path / 'missing.pth'}")
-    assert result.returncode != 0
-    assert "eval.inception_weights=" in result.stderr and "missing.pth" in result.stderr
+def test_eval_py_reconstruct_rfid_without_weights_names_the_setting(reconstruct_runs):
+    run, code, stderr = reconstruct_runs["missing"]
+    assert code != 0
+    assert "eval.inception_weights=" in stderr and "missing.pth" in stderr
