@@ -73,7 +73,7 @@ def test_bad_regions_are_refused_naming_the_fix(pipeline, region, message):
         pipeline.region(**region)
 
 
-def test_a_wrong_image_is_refused_naming_the_fix(pipeline, image):
+def test_a_wrong_image_or_method_is_refused_naming_the_fix(pipeline, image):
     region = pipeline.region(box=[0, 0, 2, 2], box_units="codes")
     cfg = SamplingConfig(seed=0)
     big = np.zeros((2 * SIZE, 2 * SIZE, 3), dtype=np.uint8)
@@ -83,6 +83,8 @@ def test_a_wrong_image_is_refused_naming_the_fix(pipeline, image):
         pipeline.complete(PROMPTS[:1], [image.astype(np.float32)], [region], cfg)
     with pytest.raises(ValueError, match="one each"):
         pipeline.complete(PROMPTS, [image], [region], cfg)
+    with pytest.raises(ValueError, match="method=sjd does not take known codes .* use method=ar"):
+        pipeline.complete(PROMPTS[:1], [image], [region], replace(cfg, method="sjd"))
 
 
 def test_known_codes_are_kept_and_the_region_is_sampled_with_the_seed(pipeline, image):

@@ -414,7 +414,7 @@ def test_each_command_does_what_the_docs_say(command, fixtures, eval_runs, tmp_p
 
 def test_the_documented_completions_keep_the_image_outside_their_region(fixtures, eval_runs):
     """task=complete's codes are the image's own VQGAN codes outside the region (mask or box) and sampled in it."""
-    image = torch.as_tensor(np.asarray(Image.open(fixtures["image"]).convert("RGB"))).permute(2, 0, 1)
+    image = torch.from_numpy(np.array(Image.open(fixtures["image"]).convert("RGB"))).permute(2, 0, 1)
     truth = load_vqgan(fixtures["vqgan"]).encode(image[None].float() / 127.5 - 1)[0]
     runs = [run for command, (_, _, run) in eval_runs.items() if "task=complete" in command]
     assert len(runs) == 2  # docs/generation.md's (the README's prompt is a placeholder)

@@ -39,13 +39,13 @@ def read_image(path: str | Path, what: str = "image") -> np.ndarray:
     if not path.is_file():
         raise ValueError(f"{what}={path}: no such file")
     with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+        return np.array(image.convert("RGB"))
 
 
 def check_image(image, size: int) -> torch.Tensor:
     """An image as files and uploads give it, uint8 [H, W, 3] (numpy or torch), -> uint8 [3, size, size]; one of
     another size or layout is refused with what to do."""
-    image = torch.as_tensor(np.asarray(image))
+    image = torch.from_numpy(np.array(image))  # a copy: a file's array is read-only
     if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[-1] != 3:
         raise ValueError(f"the image must be uint8 [height, width, 3] (RGB), got {image.dtype} {tuple(image.shape)}")
     if image.shape[:2] != (size, size):
