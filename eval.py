@@ -346,8 +346,8 @@ def precision_record(cfg: DictConfig) -> dict:
     return {"trainer": str(cfg.trainer.precision), "matmul": cfg.matmul_precision}
 
 
-TASKS = {"t2i": text_to_image, "generate": generate, "complete": complete, "reconstruct": reconstruct, "oracle": oracle_on_real_images,
-         "caption": caption, "superres": superres}
+TASKS = {"t2i": text_to_image, "generate": generate, "complete": complete, "reconstruct": reconstruct,
+         "oracle": oracle_on_real_images, "caption": caption, "superres": superres}
 
 
 @hydra.main(config_path="conf", config_name="eval", version_base="1.3")

@@ -139,8 +139,8 @@ def main(argv=None) -> None:
                         ("outpaint", outpaint_tasks(images, attributes, args.images, size, args.seed))):
         rows += run_task(pipeline, name, tasks, sampling, args.candidates, args.batch_size)
         print(f"{name}: {len(tasks)} images", flush=True)
-    print(f"\nsampling: temperature {sampling.temperature}, top-k {sampling.top_k}, guidance {sampling.guidance_scale}, "
-          f"seed {sampling.seed}\n")
+    print(f"\nsampling: temperature {sampling.temperature}, top-k {sampling.top_k}, "
+          f"guidance {sampling.guidance_scale}, seed {sampling.seed}\n")
     print("| task | how | colour | shape | position | size | background | all | all 5 | kept | s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:

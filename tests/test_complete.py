@@ -22,7 +22,8 @@ PROMPTS = ["红色的小圆形", "蓝色的大方块"]
 
 @pytest.fixture(scope="module")
 def pipeline():
-    tokenizer = TextTokenizer(train_sentencepiece(["红色的小圆形", "蓝色的大方块", "背景是白色的"] * 20, 300), 8)
+    captions = ["红色的小圆形", "蓝色的大方块", "背景是白色的"] * 20
+    tokenizer = TextTokenizer(train_sentencepiece(captions, 300), 8)
     torch.manual_seed(0)
     vqgan = VQModel(VQGANConfig(resolution=SIZE, ch=8, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[],
                                 z_channels=8, embed_dim=4, n_embed=16)).eval()
