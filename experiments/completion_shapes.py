@@ -15,7 +15,8 @@ Each row completes every image with `T2IPipeline.complete` at one `region_candid
 K > 1: the best of K draws of the region by the likelihood the model gives the known codes after it). The
 oracle reads the completed images against the prompted attributes: colour, shape, position, size, background,
 all (colour, shape and position, as the t2i evaluation's "all") and all five; "kept" is the share of images
-whose codes outside the region are the image's own VQGAN codes. A reference row samples the same prompts from
+whose codes outside the region are the image's own VQGAN codes, "outside dB" the mean PSNR of the completed
+images against the originals over the pixels outside the region. A reference row samples the same prompts from
 scratch (task=generate's path, no image).
 """
 
@@ -98,6 +99,19 @@ def score(images: torch.Tensor, wanted: list[dict]) -> dict:
     return {name: 100 * value for name, value in hits.items()}
 
 
+def outside_psnr(completed: torch.Tensor, images: list[np.ndarray], masks: torch.Tensor) -> float:
+    """Mean PSNR (dB) of the completed images against the originals over the pixels outside the region: what the
+    VQGAN's decoder keeps of the unchanged part (its reconstruction, and what the new region spills over it)."""
+    originals = torch.as_tensor(np.stack(images)).permute(0, 3, 1, 2).float()
+    cell = originals.shape[-1] // masks.shape[-1]
+    outside = ~masks.repeat_interleave(cell, 1).repeat_interleave(cell, 2)[:, None].expand_as(originals)
+    values = []
+    for done, original, keep in zip(completed.float(), originals, outside):
+        mse = ((done - original)[keep] ** 2).mean().clamp(min=1e-10)
+        values.append(10 * torch.log10(255 ** 2 / mse).item())
+    return float(np.mean(values))
+
+
 def run_task(pipeline: T2IPipeline, name: str, tasks, sampling, candidates: list[int], batch_size: int) -> list[dict]:
     images = [image for image, _, _, _ in tasks]
     regions = [pipeline.region(box=box, box_units="pixels") for _, box, _, _ in tasks]
@@ -110,14 +124,14 @@ def run_task(pipeline: T2IPipeline, name: str, tasks, sampling, candidates: list
     start = time.perf_counter()
     generated = pipeline.sample(prompts, sampling, batch_size)
     rows.append({"task": name, "how": "generated from scratch (reference)", **score(generated.images, wanted),
-                 "kept": float("nan"), "s": time.perf_counter() - start})
+                 "kept": float("nan"), "outside dB": float("nan"), "s": time.perf_counter() - start})
     for k in candidates:
         start = time.perf_counter()
         samples = pipeline.complete(prompts, images, regions, sampling, batch_size, region_candidates=k)
         kept = [(codes[~m] == t[~m]).all().item() for codes, m, t in zip(samples.codes.cpu(), mask, truth)]
         how = "plain (known fed, region sampled)" if k == 1 else f"best of {k} by p(codes after the region)"
         rows.append({"task": name, "how": how, **score(samples.images, wanted), "kept": 100 * np.mean(kept),
-                     "s": time.perf_counter() - start})
+                     "outside dB": outside_psnr(samples.images, images, mask), "s": time.perf_counter() - start})
     return rows
 
 
@@ -141,12 +155,13 @@ def main(argv=None) -> None:
         print(f"{name}: {len(tasks)} images", flush=True)
     print(f"\nsampling: temperature {sampling.temperature}, top-k {sampling.top_k}, "
           f"guidance {sampling.guidance_scale}, seed {sampling.seed}\n")
-    print("| task | how | colour | shape | position | size | background | all | all 5 | kept | s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| task | how | colour | shape | position | size | background | all | all 5 | kept | outside dB | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         kept = "-" if np.isnan(row["kept"]) else f"{row['kept']:.0f}"
+        outside = "-" if np.isnan(row["outside dB"]) else f"{row['outside dB']:.1f}"
         print(f"| {row['task']} | {row['how']} | " + " | ".join(f"{row[n]:.1f}" for n in (*NAMES, "all", "all 5"))
-              + f" | {kept} | {row['s']:.0f} |")
+              + f" | {kept} | {outside} | {row['s']:.0f} |")
 
 
 if __name__ == "__main__":
