@@ -1,4 +1,4 @@
-"""Evaluate: python eval.py [task=<t2i|generate|reconstruct|oracle|caption|superres>] [data=<name>] [ckpt=PATH] [key=value ...]
+"""Evaluate: python eval.py [task=<t2i|generate|complete|reconstruct|oracle|caption|superres>] [data=<name>] [ckpt=PATH] [key=value ...]
 
 Devices come from lightning.Fabric (trainer.accelerator / devices / num_nodes): task=t2i also runs
 on several, one process each (Fabric starts them, as for training), and the main one writes.
@@ -50,7 +50,8 @@ from t2i.precision import set_matmul_precision
 from t2i.models.vqgan import VQGANConfig
 from t2i.eval.superres import evaluate_superres, write_generated_2x
 from t2i.eval.superres import markdown_table as superres_table
-from t2i.sampling import CaptionConfig, SamplingConfig, SuperResPipeline, T2IPipeline, resolve_sampling, write_samples
+from t2i.sampling import (CaptionConfig, SamplingConfig, SuperResPipeline, T2IPipeline, read_image, resolve_sampling,
+                          write_samples)
 from t2i.scorers import CaptionScorer
 
 log = logging.getLogger("eval")
@@ -160,11 +161,7 @@ def generate(cfg: DictConfig, fabric: Fabric) -> dict:
     """Images for prompts (cfg.prompts, or one per line of cfg.prompts_file): PNGs, a grid, captions."""
     if not cfg.ckpt:
         raise ValueError("task=generate needs ckpt=PATH (a GPT checkpoint from stage=gpt)")
-    prompts = list(cfg.prompts or [])
-    if cfg.prompts_file:
-        prompts += [line.strip() for line in Path(cfg.prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError("task=generate needs prompts=[...] or prompts_file=PATH")
+    prompts = read_prompts(cfg)
     pipeline = T2IPipeline.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device, step=cfg.sampling.step,
                                             weights=cfg.sampling.weights)
     sampling, batch_size = sampling_options(cfg, pipeline)
@@ -184,6 +181,47 @@ def generate(cfg: DictConfig, fabric: Fabric) -> dict:
             results.update(write_generated_2x(resolver, pipeline, samples,
                                               superres_sampling(cfg, resolver), batch_size, out))
     return results
+
+
+def read_prompts(cfg: DictConfig) -> list[str]:
+    """The prompts of task=generate / complete: prompts=[...], then one per line of prompts_file."""
+    prompts = list(cfg.prompts or [])
+    if cfg.prompts_file:
+        prompts += [line.strip() for line in Path(cfg.prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"task={cfg.task} needs prompts=[...] or prompts_file=PATH")
+    return prompts
+
+
+def complete(cfg: DictConfig, fabric: Fabric) -> dict:
+    """Text-guided completion of image= in the region of mask= (white = to be sampled) or box= (box_units=codes or
+    pixels), once per prompt (t2i.sampling.complete): PNGs, a grid, the codes, as task=generate writes them."""
+    if not cfg.ckpt:
+        raise ValueError("task=complete needs ckpt=PATH (a GPT checkpoint from stage=gpt)")
+    if not cfg.image:
+        raise ValueError("task=complete needs image=PATH (the image to complete) and mask=PATH or box=[x0,y0,x1,y1]")
+    prompts = read_prompts(cfg)
+    pipeline = T2IPipeline.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device, step=cfg.sampling.step,
+                                            weights=cfg.sampling.weights)
+    sampling, batch_size = sampling_options(cfg, pipeline)
+    image = read_image(cfg.image)
+    region = pipeline.region(mask=read_image(cfg.mask, "mask") if cfg.mask else None,
+                             box=None if cfg.box is None else list(cfg.box), box_units=cfg.box_units)
+    options = cfg.complete
+    scorer = None
+    if options.rerank > 1:
+        scorer, caption_model = CaptionScorer.for_pipeline(pipeline, cfg.caption_ckpt)
+        if scorer is None:
+            raise ValueError(f"complete.rerank={options.rerank} needs a captioning model: {caption_model}")
+    with fabric.autocast():  # trainer.precision (fp32 unless asked)
+        samples = pipeline.complete(prompts, [image] * len(prompts), [region] * len(prompts), sampling, batch_size,
+                                    scorer=scorer, rerank=options.rerank,
+                                    region_candidates=options.region_candidates)
+    written = write_samples(samples, Path(HydraConfig.get().runtime.output_dir) / "samples")
+    return {"task": "complete", "ckpt": str(cfg.ckpt), "image": str(cfg.image), "prompts": prompts,
+            "region": region.int().tolist(), "region_candidates": options.region_candidates,
+            "rerank": options.rerank, "codes": written["codes"], "files": written["files"], "grid": written["grid"],
+            "sampling": asdict(sampling)}
 
 
 def superres_sampling(cfg: DictConfig, resolver: SuperResPipeline) -> SamplingConfig:
@@ -308,8 +346,8 @@ def precision_record(cfg: DictConfig) -> dict:
     return {"trainer": str(cfg.trainer.precision), "matmul": cfg.matmul_precision}
 
 
-TASKS = {"t2i": text_to_image, "generate": generate, "reconstruct": reconstruct, "oracle": oracle_on_real_images,
-         "caption": caption, "superres": superres}
+TASKS = {"t2i": text_to_image, "generate": generate, "complete": complete, "reconstruct": reconstruct,
+         "oracle": oracle_on_real_images, "caption": caption, "superres": superres}
 
 
 @hydra.main(config_path="conf", config_name="eval", version_base="1.3")

@@ -18,10 +18,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from PIL import Image
+
+from t2i.checkpoints import load_vqgan
+from t2i.data import shapes
 
 from t2i.plan import resolve_run, strategy_name
 
@@ -62,6 +67,12 @@ DOCUMENTED = {
         't2i folder 1x1',
     'python eval.py task=generate ckpt=GPT.ckpt "prompts=[\'...\']"':
         'generate shapes 1x1',
+    'python eval.py task=complete ckpt=GPT.ckpt image=IMG.png mask=MASK.png "prompts=[\'...\']"':
+        'complete shapes 1x1',
+    'python eval.py task=complete ckpt=GPT.ckpt image=IMG.png mask=MASK.png "prompts=[\'画面右下角有一个蓝色的小方块\']"':
+        'complete shapes 1x1',
+    'python eval.py task=complete ckpt=GPT.ckpt image=IMG.png box=[4,4,8,8] box_units=codes "prompts=[\'右下方有个绿色的大三角形\']"':
+        'complete shapes 1x1',
     'python -m t2i.demo ckpt=GPT.ckpt':
         't2i.demo',
     'python eval.py task=generate ckpt=GPT_CKPT "prompts=[\'...\']"':
@@ -239,7 +250,7 @@ def _placeholders(fixtures: dict) -> dict:
             "logs/paipainter_finetune/.../checkpoints/last.ckpt": gpt, "CKPT": vqgan, "VQGAN.ckpt": vqgan,
             "VQGAN_2X.ckpt": vqgan, "TAMING.ckpt": vqgan, "ckpt/pai_base.vqgan.ckpt": vqgan,
             "logs/quickstart/vqgan/checkpoints/last.ckpt": vqgan, "last.ckpt": vqgan, "$SLURM_NNODES": "4",
-            "$SLURM_JOB_ID": "1", "data/": f"{data}/"}
+            "$SLURM_JOB_ID": "1", "data/": f"{data}/", "IMG.png": fixtures["image"], "MASK.png": fixtures["mask"]}
 
 
 def _substitute(value: str, table: dict) -> str:
@@ -350,8 +361,14 @@ def fixtures(codes_root, gpt_run, tmp_path_factory):
             (data / f"{name}_codes").symlink_to(codes_root)
     (data / "shapes_codes").symlink_to(codes_root)
     (data / "shapes_pai").symlink_to(codes_root)  # the pai-painter recipe's code shards
+    # task=complete's image (a shapes image at the tests' 32x32) and its mask (white: the bottom-right quarter)
+    attributes = {"shape": "circle", "color": "red", "position": "top_left", "size": "large", "background": "white"}
+    Image.fromarray(shapes.render(attributes, 32)).save(data / "image.png")
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[16:, 16:] = 255
+    Image.fromarray(mask).save(data / "mask.png")
     return {"gpt": str(gpt_run / "checkpoints" / "last.ckpt"), "vqgan": str(codes_root.parent / "vqgan.ckpt"),
-            "data_dir": str(data)}
+            "data_dir": str(data), "image": str(data / "image.png"), "mask": str(data / "mask.png")}
 
 
 def facts_of(command: str, fixtures: dict, run_dir: Path, monkeypatch) -> str:
@@ -362,10 +379,10 @@ def facts_of(command: str, fixtures: dict, run_dir: Path, monkeypatch) -> str:
 
 
 def _runs_here(command: str) -> bool:
-    """eval.py commands cheap on the fixtures: generation, and reconstructions of the shapes images."""
+    """eval.py commands cheap on the fixtures: generation, completion, and reconstructions of the shapes images."""
     if not command.startswith("python eval.py") or "superres" in command or "..." in command:
         return False
-    return "task=generate" in command or ("task=reconstruct" in command and "data=shapes" in command
+    return "task=generate" in command or "task=complete" in command or ("task=reconstruct" in command and "data=shapes" in command
                                           and "eval.rfid=true" not in command)
 
 
@@ -375,12 +392,14 @@ def eval_runs(fixtures, tmp_path_factory) -> dict:
     commands = sorted({command for _, command in doc_commands() if _runs_here(command)})
     runs = tmp_path_factory.mktemp("eval_runs")
     argvs = [[*_arguments(command, fixtures)[1:], "sampling.samples_per_prompt=1", f"hydra.run.dir={runs / str(i)}"]
-             if "task=generate" in command else [*_arguments(command, fixtures)[1:], f"hydra.run.dir={runs / str(i)}"]
+             if "task=generate" in command or "task=complete" in command
+             else [*_arguments(command, fixtures)[1:], f"hydra.run.dir={runs / str(i)}"]
              for i, command in enumerate(commands)]
     result = subprocess.run([sys.executable, "tests/run_each.py", json.dumps(argvs)], cwd=REPO, capture_output=True,
                             text=True, timeout=600, env={**os.environ, "T2I_DATA_DIR": fixtures["data_dir"]})
     assert result.returncode == 0, result.stderr[-3000:]
-    return dict(zip(commands, json.loads(result.stdout.splitlines()[-1])))
+    return {command: (*said, runs / str(i))
+            for i, (command, said) in enumerate(zip(commands, json.loads(result.stdout.splitlines()[-1])))}
 
 
 @pytest.mark.parametrize("command", sorted({command for _, command in doc_commands()}))
@@ -389,5 +408,19 @@ def test_each_command_does_what_the_docs_say(command, fixtures, eval_runs, tmp_p
         pytest.fail(f"{command!r} is in the docs but not in DOCUMENTED: add what it does")
     assert facts_of(command, fixtures, tmp_path, monkeypatch) == DOCUMENTED[command]
     if command in eval_runs:
-        code, said = eval_runs[command]
+        code, said, _ = eval_runs[command]
         assert code == 0, said[-3000:]
+
+
+def test_the_documented_completions_keep_the_image_outside_their_region(fixtures, eval_runs):
+    """task=complete's codes are the image's own VQGAN codes outside the region (mask or box) and sampled in it."""
+    image = torch.from_numpy(np.array(Image.open(fixtures["image"]).convert("RGB"))).permute(2, 0, 1)
+    truth = load_vqgan(fixtures["vqgan"]).encode(image[None].float() / 127.5 - 1)[0]
+    runs = [run for command, (_, _, run) in eval_runs.items() if "task=complete" in command]
+    assert len(runs) == 2  # docs/generation.md's (the README's prompt is a placeholder)
+    for run in runs:
+        results = json.loads((run / "results.json").read_text(encoding="utf-8"))
+        region = torch.tensor(results["region"], dtype=torch.bool)
+        assert region.sum() == 16  # the bottom-right quarter of the 8x8 grid, by the mask or the box
+        codes = torch.from_numpy(np.load(results["codes"]))
+        assert (codes[:, ~region] == truth[~region]).all() and len(results["files"]) == len(results["prompts"])

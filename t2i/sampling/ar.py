@@ -43,7 +43,8 @@ def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cach
     Conditional sampling (a superres model): `low` [P, low_len] are each prompt's low-resolution codes
     and `window` the window that follows (TokenLayout.prefix); `known` [P * samples_per_prompt, image_len]
     holds codes already fixed (-1 where a code is to be sampled): they are fed as they are, as CogView's
-    sliding windows feed the overlap with the windows before. `superres_codes` runs the windows.
+    sliding windows feed the overlap with the windows before (`superres_codes` runs the windows) and as
+    text-guided completion feeds an image's codes outside its region (T2IPipeline.complete).
     """
     check_step_mode(step)
     gpt = model.cfg
@@ -68,7 +69,7 @@ def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cach
     stats.token_by_token_calls += gpt.image_len
     if cfg.method == "sjd":
         if known is not None:
-            raise ValueError("sampling.method=sjd does not take known codes (windowed super-resolution): use method=ar")
+            raise ValueError("sampling.method=sjd does not take known codes (super-resolution windows, completion): use method=ar")
         if not use_cache:
             raise ValueError("sampling.method=sjd runs on the KV cache (use_cache=True)")
         generators = row_generators(seeds, n_prompts, cfg.samples_per_prompt, cfg.greedy)

@@ -2,7 +2,8 @@
 `SuperResPipeline` for CogView's 2x stage), and the one path from prompts to files: `T2IPipeline.sample` gives
 `Samples` (tokenized, seeded with prompt_seeds, sampled in sampling batches, scored and reranked when asked,
 decoded); t2i.sampling.files.write_samples writes them. eval.py's task=generate, the training grids and the
-demo use it.
+demo use it. `T2IPipeline.complete` (text-guided completion of an image's region, t2i.sampling.complete) runs
+the same path with the image's other codes fixed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from t2i.models.gpt import GPT
 from t2i.models.int8 import quantize_weights
 from t2i.models.vqgan import VQModel
 from t2i.sampling.ar import generate_codes
+from t2i.sampling.complete import check_image, following_codes_nll, known_codes, region_mask
 from t2i.sampling.options import SamplingConfig, SamplingStats, check_step_mode
 from t2i.sampling.progress import Progress, progress_part
 from t2i.sampling.seeds import prompt_seeds
@@ -103,33 +105,43 @@ class T2IPipeline:
     @torch.no_grad()
     def sample_codes(self, prompts: list[str], cfg: SamplingConfig, batch_size: int = 16,
                      seeds: Sequence[int] | None = None, stats: SamplingStats | None = None,
-                     progress: Progress | None = None) -> torch.Tensor:
+                     progress: Progress | None = None, known: torch.Tensor | None = None) -> torch.Tensor:
         """Codes [len(prompts) * samples_per_prompt, h, w], the samples of a prompt adjacent.
 
         At most `batch_size` sequences sample at once (`sampling_batches`; twice as many KV-cache rows with
         guidance). Prompt i is sampled with seeds[i], by default prompt_seeds(cfg.seed, prompts): the codes do
         not depend on batch_size. `stats`, when given, counts the model calls; `progress(done, total)` is called
-        after each model call with the image positions fixed so far over all sampling batches.
+        after each model call with the image positions fixed so far over all sampling batches. `known` [len(prompts),
+        h, w]: each prompt's fixed codes (-1: to be sampled), fed as they are in every sample of it.
         """
         if any(not p.strip() for p in prompts):
             warnings.warn("an empty prompt generates unconditionally (the null text)")
         seeds = self._seeds(prompts, cfg, seeds)
         h, w = self.record.grid
+        if known is not None and known.shape != (len(prompts), h, w):
+            raise ValueError(f"known codes must be [prompts={len(prompts)}, {h}, {w}], got {tuple(known.shape)}")
         batches = sampling_batches(len(prompts), cfg.samples_per_prompt, batch_size)
         image_len = self.gpt.cfg.image_len
         codes = []
         for index, (rows, samples) in enumerate(batches):
             text = self.tokenizer(prompts[rows.start:rows.stop]).to(self.device)
             batch_seeds = None if seeds is None else seeds[rows.start:rows.stop]
+            batch_known = None if known is None else \
+                known[rows.start:rows.stop].flatten(1).repeat_interleave(len(samples), 0).to(self.device)
             batch_progress = progress_part(progress, index * image_len, len(batches) * image_len)
             codes.append(generate_codes(self.sampler, text, cfg, seeds=batch_seeds, stats=stats, step=self.step_mode,
-                                        samples=samples, progress=batch_progress).view(-1, h, w))
+                                        samples=samples, known=batch_known, progress=batch_progress).view(-1, h, w))
         return torch.cat(codes)
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
         """Codes [N, h, w] -> uint8 images [N, 3, H, W] on the CPU."""
         return torch.cat([decode_to_uint8(self.vqgan, chunk).cpu() for chunk in codes.split(batch_size)])
+
+    @property
+    def image_size(self) -> int:
+        """The side of the images this model's codes stand for (its code grid times the VQGAN's downsampling)."""
+        return self.record.grid[0] * self.vqgan.cfg.downsample
 
     @torch.no_grad()
     def sample(self, prompts: list[str], cfg: SamplingConfig, batch_size: int = 16,
@@ -141,19 +153,66 @@ class T2IPipeline:
         image is scored; with `rerank` K > 1 each image is the best of K candidates (CogView's self-reranking):
         K * samples_per_prompt sequences are sampled per prompt, image i's candidate c being sample c * S + i, and
         only the chosen ones are decoded."""
+        return self._sample(prompts, cfg, batch_size, seeds, stats, progress, scorer, rerank)
+
+    def region(self, mask=None, box: Sequence[float] | None = None, box_units: str | None = None) -> torch.Tensor:
+        """The region to complete as bool [h, w] on this model's code grid, from a mask image (white = to be
+        sampled, at the image's size) or a box [x0, y0, x1, y1] in box_units "codes" or "pixels"
+        (t2i.sampling.complete.region_mask)."""
+        return region_mask(self.record.grid, self.image_size, mask, box, box_units)
+
+    @torch.no_grad()
+    def complete(self, prompts: list[str], images: Sequence, regions: Sequence[torch.Tensor], cfg: SamplingConfig,
+                 batch_size: int = 16, seeds: Sequence[int] | None = None, stats: SamplingStats | None = None,
+                 progress: Progress | None = None, scorer: Scorer | None = None, rerank: int = 1,
+                 region_candidates: int = 1) -> Samples:
+        """Text-guided completion: prompt i's image images[i] (uint8 [H, W, 3] at image_size, as a file or an
+        upload gives it) with its region regions[i] (bool [h, w], `region`) sampled with the text and its other
+        codes, the VQGAN's codes of the image, kept. Samples as `sample` makes them (seeds, guidance, step modes,
+        `scorer` and `rerank`), the known codes unchanged in every sample.
+
+        `region_candidates` K > 1: each sample (each rerank candidate) is the best of K draws of the region by the
+        likelihood the model gives the known codes after it (t2i.sampling.complete: the raster remedy)."""
+        if len(images) != len(prompts) or len(regions) != len(prompts):
+            raise ValueError(f"{len(images)} images and {len(regions)} regions for {len(prompts)} prompts: one each")
+        pixels = torch.stack([check_image(image, self.image_size) for image in images]).to(self.device)
+        codes = self.vqgan.encode(pixels.float() / 127.5 - 1)
+        masks = torch.stack([torch.as_tensor(region, dtype=torch.bool) for region in regions])
+        if masks.shape != codes.shape:
+            raise ValueError(f"regions must be [{', '.join(map(str, codes.shape[1:]))}] on the code grid (use "
+                             f"pipeline.region(...)), got {tuple(masks.shape[1:])}")
+        return self._sample(prompts, cfg, batch_size, seeds, stats, progress, scorer, rerank,
+                            known=known_codes(codes, masks), region_candidates=region_candidates)
+
+    def _sample(self, prompts: list[str], cfg: SamplingConfig, batch_size: int, seeds: Sequence[int] | None,
+                stats: SamplingStats | None, progress: Progress | None, scorer: Scorer | None, rerank: int,
+                known: torch.Tensor | None = None, region_candidates: int = 1) -> Samples:
+        """The one body of sample and complete: R = rerank candidates of K = region_candidates draws each of the S
+        samples of every prompt, sample (c * K + k) * S + i of a prompt being draw k of candidate c of image i."""
         if not isinstance(rerank, int) or rerank < 1:
             raise ValueError(f"rerank must be an integer >= 1 (candidates per image), got {rerank!r}")
         if rerank > 1 and scorer is None:
             raise ValueError("reranking needs a scorer (a captioning model): set rerank to 1 or give caption_ckpt=")
+        if not isinstance(region_candidates, int) or region_candidates < 1:
+            raise ValueError(f"region_candidates must be an integer >= 1 (draws of the region per image), "
+                             f"got {region_candidates!r}")
         seeds = self._seeds(prompts, cfg, seeds)
-        n, k, s = len(prompts), rerank, cfg.samples_per_prompt
-        candidates = replace(cfg, samples_per_prompt=k * s) if k > 1 else cfg
-        codes = self.sample_codes(prompts, candidates, batch_size, seeds=seeds, stats=stats, progress=progress)
+        n, r, k, s = len(prompts), rerank, region_candidates, cfg.samples_per_prompt
+        candidates = replace(cfg, samples_per_prompt=r * k * s) if r * k > 1 else cfg
+        codes = self.sample_codes(prompts, candidates, batch_size, seeds=seeds, stats=stats, progress=progress,
+                                  known=known)
+        grid = codes.shape[1:]
+        if k > 1:  # the draw of each region that the known codes after it like best
+            rows = r * k * s
+            text = self.tokenizer(prompts).to(self.device).repeat_interleave(rows, 0)
+            nll = following_codes_nll(self.gpt, text, codes, (known < 0).repeat_interleave(rows, 0), batch_size)
+            codes, _ = best_candidates(codes.view(n * r, k, s, *grid), nll.cpu().view(n * r, k, s))
+            codes = codes.reshape(n * r * s, *grid)
         scores = None
         if scorer is not None:
-            scores = scorer([p for p in prompts for _ in range(k * s)], codes, batch_size).cpu().view(n, k, s)
-        codes = codes.view(n, k, s, *codes.shape[1:])
-        if k > 1:
+            scores = scorer([p for p in prompts for _ in range(r * s)], codes, batch_size).cpu().view(n, r, s)
+        codes = codes.view(n, r, s, *grid)
+        if r > 1:
             codes, best = best_candidates(codes, scores)
             scores = take(scores, best)
         else:
