@@ -18,7 +18,7 @@ import pytest
 from t2i.extras import EXTRAS
 
 REPO = Path(__file__).parents[1]
-EXTRA_DISTRIBUTIONS = ["transformers", "gradio", "wandb", "hydra-optuna-sweeper", "hydra-submitit-launcher"]
+EXTRA_DISTRIBUTIONS = ["transformers", "gradio", "wandb", "hydra-optuna-sweeper", "hydra-submitit-launcher", "peft"]
 
 
 def _site_packages_without(view: Path, hidden: set[str], source: Path) -> None:
