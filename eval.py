@@ -171,8 +171,8 @@ def generate(cfg: DictConfig, fabric: Fabric) -> dict:
     out = Path(HydraConfig.get().runtime.output_dir) / "samples"
     written = write_samples(samples, out)
     prefix_ids = pipeline.gpt.layout.prefix(text_ids)  # the positions before the first code, as the model reads them
-    results = {"task": "generate", "ckpt": str(cfg.ckpt), "adapter": cfg.adapter, "prompts": prompts, "text_ids": text_ids.tolist(),
-               "prefix_ids": prefix_ids.tolist(),
+    results = {"task": "generate", "ckpt": str(cfg.ckpt), "adapter": cfg.adapter, "prompts": prompts,
+               "text_ids": text_ids.tolist(), "prefix_ids": prefix_ids.tolist(),
                "codes": written["codes"], "files": written["files"], "grid": written["grid"], "sampling": asdict(sampling)}
     if cfg.superres_ckpt:  # CogView's second stage: every sample again at twice the resolution
         resolver = SuperResPipeline.from_checkpoint(cfg.superres_ckpt, cfg.superres_vqgan_ckpt, device=fabric.device,
