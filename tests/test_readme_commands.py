@@ -122,7 +122,7 @@ DOCUMENTED = {
     'python -m t2i.interop export-paipainter --ckpt logs/paipainter_finetune/.../checkpoints/last.ckpt --out pai-tuned':
         't2i.interop',
     'python train.py init_ckpt=GPT.ckpt data=folder data.root=data/mine "stage.lora={rank: 8}" trainer=gpu':
-        "gpt init_ckpt's+lora folder:mine_codes 1x1 single-device bf16-mixed",
+        "gpt init_ckpt's+lora folder:mine 1x1 single-device bf16-mixed",
     'python eval.py task=generate ckpt=GPT.ckpt adapter=ADAPTER.ckpt "prompts=[\'...\']"':
         'generate shapes 1x1',
     'python eval.py ckpt=GPT.ckpt adapter=ADAPTER.ckpt data=folder data.root=data/mine split=val':
