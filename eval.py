@@ -163,7 +163,7 @@ def generate(cfg: DictConfig, fabric: Fabric) -> dict:
         raise ValueError("task=generate needs ckpt=PATH (a GPT checkpoint from stage=gpt)")
     prompts = read_prompts(cfg)
     pipeline = T2IPipeline.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device, step=cfg.sampling.step,
-                                            weights=cfg.sampling.weights)
+                                            weights=cfg.sampling.weights, adapter=cfg.adapter)
     sampling, batch_size = sampling_options(cfg, pipeline)
     text_ids = pipeline.tokenizer(prompts)  # what the model receives, recorded for inspection
     with fabric.autocast():  # trainer.precision (fp32 unless asked)
@@ -171,8 +171,8 @@ def generate(cfg: DictConfig, fabric: Fabric) -> dict:
     out = Path(HydraConfig.get().runtime.output_dir) / "samples"
     written = write_samples(samples, out)
     prefix_ids = pipeline.gpt.layout.prefix(text_ids)  # the positions before the first code, as the model reads them
-    results = {"task": "generate", "ckpt": str(cfg.ckpt), "prompts": prompts, "text_ids": text_ids.tolist(),
-               "prefix_ids": prefix_ids.tolist(),
+    results = {"task": "generate", "ckpt": str(cfg.ckpt), "adapter": cfg.adapter, "prompts": prompts,
+               "text_ids": text_ids.tolist(), "prefix_ids": prefix_ids.tolist(),
                "codes": written["codes"], "files": written["files"], "grid": written["grid"], "sampling": asdict(sampling)}
     if cfg.superres_ckpt:  # CogView's second stage: every sample again at twice the resolution
         resolver = SuperResPipeline.from_checkpoint(cfg.superres_ckpt, cfg.superres_vqgan_ckpt, device=fabric.device,
@@ -288,7 +288,7 @@ def text_to_image(cfg: DictConfig, fabric: Fabric) -> dict | None:
                                    f"split={cfg.split}") if options["clip"] else None
     fabric.launch()  # with several devices: starts the other processes, each running this script
     pipeline = T2IPipeline.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device, step=cfg.sampling.step,
-                                            weights=cfg.sampling.weights)
+                                            weights=cfg.sampling.weights, adapter=cfg.adapter)
     sampling, batch_size = sampling_options(cfg, pipeline)
     # a loader batch is one sampling batch: its prompts' candidates, samples_per_prompt x rerank each
     prompts_per_batch = max(1, batch_size // (sampling.samples_per_prompt * eval_cfg.rerank))
@@ -314,7 +314,8 @@ def text_to_image(cfg: DictConfig, fabric: Fabric) -> dict | None:
                            seeds=prompts.seeds(sampling.seed), batch_size=batch_size, clip=clip)
     if results is None:  # not the main process
         return None
-    results = {"task": "t2i", "name": cfg.name or Path(cfg.ckpt).resolve().parent.parent.name, "ckpt": str(cfg.ckpt),
+    results = {"task": "t2i", "name": cfg.name or Path(cfg.adapter or cfg.ckpt).resolve().parent.parent.name,
+               "ckpt": str(cfg.ckpt), "adapter": cfg.adapter,
                "data": cfg.data.name, "split": cfg.split, "prompt_set": prompts.protocol(), **results,
                "precision": precision_record(cfg)}
     if scorer is None:
@@ -354,6 +355,10 @@ TASKS = {"t2i": text_to_image, "generate": generate, "complete": complete, "reco
 def main(cfg: DictConfig):
     if cfg.task not in TASKS:
         raise ValueError(f"task={cfg.task} is not one of: {', '.join(TASKS)}")
+    if cfg.adapter and cfg.task not in ("t2i", "generate"):
+        raise ValueError(f"adapter= is read by task=t2i and task=generate, not by task={cfg.task}")
+    if cfg.adapter:  # at once, not after the data and the model have loaded
+        require("peft")
     check_devices(cfg.trainer.accelerator, cfg.trainer.devices)
     require_logger(cfg.get("logger"))
     set_matmul_precision(cfg.matmul_precision)

@@ -14,12 +14,16 @@ GPT's weights under `state_dict` (`gpt.*`) and, under `t2i`, the record
     superres   null, or for a super-resolution GPT (layout "superres") its windows on the code grids,
                SuperresGrid's fields {low, high, window, stride, context}, and the image sizes {low_size, high_size}
                its codes were encoded at: what eval.py task=superres and superres_ckpt= read
+    adapter    null, or for a LoRA adapter checkpoint (t2i.adapters: its `state_dict` holds the adapter's
+               weights only) AdapterRecord's fields: the adapter's settings {rank, alpha, dropout, targets} and
+               the base GPT it belongs to {base_sha256: weights_hash of the base's weights, base_checkpoint}
 
 Version 1 (no version number) kept the tokenizer bytes, text_len and caption_prob at the top:
 it is read and upgraded. Version 2 had no `superres` entry (no super-resolution models): read as null.
+Version 3 had no `adapter` entry (no adapters): read as null.
 
 In memory the record is GPTRecord, its entries small dataclasses (TokenizerRecord, VQGANRecord,
-TrainingRecord, SuperresRecord; the configs as GPTConfig and VQGANConfig), built and checked here
+TrainingRecord, SuperresRecord, AdapterRecord; the configs as GPTConfig and VQGANConfig), built and checked here
 only: a field of the wrong type, an unknown or a missing one raises CheckpointError naming the file
 and the field (`t2i.vqgan.sha256`). On disk it stays the plain dict above (`GPTRecord.to_dict()`).
 """
@@ -42,7 +46,7 @@ from t2i.models.gpt import GPT, GPTConfig
 from t2i.models.layout import SuperresGrid
 from t2i.models.vqgan import VQGANConfig, VQModel
 
-RECORD_VERSION = 3
+RECORD_VERSION = 4
 
 
 class CheckpointError(ValueError):
@@ -208,6 +212,20 @@ class SuperresRecord(RecordEntry):
 
 
 @dataclass
+class AdapterRecord(RecordEntry):
+    """A LoRA adapter (t2i.adapters): its settings (t2i.adapters.LoraConfig's fields) and the base GPT it was
+    trained on, by the sha256 of the base's weights (weights_hash) and the file it was read from."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    targets: list[str]
+    base_sha256: str
+    base_checkpoint: str | None
+    where = "t2i.adapter"
+
+
+@dataclass
 class GPTRecord(RecordEntry):
     """The record a GPT checkpoint carries under "t2i" (see the module's docstring for its fields)."""
 
@@ -217,6 +235,7 @@ class GPTRecord(RecordEntry):
     training: TrainingRecord = field(default_factory=TrainingRecord)
     sampling: dict = field(default_factory=dict)  # SamplingConfig's fields (t2i.sampling reads them)
     superres: SuperresRecord | None = None  # a super-resolution GPT's grids and image sizes
+    adapter: AdapterRecord | None = None  # a LoRA adapter checkpoint's settings and base
     version: int = RECORD_VERSION
 
     @classmethod
@@ -240,7 +259,8 @@ class GPTRecord(RecordEntry):
         """The record from its on-disk dict (of the current version), every entry checked."""
         entries = {"gpt": lambda d: _config(GPTConfig, d, "t2i.gpt"), "tokenizer": TokenizerRecord.from_dict,
                    "vqgan": VQGANRecord.from_dict, "training": TrainingRecord.from_dict,
-                   "superres": lambda d: None if d is None else SuperresRecord.from_dict(d)}
+                   "superres": lambda d: None if d is None else SuperresRecord.from_dict(d),
+                   "adapter": lambda d: None if d is None else AdapterRecord.from_dict(d)}
         converted = {name: build(data[name]) for name, build in entries.items()
                      if isinstance(data, dict) and name in data}
         return super().from_dict(data, **converted)
@@ -274,7 +294,7 @@ def _upgraded(record: dict, version: int) -> dict:
                   "training": {"caption_prob": record.get("caption_prob", 0.0)}}
         if record["vqgan"] is None:
             del record["vqgan"]
-    # version 2 had no superres entry: read as None
+    # version 2 had no superres entry, version 3 no adapter entry: read as None
     return {**record, "version": RECORD_VERSION}
 
 
@@ -308,6 +328,10 @@ def load_gpt(path: str | Path) -> tuple[GPT, GPTRecord]:
     """The GPT of a t2i GPT checkpoint and its record."""
     checkpoint = read_checkpoint(path, foreign_objects=False)  # t2i writes tensors and plain data only
     record = GPTRecord.from_checkpoint(checkpoint, str(path))
+    if record.adapter is not None:
+        raise CheckpointError(f"{path} is a LoRA adapter (its own weights only), not a whole GPT: load it with the "
+                              f"base it belongs to, ckpt=BASE adapter={path} (it was trained on "
+                              f"{record.adapter.base_checkpoint or 'a base it does not name'})")
     gpt = GPT(record.gpt)
     load_weights(gpt, gpt_state_dict(checkpoint, str(path)), str(path), what="GPT")
     return gpt.eval(), record

@@ -13,6 +13,7 @@ from types import ModuleType
 EXTRAS = {
     "transformers": ("eval", "the Chinese-CLIP metrics (score, R-precision, CLIP reranking)"),
     "gradio": ("demo", "the web demo"),
+    "peft": ("lora", "LoRA adapters (stage.lora, adapter=)"),
     "wandb": ("wandb", "logging to Weights & Biases (logger=wandb)"),
     "hydra_plugins.hydra_optuna_sweeper": ("sweeps", "Optuna searches (hparams_search=...)"),
     "hydra_plugins.hydra_submitit_launcher": ("sweeps", "SLURM jobs (hydra/launcher=slurm)"),

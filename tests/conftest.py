@@ -57,6 +57,27 @@ def gpt_run(codes_root, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def lora_run(codes_root, gpt_run, tmp_path_factory):
+    """A LoRA adapter trained on gpt_run's checkpoint (its layers and head adapted; a sample grid drawn by the
+    unmerged adapter at step 2), resumed from its adapter checkpoint for a third step, then evaluated with
+    eval.py task=t2i adapter=: the commands one after another in one process."""
+    from run_each import run_each
+
+    run_dir = tmp_path_factory.mktemp("lora_run")
+    base = gpt_run / "checkpoints" / "last.ckpt"
+    train = ["train.py", "debug=tiny", "data=shapes_codes", f"data.root={codes_root}", f"init_ckpt={base}",
+             "stage.lora={rank: 4, targets: [attention, mlp, head]}", "stage.sample_every_n_steps=2",
+             "stage.num_sample_prompts=1", "stage.sampling.samples_per_prompt=1", f"hydra.run.dir={run_dir}"]
+    evaluate = ["eval.py", f"ckpt={base}", f"adapter={run_dir / 'checkpoints' / 'last.ckpt'}", "data=shapes_codes",
+                f"data.root={codes_root}", "split=val", "eval.num_prompts=2", "eval.fid=false", "eval.clip=false",
+                "sampling.batch_size=2", f"hydra.run.dir={run_dir / 'eval'}"]
+    runs = run_each([*train, "trainer.max_steps=2"], [*train, "trainer.max_steps=3", "ckpt_path=last"], evaluate)
+    for code, said in runs:
+        assert code == 0, said[-3000:]
+    return run_dir
+
+
+@pytest.fixture(scope="session")
 def inception_weights(tmp_path_factory):
     """A randomly initialised InceptionV3 saved the way torch-fidelity loads weights: a plain state dict."""
     return save_random_inception(tmp_path_factory.mktemp("inception") / "inception-random.pth")

@@ -18,7 +18,7 @@ import pytest
 from t2i.extras import EXTRAS
 
 REPO = Path(__file__).parents[1]
-EXTRA_DISTRIBUTIONS = ["transformers", "gradio", "wandb", "hydra-optuna-sweeper", "hydra-submitit-launcher"]
+EXTRA_DISTRIBUTIONS = ["transformers", "gradio", "wandb", "hydra-optuna-sweeper", "hydra-submitit-launcher", "peft"]
 
 
 def _site_packages_without(view: Path, hidden: set[str], source: Path) -> None:
@@ -81,6 +81,7 @@ FEATURES = [  # (command, the extra it needs)
     (["train.py", "-m", "hydra/launcher=slurm", "experiment=shapes"], "sweeps"),
     (["eval.py", "ckpt=GPT.ckpt", "logger=wandb"], "wandb"),
     (["-m", "t2i.demo", "ckpt=GPT.ckpt"], "demo"),
+    (["eval.py", "task=generate", "ckpt=GPT.ckpt", "adapter=ADAPTER.ckpt", "prompts=[x]"], "lora"),
 ]
 def test_each_optional_feature_names_its_extra(core_python, tmp_path):
     commands = [[*command, f"hydra.run.dir={tmp_path / str(i)}"] for i, (command, _) in enumerate(FEATURES)]

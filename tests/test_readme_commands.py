@@ -121,6 +121,12 @@ DOCUMENTED = {
         "gpt init_ckpt's shapes:shapes 1x1 single-device bf16-mixed",
     'python -m t2i.interop export-paipainter --ckpt logs/paipainter_finetune/.../checkpoints/last.ckpt --out pai-tuned':
         't2i.interop',
+    'python train.py init_ckpt=GPT.ckpt data=folder data.root=data/mine "stage.lora={rank: 8}" trainer=gpu':
+        "gpt init_ckpt's+lora folder:mine 1x1 single-device bf16-mixed",
+    'python eval.py task=generate ckpt=GPT.ckpt adapter=ADAPTER.ckpt "prompts=[\'...\']"':
+        'generate shapes 1x1',
+    'python eval.py ckpt=GPT.ckpt adapter=ADAPTER.ckpt data=folder data.root=data/mine split=val':
+        't2i folder 1x1',
     'python eval.py ckpt=GPT.ckpt data=muge split=val':
         't2i muge 1x1',
     'python eval.py ckpt=GPT.ckpt data=shapes eval.num_prompts=200 eval.rerank=4':
@@ -250,7 +256,8 @@ def _placeholders(fixtures: dict) -> dict:
             "logs/paipainter_finetune/.../checkpoints/last.ckpt": gpt, "CKPT": vqgan, "VQGAN.ckpt": vqgan,
             "VQGAN_2X.ckpt": vqgan, "TAMING.ckpt": vqgan, "ckpt/pai_base.vqgan.ckpt": vqgan,
             "logs/quickstart/vqgan/checkpoints/last.ckpt": vqgan, "last.ckpt": vqgan, "$SLURM_NNODES": "4",
-            "$SLURM_JOB_ID": "1", "data/": f"{data}/", "IMG.png": fixtures["image"], "MASK.png": fixtures["mask"]}
+            "$SLURM_JOB_ID": "1", "data/": f"{data}/", "IMG.png": fixtures["image"], "MASK.png": fixtures["mask"],
+            "ADAPTER.ckpt": fixtures["adapter"]}
 
 
 def _substitute(value: str, table: dict) -> str:
@@ -304,6 +311,7 @@ def train_facts(args: list[str], run_dir: Path, monkeypatch) -> str:
     world = f"{devices}x{trainer.num_nodes} {strategy_name(strategy, devices * trainer.num_nodes)}"
     if cfg.stage.name == "gpt":
         model = "init_ckpt's" if cfg.init_ckpt else f"{cfg.model.n_layer}/{cfg.model.n_head}/{cfg.model.n_embd}"
+        model += "+lora" if cfg.stage.lora is not None else ""
     else:
         model = f"{cfg.vqgan.n_embed}codes"
     facts = f"{cfg.stage.name} {model} {cfg.data.name}:{Path(cfg.data.root).name} {world} {trainer.precision}"
@@ -352,7 +360,7 @@ FACTS = {"train.py": train_facts, "eval.py": eval_facts, "-m": module_facts, "ma
 
 
 @pytest.fixture(scope="module")
-def fixtures(codes_root, gpt_run, tmp_path_factory):
+def fixtures(codes_root, gpt_run, lora_run, tmp_path_factory):
     """The checkpoints and a data folder where every dataset name is the tests' tiny shapes data."""
     data = tmp_path_factory.mktemp("docs_data")
     for name in ("shapes", "muge", "coco_cn", "flickr8k_cn", "flickr30k_cn", "guohua", "mine"):
@@ -368,7 +376,8 @@ def fixtures(codes_root, gpt_run, tmp_path_factory):
     mask[16:, 16:] = 255
     Image.fromarray(mask).save(data / "mask.png")
     return {"gpt": str(gpt_run / "checkpoints" / "last.ckpt"), "vqgan": str(codes_root.parent / "vqgan.ckpt"),
-            "data_dir": str(data), "image": str(data / "image.png"), "mask": str(data / "mask.png")}
+            "data_dir": str(data), "image": str(data / "image.png"), "mask": str(data / "mask.png"),
+            "adapter": str(lora_run / "checkpoints" / "last.ckpt")}
 
 
 def facts_of(command: str, fixtures: dict, run_dir: Path, monkeypatch) -> str:

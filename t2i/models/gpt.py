@@ -345,10 +345,13 @@ class GPT(nn.Module):
 
     def head_logits(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
         """Logits over a block of the head's rows (a view of the weight, no copy); an int8 head
-        (t2i.models.int8) takes the block itself."""
+        (t2i.models.int8) takes the block itself; any other head (one with a LoRA adapter beside its weight,
+        t2i.adapters, unmerged) computes every row, then keeps the block."""
         if isinstance(self.head, nn.Linear):
             return F.linear(x, self.head.weight[rows])
-        return self.head(x, rows)
+        if getattr(self.head, "reads_rows", False):
+            return self.head(x, rows)
+        return self.head(x)[..., rows]
 
     def forward_at(self, token: torch.Tensor, position: torch.Tensor, cache: KVCache, head_rows: int) -> torch.Tensor:
         """One token per row [B, 1] at `position` (a [1] long tensor on the model's device) -> logits over the

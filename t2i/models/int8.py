@@ -26,6 +26,8 @@ class Int8Linear(nn.Module):
     """A linear layer whose weight is int8 with a scale per output row (symmetric: the row's largest
     magnitude -> 127, each weight rounded to the nearest step)."""
 
+    reads_rows = True  # as the GPT's head, it computes only the rows asked for (GPT.head_logits)
+
     def __init__(self, linear: nn.Linear, dtype: torch.dtype = ACTIVATIONS):
         super().__init__()
         weight = linear.weight.detach().float()

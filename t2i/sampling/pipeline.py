@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from t2i.adapters import apply_adapter
 from t2i.checkpoints import GPTRecord, load_gpt, load_record_vqgan
 from t2i.data.tokenizer import FixedLengthTokenizer
 from t2i.models.gpt import GPT
@@ -84,10 +85,20 @@ class T2IPipeline:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, vqgan_ckpt: str | Path | None = None, device: str = "cpu",
-                        step: str = "eager", weights: str = "unchanged"):
-        """Everything from a GPT checkpoint; the VQGAN it names (or `vqgan_ckpt`) must match its hash."""
+                        step: str = "eager", weights: str = "unchanged", adapter: str | Path | None = None,
+                        merge: bool = True):
+        """Everything from a GPT checkpoint; the VQGAN it names (or `vqgan_ckpt`) must match its hash.
+
+        `adapter`: a LoRA adapter checkpoint of this GPT (t2i.adapters; refused on any other base), merged into
+        the weights (`merge`: as fast as the base) or kept beside them; the adapter's record is then the
+        pipeline's (its training, its sampling defaults)."""
+        if adapter is not None and not merge and weights != "unchanged":
+            raise ValueError(f"sampling.weights={weights} quantizes plain linear layers: merge the adapter "
+                             "(merge=True) or keep the weights unchanged")
         gpt, record = load_gpt(path)
-        vqgan = load_record_vqgan(record, str(path), vqgan_ckpt)
+        if adapter is not None:
+            record = apply_adapter(gpt, path, adapter, merge=merge)
+        vqgan = load_record_vqgan(record, str(adapter or path), vqgan_ckpt)
         return cls(gpt.to(device), record.tokenizer_model(), vqgan.to(device), record, step, weights)
 
     @property

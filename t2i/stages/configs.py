@@ -17,6 +17,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from t2i.adapters import LoraConfig
 from t2i.models.losses import VQGANLossConfig
 from t2i.sampling import SamplingConfig
 
@@ -71,6 +72,8 @@ class GPTStageConfig:
     # SuperresOptions or null; typed Any in the schema because OmegaConf cannot merge a mapping given on
     # the command line (stage.superres={window:[8,8]}) into a typed node that is null: checked below instead
     superres: Any = None
+    # LoraConfig or null (typed Any for the same reason): train a LoRA adapter on init_ckpt's frozen GPT
+    lora: Any = None
 
     def __post_init__(self):
         for name in ("pkeep", "cond_drop", "caption_prob"):
@@ -88,6 +91,14 @@ class GPTStageConfig:
             self.superres = SuperresOptions(**self.superres)
         if self.superres is not None and not isinstance(self.superres, SuperresOptions):
             raise ValueError(f"stage.superres must be null or {{window, stride, context}}, got {self.superres!r}")
+        if isinstance(self.lora, dict):
+            known = [f.name for f in fields(LoraConfig)]
+            unknown = sorted(set(self.lora) - set(known))
+            if unknown:
+                raise ValueError(f"stage.lora has unknown key(s) {', '.join(unknown)}: it takes {', '.join(known)}")
+            self.lora = LoraConfig(**self.lora)
+        if self.lora is not None and not isinstance(self.lora, LoraConfig):
+            raise ValueError(f"stage.lora must be null or {{rank, alpha, dropout, targets}}, got {self.lora!r}")
         if self.superres is not None and self.caption_prob:
             raise ValueError("a super-resolution GPT has no captioning direction: set stage.caption_prob=0")
 

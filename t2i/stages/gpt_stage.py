@@ -49,6 +49,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
+from t2i.adapters import add_lora, adapter_record, adapter_weights, load_adapter_weights
 from t2i.checkpoints import (
     GPTRecord,
     SuperresRecord,
@@ -61,6 +62,7 @@ from t2i.checkpoints import (
     vqgan_identity,
     weights_hash,
 )
+from t2i.extras import require
 from t2i.models.gpt import GPT, GPTConfig
 from t2i.models.layout import SuperresGrid
 from t2i.models.vqgan import VQGANConfig, VQModel
@@ -112,6 +114,11 @@ class GPTStage(L.LightningModule):
         """Architecture from `model` and sizes from the data it will read, or everything from `init_ckpt`."""
         stage: GPTStageConfig = typed_stage_config(cfg.stage)
         init_ckpt = cfg.init_ckpt
+        if stage.lora is not None and not init_ckpt:
+            raise ValueError("stage.lora trains an adapter on a trained GPT, whose weights stay frozen: set "
+                             "init_ckpt=BASE.ckpt")
+        if stage.lora is not None:  # at once, not after the data and the base have loaded
+            require("peft")
         init_gpt, init_record = load_gpt(init_ckpt) if init_ckpt else (None, None)
         if init_record is not None:  # fine-tune: the checkpoint's model, layout and tokenizer
             datamodule.use_tokenizer(init_record.tokenizer_model())
@@ -136,18 +143,22 @@ class GPTStage(L.LightningModule):
         else:
             _check_fine_tuning(init_ckpt, init_record, vqgan_record, superres)
             model = init_record.gpt
-            origin = f"fine-tuned from {init_ckpt} ({init_record.training.origin or 'a t2i run'})"
+            how = "a LoRA adapter on" if stage.lora is not None else "fine-tuned from"
+            origin = f"{how} {init_ckpt} ({init_record.training.origin or 'a t2i run'})"
         record = GPTRecord(
             gpt=model, tokenizer=TokenizerRecord.of(datamodule.tokenizer), vqgan=vqgan_record,
             training=TrainingRecord(caption_prob=stage.caption_prob, caption_end=stage.caption_end,
                                     txt_loss_scale=stage.txt_loss_scale, cond_drop=stage.cond_drop, origin=origin),
             sampling=asdict(stage.sampling),
             superres=None if superres is None else SuperresRecord.of(superres, manifest["image_size"],
-                                                                     manifest["hr_image_size"]))
+                                                                     manifest["hr_image_size"]),
+            adapter=None if stage.lora is None else adapter_record(stage.lora, init_gpt, init_ckpt))
         module = cls(model, stage, instantiate(cfg.optim), record=record, vqgan=vqgan,
                      sample_prompts=_sample_prompts(stage, datamodule), superres=superres)
         if init_gpt is not None:
             module.gpt.load_state_dict(init_gpt.state_dict())
+        if stage.lora is not None:  # attached to the loaded weights (it renames the layers it wraps)
+            add_lora(module.gpt, stage.lora)
         return module
 
     @property
@@ -352,6 +363,21 @@ class GPTStage(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.record is not None:  # a GPTStage built by hand, without one, trains but saves no record
             checkpoint["t2i"] = self.record.to_dict()
+        if self.stage_config.lora is not None:  # the adapter's weights only: the base is init_ckpt, known by hash
+            gpt_state = {k[len("gpt."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("gpt.")}
+            checkpoint["state_dict"] = {f"gpt.{k}": v for k, v in adapter_weights(self.gpt, gpt_state).items()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.stage_config.lora is None:
+            return
+        # resuming a LoRA run: its checkpoint holds the adapter only, on the base this run loaded from init_ckpt
+        saved = (checkpoint.get("t2i") or {}).get("adapter") or {}
+        if self.record is not None and saved.get("base_sha256") != self.record.adapter.base_sha256:
+            raise ValueError(f"the checkpoint resumed holds an adapter of another base ({saved.get('base_checkpoint')}) "
+                             f"than init_ckpt ({self.record.adapter.base_checkpoint}): resume with the same init_ckpt")
+        adapter = {k[len("gpt."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("gpt.")}
+        load_adapter_weights(self.gpt, adapter, "the checkpoint resumed")
+        checkpoint["state_dict"] = self.state_dict()  # the base's and the adapter's weights, as Lightning loads them
 
 
 def _superres_grid(options: SuperresOptions | None, manifest: dict, root) -> SuperresGrid | None:

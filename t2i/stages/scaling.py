@@ -106,7 +106,7 @@ def run_steps(trainer: L.Trainer, constant: str) -> int:
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Optimizer parameter groups: weight decay on the weights of linear layers (the matrices), none on
     biases, norms, embeddings (a linear layer sharing an embedding's weight counts as the embedding)
-    or other parameters such as position tables.
+    or other parameters such as position tables; frozen parameters in neither.
 
     Decided by module type, not by shape: Lightning's FSDP strategy builds the optimizer after wrapping,
     when every parameter is a flat 1-D shard; its modules keep their parameters (use_orig_params=True,
@@ -117,7 +117,8 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
                 if isinstance(module, nn.Linear) and id(module.weight) not in embeddings}
     decay, no_decay = [], []
     for p in model.parameters():
-        (decay if id(p) in matrices else no_decay).append(p)
+        if p.requires_grad:  # frozen weights (a LoRA run's base) are not the optimizer's
+            (decay if id(p) in matrices else no_decay).append(p)
     if matrices and not decay:
         raise ValueError("the optimizer sees none of the model's own parameters (FSDP with use_orig_params=False "
                          "hands it flat parameters that mix weights, biases and norms): keep use_orig_params=True, "

@@ -1,0 +1,156 @@
+"""LoRA adapters on the GPT through peft: attach, save the adapter with its base's hash, load, merge.
+
+A LoRA adapter adds to chosen linear layers W a trainable low-rank update (alpha / rank) * B A (A: rank x in,
+B: out x rank, B zero at the start, so the adapted model starts as its base); the base weights stay frozen.
+Training (`stage.lora` with `init_ckpt=BASE`) saves adapter checkpoints: the adapter's weights only (peft's
+state dict: no base weight is stored again) and the GPT record of the base with an `adapter` entry
+(t2i.checkpoints.AdapterRecord): the adapter's settings and the sha256 of its base's weights, so that an
+adapter is refused on any other base. Loading (`T2IPipeline.from_checkpoint(BASE, adapter=PATH)`, eval.py's
+`adapter=`) attaches it to the base and by default merges it into the weights (W + (alpha / rank) B A): the
+merged GPT is a plain GPT again, as fast as its base.
+
+peft is an optional dependency (the `lora` extra): imported when an adapter is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from t2i.checkpoints import AdapterRecord, CheckpointError, GPTRecord, gpt_state_dict, read_checkpoint, weights_hash
+from t2i.extras import require
+from t2i.models.gpt import GPT
+
+# each choice of LoraConfig.targets -> the GPT's linear layers it adapts (full module names, as one regex):
+# the classic blocks' key/query/value/proj and MLP (nn.Sequential: linears 0 and 2), the Llama-style blocks'
+# SwiGLU gate/up/down, and the output head
+TARGETS = {
+    "attention": r"blocks\.\d+\.attn\.(key|query|value|proj)",
+    "mlp": r"blocks\.\d+\.mlp\.(0|2|gate|up|down)",
+    "head": r"head",
+}
+
+
+@dataclass
+class LoraConfig:
+    """stage.lora: the adapter's rank, its scale alpha (the update is (alpha / rank) B A), dropout on its
+    input, and which layers it adapts (TARGETS' names)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["attention", "mlp"])
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"stage.lora.rank must be a positive integer, got {self.rank!r}")
+        if self.alpha <= 0:
+            raise ValueError(f"stage.lora.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"stage.lora.dropout must be in [0, 1), got {self.dropout}")
+        self.targets = list(self.targets)
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown or not self.targets:
+            raise ValueError(f"stage.lora.targets must name some of {', '.join(TARGETS)}, got {self.targets}")
+
+    @classmethod
+    def of(cls, record: AdapterRecord) -> LoraConfig:
+        return cls(rank=record.rank, alpha=record.alpha, dropout=record.dropout, targets=record.targets)
+
+
+def _peft():
+    return require("peft")
+
+
+def add_lora(gpt: GPT, config: LoraConfig) -> GPT:
+    """Freeze `gpt`'s weights and attach a new adapter (in place): only the adapter's weights train."""
+    if "head" in config.targets and gpt.cfg.tie_head:
+        raise ValueError("stage.lora.targets has head, but this GPT's head is its token embedding (model.tie_head): "
+                         "merged, the adapter would change the embedding too; leave head out of the targets")
+    peft = _peft()
+    gpt.requires_grad_(False)
+    pattern = "|".join(f"(?:{TARGETS[target]})" for target in config.targets)
+    peft_config = peft.LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                                  target_modules=pattern, bias="none")
+    return peft.inject_adapter_in_model(peft_config, gpt)
+
+
+def adapter_weights(gpt: GPT, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's weights of an adapted GPT (peft's names: no base weight), from `state_dict` when given
+    (the GPT's own, e.g. a strategy's gathered one)."""
+    return _peft().get_peft_model_state_dict(gpt, state_dict=state_dict)
+
+
+def adapter_record(config: LoraConfig, base: GPT, base_checkpoint: str | Path | None) -> AdapterRecord:
+    """The record's `adapter` entry: the settings and the base (before the adapter is attached), by hash."""
+    return AdapterRecord(**asdict(config), base_sha256=weights_hash(base),
+                         base_checkpoint=str(Path(base_checkpoint).resolve()) if base_checkpoint else None)
+
+
+def save_adapter(path: str | Path, gpt: GPT, record: GPTRecord) -> None:
+    """An adapter checkpoint: the adapter's weights (under `gpt.`, as a GPTStage saves them) and the record."""
+    if record.adapter is None:
+        raise ValueError("an adapter checkpoint's record needs its adapter entry (adapter_record)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {f"gpt.{k}": v.detach().cpu().contiguous() for k, v in adapter_weights(gpt).items()}
+    torch.save({"state_dict": state, "t2i": record.to_dict()}, path)
+
+
+def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], GPTRecord]:
+    """An adapter checkpoint's weights and record (a CheckpointError if the file is not one)."""
+    checkpoint = read_checkpoint(path, foreign_objects=False)
+    record = GPTRecord.from_checkpoint(checkpoint, str(path))
+    if record.adapter is None:
+        raise CheckpointError(f"{path} is a whole GPT checkpoint, not a LoRA adapter: pass it as ckpt=, or pass the "
+                              "adapter checkpoint of a run with stage.lora as adapter=")
+    return gpt_state_dict(checkpoint, str(path)), record
+
+
+def check_base(record: GPTRecord, adapter: str | Path, base: GPT, base_path: str | Path) -> None:
+    """Refuse an adapter on any GPT but the one it was trained on (by the sha256 of the weights)."""
+    found = weights_hash(base)
+    expected = record.adapter.base_sha256
+    if found != expected:
+        raise CheckpointError(f"the LoRA adapter {adapter} was trained on another base than {base_path} (its weights' "
+                              f"sha256 {found[:12]}..., the adapter's base {expected[:12]}..., "
+                              f"{record.adapter.base_checkpoint or 'not named'}): pass the base it was trained on")
+
+
+def load_adapter_weights(gpt: GPT, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Load an adapter's weights into a GPT that has the same adapter attached (add_lora), checking they fit."""
+    expected = adapter_weights(gpt)
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    misshaped = [f"{k}: file {tuple(weights[k].shape)}, model {tuple(v.shape)}" for k, v in expected.items()
+                 if k in weights and weights[k].shape != v.shape]
+    if missing or unexpected or misshaped:
+        raise CheckpointError(f"{source}: the adapter's weights do not fit its own settings (missing: {missing[:5]}, "
+                              f"unexpected: {unexpected[:5]}, mis-shaped: {misshaped[:5]})")
+    _peft().set_peft_model_state_dict(gpt, weights)
+
+
+def merge_lora(gpt: GPT) -> GPT:
+    """Fold every adapted layer's update into its weight and put the plain layer back (in place): a plain GPT."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(gpt.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent, _, attribute = name.rpartition(".")
+            setattr(gpt.get_submodule(parent), attribute, module.get_base_layer())
+    return gpt
+
+
+def apply_adapter(gpt: GPT, base_path: str | Path, adapter: str | Path, merge: bool = True) -> GPTRecord:
+    """Attach the adapter checkpoint `adapter` to `gpt` (in place: the GPT of `base_path`, checked by hash),
+    merged into its weights when `merge`. Returns the adapter's record (its settings, training, sampling)."""
+    weights, record = read_adapter(adapter)
+    check_base(record, adapter, gpt, base_path)
+    add_lora(gpt, LoraConfig.of(record.adapter))
+    load_adapter_weights(gpt, weights, str(adapter))
+    if merge:
+        merge_lora(gpt)
+    gpt.eval()
+    return record
