@@ -177,6 +177,9 @@ def test_generate_command_writes_pngs_and_grid(codes_root, gpt_run, tmp_path):
     assert len(pngs) == 6 and (out / "samples" / "grid.png").is_file()
     assert Image.open(pngs[0]).size == (32, 32)
     results = json.loads((out / "results.json").read_text())
+    # sampling.step=auto resolved once for the run's 6 sequences of 64 positions, said and recorded
+    assert "sampling.step=auto -> eager (cpu, 384 positions in 1 batch size)" in result.stdout + result.stderr
+    assert results["sampling_step"] == {"asked": "auto", "ran": "eager"}
     codes = np.load(out / "samples" / "codes.npy")
     assert codes.dtype == np.int64 and codes.shape == (6, 8, 8) and codes.max() < 64
     assert len(results["text_ids"]) == 3 and results["text_ids"][1] == [0] * len(results["text_ids"][1])

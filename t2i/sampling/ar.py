@@ -45,7 +45,7 @@ def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cach
     holds codes already fixed (-1 where a code is to be sampled): they are fed as they are, as CogView's
     sliding windows feed the overlap with the windows before. `superres_codes` runs the windows.
     """
-    check_step_mode(step)
+    check_step_mode(step, runs=True)
     gpt = model.cfg
     stats = stats if stats is not None else SamplingStats()
     n_prompts = len(text)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-STEP_MODES = ("eager", "static", "compiled", "frozen")  # how a step runs (sampling.step): t2i.sampling.steps
+# how a step runs (sampling.step): t2i.sampling.steps; "auto" is one of the others, chosen by `auto_step_mode`
+STEP_MODES = ("auto", "eager", "static", "compiled", "frozen")
 METHODS = ("ar", "sjd")  # "ar": one position per model call; "sjd": speculative Jacobi decoding
 GUIDANCE_SCHEDULES = ("constant", "linear", "power_cosine")
 CAPTION_STRATEGIES = ("greedy", "sample", "beam")
@@ -18,9 +19,35 @@ def check_filtering(group: str, temperature: float, top_k: int, top_p: float) ->
         raise ValueError(f"{group}.top_k must be >= 0 and {group}.top_p in (0, 1], got {top_k}, {top_p}")
 
 
-def check_step_mode(step: str) -> None:
+def check_step_mode(step: str, runs: bool = False) -> None:
+    """A step mode of STEP_MODES, or an error listing them; `runs`: one that a generation runs, not "auto"."""
     if step not in STEP_MODES:
-        raise ValueError(f"sampling.step must be one of {STEP_MODES}, got {step!r}")
+        raise ValueError(f"sampling.step must be one of {', '.join(STEP_MODES)}, got {step!r}")
+    if runs and step == "auto":
+        raise ValueError(f"step=auto is chosen by the pipelines (T2IPipeline.resolve_step, or auto_step_mode): "
+                         f"a generation runs one of {', '.join(STEP_MODES[1:])}")
+
+
+# sampling.step=auto on a CPU: frozen steps once this many image positions (sequences x image_len) are sampled per
+# batch size compiled, eager below. A frozen step compiles and autotunes once per batch size (~30 s) and then saves
+# a fixed time per position; this is its compile over that saving, the largest measured on a 2-core CPU at the
+# quickstart and base sizes, batches 1 and 16 with guidance (experiments/bench_generate.py --break-even;
+# experiments/RESULTS.md).
+FROZEN_BREAK_EVEN_POSITIONS = 4096
+
+
+def auto_step_mode(device_type: str, positions: int, compilations: int = 1, weights: str = "unchanged") -> str:
+    """The step mode sampling.step=auto runs: on CUDA "compiled" (one CUDA graph per batch size, replayed: the
+    fastest there); int8 weights "frozen" on any device (their fast kernels come with it); on a CPU "frozen" when
+    `positions`, the image positions to be sampled, pay back `compilations` compiles (one per batch size) by the
+    measured FROZEN_BREAK_EVEN_POSITIONS, else "eager" (a one-off); "eager" on any other device."""
+    if weights != "unchanged":
+        return "frozen"
+    if device_type == "cuda":
+        return "compiled"
+    if device_type == "cpu" and positions >= FROZEN_BREAK_EVEN_POSITIONS * compilations:
+        return "frozen"
+    return "eager"
 
 
 @dataclass

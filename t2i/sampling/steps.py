@@ -108,6 +108,16 @@ def compiled_step(model: GPT):
     return functools.partial(_steps_of(model, compiled=True).compiled, model)
 
 
+def release_steps(model: GPT) -> None:
+    """Drop the model's compiled and frozen steps (and the memory they hold): the next compiled or frozen
+    generation compiles again, with the weights the model has then (a frozen step keeps those of its first call)."""
+    with _model_steps_lock:
+        steps = _model_steps.get(model)
+    if steps is not None:
+        with steps.generating:
+            steps.release()
+
+
 @contextmanager
 def frozen_step(model: GPT, batch_size: int):
     """The frozen step of this model at this batch size with its KV cache, emptied (sampling.step=frozen), held
@@ -213,7 +223,7 @@ def sampling_steps(model: GPT, step: str, batch_size: int, head_rows: int,
                    use_cache: bool = True) -> Iterator[SamplingSteps]:
     """The steps of one generation of `batch_size` rows in step mode `step` (STEP_MODES), held until it ends
     (a frozen step and its cache serve one generation at a time); `use_cache=False`: recomputed steps."""
-    check_step_mode(step)
+    check_step_mode(step, runs=True)
     if not use_cache:
         yield RecomputedSteps(model, head_rows)
     elif step == "frozen":
