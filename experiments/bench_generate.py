@@ -6,6 +6,7 @@
     python experiments/bench_generate.py --layout paipainter  # pai-painter-base: EasyNLP's loop vs t2i's sampler
     python experiments/bench_generate.py --device cuda --steps-table --batches 1 64 256  # GPU decoding (bf16)
     python experiments/bench_generate.py --device cuda --steps-table --batches 1 64 --step-modes compiled frozen --weights int8
+    python experiments/bench_generate.py --break-even --quickstart --batches 1 2 4 8 16  # when frozen pays off (auto)
     python experiments/bench_generate.py --sjd-ckpt logs/quickstart/gpt/checkpoints/last.ckpt  # + SJD on a trained model
 
 Random weights at the base size (12 layers, 12 heads, 768 wide, 32 text + 256 image positions,
@@ -40,6 +41,12 @@ The int8 row is sampling.weights=int8 (t2i.models.int8: int8 weights per output 
 activations) with frozen steps, where inductor runs torch's weight-only int8 product. Target: <= 0.6x
 the fp32 floor.
 
+`--break-even` times when frozen steps pay back their compile (sampling.step=auto's rule on a CPU,
+t2i.sampling.options.FROZEN_BREAK_EVEN): per batch, with guidance 3, eager and frozen steps
+and the frozen step's compile (cold: into an empty inductor cache; cached: found on disk), and the
+break-even in sampled positions per batch size compiled; `--quickstart` for the shapes quickstart
+model's size.
+
 The SJD rows time speculative Jacobi decoding (sampling.method=sjd) against the KV sampler at batch 1,
 the two interleaved: random weights predict near-uniform codes, where almost no draft is accepted, so
 they are timed at temperature 1 and at 0.05 (near-deterministic predictions); `--sjd-ckpt` adds a
@@ -51,11 +58,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from functools import partial
@@ -493,40 +502,47 @@ def steps_table(args: argparse.Namespace, model: GPT) -> dict:
 @torch.no_grad()
 def break_even_table(args: argparse.Namespace, model: GPT) -> None:
     """When frozen steps pay back their compile on this device (sampling.step=auto's rule on a CPU): for each
-    batch (guidance 3, both halves in one batch, as eval.py samples a trained checkpoint), eager and frozen
-    generations interleaved (`--repeats` each, the fastest counts), and the first frozen call of a batch size
-    timed `--repeats` times (the steps released before each), the compile being its excess over a warm call.
-    A frozen step saves (eager - frozen) per step, i.e. per `batch` sampled positions; the break-even is the
-    compile over that saving, in sampled positions (sequences x image_len) per batch size compiled."""
+    batch (guidance 3, both halves in one batch, as eval.py samples a trained checkpoint) the first frozen call
+    `--repeats` times, the steps released before each (the first into an empty inductor cache: cold; the
+    others find its FX graphs and autotuning on disk: cached), then eager and frozen generations interleaved
+    (`--repeats` each, the fastest counts). The compile is the first call's excess over a warm one. A frozen
+    step saves (eager - frozen) per step, i.e. per `batch` sampled positions; the break-even is the compile over
+    that saving, in sampled positions (sequences x image_len) per batch size compiled."""
+    # an empty inductor cache, so that the first compile of a batch size is a cold one (torch sets this variable
+    # itself once it has read it: it cannot tell whether a user set it)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-break-even-")
     device = args.device
     cfg = SamplingConfig(top_k=args.top_k, seed=0, guidance_scale=3.0)
     image_len = model.cfg.image_len
     rows = []
     for batch in args.batches:
         text = prompts(model, batch, device)
-        eager_run, frozen_run = partial(sample, model, text, cfg, step="eager"), partial(sample, model, text, cfg,
-                                                                                          step="frozen")
+        eager_run = partial(sample, model, text, cfg, step="eager")
+        frozen_run = partial(sample, model, text, cfg, step="frozen")
         eager_run()  # warm-up
         first = []
-        for _ in range(args.repeats):  # a cold frozen call: the step compiled again for these weights
+        for _ in range(max(args.repeats, 2)):
             release_steps(model)
             first.append(timed(frozen_run, device))
         eager, frozen = [], []
         for _ in range(args.repeats):
             eager.append(timed(eager_run, device))
             frozen.append(timed(frozen_run, device))
-        eager_s, frozen_s = min(eager), min(frozen)
-        compile_s = min(first) - frozen_s
-        saving = (eager_s - frozen_s) / (batch * image_len)  # seconds per sampled position
-        positions = compile_s / saving if saving > 0 else math.inf
-        rows.append([batch, f"{eager_s / image_len * 1e3:.2f}", f"{frozen_s / image_len * 1e3:.2f}",
-                     f"{eager_s / frozen_s:.2f}x", f"{compile_s:.1f} ({max(first) - frozen_s:.1f})",
-                     f"{saving * 1e3:.3f}", f"{positions:,.0f}", f"{positions / image_len:,.0f}"])
         release_steps(model)
+        eager_s, frozen_s = min(eager), min(frozen)
+        cold, cached = first[0] - frozen_s, min(first[1:]) - frozen_s
+        saving = (eager_s - frozen_s) / (batch * image_len)  # seconds per sampled position
+
+        def break_even(compile_s: float) -> str:
+            return f"{compile_s / saving:,.0f}" if saving > 0 else "never"
+
+        rows.append([batch, f"{eager_s / image_len * 1e3:.2f}", f"{frozen_s / image_len * 1e3:.2f}",
+                     f"{eager_s / frozen_s:.2f}x", f"{cold:.1f} / {cached:.1f}", f"{saving * 1e3:.3f}",
+                     f"{break_even(cold)} / {break_even(cached)}"])
     table(["batch (x2 guidance)", "eager ms / step", "frozen ms / step", "frozen speed-up",
-           "frozen compile s (worst)", "saved ms / position", "break-even positions", "= sequences"], rows)
+           "compile s, cold / cached", "saved ms / position", "break-even positions, cold / cached"], rows)
     print(f"\nbreak-even positions = compile s / saved s per sampled position (sequences x {image_len} image "
-          f"positions), per batch size compiled; inductor's cache dir: the default, or TORCHINDUCTOR_CACHE_DIR")
+          f"positions), per batch size compiled; inductor's cache: {os.environ['TORCHINDUCTOR_CACHE_DIR']}")
 
 
 def main() -> None:

@@ -91,15 +91,16 @@ class T2IPipeline:
 
     def resolve_step(self, sequences: int, batch_size: int) -> str:
         """The step mode for sampling `sequences` sequences, `batch_size` at a time: sampling.step=auto made
-        concrete by auto_step_mode (the device, the weights, the positions and how many batch sizes compile: the
-        full batches' and the last one's) and kept for this pipeline's later calls; any other mode as asked."""
+        concrete by auto_step_mode (the device, the weights, the positions, the batch and how many batch sizes
+        compile: the full batches' and the last one's), logged, and kept for this pipeline's later calls; any
+        other mode as asked."""
         if self.step_mode == "auto":
             positions = sequences * self.positions_per_sequence
             full = min(sequences, batch_size)
             compilations = len({full, sequences % batch_size or full})
-            self.step_mode = auto_step_mode(self.device.type, positions, compilations, self.weights)
-            log.info("sampling.step=auto -> %s (%s, %d positions in %d batch size%s%s)", self.step_mode,
-                     self.device.type, positions, compilations, "s" if compilations > 1 else "",
+            self.step_mode = auto_step_mode(self.device.type, positions, full, compilations, self.weights)
+            log.info("sampling.step=auto -> %s (%s, %d positions, batches of %d%s)", self.step_mode,
+                     self.device.type, positions, full,
                      "" if self.weights == "unchanged" else f", {self.weights} weights")
         return self.step_mode
 
