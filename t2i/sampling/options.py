@@ -20,10 +20,11 @@ def check_filtering(group: str, temperature: float, top_k: int, top_p: float) ->
         raise ValueError(f"{group}.top_k must be >= 0 and {group}.top_p in (0, 1], got {top_k}, {top_p}")
 
 
-def check_step_mode(step: str, runs: bool = False) -> None:
-    """A step mode of STEP_MODES, or an error listing them; `runs`: one that a generation runs, not "auto"."""
+def check_step_mode(step: str, runs: bool = False, setting: str = "sampling.step") -> None:
+    """A step mode of STEP_MODES, or an error naming `setting` and listing them; `runs`: one that a generation
+    runs, not "auto"."""
     if step not in STEP_MODES:
-        raise ValueError(f"sampling.step must be one of {', '.join(STEP_MODES)}, got {step!r}")
+        raise ValueError(f"{setting} must be one of {', '.join(STEP_MODES)}, got {step!r}")
     if runs and step == "auto":
         raise ValueError(f"step=auto is chosen by the pipelines (T2IPipeline.resolve_step, or auto_step_mode): "
                          f"a generation runs one of {', '.join(STEP_MODES[1:])}")

@@ -80,7 +80,7 @@ class GPTStageConfig:
                 raise ValueError(f"stage.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.txt_loss_scale < 0:
             raise ValueError(f"stage.txt_loss_scale must be >= 0, got {self.txt_loss_scale}")
-        check_step_mode(self.sample_step)
+        check_step_mode(self.sample_step, setting="stage.sample_step")
         if self.fused_optimizer not in (True, False, "auto"):
             raise ValueError(f"stage.fused_optimizer must be true, false or auto, got {self.fused_optimizer!r}")
         if isinstance(self.superres, dict):
