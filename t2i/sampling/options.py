@@ -36,7 +36,7 @@ def check_step_mode(step: str, runs: bool = False, setting: str = "sampling.step
 # fixed time per step, a gain that falls as the batch grows: at batch 1 its products read the weights on every
 # core where torch's matrix-vector product uses one, and at 16 (32 rows with guidance) it no longer beats eager.
 # Each figure is the compile over the saving per position, measured with guidance at the quickstart size
-# (experiments/bench_generate.py --break-even, experiments/RESULTS.md): the larger of a cold and a cached
+# (experiments/bench_generate.py --break-even --quickstart --batches 1 2 4 8 16): the larger of a cold and a cached
 # compile's, and a batch takes the largest figure of the batches up to it.
 FROZEN_BREAK_EVEN = {1: 5_400, 2: 23_400, 4: 23_400, 8: 42_600}
 

@@ -6,6 +6,7 @@ a one-position step after it. `sampling_steps` gives the token-by-token loop one
 - "compiled": the static step through torch.compile (on CUDA mode "reduce-overhead", which captures it once as
   a CUDA graph and replays it: no per-kernel launch cost, the gpt-fast / LlamaGen pattern);
 - "frozen": compiled with the weights folded in as constants (`frozen_step`).
+sampling.step=auto is one of these, picked for the device and the work (t2i.sampling.options.auto_step_mode).
 All give the same codes up to float rounding. Without the cache (`use_cache=False`) every step recomputes the
 whole sequence, as EasyNLP's generate loop does (kept for the benchmark and the equivalence tests).
 
