@@ -165,6 +165,7 @@ def generate(cfg: DictConfig, fabric: Fabric) -> dict:
     pipeline = T2IPipeline.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device, step=cfg.sampling.step,
                                             weights=cfg.sampling.weights, adapter=cfg.adapter)
     sampling, batch_size = sampling_options(cfg, pipeline)
+    pipeline.resolve_step(len(prompts) * sampling.samples_per_prompt, batch_size)
     text_ids = pipeline.tokenizer(prompts)  # what the model receives, recorded for inspection
     with fabric.autocast():  # trainer.precision (fp32 unless asked)
         samples = pipeline.sample(prompts, sampling, batch_size=batch_size)
@@ -173,13 +174,16 @@ def generate(cfg: DictConfig, fabric: Fabric) -> dict:
     prefix_ids = pipeline.gpt.layout.prefix(text_ids)  # the positions before the first code, as the model reads them
     results = {"task": "generate", "ckpt": str(cfg.ckpt), "adapter": cfg.adapter, "prompts": prompts,
                "text_ids": text_ids.tolist(), "prefix_ids": prefix_ids.tolist(),
-               "codes": written["codes"], "files": written["files"], "grid": written["grid"], "sampling": asdict(sampling)}
+               "codes": written["codes"], "files": written["files"], "grid": written["grid"], "sampling": asdict(sampling),
+               "sampling_step": pipeline.step_record()}
     if cfg.superres_ckpt:  # CogView's second stage: every sample again at twice the resolution
         resolver = SuperResPipeline.from_checkpoint(cfg.superres_ckpt, cfg.superres_vqgan_ckpt, device=fabric.device,
                                                     step=cfg.sampling.step, weights=cfg.sampling.weights)
+        resolver.resolve_step(len(samples.codes), batch_size)
         with fabric.autocast():
             results.update(write_generated_2x(resolver, pipeline, samples,
                                               superres_sampling(cfg, resolver), batch_size, out))
+        results["superres_sampling_step"] = resolver.step_record()
     return results
 
 
@@ -221,7 +225,7 @@ def complete(cfg: DictConfig, fabric: Fabric) -> dict:
     return {"task": "complete", "ckpt": str(cfg.ckpt), "image": str(cfg.image), "prompts": prompts,
             "region": region.int().tolist(), "region_candidates": options.region_candidates,
             "rerank": options.rerank, "codes": written["codes"], "files": written["files"], "grid": written["grid"],
-            "sampling": asdict(sampling)}
+            "sampling": asdict(sampling), "sampling_step": pipeline.step_record()}
 
 
 def superres_sampling(cfg: DictConfig, resolver: SuperResPipeline) -> SamplingConfig:
@@ -248,13 +252,17 @@ def superres(cfg: DictConfig, fabric: Fabric) -> dict:
         pipeline = T2IPipeline.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device, step=cfg.sampling.step,
                                                 weights=cfg.sampling.weights)
         pipeline_sampling, _ = sampling_options(cfg, pipeline)
+        pipeline.resolve_step(cfg.superres.num_images * pipeline_sampling.samples_per_prompt, cfg.sampling.batch_size)
+    resolver.resolve_step(cfg.superres.num_images, cfg.sampling.batch_size)
     out = Path(HydraConfig.get().runtime.output_dir)
     with fabric.autocast():
         results = evaluate_superres(resolver, loaders[0].loader(cfg.split), loaders[1].loader(cfg.split),
                                     superres_sampling(cfg, resolver), cfg.superres.num_images,
                                     cfg.sampling.batch_size, out, pipeline, pipeline_sampling)
     results = {"task": "superres", "superres_ckpt": str(cfg.superres_ckpt), "ckpt": cfg.ckpt, "data": cfg.data.name,
-               "split": cfg.split, **results}
+               "split": cfg.split, **results, "superres_sampling_step": resolver.step_record()}
+    if pipeline is not None:
+        results["sampling_step"] = pipeline.step_record()
     (out / "results.md").write_text(superres_table(results), encoding="utf-8")
     return results
 
@@ -299,6 +307,8 @@ def text_to_image(cfg: DictConfig, fabric: Fabric) -> dict | None:
         if eval_cfg.rerank > 1 and eval_cfg.rerank_by == "caption_loss":
             log.warning("eval.rerank=%d ignored: no captioning model", eval_cfg.rerank)
             eval_cfg.rerank = 1
+    share = -(-prompts.images // fabric.world_size)  # this process's prompts (at most)
+    pipeline.resolve_step(share * sampling.samples_per_prompt * eval_cfg.rerank, batch_size)
     clip = None
     if options["clip"]:  # a Hub id downloads once; offline, a local folder (the error says how)
         clip = ClipMetrics(ChineseClip.load(options["clip_model"], fabric.device, options["clip_batch_size"]),
@@ -317,7 +327,7 @@ def text_to_image(cfg: DictConfig, fabric: Fabric) -> dict | None:
     results = {"task": "t2i", "name": cfg.name or Path(cfg.adapter or cfg.ckpt).resolve().parent.parent.name,
                "ckpt": str(cfg.ckpt), "adapter": cfg.adapter,
                "data": cfg.data.name, "split": cfg.split, "prompt_set": prompts.protocol(), **results,
-               "precision": precision_record(cfg)}
+               "sampling_step": pipeline.step_record(), "precision": precision_record(cfg)}
     if scorer is None:
         results["caption_loss_unavailable"] = caption_model
     else:

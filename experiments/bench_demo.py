@@ -205,7 +205,7 @@ def memory_probe(ckpt: str, batch_size: str) -> None:
     from t2i.sampling import T2IPipeline
 
     limits = OmegaConf.load(REPO / "conf" / "demo.yaml").limits
-    pipeline = T2IPipeline.from_checkpoint(ckpt)
+    pipeline = T2IPipeline.from_checkpoint(ckpt, step="eager")  # the eager step's memory (docs/demo.md's figures)
     scorer, _ = CaptionScorer.for_pipeline(pipeline, None)
     rerank = limits.max_rerank if scorer is not None else 1
     sequences = limits.max_samples * rerank

@@ -6,6 +6,7 @@
     python experiments/bench_generate.py --layout paipainter  # pai-painter-base: EasyNLP's loop vs t2i's sampler
     python experiments/bench_generate.py --device cuda --steps-table --batches 1 64 256  # GPU decoding (bf16)
     python experiments/bench_generate.py --device cuda --steps-table --batches 1 64 --step-modes compiled frozen --weights int8
+    python experiments/bench_generate.py --break-even --quickstart --batches 1 2 4 8 16  # when frozen pays off (auto)
     python experiments/bench_generate.py --sjd-ckpt logs/quickstart/gpt/checkpoints/last.ckpt  # + SJD on a trained model
 
 Random weights at the base size (12 layers, 12 heads, 768 wide, 32 text + 256 image positions,
@@ -40,6 +41,12 @@ The int8 row is sampling.weights=int8 (t2i.models.int8: int8 weights per output 
 activations) with frozen steps, where inductor runs torch's weight-only int8 product. Target: <= 0.6x
 the fp32 floor.
 
+`--break-even` times when frozen steps pay back their compile (sampling.step=auto's rule on a CPU,
+t2i.sampling.options.FROZEN_BREAK_EVEN): per batch, with guidance 3, eager and frozen steps
+and the frozen step's compile (cold: into an empty inductor cache; cached: found on disk), and the
+break-even in sampled positions per batch size compiled; `--quickstart` for the shapes quickstart
+model's size.
+
 The SJD rows time speculative Jacobi decoding (sampling.method=sjd) against the KV sampler at batch 1,
 the two interleaved: random weights predict near-uniform codes, where almost no draft is accepted, so
 they are timed at temperature 1 and at 0.05 (near-deterministic predictions); `--sjd-ckpt` adds a
@@ -51,11 +58,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from functools import partial
@@ -68,9 +77,13 @@ from t2i.models.int8 import WEIGHTS, quantize_weights
 from t2i.models.vqgan import VQModel
 from t2i.pretokenize import load_vqgan_config
 from t2i.sampling import STEP_MODES, SamplingConfig, SamplingStats, decode_to_uint8, filter_logits, generate_codes
+from t2i.sampling.steps import release_steps
 
 BASE = {"n_layer": 12, "n_head": 12, "n_embd": 768, "text_len": 32, "image_len": 256, "n_image_codes": 16384,
         "n_text_tokens": 16000}
+# the shapes quickstart model's size (conf/model/shapes.yaml on the shapes data; tests/test_sampling_golden.py's GPT)
+QUICKSTART = {"n_layer": 4, "n_head": 4, "n_embd": 96, "text_len": 26, "image_len": 64, "n_image_codes": 512,
+              "n_text_tokens": 60, "norm": "sandwich"}
 QUICK = {"n_layer": 2, "n_head": 4, "n_embd": 128, "text_len": 8, "image_len": 64, "n_image_codes": 1024,
          "n_text_tokens": 1000}
 TARGETS = {1: 12.0, 8: 20.0}  # speed-up of the KV cache over recomputation, per batch size
@@ -87,9 +100,9 @@ def sync(device: str) -> None:
 PAIPAINTER = {"layout": "paipainter", "norm": "pre", "n_text_tokens": 21128}  # on top of BASE (or QUICK)
 
 
-def build(quick: bool, device: str, layout: str = "t2i") -> GPT:
+def build(quick: bool, device: str, layout: str = "t2i", quickstart: bool = False) -> GPT:
     torch.manual_seed(0)
-    size = {**(QUICK if quick else BASE), **(PAIPAINTER if layout == "paipainter" else {})}
+    size = {**(QUICKSTART if quickstart else QUICK if quick else BASE), **(PAIPAINTER if layout == "paipainter" else {})}
     return GPT(GPTConfig(**size)).eval().to(device)
 
 
@@ -486,10 +499,58 @@ def steps_table(args: argparse.Namespace, model: GPT) -> dict:
     return results
 
 
+@torch.no_grad()
+def break_even_table(args: argparse.Namespace, model: GPT) -> None:
+    """When frozen steps pay back their compile on this device (sampling.step=auto's rule on a CPU): for each
+    batch (guidance 3, both halves in one batch, as eval.py samples a trained checkpoint) the first frozen call
+    `--repeats` times, the steps released before each (the first into an empty inductor cache: cold; the
+    others find its FX graphs and autotuning on disk: cached), then eager and frozen generations interleaved
+    (`--repeats` each, the fastest counts). The compile is the first call's excess over a warm one. A frozen
+    step saves (eager - frozen) per step, i.e. per `batch` sampled positions; the break-even is the compile over
+    that saving, in sampled positions (sequences x image_len) per batch size compiled."""
+    # an empty inductor cache, so that the first compile of a batch size is a cold one (torch sets this variable
+    # itself once it has read it: it cannot tell whether a user set it)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-break-even-")
+    device = args.device
+    cfg = SamplingConfig(top_k=args.top_k, seed=0, guidance_scale=3.0)
+    image_len = model.cfg.image_len
+    rows = []
+    for batch in args.batches:
+        text = prompts(model, batch, device)
+        eager_run = partial(sample, model, text, cfg, step="eager")
+        frozen_run = partial(sample, model, text, cfg, step="frozen")
+        eager_run()  # warm-up
+        first = []
+        for _ in range(max(args.repeats, 2)):
+            release_steps(model)
+            first.append(timed(frozen_run, device))
+        eager, frozen = [], []
+        for _ in range(args.repeats):
+            eager.append(timed(eager_run, device))
+            frozen.append(timed(frozen_run, device))
+        release_steps(model)
+        eager_s, frozen_s = min(eager), min(frozen)
+        cold, cached = first[0] - frozen_s, min(first[1:]) - frozen_s
+        saving = (eager_s - frozen_s) / (batch * image_len)  # seconds per sampled position
+
+        def break_even(compile_s: float) -> str:
+            return f"{compile_s / saving:,.0f}" if saving > 0 else "never"
+
+        rows.append([batch, f"{eager_s / image_len * 1e3:.2f}", f"{frozen_s / image_len * 1e3:.2f}",
+                     f"{eager_s / frozen_s:.2f}x", f"{cold:.1f} / {cached:.1f}", f"{saving * 1e3:.3f}",
+                     f"{break_even(cold)} / {break_even(cached)}"])
+    table(["batch (x2 guidance)", "eager ms / step", "frozen ms / step", "frozen speed-up",
+           "compile s, cold / cached", "saved ms / position", "break-even positions, cold / cached"], rows)
+    print(f"\nbreak-even positions = compile s / saved s per sampled position (sequences x {image_len} image "
+          f"positions), per batch size compiled; inductor's cache: {os.environ['TORCHINDUCTOR_CACHE_DIR']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="tiny model (2 layers, 128 wide, 64 codes): a smoke test")
+    parser.add_argument("--quickstart", action="store_true",
+                        help="the shapes quickstart model's size (4 layers, 96 wide, 26 text + 64 image positions)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--layout", choices=["t2i", "paipainter"], default="t2i",
                         help="paipainter: pai-painter-base's own GPT (EasyNLP's layout and vocabulary)")
@@ -508,6 +569,8 @@ def main() -> None:
                         help="rounds of the interleaved batch-1 table (0: skip it)")
     parser.add_argument("--steps-table", action="store_true",
                         help="time the step modes (--step-modes) with guidance instead; bf16 on CUDA")
+    parser.add_argument("--break-even", action="store_true",
+                        help="time eager against frozen steps and frozen's compile: when frozen pays off (auto's rule)")
     parser.add_argument("--step-modes", nargs="+", default=["eager", "compiled"], choices=STEP_MODES)
     parser.add_argument("--weights", default="unchanged", choices=WEIGHTS,
                         help="the steps table's sampling.weights (int8: pair it with --step-modes frozen)")
@@ -522,15 +585,19 @@ def main() -> None:
         memory_probe(args)
         return
 
-    model = build(args.quick, args.device, args.layout)
+    model = build(args.quick, args.device, args.layout, args.quickstart)
     cfg, sample_cfg = model.cfg, sampling(args.top_k)
-    size = ("quick" if args.quick else "base") + (" pai-painter" if args.layout == "paipainter" else "")
+    size = ("quickstart" if args.quickstart else "quick" if args.quick else "base") + \
+        (" pai-painter" if args.layout == "paipainter" else "")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"\n{machine(args.device)}")
     print(f"{size} GPT: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, {cfg.text_len} text + "
           f"{cfg.image_len} image positions, vocabulary {cfg.vocab_size}, {n_params / 1e6:.1f}M parameters, fp32, "
           f"{args.device}; top-k {args.top_k}, seed 0, one sample per prompt, "
-          + ("guidance 3, bf16 on CUDA" if args.steps_table else "no guidance"))
+          + ("guidance 3, bf16 on CUDA" if args.steps_table else "guidance 3" if args.break_even else "no guidance"))
+    if args.break_even:
+        break_even_table(args, model)
+        return
     if args.steps_table:
         steps_table(args, model)
         return

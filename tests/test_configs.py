@@ -106,6 +106,9 @@ def test_stage_settings_are_checked_against_their_schema_when_composed():
         typed_stage_config(_compose(["+stage.warmup_step=5"]).stage)
     with pytest.raises(ValueError, match=r"stage.cond_drop must be in \[0, 1\], got 1.5"):
         typed_stage_config(_compose(["stage.cond_drop=1.5"]).stage)
+    assert typed_stage_config(_compose([]).stage).sample_step == "auto"  # the grids' steps, as eval.py's default
+    with pytest.raises(ValueError, match="stage.sample_step must be one of auto, eager, static, compiled, frozen, got 'graph'"):
+        typed_stage_config(_compose(["stage.sample_step=graph"]).stage)
     superres = typed_stage_config(_compose(["experiment=superres_shapes", "stage.superres.stride=[4,8]"]).stage)
     assert superres.superres == SuperresOptions(window=[8, 8], stride=[4, 8], context="window")
     vqgan = typed_stage_config(_compose(["stage=vqgan", "stage.codebook.restart_every=7"]).stage)

@@ -196,6 +196,8 @@ def test_missing_or_mismatched_checkpoint_stops_with_a_clear_error(ckpt, tmp_pat
         setup(_demo_cfg([f"ckpt={ckpt}", f"vqgan_ckpt={other}"]), tmp_path)
     with pytest.raises(ValueError, match="queue.max_batch must be an integer >= 1"):
         setup(_demo_cfg([f"ckpt={ckpt}", "queue.max_batch=0"]), tmp_path)
+    with pytest.raises(ValueError, match="sampling.step must be one of auto, eager, static, compiled, frozen"):
+        setup(_demo_cfg([f"ckpt={ckpt}", "sampling.step=graph"]), tmp_path)
 
 
 def test_the_command_exits_with_the_error(tmp_path):
@@ -343,11 +345,12 @@ def test_page_in_a_browser(server, ckpt, pipeline):
         # an empty prompt: unconditional images, and the page says so
         _generate(page, "", 3)
         assert "Empty prompt" in page.inner_text("#note")
-        # the model panel: size, layout, VQGAN, training origin, checkpoint hash, device
+        # the model panel: size, layout, VQGAN, training origin, checkpoint hash, device, the step mode auto chose
         page.get_by_role("button", name="Model").click()
         expect(page.locator("#model-card")).to_contain_text("Checkpoint")
         card = page.inner_text("#model-card")
-        for fact in ["parameters", "layers", "t2i", "VQGAN", "trained from scratch", file_sha256(ckpt)[:16], "cpu"]:
+        for fact in ["parameters", "layers", "t2i", "VQGAN", "trained from scratch", file_sha256(ckpt)[:16], "cpu",
+                     "eager (sampling.step=auto)"]:
             assert fact in card, fact
         browser.close()
 

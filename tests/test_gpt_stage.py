@@ -119,6 +119,8 @@ def test_sample_grids_are_logged_with_their_captions(codes_root, gpt_run):
     images = gpt_run / "csv" / "version_0" / "images"
     grids = sorted(images.glob("samples-step*.png"))
     assert [g.name for g in grids] == ["samples-step0000003.png", "samples-step0000006.png"]
+    # stage.sample_step=auto is resolved at the first grid for the run: 2 prompts x 3 samples of 64 positions
+    assert (gpt_run / "train.log").read_text().count("sampling.step=auto -> eager (cpu, 384 positions, batches of 6)") == 1
     # 3 samples x 2 prompts, 32 px cells enlarged 4x (t2i.grids.captioned_grid), a caption above each row
     width, height = Image.open(grids[0]).size
     assert width == 4 + 3 * (128 + 4) and height > 2 * (128 + 8)
@@ -177,6 +179,9 @@ def test_generate_command_writes_pngs_and_grid(codes_root, gpt_run, tmp_path):
     assert len(pngs) == 6 and (out / "samples" / "grid.png").is_file()
     assert Image.open(pngs[0]).size == (32, 32)
     results = json.loads((out / "results.json").read_text())
+    # sampling.step=auto resolved once for the run's 6 sequences of 64 positions, said and recorded
+    assert "sampling.step=auto -> eager (cpu, 384 positions, batches of 6)" in result.stdout + result.stderr
+    assert results["sampling_step"] == {"asked": "auto", "ran": "eager"}
     codes = np.load(out / "samples" / "codes.npy")
     assert codes.dtype == np.int64 and codes.shape == (6, 8, 8) and codes.max() < 64
     assert len(results["text_ids"]) == 3 and results["text_ids"][1] == [0] * len(results["text_ids"][1])

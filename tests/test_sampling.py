@@ -12,6 +12,7 @@ import torch
 from t2i.models.gpt import GPT, GPTConfig
 from t2i.sampling import (CaptionConfig, SamplingConfig, SamplingStats, ar, draw, filter_logits, frozen_step, generate_codes,
                           generate_text, guidance_scales, prompt_uniforms)
+from t2i.sampling.options import FROZEN_BREAK_EVEN, auto_step_mode
 
 REPO = Path(__file__).parents[1]
 
@@ -92,8 +93,26 @@ def test_fixed_shape_steps_sample_what_the_eager_step_samples(text, layout, step
         seeds = seeds_of(cfg, text)
         assert torch.equal(generate_codes(model, text, cfg, seeds=seeds, step=step),
                            generate_codes(model, text, cfg, seeds=seeds))
-    with pytest.raises(ValueError, match="sampling.step must be one of"):
+    with pytest.raises(ValueError, match="sampling.step must be one of auto, eager, static, compiled, frozen"):
         generate_codes(model, text, SamplingConfig(), step="graph")
+
+
+def test_auto_picks_the_step_mode_for_the_device_the_work_and_the_weights(model, text):
+    enough = FROZEN_BREAK_EVEN[1]
+    assert auto_step_mode("cpu", enough - 1) == "eager"  # a one-off does not pay back frozen's compile
+    assert auto_step_mode("cpu", enough) == "frozen"
+    assert auto_step_mode("cpu", enough, compilations=2) == "eager"  # each batch size compiles its own step
+    assert auto_step_mode("cpu", 2 * enough, compilations=2) == "frozen"
+    assert auto_step_mode("cpu", enough, batch_size=2) == "eager"  # larger batches gain less per position
+    assert auto_step_mode("cpu", FROZEN_BREAK_EVEN[8], batch_size=7) == "frozen"
+    assert auto_step_mode("cpu", 10 ** 9, batch_size=max(FROZEN_BREAK_EVEN) + 1) == "eager"  # never pays there
+    assert auto_step_mode("cpu", 1, weights="int8") == "frozen"  # int8's fast kernels come with frozen steps
+    assert auto_step_mode("cuda", 1, batch_size=64) == "compiled"  # a CUDA graph, whatever the work
+    assert auto_step_mode("cuda", 1, weights="int8") == "frozen"
+    assert auto_step_mode("mps", 10 ** 9) == "eager"
+    # the pipelines resolve auto; a generation runs a concrete mode
+    with pytest.raises(ValueError, match="step=auto is chosen by the pipelines"):
+        generate_codes(model, text, SamplingConfig(), step="auto")
 
 
 @pytest.mark.parametrize("layout", ["paipainter"])  # the t2i layout's: tests/test_sampling_golden.py

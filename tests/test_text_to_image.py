@@ -198,6 +198,7 @@ def test_eval_py_scores_with_and_without_reranking(codes_root, gpt_run, inceptio
     assert results["precision"] == {"trainer": "32-true", "matmul": "highest"}  # recorded with the numbers
     assert len(list((tmp_path / "stats").glob("*.npz"))) == 1  # real statistics computed once, shared
     assert results["sampling"]["top_k"] == 100  # the checkpoint's sampling options (stage.sampling)
+    assert results["sampling_step"] == {"asked": "auto", "ran": "eager"}  # 36 sequences of 64 positions: a one-off
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "grid_rerank_3.png").is_file()
     table = (tmp_path / "results.md").read_text()
     assert "| plain |" in table and "| rerank_3 |" in table

@@ -58,6 +58,10 @@ def setup(cfg: DictConfig, out_dir: Path):
     defaults.check(limits.max_samples, limits.max_rerank, True)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"sampling.batch_size must be an integer >= 1, got {batch_size!r}")
+    # auto is resolved once, for one request at the page's starting values (not for the server's lifetime): a
+    # frozen step compiles per batch size and keeps FROZEN_BATCH_SIZES of them, while a request's batch size
+    # moves with its samples, its candidates and the requests batched with it (docs/demo.md)
+    pipeline.resolve_step(defaults.samples * defaults.rerank, batch_size)
     font = find_cjk_font(cfg.font)
     if font is None:
         log.warning("no CJK font found: grids carry the prompt only when it is ASCII (%s)", FONT_HINT)

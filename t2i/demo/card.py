@@ -49,7 +49,7 @@ def model_card(pipeline: T2IPipeline, ckpt: str, ckpt_sha256: str, caption_sourc
         "vqgan_sha256": vqgan.sha256,
         "vqgan_checkpoint": Path(vqgan.checkpoint).name if vqgan.checkpoint else None,
         "vqgan_codebook": vqgan.config.n_embed, "origin": record.training.origin or "unknown",
-        "caption_prob": record.caption_prob, "device": device_text,
+        "caption_prob": record.caption_prob, "device": device_text, "sampling_step": pipeline.step_record(),
     }
     blocks = [f"norm {cfg.norm}/{cfg.norm_type}", f"MLP {cfg.mlp}", f"positions {cfg.pos}"]
     rows = [
@@ -65,6 +65,8 @@ def model_card(pipeline: T2IPipeline, ckpt: str, ckpt_sha256: str, caption_sourc
         ("Reranking", f"by Caption Loss under {caption_source}" if can_rerank else f"unavailable: {caption_source}"),
         ("Checkpoint", f"`{facts['checkpoint']}`, sha256 `{ckpt_sha256[:16]}…`"),
         ("Device", device_text),
+        ("Sampling steps", pipeline.step_mode if pipeline.step_asked == pipeline.step_mode
+         else f"{pipeline.step_mode} (sampling.step={pipeline.step_asked})"),
         ("Caption font", font or f"none found ({FONT_HINT})"),
     ]
     table = "| | |\n|---|---|\n" + "".join(f"| {name} | {value.replace('|', '/')} |\n" for name, value in rows)

@@ -1,6 +1,6 @@
 """Generation: text prompts -> image codes -> images, and image codes -> captions. One concern a module:
 
-- options.py: SamplingConfig, CaptionConfig, their checks, the accepted names; SamplingStats
+- options.py: SamplingConfig, CaptionConfig, their checks, the accepted names, sampling.step=auto's rule; SamplingStats
 - seeds.py: the one seed rule (prompt_seeds), uniforms and per-row generators drawn from seeds
 - guidance.py: classifier-free guidance scales (schedules) and the guided mix
 - draws.py: top-k / top-p filtering and the inverse-CDF draw

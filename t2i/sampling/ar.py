@@ -46,7 +46,7 @@ def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cach
     sliding windows feed the overlap with the windows before (`superres_codes` runs the windows) and as
     text-guided completion feeds an image's codes outside its region (T2IPipeline.complete).
     """
-    check_step_mode(step)
+    check_step_mode(step, runs=True)
     gpt = model.cfg
     stats = stats if stats is not None else SamplingStats()
     n_prompts = len(text)

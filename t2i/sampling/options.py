@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-STEP_MODES = ("eager", "static", "compiled", "frozen")  # how a step runs (sampling.step): t2i.sampling.steps
+# how a step runs (sampling.step): t2i.sampling.steps; "auto" is one of the others, chosen by `auto_step_mode`
+STEP_MODES = ("auto", "eager", "static", "compiled", "frozen")
 METHODS = ("ar", "sjd")  # "ar": one position per model call; "sjd": speculative Jacobi decoding
 GUIDANCE_SCHEDULES = ("constant", "linear", "power_cosine")
 CAPTION_STRATEGIES = ("greedy", "sample", "beam")
@@ -18,9 +20,49 @@ def check_filtering(group: str, temperature: float, top_k: int, top_p: float) ->
         raise ValueError(f"{group}.top_k must be >= 0 and {group}.top_p in (0, 1], got {top_k}, {top_p}")
 
 
-def check_step_mode(step: str) -> None:
+def check_step_mode(step: str, runs: bool = False, setting: str = "sampling.step") -> None:
+    """A step mode of STEP_MODES, or an error naming `setting` and listing them; `runs`: one that a generation
+    runs, not "auto"."""
     if step not in STEP_MODES:
-        raise ValueError(f"sampling.step must be one of {STEP_MODES}, got {step!r}")
+        raise ValueError(f"{setting} must be one of {', '.join(STEP_MODES)}, got {step!r}")
+    if runs and step == "auto":
+        raise ValueError(f"step=auto is chosen by the pipelines (T2IPipeline.resolve_step, or auto_step_mode): "
+                         f"a generation runs one of {', '.join(STEP_MODES[1:])}")
+
+
+# sampling.step=auto on a CPU: the image positions (sequences x image_len) a run must sample, per batch size
+# compiled, for frozen steps to pay back their compile, by sequences per sampling batch (up to that many; above the
+# largest, eager). A frozen step compiles and autotunes once per batch size (20-125 s on two cores) and then saves a
+# fixed time per step, a gain that falls as the batch grows: at batch 1 its products read the weights on every
+# core where torch's matrix-vector product uses one, and at 16 (32 rows with guidance) it no longer beats eager.
+# Each figure is the compile over the saving per position, measured with guidance at the quickstart size
+# (experiments/bench_generate.py --break-even --quickstart --batches 1 2 4 8 16): the larger of a cold and a cached
+# compile's, and a batch takes the largest figure of the batches up to it.
+FROZEN_BREAK_EVEN = {1: 5_400, 2: 23_400, 4: 23_400, 8: 42_600}
+
+
+def frozen_break_even(batch_size: int) -> float:
+    """Positions per batch size compiled from which frozen steps beat eager ones on a CPU (infinite: never)."""
+    for largest in sorted(FROZEN_BREAK_EVEN):
+        if batch_size <= largest:
+            return FROZEN_BREAK_EVEN[largest]
+    return math.inf
+
+
+def auto_step_mode(device_type: str, positions: int, batch_size: int = 1, compilations: int = 1,
+                   weights: str = "unchanged") -> str:
+    """The step mode sampling.step=auto runs: on CUDA "compiled" (one CUDA graph per batch size, replayed: the
+    fastest there); int8 weights "frozen" on any device (their fast kernels come with it); on a CPU "frozen" when
+    `positions`, the image positions to be sampled `batch_size` sequences at a time, pay back `compilations`
+    compiles (one per batch size) by FROZEN_BREAK_EVEN, else "eager" (a one-off, or a batch too large for frozen
+    steps to win); "eager" on any other device."""
+    if weights != "unchanged":
+        return "frozen"
+    if device_type == "cuda":
+        return "compiled"
+    if device_type == "cpu" and positions >= frozen_break_even(batch_size) * compilations:
+        return "frozen"
+    return "eager"
 
 
 @dataclass

@@ -8,6 +8,7 @@ the same path with the image's other codes fixed.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -24,11 +25,13 @@ from t2i.models.int8 import quantize_weights
 from t2i.models.vqgan import VQModel
 from t2i.sampling.ar import generate_codes
 from t2i.sampling.complete import check_image, following_codes_nll, known_codes, region_mask
-from t2i.sampling.options import SamplingConfig, SamplingStats, check_step_mode
+from t2i.sampling.options import SamplingConfig, SamplingStats, auto_step_mode, check_step_mode
 from t2i.sampling.progress import Progress, progress_part
 from t2i.sampling.seeds import prompt_seeds
 from t2i.sampling.superres import superres_codes
 from t2i.scorers import Scorer, rerank as best_candidates, take
+
+log = logging.getLogger(__name__)
 
 
 def decode_to_uint8(vqgan: VQModel, codes: torch.Tensor) -> torch.Tensor:
@@ -68,24 +71,49 @@ class T2IPipeline:
     """A trained GPT with its tokenizer and VQGAN: prompts in, codes and images out.
 
     `record` is the checkpoint's (t2i.checkpoints.GPTRecord): GPT config, tokenizer, VQGAN identity,
-    training options, sampling defaults. `step_mode` is how sampling steps run (STEP_MODES) and `weights`
-    what the sampler's weights are (t2i.models.int8.WEIGHTS): `sampler` is the GPT that samples,
-    `gpt` the one loaded (which scores, e.g. Caption Loss).
+    training options, sampling defaults. `step_mode` is how sampling steps run (STEP_MODES): "auto" until
+    `resolve_step` picks one for the work ahead (at the first sampling call if no one called it before), and
+    `step_asked` what was asked. `weights` is what the sampler's weights are (t2i.models.int8.WEIGHTS):
+    `sampler` is the GPT that samples, `gpt` the one loaded (which scores, e.g. Caption Loss).
     """
 
     def __init__(self, gpt: GPT, tokenizer: FixedLengthTokenizer, vqgan: VQModel, record: GPTRecord,
-                 step: str = "eager", weights: str = "unchanged"):
+                 step: str = "auto", weights: str = "unchanged"):
         check_step_mode(step)
-        if weights != "unchanged" and step != "frozen":
+        if weights != "unchanged" and step not in ("frozen", "auto"):
             warnings.warn(f"sampling.weights={weights} is fast only with sampling.step=frozen (torch's int8 kernels "
                           f"come with compilation); step={step} turns the weights back into bf16 at every step")
         self.gpt, self.tokenizer, self.vqgan = gpt.eval(), tokenizer, vqgan.eval()
         self.sampler = quantize_weights(self.gpt, weights)
-        self.record, self.step_mode = record, step
+        self.record, self.step_asked, self.step_mode, self.weights = record, step, step, weights
+
+    @property
+    def positions_per_sequence(self) -> int:
+        """Image positions one sequence samples."""
+        return self.gpt.cfg.image_len
+
+    def resolve_step(self, sequences: int, batch_size: int) -> str:
+        """The step mode for sampling `sequences` sequences, `batch_size` at a time: sampling.step=auto made
+        concrete by auto_step_mode (the device, the weights, the positions, the batch and how many batch sizes
+        compile: the full batches' and the last one's), logged, and kept for this pipeline's later calls; any
+        other mode as asked."""
+        if self.step_mode == "auto":
+            positions = sequences * self.positions_per_sequence
+            full = min(sequences, batch_size)
+            compilations = len({full, sequences % batch_size or full})
+            self.step_mode = auto_step_mode(self.device.type, positions, full, compilations, self.weights)
+            log.info("sampling.step=auto -> %s (%s, %d positions, batches of %d%s)", self.step_mode,
+                     self.device.type, positions, full,
+                     "" if self.weights == "unchanged" else f", {self.weights} weights")
+        return self.step_mode
+
+    def step_record(self) -> dict:
+        """What results.json records of the step mode: as asked, and as run."""
+        return {"asked": self.step_asked, "ran": self.step_mode}
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, vqgan_ckpt: str | Path | None = None, device: str = "cpu",
-                        step: str = "eager", weights: str = "unchanged", adapter: str | Path | None = None,
+                        step: str = "auto", weights: str = "unchanged", adapter: str | Path | None = None,
                         merge: bool = True):
         """Everything from a GPT checkpoint; the VQGAN it names (or `vqgan_ckpt`) must match its hash.
 
@@ -131,6 +159,7 @@ class T2IPipeline:
         h, w = self.record.grid
         if known is not None and known.shape != (len(prompts), h, w):
             raise ValueError(f"known codes must be [prompts={len(prompts)}, {h}, {w}], got {tuple(known.shape)}")
+        self.resolve_step(len(prompts) * cfg.samples_per_prompt, batch_size)
         batches = sampling_batches(len(prompts), cfg.samples_per_prompt, batch_size)
         image_len = self.gpt.cfg.image_len
         codes = []
@@ -238,12 +267,17 @@ class SuperResPipeline(T2IPipeline):
     codes in, codes and images at twice the resolution out (CogView's super-resolution stage)."""
 
     def __init__(self, gpt: GPT, tokenizer: FixedLengthTokenizer, vqgan: VQModel, record: GPTRecord,
-                 step: str = "eager", weights: str = "unchanged"):
+                 step: str = "auto", weights: str = "unchanged"):
         if record.superres_grid is None:
             raise ValueError("not a super-resolution GPT (its checkpoint record has no superres entry): train one "
                              "with python train.py experiment=superres_shapes (stage.superres)")
         super().__init__(gpt, tokenizer, vqgan, record, step, weights)
         self.grid = record.superres_grid
+
+    @property
+    def positions_per_sequence(self) -> int:
+        """Image positions one 2x sequence samples: every window's."""
+        return self.grid.windows * self.grid.window_len
 
     @property
     def low_size(self) -> int:
@@ -269,6 +303,7 @@ class SuperResPipeline(T2IPipeline):
         if len(low) != len(prompts):
             raise ValueError(f"{len(low)} low-resolution grids for {len(prompts)} prompts")
         seeds = self._seeds(prompts, cfg, seeds)
+        self.resolve_step(len(prompts) * cfg.samples_per_prompt, batch_size)
         per_batch = max(1, batch_size // cfg.samples_per_prompt)
         starts = range(0, len(prompts), per_batch)
         positions = self.grid.windows * self.grid.window_len  # per batch

@@ -6,6 +6,7 @@ a one-position step after it. `sampling_steps` gives the token-by-token loop one
 - "compiled": the static step through torch.compile (on CUDA mode "reduce-overhead", which captures it once as
   a CUDA graph and replays it: no per-kernel launch cost, the gpt-fast / LlamaGen pattern);
 - "frozen": compiled with the weights folded in as constants (`frozen_step`).
+sampling.step=auto is one of these, picked for the device and the work (t2i.sampling.options.auto_step_mode).
 All give the same codes up to float rounding. Without the cache (`use_cache=False`) every step recomputes the
 whole sequence, as EasyNLP's generate loop does (kept for the benchmark and the equivalence tests).
 
@@ -106,6 +107,16 @@ def compiled_step(model: GPT):
     """model.forward_at through torch.compile (sampling.step=compiled): compiled once per model and batch size;
     on CUDA mode "reduce-overhead" (a CUDA graph). Its compilations are dropped when the model is."""
     return functools.partial(_steps_of(model, compiled=True).compiled, model)
+
+
+def release_steps(model: GPT) -> None:
+    """Drop the model's compiled and frozen steps (and the memory they hold): the next compiled or frozen
+    generation compiles again, with the weights the model has then (a frozen step keeps those of its first call)."""
+    with _model_steps_lock:
+        steps = _model_steps.get(model)
+    if steps is not None:
+        with steps.generating:
+            steps.release()
 
 
 @contextmanager
@@ -213,7 +224,7 @@ def sampling_steps(model: GPT, step: str, batch_size: int, head_rows: int,
                    use_cache: bool = True) -> Iterator[SamplingSteps]:
     """The steps of one generation of `batch_size` rows in step mode `step` (STEP_MODES), held until it ends
     (a frozen step and its cache serve one generation at a time); `use_cache=False`: recomputed steps."""
-    check_step_mode(step)
+    check_step_mode(step, runs=True)
     if not use_cache:
         yield RecomputedSteps(model, head_rows)
     elif step == "frozen":

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from t2i.adapters import LoraConfig
 from t2i.models.losses import VQGANLossConfig
 from t2i.sampling import SamplingConfig
+from t2i.sampling.options import check_step_mode
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -69,6 +70,7 @@ class GPTStageConfig:
     sample_prompts: list[str] = field(default_factory=list)
     num_sample_prompts: int = 8
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sample_step: str = "auto"  # how the grids' sampling steps run (as eval.py's sampling.step; not in the checkpoint)
     # SuperresOptions or null; typed Any in the schema because OmegaConf cannot merge a mapping given on
     # the command line (stage.superres={window:[8,8]}) into a typed node that is null: checked below instead
     superres: Any = None
@@ -81,6 +83,7 @@ class GPTStageConfig:
                 raise ValueError(f"stage.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.txt_loss_scale < 0:
             raise ValueError(f"stage.txt_loss_scale must be >= 0, got {self.txt_loss_scale}")
+        check_step_mode(self.sample_step, setting="stage.sample_step")
         if self.fused_optimizer not in (True, False, "auto"):
             raise ValueError(f"stage.fused_optimizer must be true, false or auto, got {self.fused_optimizer!r}")
         if isinstance(self.superres, dict):

@@ -27,7 +27,8 @@ Every `sample_every_n_steps` steps rank 0 samples images for fixed prompts (the 
 captions unless `stage.sample_prompts` names them) and logs the grid with its captions.
 
 Speed switches (conf/stage/gpt.yaml; none changes what is computed): `compile` runs the GPT's training
-and validation forward through torch.compile (sampling stays eager: its shapes change every step);
+and validation forward through torch.compile (the sample grids' steps run as `sample_step` says: auto, as in
+eval.py, resolved at the first grid for the run);
 `fused_optimizer` picks the optimizer's single-kernel implementation (auto: on CUDA);
 `activation_checkpointing` recomputes each block's activations in the backward pass. The run's log
 records what each resolved to (run/...).
@@ -67,6 +68,7 @@ from t2i.models.gpt import GPT, GPTConfig
 from t2i.models.layout import SuperresGrid
 from t2i.models.vqgan import VQGANConfig, VQModel
 from t2i.sampling import T2IPipeline, write_samples
+from t2i.sampling.steps import release_steps
 from t2i.stages.configs import GPTStageConfig, SuperresOptions, typed_stage_config
 from t2i.stages.scaling import apply_lr_scaling, grad_norm, run_steps, warmup_cosine, weight_decay_groups
 
@@ -105,6 +107,7 @@ class GPTStage(L.LightningModule):
         self.sample_prompts = list(sample_prompts or [])
         self.sample_every_n_steps = stage.sample_every_n_steps
         self.sampling = stage.sampling
+        self._sample_step = stage.sample_step  # "auto" until the first grid resolves it, for the whole run
         self._sample_tokenizer = None  # the record's tokenizer, loaded at the first grid
         self._image_dir: Path | None = None  # <log dir>/images, set when fitting starts
         self.superres = superres
@@ -305,9 +308,12 @@ class GPTStage(L.LightningModule):
         was_training = self.gpt.training
         # task=generate's path (T2IPipeline.sample, seeded by prompt_seeds): the grid shows what generate would
         # draw; one sampling batch of every prompt's samples
-        pipeline = T2IPipeline(self.gpt, self._sample_tokenizer, self.vqgan, self.record)
+        pipeline = T2IPipeline(self.gpt, self._sample_tokenizer, self.vqgan, self.record, step=self._sample_step)
         per_prompt = self.sampling.samples_per_prompt
         samples = pipeline.sample(self.sample_prompts, self.sampling, batch_size=len(self.sample_prompts) * per_prompt)
+        self._sample_step = pipeline.step_mode
+        if self._sample_step == "frozen":  # it holds these weights: the next grid compiles with the trained ones
+            release_steps(self.gpt)
         self.gpt.train(was_training)
         images = samples.images
         if self._image_dir is not None:
