@@ -128,7 +128,7 @@ def test_grouped_acceptance_deviates_from_the_sampling_distribution_by_a_bounded
     exact = exact_distribution(model, TEXT[:1], cfg)
     lossless = total_variation(generate_codes(model, TEXT[:1], cfg, seeds=[0]), exact, 5)
     grouped = total_variation(generate_codes(model, TEXT[:1], replace(cfg, sjd_group_size=1), seeds=[0]), exact, 5)
-    # measured (seeds 0-2): SJD's sampling noise 0.03-0.04 over 125 sequences; GSD (size 1) 0.17-0.19
+    # measured (seeds 0-2): SJD's sampling noise 0.03-0.05 over 125 sequences; GSD (size 1) 0.17-0.19
     assert lossless < 0.07 and 0.1 < grouped < 0.25, (lossless, grouped)
 
 
