@@ -153,7 +153,7 @@ def coupled_drafts(p: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor, sourc
     keep = (source < W) & (u_keep.gather(1, previous) < p.gather(-1, x[..., None]).squeeze(-1)
                            / q_x.gather(-1, x[..., None]).squeeze(-1))
     residual = (p - q_x).clamp_min(0)
-    # p == q (up to rounding) keeps x whatever the uniform, but for rounding: then p itself
+    # p == q (up to rounding) leaves no residual: x is kept, and should rounding miss, the redraw is from p
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
     redrawn = draw(torch.where((source < W)[..., None], residual, p).flatten(0, 1), u_draw.flatten())
     return torch.where(keep, x, redrawn.view_as(x))
