@@ -8,6 +8,7 @@ that moves any sampled code, caption or super-resolution window fails here.
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -70,8 +71,11 @@ def outputs(model: GPT, text: torch.Tensor) -> dict:
             out[f"ar/{name}/{step}"] = generate_codes(model, text, cfg, seeds=SEEDS, step=step).tolist()
         out[f"ar/{name}/recomputed"] = generate_codes(model, text, cfg, seeds=SEEDS, use_cache=False).tolist()
         out[f"ar/{name}/second_sample"] = generate_codes(model, text, cfg, seeds=SEEDS, samples=range(1, 2)).tolist()
-        out[f"sjd/{name}"] = generate_codes(model, text, SamplingConfig(**{**vars(cfg), "method": "sjd"}),
-                                            seeds=SEEDS).tolist()
+        # "sjd/": recorded with independent drafts (before coupling became the default); "sjd_coupled/": added with
+        # the coupling (the default), by a one-off script that kept every other entry
+        for key, coupling in (("sjd", "none"), ("sjd_coupled", "maximal")):
+            out[f"{key}/{name}"] = generate_codes(model, text, replace(cfg, method="sjd", sjd_coupling=coupling),
+                                                  seeds=SEEDS).tolist()
     out["ar/int8"] = generate_codes(quantize_weights(model, "int8"), text, CONFIGS["topk_linear"], seeds=SEEDS).tolist()
     images = generate_codes(model, text, CONFIGS["greedy_guided"], seeds=SEEDS).view(-1, 8, 8)
     out["caption/greedy"] = generate_text(model, images, CaptionConfig()).tolist()

@@ -2,6 +2,7 @@
 model calls."""
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -38,9 +39,10 @@ def test_greedy_sjd_with_a_guidance_interval_and_schedule():
     model = tiny()
     for options in (dict(guidance_interval=[0.2, 0.6]), dict(guidance_schedule="power_cosine", guidance_power=2.0)):
         cfg = SamplingConfig(greedy=True, guidance_scale=4.0, **options)
-        assert torch.equal(generate_codes(model, TEXT, SamplingConfig(**{**cfg.__dict__, "method": "sjd",
-                                                                         "sjd_window": 4})),
-                           generate_codes(model, TEXT, cfg))
+        plain = generate_codes(model, TEXT, cfg)
+        # greedy: the argmax is accepted, whatever the drafts' coupling or groups
+        for sjd in (dict(), dict(sjd_coupling="none"), dict(sjd_group_size=2)):
+            assert torch.equal(generate_codes(model, TEXT, replace(cfg, method="sjd", sjd_window=4, **sjd)), plain)
 
 
 def exact_distribution(model, text, cfg):
@@ -75,8 +77,10 @@ def chi_square(codes, exact, n_codes):
     return float(((observed - expected)[keep] ** 2 / expected[keep]).sum()), int(keep.sum()) - 1
 
 
-def test_sjd_keeps_the_sampling_distribution():
-    # 3 codes x 5 positions (top-2 of 3: 32 sequences possible), whose exact probabilities come by enumeration
+@pytest.fixture(scope="module")
+def enumerated():
+    """3 codes x 5 positions (top-2 of 3: 32 sequences possible), whose exact probabilities come by enumeration,
+    and 20000 token-by-token samples of them."""
     model = tiny(sharpen=10.0, n_image_codes=3, image_len=5)
     text = TEXT[:1]
     cfg = SamplingConfig(temperature=0.8, top_k=2, guidance_scale=2.0, guidance_schedule="linear",
@@ -84,23 +88,55 @@ def test_sjd_keeps_the_sampling_distribution():
     exact = exact_distribution(model, text, cfg)
     assert torch.isclose(exact.sum(), torch.tensor(1.0, dtype=torch.float64))
     assert exact.max() < 0.3  # drafts get rejected and resampled
-    sjd = generate_codes(model, text, SamplingConfig(**{**cfg.__dict__, "method": "sjd", "sjd_window": 3}), seeds=[0])
-    plain = generate_codes(model, text, cfg, seeds=[0])
+    statistic, df = chi_square(generate_codes(model, text, cfg, seeds=[0]), exact, 3)
+    assert df >= 25 and statistic < 80, (statistic, df)  # the test itself passes token-by-token sampling
+    return model, text, cfg, exact
+
+
+@pytest.mark.parametrize("coupling, window", [("none", 3), ("maximal", 5)])
+def test_sjd_keeps_the_sampling_distribution(enumerated, coupling, window):
+    model, text, cfg, exact = enumerated
+    sjd = generate_codes(model, text, replace(cfg, method="sjd", sjd_window=window, sjd_coupling=coupling),
+                         seeds=[0])
     # df ~ 29: a statistic above 80 has probability < 1e-6 for an unbiased sampler. A biased rule is far
-    # above it (measured: resampling from p instead of the residual ~950, accepting with p(x) instead of
-    # p(x) / q(x) ~1400; the correct rule 27-36 over three seeds).
-    for codes in (sjd, plain):
-        statistic, df = chi_square(codes, exact, 3)
-        assert df >= 25 and statistic < 80, (statistic, df)
+    # above it. Measured with independent drafts (window 3): resampling from p instead of the residual ~950,
+    # accepting with p(x) instead of p(x) / q(x) ~1400; the correct rule 27-36 over three seeds. Coupled
+    # drafts (window 5: every position redrawn by coupling): keeping the previous draft with probability p(x)
+    # instead of p(x) / q(x) 141, the keep test with the uniform of the position before (tested) 127; the
+    # correct rule 20-46 over three seeds (redrawing from p instead of the residual, 54, is too small a bias
+    # here to be told apart).
+    statistic, df = chi_square(sjd, exact, 3)
+    assert df >= 25 and statistic < 80, (statistic, df)
     # and a small bias is told apart: the distribution at a temperature 10% higher is rejected
-    hotter = exact_distribution(model, text, SamplingConfig(**{**cfg.__dict__, "temperature": 0.88}))
+    hotter = exact_distribution(model, text, replace(cfg, temperature=0.88))
     assert chi_square(sjd, hotter, 3)[0] > 80
 
 
-def test_sjd_sequences_do_not_depend_on_their_batch():
+def total_variation(codes, exact, n_codes):
+    index = torch.zeros(len(codes), dtype=torch.long)
+    for column in codes.T:
+        index = index * n_codes + column
+    observed = torch.bincount(index, minlength=len(exact)).double() / len(codes)
+    return 0.5 * float((observed - exact).abs().sum())
+
+
+def test_grouped_acceptance_deviates_from_the_sampling_distribution_by_a_bounded_amount():
+    # 5 codes x 3 positions, no filtering: a group of 3 codes (size 1) is 60% of the vocabulary, the worst
+    # case for GSD (a 512-code model's group of 3 is 0.6%)
+    model = tiny(sharpen=20.0, n_image_codes=5, image_len=3)
+    cfg = SamplingConfig(guidance_scale=2.0, samples_per_prompt=4000, seed=0, method="sjd", sjd_window=3)
+    exact = exact_distribution(model, TEXT[:1], cfg)
+    lossless = total_variation(generate_codes(model, TEXT[:1], cfg, seeds=[0]), exact, 5)
+    grouped = total_variation(generate_codes(model, TEXT[:1], replace(cfg, sjd_group_size=1), seeds=[0]), exact, 5)
+    # measured (seeds 0-2): SJD's sampling noise 0.03-0.05 over 125 sequences; GSD (size 1) 0.17-0.19
+    assert lossless < 0.07 and 0.1 < grouped < 0.25, (lossless, grouped)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(sjd_coupling="none"), dict(sjd_group_size=2)])
+def test_sjd_sequences_do_not_depend_on_their_batch(options):
     model = tiny(sharpen=20.0)
     cfg = SamplingConfig(method="sjd", sjd_window=4, samples_per_prompt=4, top_k=10, temperature=0.7,
-                         guidance_scale=2.0)
+                         guidance_scale=2.0, **options)
     seeds = [11, 12, 13]
     together = generate_codes(model, TEXT, cfg, seeds=seeds)
     alone = torch.cat([generate_codes(model, TEXT[i:i + 1], cfg, seeds=seeds[i:i + 1]) for i in range(3)])
@@ -126,5 +162,9 @@ def test_sjd_options_are_checked():
         SamplingConfig(method="jacobi")
     with pytest.raises(ValueError, match="sampling.sjd_window"):
         SamplingConfig(method="sjd", sjd_window=0)
+    with pytest.raises(ValueError, match="sampling.sjd_coupling must be one of maximal, none"):
+        SamplingConfig(method="sjd", sjd_coupling="independent")
+    with pytest.raises(ValueError, match="sampling.sjd_group_size"):
+        SamplingConfig(method="sjd", sjd_group_size=-1)
     with pytest.raises(ValueError, match="use_cache"):
         generate_codes(tiny(), TEXT, SamplingConfig(method="sjd", greedy=True), use_cache=False)

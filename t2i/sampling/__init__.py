@@ -19,8 +19,8 @@ from t2i.sampling.captions import generate_text
 from t2i.sampling.complete import BOX_UNITS, read_image, region_mask
 from t2i.sampling.draws import draw, filter_logits
 from t2i.sampling.guidance import guidance_scales
-from t2i.sampling.options import (CAPTION_STRATEGIES, GUIDANCE_SCHEDULES, METHODS, STEP_MODES, CaptionConfig,
-                                  SamplingConfig, SamplingStats, check_filtering, resolve_sampling)
+from t2i.sampling.options import (CAPTION_STRATEGIES, GUIDANCE_SCHEDULES, METHODS, SJD_COUPLINGS, STEP_MODES,
+                                  CaptionConfig, SamplingConfig, SamplingStats, check_filtering, resolve_sampling)
 from t2i.sampling.files import write_samples
 from t2i.sampling.pipeline import Samples, SuperResPipeline, T2IPipeline, decode_to_uint8, sampling_batches
 from t2i.sampling.progress import Progress
@@ -28,8 +28,8 @@ from t2i.sampling.seeds import derived_seed, prompt_seeds, prompt_uniforms
 from t2i.sampling.steps import compiled_step, frozen_step, sampling_steps
 from t2i.sampling.superres import superres_codes
 
-__all__ = ["BOX_UNITS", "CAPTION_STRATEGIES", "GUIDANCE_SCHEDULES", "METHODS", "STEP_MODES", "CaptionConfig",
-           "Progress", "SamplingConfig", "SamplingStats", "Samples", "SuperResPipeline", "T2IPipeline",
+__all__ = ["BOX_UNITS", "CAPTION_STRATEGIES", "GUIDANCE_SCHEDULES", "METHODS", "SJD_COUPLINGS", "STEP_MODES",
+           "CaptionConfig", "Progress", "SamplingConfig", "SamplingStats", "Samples", "SuperResPipeline", "T2IPipeline",
            "check_filtering", "compiled_step", "decode_to_uint8", "derived_seed", "draw", "filter_logits",
            "frozen_step", "generate_codes", "generate_text", "guidance_scales", "prompt_seeds", "prompt_uniforms",
            "read_image", "region_mask", "resolve_sampling", "sampling_batches", "sampling_steps", "superres_codes", "write_samples"]

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 # how a step runs (sampling.step): t2i.sampling.steps; "auto" is one of the others, chosen by `auto_step_mode`
 STEP_MODES = ("auto", "eager", "static", "compiled", "frozen")
 METHODS = ("ar", "sjd")  # "ar": one position per model call; "sjd": speculative Jacobi decoding
+# how SJD redraws a draft that its window did not reach (t2i.sampling.sjd): "maximal" keeps the previous draft as
+# often as the new distribution allows (coupled, So et al. 2025), "none" draws it afresh (Teng et al. 2024)
+SJD_COUPLINGS = ("maximal", "none")
 GUIDANCE_SCHEDULES = ("constant", "linear", "power_cosine")
 CAPTION_STRATEGIES = ("greedy", "sample", "beam")
 
@@ -81,6 +84,10 @@ class SamplingConfig:
     guidance_interval: tuple[float, float] = (0.0, 1.0)
     method: str = "ar"  # METHODS
     sjd_window: int = 16  # draft codes verified per model call (method=sjd)
+    sjd_coupling: str = "maximal"  # SJD_COUPLINGS; both keep the sampling distribution exactly
+    # method=sjd: > 0 accepts a draft by the probability of its group, the codes within this many ranks of it in the
+    # model's distribution (grouped speculative decoding): fewer calls, but NOT the sampling distribution exactly
+    sjd_group_size: int = 0
 
     def __post_init__(self):
         check_filtering("sampling", self.temperature, self.top_k, self.top_p)
@@ -100,6 +107,10 @@ class SamplingConfig:
             raise ValueError(f"sampling.method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.sjd_window < 1:
             raise ValueError(f"sampling.sjd_window must be >= 1, got {self.sjd_window}")
+        if self.sjd_coupling not in SJD_COUPLINGS:
+            raise ValueError(f"sampling.sjd_coupling must be one of {', '.join(SJD_COUPLINGS)}, got {self.sjd_coupling!r}")
+        if self.sjd_group_size < 0:
+            raise ValueError(f"sampling.sjd_group_size must be >= 0 (0: off), got {self.sjd_group_size}")
 
 
 @dataclass

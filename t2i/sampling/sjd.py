@@ -25,11 +25,28 @@ def sjd_codes(model: GPT, prefix: torch.Tensor, n: int, cfg: SamplingConfig, sca
     (guided, tempered and filtered as token-by-token sampling does); at the first rejection the code is
     drawn from the residual max(0, p - q) normalised, and when the whole window is accepted the call's
     last output gives one more code. So every code is distributed as token-by-token sampling draws it,
-    and every call gives at least one. The unverified rest of the window becomes the next drafts, drawn
-    from this call's p at those positions (the Jacobi iteration; q = that p), and the positions new to
-    the window start as uniformly random codes with q a point mass on the drawn code (the paper's
-    random initialisation; accepted with probability p(x)). Greedy: a draft is accepted when it is the
-    argmax, which gives exactly the greedy codes.
+    and every call gives at least one. Greedy: a draft is accepted when it is the argmax, which gives
+    exactly the greedy codes.
+
+    Drafts. The unverified rest of the window becomes the next drafts, each distributed as this call's p
+    at its position (the Jacobi iteration; its q = that p); the positions new to the window start as
+    uniformly random codes with q a point mass on the drawn code (the paper's random initialisation).
+    cfg.sjd_coupling "none" draws each next draft afresh from p, so a draft rarely repeats and is
+    rarely accepted; "maximal" (Speculative Coupled Decoding, So et al. 2025) keeps the previous draft x
+    with probability min(1, p(x) / q(x)), q the previous draft's distribution, and otherwise draws from
+    max(0, p - q) normalised: the new draft is still distributed as p, but equals the previous one as
+    often as any draw from p can, so drafts settle and get accepted. Why verification stays exact: a
+    draft at position j depends only on the codes, drafts and random numbers at positions before j and
+    its own (the model is causal), and its verification tests it once against p given the positions
+    before it, with a uniform nothing else has used; so given everything the test of position j sees
+    besides the draft itself, the draft is distributed as the q it is divided by. The keep test reuses
+    the acceptance uniform of the same position from this call: a position past the first rejection was
+    not tested, so that uniform is unused (and the random stream is the same for both couplings).
+
+    cfg.sjd_group_size g > 0 (Grouped Speculative Decoding, So et al. 2025; NOT the sampling distribution):
+    a draft x with p(x) > 0 is accepted with probability min(1, p(G) / q(G)), G the codes within g ranks of
+    x in p's order (the codes the model rates nearly as likely as x: near-equivalent image codes), so
+    drafts the model finds about as plausible as its likelier codes pass more often.
 
     Batches: sequences accept different numbers of codes. Each keeps its own count (`done`) and random
     stream; the cache keeps the codes all sequences have accepted (the minimum) and the sequences ahead
@@ -87,7 +104,12 @@ def sjd_codes(model: GPT, prefix: torch.Tensor, n: int, cfg: SamplingConfig, sca
             p = probs.gather(1, at[..., None].expand(-1, -1, V))  # [n, W + 1, V]
             px = p[:, :W].gather(-1, drafts[..., None]).squeeze(-1)
             qx = q.gather(-1, drafts[..., None]).squeeze(-1)  # > 0: each draft was drawn from its q
-            accepted = (u_accept < px / qx) & (steps < count[:, None])
+            if cfg.sjd_group_size:
+                p_group, q_group = group_masses(p[:, :W], q, drafts, cfg.sjd_group_size)
+                ratio = torch.where(px > 0, p_group / q_group, 0.0)  # never a code that p rules out
+            else:
+                ratio = px / qx
+            accepted = (u_accept < ratio) & (steps < count[:, None])
             m = accepted.long().cumprod(1).sum(1)
             p_m = p.gather(1, m[:, None, None].expand(-1, 1, V)).squeeze(1)
             q_m = q.gather(1, m.clamp(max=W - 1)[:, None, None].expand(-1, 1, V)).squeeze(1)
@@ -107,10 +129,45 @@ def sjd_codes(model: GPT, prefix: torch.Tensor, n: int, cfg: SamplingConfig, sca
             q_next = q
         else:
             p_source = p.gather(1, source.clamp(max=W)[..., None].expand(-1, -1, V))
-            drafted = draw(p_source.flatten(0, 1), u_draft.flatten()).view(n, W)
+            if cfg.sjd_coupling == "maximal":
+                drafted = coupled_drafts(p_source, drafts, q, source, u_accept, u_draft)
+            else:
+                drafted = draw(p_source.flatten(0, 1), u_draft.flatten()).view(n, W)
             q_next = torch.where(refined[..., None], p_source, F.one_hot(random, V).float())
         drafts = torch.where(active[:, None], torch.where(refined, drafted, random), drafts)
         q = torch.where(active[:, None, None], q_next, q)
         done = torch.where(active, (done + m + 1).clamp(max=T), done)
         if progress is not None:  # the positions every sequence has committed
             progress(int(done.min()), T)
+
+
+def coupled_drafts(p: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor, source: torch.Tensor,
+                   u_keep: torch.Tensor, u_draw: torch.Tensor) -> torch.Tensor:
+    """Next drafts distributed as p [n, W, V], each as often as possible the previous draft at its position
+    (maximal coupling): drafts [n, W] and q [n, W, V] are the previous drafts and their distributions, source
+    [n, W] each next draft's index among them (W or more: a position without one: a plain draw from p)."""
+    W = drafts.shape[1]
+    previous = source.clamp(max=W - 1)
+    x = drafts.gather(1, previous)
+    q_x = q.gather(1, previous[..., None].expand_as(p))
+    keep = (source < W) & (u_keep.gather(1, previous) < p.gather(-1, x[..., None]).squeeze(-1)
+                           / q_x.gather(-1, x[..., None]).squeeze(-1))
+    residual = (p - q_x).clamp_min(0)
+    # p == q (up to rounding) leaves no residual: x is kept, and should rounding miss, the redraw is from p
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
+    redrawn = draw(torch.where((source < W)[..., None], residual, p).flatten(0, 1), u_draw.flatten())
+    return torch.where(keep, x, redrawn.view_as(x))
+
+
+def group_masses(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probabilities under p and q [..., V] of each code x's group [...]: the codes within `size` ranks of x
+    in p's order, x included (grouped speculative decoding)."""
+    order = p.argsort(dim=-1, descending=True, stable=True)
+    rank = order.argsort(-1).gather(-1, x[..., None])
+    lo, hi = (rank - size).clamp(min=0), (rank + size + 1).clamp(max=p.shape[-1])
+    masses = []
+    for probs in (p, q):
+        # [..., V + 1]: the mass of the first k codes; float64, so that a small q(x) survives the difference
+        cumulative = F.pad(probs.gather(-1, order).double().cumsum(-1), (1, 0))
+        masses.append((cumulative.gather(-1, hi) - cumulative.gather(-1, lo)).squeeze(-1).float())
+    return masses[0], masses[1]
