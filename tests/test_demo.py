@@ -34,10 +34,11 @@ from PIL import Image
 
 from t2i.checkpoints import save_vqgan
 from t2i.demo.app import setup
-from t2i.demo.card import example_prompts, file_sha256
+from t2i.demo.card import example_completions, example_prompts, file_sha256
 from t2i.demo.engine import Engine, Job
 from t2i.demo.page import progress_text
-from t2i.demo.settings import EMPTY_NOTE, Settings, clean_prompt, prompt_notes
+from t2i.demo.settings import EMPTY_NOTE, Limits, Settings, clean_prompt, prompt_notes
+from t2i.demo.uploads import read_completion
 from t2i.grids import captioned_grid, find_cjk_font
 from t2i.models.vqgan import VQModel
 from t2i.sampling import T2IPipeline, prompt_seeds
@@ -152,6 +153,87 @@ def test_reranking_keeps_the_lowest_caption_loss(pipeline):
     assert torch.equal(samples.images, reranked.images) and torch.equal(samples.scores, reranked.losses)
     with pytest.raises(ValueError, match="needs a scorer"):
         pipeline.sample([PROMPT], Settings().sampling(), rerank=2)
+
+
+def test_engine_batches_completions_only_with_completions():
+    engine = Engine(pipeline=None, scorer=None, max_batch=3, start=False)
+    image, region = np.zeros((32, 32, 3), np.uint8), torch.ones(4, 4, dtype=torch.bool)
+    settings = Settings(samples=2)
+    jobs = [engine.submit("1", 0, settings), engine.submit("2", 0, settings, image, region),
+            engine.submit("3", 0, settings), engine.submit("4", 0, settings, image, region)]
+    assert [job.kind for job in jobs] == ["generate", "complete", "generate", "complete"]
+    assert engine._take() == [jobs[0], jobs[2]]  # equal settings, but a completion is another kind of job
+    assert engine._take() == [jobs[1], jobs[3]]
+    with pytest.raises(ValueError, match="needs both the image and the region"):
+        engine.submit("5", 0, settings, image)
+
+
+def test_the_engine_completes_an_image_keeping_its_known_codes(pipeline):
+    """Batched completions get what each would get alone from T2IPipeline.complete (task=complete) for its prompt
+    and seed, reranked by the scorer; the codes outside the region are the image's own."""
+    scorer, source = CaptionScorer.for_pipeline(pipeline, None)
+    assert scorer is not None, source
+    size = pipeline.image_size
+    (image, prompt, box, units), (other, _, other_box, _) = example_completions(size, 2)
+    region = pipeline.region(box=[float(x) for x in box.split(",")], box_units=units)
+    other_region = pipeline.region(box=[float(x) for x in other_box.split(",")], box_units=units)
+    settings = Settings(samples=2, guidance_scale=3.0, top_k=10, rerank=2)
+    jobs = [Job(prompt, 5, settings, image, region), Job(PROMPT, 8, settings, other, other_region)]
+    Engine(pipeline, scorer, batch_size=4, start=False).sample(jobs)
+    known = pipeline.vqgan.encode(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1)[0]
+    for job in jobs:
+        alone = pipeline.complete([job.prompt], [job.image], [job.region], settings.sampling(), seeds=prompt_seeds(
+            job.seed, [job.prompt]), scorer=scorer, rerank=2)
+        assert job.batched_with == 2 and torch.equal(job.images, alone.images) and torch.equal(job.losses, alone.scores)
+        if job is jobs[0]:
+            assert (alone.codes[:, ~region] == known[~region]).all()  # the known codes, unchanged
+            assert region.any() and not (alone.codes[:, region] == known[region]).all()  # the region, sampled
+
+
+def test_uploads_are_bounded_and_read_only_from_the_cache(pipeline, tmp_path):
+    """The Complete tab's reading of the editor's value: the image resized to the model's size, the drawn region
+    mapped to the code grid, and every bad upload, box or region refused with what to fix."""
+    size, (h, w) = pipeline.image_size, pipeline.record.grid
+    cache, limits = tmp_path / "cache", Limits(16, 8, 1000, max_upload_bytes=50_000, max_upload_pixels=300 * 300)
+    cache.mkdir()
+
+    def upload(name, image):
+        Image.fromarray(image).save(cache / name)
+        return {"path": str(cache / name), "meta": {"_type": "gradio.FileData"}}
+
+    big = np.zeros((4 * size, 4 * size, 3), np.uint8)
+    big[:, : 2 * size] = 255  # white left half
+    layer = np.zeros((4 * size, 4 * size, 4), np.uint8)
+    layer[0, -1, 3] = 255  # one painted pixel, in the top-right cell
+    editor = {"background": upload("big.png", big), "layers": [upload("layer.png", layer)], "composite": None}
+    image, region = read_completion(editor, "", "pixels", cache, limits, pipeline)
+    assert image.shape == (size, size, 3)  # resized: white left half, black right half (Lanczos rings by a level)
+    assert (image[:, : size // 2 - 1] >= 250).all() and (image[:, size // 2 + 1:] <= 5).all()
+    assert region.sum() == 1 and region[0, w - 1]
+    _, region = read_completion({**editor, "layers": []}, " 0, 0, 2,1 ", "codes", cache, limits, pipeline)
+    assert region.sum() == 2 and region[0, :2].all()
+    blank = {**editor, "layers": [upload("blank.png", np.zeros((size, size, 4), np.uint8))]}
+    (tmp_path / "outside.png").write_bytes((cache / "big.png").read_bytes())
+    (cache / "text.png").write_text("not an image")
+    wide = upload("wide.png", np.zeros((10, 10_000, 3), np.uint8))  # 100,000 pixels in 4 KB: within the bytes
+    for value, box, units, message in [
+        (None, "", "pixels", "no image to complete: upload one or pick an example"),
+        (blank, "", "pixels", "no region to complete: paint over it with the brush, or type a box"),
+        (editor, "1,1,2,2", "codes", "the region is both drawn and typed as a box"),
+        (blank, "5,5,2,2", "pixels", r"box=\[5.0, 5.0, 2.0, 2.0\] is not a box inside the image"),
+        (blank, "0,0,1.5,1", "codes", "in codes must be whole cells"),
+        (blank, "1,2,3", "pixels", "the box must be four numbers x0,y0,x1,y1"),
+        (blank, "1,2,3,nan", "pixels", "the box must be four numbers"), (blank, "0,0,1,1", "inches", "units must be one of"),
+        ({**blank, "background": {"path": str(tmp_path / "outside.png")}}, "", "pixels", "was not uploaded to this page"),
+        ({**blank, "background": {"path": f"{cache}/../outside.png"}}, "", "pixels", "was not uploaded to this page"),
+        ({**blank, "background": "/etc/passwd"}, "", "pixels", "must be an uploaded image file"),
+        ({**blank, "background": {"path": str(cache / "text.png")}}, "", "pixels", "is not an image this page reads"),
+        ({**blank, "background": wide}, "", "pixels", "is 10000x10 = 100000 pixels; this page takes at most 90000"),
+        ({**blank, "layers": [wide]}, "", "pixels", "the drawn layer is 10000x10"),
+        ({**blank, "background": upload("noise.png", np.random.default_rng(0).integers(0, 256, (200, 200, 3), np.uint8))},
+         "", "pixels", r"the image is \d+ bytes; this page takes files of at most 50000 bytes")]:
+        with pytest.raises(ValueError, match=message):
+            read_completion(value, box, units, cache, limits, pipeline)
 
 
 def test_grid_draws_chinese_captions_with_a_font_and_falls_back_without(tmp_path):
