@@ -106,7 +106,7 @@ def build_page(engine: Engine, results: Results, controls: Controls, seed: int |
                                     f"pixels) and paint over the region to sample with the brush, or type it as a "
                                     f"box; the rest of the image is kept as the model's codes of it.")
                         image_editor = gr.ImageEditor(label="Image (paint the region to complete)", sources=["upload"],
-                                                      layers=False, transforms=[], elem_id="complete-image",
+                                                      layers=False, transforms=[], format="png", elem_id="complete-image",
                                                       brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"))
                         with gr.Row():
                             box = gr.Textbox(label="or a box: x0,y0,x1,y1 (x1, y1 exclusive)", elem_id="box",
