@@ -105,9 +105,11 @@ def build_page(engine: Engine, results: Results, controls: Controls, seed: int |
                         gr.Markdown(f"Upload an image (or pick an example; it is resized to the model's {size}x{size} "
                                     f"pixels) and paint over the region to sample with the brush, or type it as a "
                                     f"box; the rest of the image is kept as the model's codes of it.")
+                        # PNG keeps an upload's pixels (the default WebP is lossy); a brush of a cell's width
+                        brush = gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=max(1, size // grid_w // 2))
                         image_editor = gr.ImageEditor(label="Image (paint the region to complete)", sources=["upload"],
-                                                      layers=False, transforms=[], format="png", elem_id="complete-image",
-                                                      brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"))
+                                                      layers=False, transforms=[], format="png", brush=brush,
+                                                      elem_id="complete-image")
                         with gr.Row():
                             box = gr.Textbox(label="or a box: x0,y0,x1,y1 (x1, y1 exclusive)", elem_id="box",
                                              placeholder=f"pixels 0-{size}, or code cells 0-{grid_w} across, "
