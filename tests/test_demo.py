@@ -442,8 +442,9 @@ def test_page_in_a_browser(server, ckpt, pipeline):
             assert fact in card, fact
         # the Complete tab: pick an example (its image), type a box and a prompt, press Complete: the completions
         page.get_by_role("tab", name="Complete").click()
-        page.click('#complete-tab [data-testid="dataset-cell-0-0"]')
-        expect(page.locator("#complete-prompt textarea")).not_to_have_value("")  # the example is in
+        page.click("#complete-examples input")
+        page.get_by_role("option").first.click()
+        expect(page.locator("#box textarea")).not_to_have_value("")  # the example is in: its image, box and prompt
         page.fill("#box textarea", "0,0,2,2")
         page.check("#box-units input[value=codes]")
         page.fill("#complete-prompt textarea", "蓝色的大方块")

@@ -118,9 +118,12 @@ def build_page(engine: Engine, results: Results, controls: Controls, seed: int |
                                                  elem_id="box-units")
                         complete_prompt = gr.Textbox(label="Prompt for the region", lines=2, elem_id="complete-prompt")
                         complete_button = gr.Button("Complete", variant="primary", elem_id="complete")
-                        if completions:
-                            gr.Examples([list(example) for example in completions],
-                                        inputs=[image_editor, complete_prompt, box, box_units], label="Examples")
+                        if completions:  # loaded by an event: gr.Examples would put the cache's path in the page
+                            example = gr.Dropdown([f"{i + 1}. {prompt}" for i, (_, prompt, _, _) in enumerate(completions)],
+                                                  value=None, type="index", label="Examples (shapes test images)",
+                                                  elem_id="complete-examples")
+                            example.input(lambda index: completions[index], example,
+                                          [image_editor, complete_prompt, box, box_units], api_name=False)
                 with gr.Accordion("Sampling", open=True):
                     samples = gr.Slider(*ends["samples"], value=defaults.samples, step=1,
                                         label="Samples per prompt", elem_id="samples")
