@@ -12,6 +12,7 @@ T2I_DEMO_SCREENSHOT=PATH.png saves a screenshot of the page after its first gene
 import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import re
@@ -24,6 +25,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +36,11 @@ from PIL import Image
 
 from t2i.checkpoints import save_vqgan
 from t2i.demo.app import setup
-from t2i.demo.card import example_prompts, file_sha256
+from t2i.demo.card import example_completions, example_prompts, file_sha256
 from t2i.demo.engine import Engine, Job
 from t2i.demo.page import progress_text
-from t2i.demo.settings import EMPTY_NOTE, Settings, clean_prompt, prompt_notes
+from t2i.demo.settings import EMPTY_NOTE, Limits, Settings, clean_prompt, prompt_notes
+from t2i.demo.uploads import read_completion
 from t2i.grids import captioned_grid, find_cjk_font
 from t2i.models.vqgan import VQModel
 from t2i.sampling import T2IPipeline, prompt_seeds
@@ -154,6 +157,87 @@ def test_reranking_keeps_the_lowest_caption_loss(pipeline):
         pipeline.sample([PROMPT], Settings().sampling(), rerank=2)
 
 
+def test_engine_batches_completions_only_with_completions():
+    engine = Engine(pipeline=None, scorer=None, max_batch=3, start=False)
+    image, region = np.zeros((32, 32, 3), np.uint8), torch.ones(4, 4, dtype=torch.bool)
+    settings = Settings(samples=2)
+    jobs = [engine.submit("1", 0, settings), engine.submit("2", 0, settings, image, region),
+            engine.submit("3", 0, settings), engine.submit("4", 0, settings, image, region)]
+    assert [job.kind for job in jobs] == ["generate", "complete", "generate", "complete"]
+    assert engine._take() == [jobs[0], jobs[2]]  # equal settings, but a completion is another kind of job
+    assert engine._take() == [jobs[1], jobs[3]]
+    with pytest.raises(ValueError, match="needs both the image and the region"):
+        engine.submit("5", 0, settings, image)
+
+
+def test_the_engine_completes_an_image_keeping_its_known_codes(pipeline):
+    """Batched completions get what each would get alone from T2IPipeline.complete (task=complete) for its prompt
+    and seed, reranked by the scorer; the codes outside the region are the image's own."""
+    scorer, source = CaptionScorer.for_pipeline(pipeline, None)
+    assert scorer is not None, source
+    size = pipeline.image_size
+    (image, prompt, box, units), (other, _, other_box, _) = example_completions(size, 2)
+    region = pipeline.region(box=[float(x) for x in box.split(",")], box_units=units)
+    other_region = pipeline.region(box=[float(x) for x in other_box.split(",")], box_units=units)
+    settings = Settings(samples=2, guidance_scale=3.0, top_k=10, rerank=2)
+    jobs = [Job(prompt, 5, settings, image, region), Job(PROMPT, 8, settings, other, other_region)]
+    Engine(pipeline, scorer, batch_size=4, start=False).sample(jobs)
+    known = pipeline.vqgan.encode(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1)[0]
+    for job in jobs:
+        alone = pipeline.complete([job.prompt], [job.image], [job.region], settings.sampling(), seeds=prompt_seeds(
+            job.seed, [job.prompt]), scorer=scorer, rerank=2)
+        assert job.batched_with == 2 and torch.equal(job.images, alone.images) and torch.equal(job.losses, alone.scores)
+        if job is jobs[0]:
+            assert (alone.codes[:, ~region] == known[~region]).all()  # the known codes, unchanged
+            assert region.any() and not (alone.codes[:, region] == known[region]).all()  # the region, sampled
+
+
+def test_uploads_are_bounded_and_read_only_from_the_cache(pipeline, tmp_path):
+    """The Complete tab's reading of the editor's value: the image resized to the model's size, the drawn region
+    mapped to the code grid, and every bad upload, box or region refused with what to fix."""
+    size, (h, w) = pipeline.image_size, pipeline.record.grid
+    cache, limits = tmp_path / "cache", Limits(16, 8, 1000, max_upload_bytes=50_000, max_upload_pixels=300 * 300)
+    cache.mkdir()
+
+    def upload(name, image):
+        Image.fromarray(image).save(cache / name)
+        return {"path": str(cache / name), "meta": {"_type": "gradio.FileData"}}
+
+    big = np.zeros((4 * size, 4 * size, 3), np.uint8)
+    big[:, : 2 * size] = 255  # white left half
+    layer = np.zeros((4 * size, 4 * size, 4), np.uint8)
+    layer[0, -1, 3] = 255  # one painted pixel, in the top-right cell
+    editor = {"background": upload("big.png", big), "layers": [upload("layer.png", layer)], "composite": None}
+    image, region = read_completion(editor, "", "pixels", cache, limits, pipeline)
+    assert image.shape == (size, size, 3)  # resized: white left half, black right half (Lanczos rings by a level)
+    assert (image[:, : size // 2 - 1] >= 250).all() and (image[:, size // 2 + 1:] <= 5).all()
+    assert region.sum() == 1 and region[0, w - 1]
+    _, region = read_completion({**editor, "layers": []}, " 0, 0, 2,1 ", "codes", cache, limits, pipeline)
+    assert region.sum() == 2 and region[0, :2].all()
+    blank = {**editor, "layers": [upload("blank.png", np.zeros((size, size, 4), np.uint8))]}
+    (tmp_path / "outside.png").write_bytes((cache / "big.png").read_bytes())
+    (cache / "text.png").write_text("not an image")
+    wide = upload("wide.png", np.zeros((10, 10_000, 3), np.uint8))  # 100,000 pixels in 4 KB: within the bytes
+    for value, box, units, message in [
+        (None, "", "pixels", "no image to complete: upload one or pick an example"),
+        (blank, "", "pixels", "no region to complete: paint over it with the brush, or type a box"),
+        (editor, "1,1,2,2", "codes", "the region is both drawn and typed as a box"),
+        (blank, "5,5,2,2", "pixels", r"box=\[5.0, 5.0, 2.0, 2.0\] is not a box inside the image"),
+        (blank, "0,0,1.5,1", "codes", "in codes must be whole cells"),
+        (blank, "1,2,3", "pixels", "the box must be four numbers x0,y0,x1,y1"),
+        (blank, "1,2,3,nan", "pixels", "the box must be four numbers"), (blank, "0,0,1,1", "inches", "units must be one of"),
+        ({**blank, "background": {"path": str(tmp_path / "outside.png")}}, "", "pixels", "was not uploaded to this page"),
+        ({**blank, "background": {"path": f"{cache}/../outside.png"}}, "", "pixels", "was not uploaded to this page"),
+        ({**blank, "background": "/etc/passwd"}, "", "pixels", "must be an uploaded image file"),
+        ({**blank, "background": {"path": str(cache / "text.png")}}, "", "pixels", "is not an image this page reads"),
+        ({**blank, "background": wide}, "", "pixels", "is 10000x10 = 100000 pixels; this page takes at most 90000"),
+        ({**blank, "layers": [wide]}, "", "pixels", "the drawn layer is 10000x10"),
+        ({**blank, "background": upload("noise.png", np.random.default_rng(0).integers(0, 256, (200, 200, 3), np.uint8))},
+         "", "pixels", r"the image is \d+ bytes; this page takes files of at most 50000 bytes")]:
+        with pytest.raises(ValueError, match=message):
+            read_completion(value, box, units, cache, limits, pipeline)
+
+
 def test_grid_draws_chinese_captions_with_a_font_and_falls_back_without(tmp_path):
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
     font = find_cjk_font()
@@ -218,6 +302,7 @@ def _free_port() -> int:
 
 
 QUEUE_SIZE, MAX_BATCH = 4, 2  # the server's queue.size and queue.max_batch: 2 * MAX_BATCH requests run at once
+UPLOAD_BYTES, UPLOAD_PIXELS = 200_000, 1_000_000  # the server's limits.max_upload_bytes and max_upload_pixels
 
 
 @contextlib.contextmanager
@@ -258,7 +343,8 @@ def start_demo(ckpt: str, run_dir: Path, *options: str):
 @pytest.fixture(scope="module")
 def server(ckpt, tmp_path_factory):
     with start_demo(ckpt, tmp_path_factory.mktemp("demo_run"), f"queue.max_batch={MAX_BATCH}",
-                    f"queue.size={QUEUE_SIZE}", "sampling.samples_per_prompt=2") as started:
+                    f"queue.size={QUEUE_SIZE}", "sampling.samples_per_prompt=2", f"limits.max_upload_bytes={UPLOAD_BYTES}",
+                    f"limits.max_upload_pixels={UPLOAD_PIXELS}") as started:
         yield started
 
 
@@ -298,6 +384,12 @@ def _generate(page, prompt: str, count: int) -> list[str]:
     }""")
     before = page.inner_text("#note")
     page.click("#generate")
+    _wait_for_result(page, count, before)
+    return page.evaluate("window.progressSeen")
+
+
+def _wait_for_result(page, count: int, before: str) -> None:
+    """Wait for a new result (its name in the note, unlike `before`) with `count` images shown."""
     page.wait_for_function(
         """([count, before]) => {
             const name = text => (text.match(/Result (\\S+)\\./) || [])[1];
@@ -306,7 +398,6 @@ def _generate(page, prompt: str, count: int) -> list[str]:
             return name(note) && name(note) !== name(before) && !note.includes('sampling:')
                 && imgs.length === count && imgs.every(e => e.complete && e.naturalWidth > 0);
         }""", arg=[count, before], timeout=120_000)
-    return page.evaluate("window.progressSeen")
 
 
 @pytest.mark.slow  # the server starts in ~20 s
@@ -352,6 +443,21 @@ def test_page_in_a_browser(server, ckpt, pipeline):
         for fact in ["parameters", "layers", "t2i", "VQGAN", "trained from scratch", file_sha256(ckpt)[:16], "cpu",
                      "eager (sampling.step=auto)"]:
             assert fact in card, fact
+        # the Complete tab: pick an example (its image), type a box and a prompt, press Complete: the completions
+        page.get_by_role("tab", name="Complete").click()
+        page.click("#complete-examples input")
+        page.get_by_role("option").first.click()
+        expect(page.locator("#box textarea")).not_to_have_value("")  # the example is in: its image, box and prompt
+        page.fill("#box textarea", "0,0,2,2")
+        page.check("#box-units input[value=codes]")
+        page.fill("#complete-prompt textarea", "蓝色的大方块")
+        before = page.inner_text("#note")
+        page.click("#complete")
+        _wait_for_result(page, 3, before)
+        assert "3 completion(s), seed 11" in page.inner_text("#note")
+        assert f"completed 4 of {image_len} codes" in page.inner_text("#gallery")  # the 2x2 cells of the box
+        completed = _gallery_pngs(page)
+        assert len(completed) == 3 and all(png.startswith(b"\x89PNG") for png in completed)
         browser.close()
 
 
@@ -392,6 +498,66 @@ def test_gradio_client_calls_the_same_endpoint(server, pipeline):
     hashes = {hashlib.sha256(Path(answer[0][0]["image"]).read_bytes()).hexdigest() for answer in answers.values()}
     assert len(hashes) == 4
     assert len(list((run_dir / "results").iterdir())) >= 5  # this test's 5 answered requests: PNGs, grid, zip
+
+
+def _editor(background, layers=()) -> dict:
+    """The editor's value as an API client sends it (gradio_client uploads the files)."""
+    from gradio_client import handle_file
+
+    return {"background": None if background is None else handle_file(str(background)),
+            "layers": [handle_file(str(layer)) for layer in layers], "composite": None}
+
+
+@pytest.mark.slow
+def test_gradio_client_completes_an_image(server, pipeline, tmp_path):
+    """/complete: the images T2IPipeline.complete (task=complete) gives for the image, region, prompt and seed,
+    whose codes outside the region are the image's own; a drawn region; every bad region and upload refused with
+    what to fix."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    url, _, _ = server
+    client = Client(url, verbose=False)
+    size, (h, w) = pipeline.image_size, pipeline.record.grid
+    image, prompt, box, units = example_completions(size)[0]
+    Image.fromarray(image).save(tmp_path / "image.png")
+    gallery, note, files = client.predict(_editor(tmp_path / "image.png"), box, units, prompt, 2, 3.0, 1.0, 10, 1.0, 4,
+                                          False, 1, api_name="/complete")
+    assert len(gallery) == 2 and "2 completion(s), seed 4" in note
+    region = pipeline.region(box=[float(x) for x in box.split(",")], box_units=units)
+    expected = pipeline.complete([prompt], [image], [region], Settings(2, 3.0, 1.0, 10, 1.0).sampling(),
+                                 seeds=prompt_seeds(4, [prompt]))
+    for entry, completed in zip(gallery, expected.images):
+        assert np.array_equal(np.asarray(Image.open(entry["image"])), completed.permute(1, 2, 0).numpy())
+    known = pipeline.vqgan.encode(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1)[0]
+    assert (expected.codes[:, ~region] == known[~region]).all()  # the region's outside: the image's own codes
+    archive = next(f for f in files if f.endswith("images.zip"))
+    with zipfile.ZipFile(archive) as zf:
+        record = json.loads(zf.read("settings.json"))
+        assert np.array_equal(np.asarray(Image.open(zf.open("input.png"))), image)
+    assert record["task"] == "complete" and record["region"] == region.int().tolist()
+    # a drawn region: one painted pixel in the last cell of the first row
+    layer = np.zeros((size, size, 4), np.uint8)
+    layer[0, -1] = 255
+    Image.fromarray(layer).save(tmp_path / "layer.png")
+    gallery, _, _ = client.predict(_editor(tmp_path / "image.png", [tmp_path / "layer.png"]), "", units, prompt, 1,
+                                   1.0, 1.0, 0, 1.0, 4, False, 1, api_name="/complete")
+    assert f"completed 1 of {h * w} codes" in gallery[0]["caption"]
+    # refused, naming what to fix: bad boxes, no region, no image, too many pixels (in a small file)
+    Image.fromarray(np.zeros((size, size, 4), np.uint8)).save(tmp_path / "blank.png")
+    Image.new("RGB", (2000, 1000), "white").save(tmp_path / "wide.png")
+    assert (tmp_path / "wide.png").stat().st_size < UPLOAD_BYTES
+    for editor, box, units, message in [
+            (_editor(tmp_path / "image.png"), f"0,0,{size + 1},4", "pixels", "is not a box inside the image"),
+            (_editor(tmp_path / "image.png"), "3,3,1,1", "codes", "is not a box inside the image"),
+            (_editor(tmp_path / "image.png"), "1,2", "codes", "the box must be four numbers"),
+            (_editor(tmp_path / "image.png", [tmp_path / "blank.png"]), "", "pixels", "no region to complete"),
+            (_editor(tmp_path / "image.png", [tmp_path / "layer.png"]), "0,0,1,1", "codes", "both drawn and typed"),
+            (_editor(None), "0,0,1,1", "codes", "no image to complete: upload one or pick an example"),
+            (_editor(tmp_path / "wide.png"), "0,0,1,1", "codes",
+             f"the image is 2000x1000 = 2000000 pixels; this page takes at most {UPLOAD_PIXELS} pixels")]:
+        with pytest.raises(AppError, match=message):
+            client.predict(editor, box, units, prompt, 1, 1.0, 1.0, 0, 1.0, 4, False, 1, api_name="/complete")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,23 +625,23 @@ def _http(url: str, body: bytes | None = None, timeout: float = 60) -> tuple[int
         return error.code, error.read()
 
 
-def _join(url: str, body: bytes) -> tuple[int, str]:
-    """POST /generate's data to the queue: (status, event id or the refusal's text)."""
-    status, answer = _http(url + "gradio_api/call/generate", body)
+def _join(url: str, body: bytes, endpoint: str = "generate") -> tuple[int, str]:
+    """POST an endpoint's data to the queue: (status, event id or the refusal's text)."""
+    status, answer = _http(url + f"gradio_api/call/{endpoint}", body)
     return status, json.loads(answer)["event_id"] if status == 200 else answer.decode()
 
 
-def _result(url: str, event: str) -> tuple[str, object]:
+def _result(url: str, event: str, endpoint: str = "generate") -> tuple[str, object]:
     """The event's end, read from its stream: ("complete", outputs) or ("error", message)."""
-    status, stream = _http(url + f"gradio_api/call/generate/{event}", timeout=120)
+    status, stream = _http(url + f"gradio_api/call/{endpoint}/{event}", timeout=120)
     kind, data = re.findall(r"^event: (\w+)\ndata: (.*)$", stream.decode(), re.M)[-1]
     payload = json.loads(data)
     return kind, payload["error"] if kind == "error" and isinstance(payload, dict) else payload
 
 
-def _call(url: str, args: list | None = None, body: bytes | None = None) -> tuple[str, object]:
-    status, event = _join(url, body if body is not None else json.dumps({"data": args}).encode())
-    return _result(url, event) if status == 200 else ("refused", f"{status}: {event}")
+def _call(url: str, args: list | None = None, body: bytes | None = None, endpoint: str = "generate") -> tuple[str, object]:
+    status, event = _join(url, body if body is not None else json.dumps({"data": args}).encode(), endpoint)
+    return _result(url, event, endpoint) if status == 200 else ("refused", f"{status}: {event}")
 
 
 def _fetch(url: str, path: str) -> int:
@@ -520,6 +686,42 @@ def test_visitors_get_only_their_own_files(server, ckpt):
     for path in [str(Path(ckpt).resolve().parent), str(run_dir), str(REPO)]:
         assert path not in page, path
     assert Path(ckpt).name in page
+
+
+@pytest.mark.slow
+def test_completion_reads_no_file_a_visitor_names(server):
+    """/complete's image: a file over the upload limit is refused by the upload route, unkept; a path a visitor
+    names (outside the upload folder, another request's stored result, the run folder's config, through `..`, a
+    URL of the server itself) is refused by Gradio before the event runs, with or without the file's meta, and
+    nothing of the file comes back or lands in the cache."""
+    import httpx
+
+    url, run_dir, _ = server
+    cache = run_dir.parent / f"{run_dir.name}.gradio_cache"
+    noise = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    big = io.BytesIO()
+    Image.fromarray(noise).save(big, format="PNG")
+    assert len(big.getvalue()) > UPLOAD_BYTES
+    answer = httpx.post(url + "gradio_api/upload", files={"files": ("big.png", big.getvalue(), "image/png")})
+    assert answer.status_code == 413 and "maximum allowed size" in answer.text
+    assert not list(cache.rglob("big.png"))
+    assert _call(url, [PROMPT, 1, 1.0, 1.0, 0, 1.0, 3, False, 1])[0] == "complete"  # another visitor's result
+    stored = sorted((run_dir / "results").glob("*/00.png"))[-1]
+    results = len(list((run_dir / "results").iterdir()))
+    config = run_dir / ".hydra" / "config.yaml"
+    tries = ["/etc/passwd", str(stored), str(config), f"{cache}/../../../../../../etc/passwd", f"{url}config",
+             "http://localhost:1/x.png"]
+    for path in tries:
+        for background in [{"path": path, "meta": {"_type": "gradio.FileData"}}, {"path": path}, path]:
+            kind, answer = _call(url, [{"background": background, "layers": [], "composite": None}, "0,0,1,1",
+                                       "codes", PROMPT, 1, 1.0, 1.0, 0, 1.0, 0, False, 1], endpoint="complete")
+            assert kind == "error" and ("not uploaded by a user" in answer or "blocked_paths" in answer
+                                        or "'meta' field must be explicitly provided" in answer
+                                        or "failed validation" in answer), (path, kind, answer)
+            assert "root:" not in str(answer)
+    assert len(list((run_dir / "results").iterdir())) == results  # nothing was completed
+    cached = [p.read_bytes() for p in cache.rglob("*") if p.is_file()]
+    assert not any(b"root:" in data or data == config.read_bytes() for data in cached)  # nothing was copied in
 
 
 @pytest.mark.slow

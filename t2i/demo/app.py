@@ -13,7 +13,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from t2i.demo.card import example_prompts, file_sha256, model_card
+from t2i.data.shapes import MIN_IMAGE_SIZE
+from t2i.demo.card import example_completions, example_prompts, file_sha256, model_card
 from t2i.demo.engine import Engine
 from t2i.demo.files import Results
 from t2i.demo.page import PAGE_CSS, build_page
@@ -38,7 +39,7 @@ def resolve_device(device: str) -> str:
 
 
 def setup(cfg: DictConfig, out_dir: Path):
-    """The model, the engine and the page from the demo's config (conf/demo.yaml); errors name what to fix."""
+    """The page, the engine and the limits from the demo's config (conf/demo.yaml); errors name what to fix."""
     if not cfg.ckpt:
         raise ValueError("t2i.demo needs ckpt=PATH (a GPT checkpoint from stage=gpt, or a pai-painter import)")
     limits = Limits.from_config(OmegaConf.to_container(cfg.limits, resolve=True))
@@ -71,19 +72,23 @@ def setup(cfg: DictConfig, out_dir: Path):
     examples = example_prompts(cfg.examples_file, cfg.ckpt, cfg.examples_from_run)
     controls = Controls(limits, defaults, pipeline.gpt.cfg.n_image_codes, pipeline.tokenizer.text_len,
                         can_rerank=scorer is not None)
+    # the Complete tab's examples: shapes test images drawn at the model's size (none below the renderer's smallest)
+    completions = example_completions(pipeline.image_size) if pipeline.image_size >= MIN_IMAGE_SIZE else []
     page = build_page(engine, results, controls, seed, examples, card, caption_source,
-                      concurrency=2 * queue["max_batch"])  # the next batch gathers while one samples
+                      concurrency=2 * queue["max_batch"],  # the next batch gathers while one samples
+                      completions=completions)
     page.queue(max_size=queue["size"], default_concurrency_limit=1)
-    return page, engine
+    return page, engine, limits
 
 
 @hydra.main(config_path=str(CONF), config_name="demo", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     require("gradio")  # before the model loads
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    page, _ = setup(cfg, out_dir)
+    page, _, limits = setup(cfg, out_dir)
     log.info("serving %s on http://%s:%d (results in %s)", cfg.ckpt, cfg.host, cfg.port, out_dir)
     # no allowed_paths: the file route serves only what an event returned (copied into Gradio's cache), and the
-    # run folder (config, log, every request's results) is blocked even if a later option allowed more
+    # run folder (config, log, every request's results) is blocked even if a later option allowed more; the
+    # upload route refuses files larger than an upload may be (the Complete tab's image)
     page.launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share, blocked_paths=[str(out_dir)],
-                show_error=True, css=PAGE_CSS)
+                show_error=True, css=PAGE_CSS, max_file_size=limits.max_upload_bytes)

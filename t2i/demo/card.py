@@ -1,5 +1,5 @@
 """What the page says about the model: the model panel (size, layout, tokenizer, VQGAN, training, reranking,
-checkpoint, device) and the example prompts.
+checkpoint, device), the example prompts, and the examples of the Complete tab (shapes test images drawn at start).
 
 Files are named by file name and sha256, never by absolute path: the panel reaches every visitor, and its
 facts go into each result's settings.json.
@@ -12,9 +12,11 @@ import logging
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from t2i.data import shapes
 from t2i.grids import FONT_HINT
 from t2i.sampling import T2IPipeline
 
@@ -94,3 +96,19 @@ def example_prompts(examples_file: str | None, ckpt: str, from_run: int) -> list
         except Exception as error:  # the run's data moved or never had a val split: the file's examples only
             log.warning("no example captions from the checkpoint's training data (%s): %s", config, error)
     return list(dict.fromkeys(prompts))
+
+
+def example_completions(size: int, count: int = 3) -> list[tuple[np.ndarray, str, str, str]]:
+    """The Complete tab's examples, drawn here (no file is read): shapes test images at the model's size, each with
+    its object's box in pixels and a prompt for another colour and shape at the same place and size: (image uint8
+    [size, size, 3], prompt, box "x0,y0,x1,y1", box units)."""
+    examples = []
+    for index in range(count):
+        attrs, _, image = shapes.sample(index, "test", size=size)
+        rows, cols = np.nonzero((image != np.array(shapes.BACKGROUND_RGB[attrs["background"]])).any(-1))
+        box = f"{cols.min()},{rows.min()},{cols.max() + 1},{rows.max() + 1}"
+        colors, kinds = shapes.ATTRIBUTES["color"], shapes.ATTRIBUTES["shape"]
+        edited = {**attrs, "color": colors[(colors.index(attrs["color"]) + 1) % len(colors)],
+                  "shape": kinds[(kinds.index(attrs["shape"]) + 1) % len(kinds)]}
+        examples.append((image, shapes.caption(edited, np.random.default_rng(index)), box, "pixels"))
+    return examples

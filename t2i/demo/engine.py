@@ -1,8 +1,9 @@
 """The model's thread: a queue of requests, batching those of equal settings, sampling and reranking.
 
-The `Engine` takes the oldest waiting request together with the others that ask for the same
-settings (up to max_batch) and samples them as one run, each prompt from its own seed (the seed
-`eval.py task=generate` gives it), so batching never changes a request's images. A request's
+The `Engine` takes the oldest waiting request together with the others of the same kind (generate, or
+complete an image's region) that ask for the same settings (up to max_batch) and samples them as one run,
+each prompt from its own seed (the seed `eval.py task=generate` or task=complete gives it), so batching never
+changes a request's images: generation through T2IPipeline.sample, completion through T2IPipeline.complete. A request's
 `Job` carries its progress and, once done, its images or the error. While it waits the progress is
 the requests ahead; while it samples, the sampler's own count (`progress=` of
 T2IPipeline.sample_codes, after each model call): image positions fixed so far over all the
@@ -17,6 +18,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from t2i.demo.settings import Settings
@@ -33,6 +35,8 @@ class Job:
     prompt: str
     seed: int
     settings: Settings
+    image: np.ndarray | None = None  # to complete: uint8 [S, S, 3] at the model's size (None: generate)
+    region: torch.Tensor | None = None  # to complete: bool [h, w] on the code grid, True where codes are sampled
     steps: int = 0  # image positions fixed so far (over all the sampling batches of its batch)
     total: int = 0  # positions to fix in all; 0 until the sampler first reports
     ahead: int = 0  # requests the model takes before this one (while waiting)
@@ -42,6 +46,10 @@ class Job:
     batched_with: int = 1  # requests in the batch it was sampled in
     seconds: float = 0.0  # how long its codes took to sample
     done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def kind(self) -> str:
+        return "generate" if self.image is None else "complete"
 
 
 class Engine:
@@ -60,8 +68,12 @@ class Engine:
     def start(self) -> None:
         threading.Thread(target=self._serve, name="t2i-demo-model", daemon=True).start()
 
-    def submit(self, prompt: str, seed: int, settings: Settings) -> Job:
-        job = Job(prompt, seed, settings)
+    def submit(self, prompt: str, seed: int, settings: Settings, image: np.ndarray | None = None,
+               region: torch.Tensor | None = None) -> Job:
+        """A request to generate, or with `image` and `region` to complete (both or neither)."""
+        if (image is None) != (region is None):
+            raise ValueError("a completion needs both the image and the region")
+        job = Job(prompt, seed, settings, image, region)
         with self._lock:
             job.ahead = len(self._waiting)
             self._waiting.append(job)
@@ -73,7 +85,8 @@ class Engine:
             while not self._waiting:
                 self._lock.wait()
             first = self._waiting.popleft()
-            batch = [first] + [job for job in self._waiting if job.settings == first.settings][: self.max_batch - 1]
+            batch = [first] + [job for job in self._waiting
+                               if job.kind == first.kind and job.settings == first.settings][: self.max_batch - 1]
             for job in batch[1:]:
                 self._waiting.remove(job)
             for job in batch:  # none ahead now: the page says so until the sampler's first report
@@ -98,7 +111,7 @@ class Engine:
 
     @torch.no_grad()
     def sample(self, jobs: list[Job]) -> None:
-        """Images (and Caption Losses) for jobs of equal settings, as one sampling run."""
+        """Images (and Caption Losses) for jobs of one kind and equal settings, as one sampling run."""
         settings = jobs[0].settings
         sampling = settings.sampling()
         prompts = [job.prompt for job in jobs]
@@ -112,9 +125,15 @@ class Engine:
             for job in jobs:  # the last report ends the sampling: its time is the codes' (not scoring, decoding)
                 job.steps, job.total, job.seconds = done, total, time.perf_counter() - started
 
-        # task=generate's path, each image the best of settings.rerank candidates by the scorer
-        samples = self.pipeline.sample(prompts, sampling, self.batch_size, seeds, progress=report,
-                                       scorer=self.scorer, rerank=settings.rerank)
+        # task=generate's path (task=complete's for completions), each image the best of settings.rerank candidates
+        # by the scorer
+        if jobs[0].kind == "generate":
+            samples = self.pipeline.sample(prompts, sampling, self.batch_size, seeds, progress=report,
+                                           scorer=self.scorer, rerank=settings.rerank)
+        else:
+            samples = self.pipeline.complete(prompts, [job.image for job in jobs], [job.region for job in jobs],
+                                             sampling, self.batch_size, seeds, progress=report, scorer=self.scorer,
+                                             rerank=settings.rerank)
         images = samples.images.view(len(jobs), settings.samples, *samples.images.shape[1:])
         losses = None if samples.scores is None else samples.scores.view(len(jobs), settings.samples)
         for i, job in enumerate(jobs):

@@ -1,4 +1,5 @@
-"""A request's files on disk: its PNGs, the captioned grid (and its grid.md), settings.json and a zip of them all.
+"""A request's files on disk: its PNGs, the captioned grid (and its grid.md), settings.json and a zip of them all;
+a completion's also the image it completed (input.png, at the model's size) and its region in settings.json.
 
 Each request writes a folder of its own under the run folder's results/, named by time, a count and a
 random token (so a name seen, or a time and count guessed, never leads to another request's files);
@@ -18,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torchvision
+from PIL import Image
 
 from t2i.demo.engine import Job
 from t2i.grids import save_captioned_grid
@@ -44,6 +46,8 @@ class Results:
         settings, prompt = job.settings, job.prompt
         shown = prompt or "(empty prompt: unconditional)"
         header = f"seed {job.seed}{' (random)' if random_seed else ''} · {settings.describe()}"
+        if job.kind == "complete":
+            header = f"completed {int(job.region.sum())} of {job.region.numel()} codes · {header}"
         gallery, pngs = [], []
         for i, image in enumerate(job.images):
             path = folder / f"{i:02d}.png"
@@ -58,10 +62,15 @@ class Results:
                   "prompt_seed": prompt_seeds(job.seed, [prompt])[0], "settings": asdict(settings),
                   "caption_loss": None if job.losses is None else [round(x, 4) for x in job.losses.tolist()],
                   "notes": notes, "model": self.model}
+        extra = []
+        if job.kind == "complete":  # what was completed: the image as the model read it, the sampled cells
+            extra.append(folder / "input.png")
+            Image.fromarray(job.image).save(extra[0])
+            record.update(task="complete", region=job.region.int().tolist())
         (folder / "settings.json").write_text(json.dumps(record, ensure_ascii=False, indent=1), encoding="utf-8")
         archive = folder / "images.zip"
         with zipfile.ZipFile(archive, "w") as zf:
-            for path in [*pngs, grid_path, grid_path.with_suffix(".md"), folder / "settings.json"]:
+            for path in [*pngs, grid_path, grid_path.with_suffix(".md"), folder / "settings.json", *extra]:
                 zf.write(path, path.name)
         return gallery, [str(grid_path), str(archive)], folder.name
 

@@ -1,9 +1,12 @@
-"""The Gradio page: the prompt box and examples, the sampling controls, the gallery with its notes, the
-downloads and the model panel. Its Generate button is the API endpoint /generate.
+"""The Gradio page: two tabs, Generate (the prompt box and examples) and Complete (an image to upload or pick,
+the region drawn on it or typed as a box, a prompt), beside one set of sampling controls, the gallery with its
+notes, the downloads and the model panel. The Generate button is the API endpoint /generate, the Complete
+button /complete.
 
-The event reads the controls' values itself (settings.Controls; Gradio's preprocessing off), hands the
-request to the engine, shows its progress while it waits and samples, and returns only this request's
-files, copied into Gradio's cache: the run folder itself is never served.
+The events read the controls' values themselves (settings.Controls, and uploads.read_completion for the
+image and region; Gradio's preprocessing off), hand the request to the engine, show its progress while it
+waits and samples, and return only this request's files, copied into Gradio's cache: the run folder itself
+is never served.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import os
 from t2i.demo.engine import Engine
 from t2i.demo.files import Results
 from t2i.demo.settings import Controls, prompt_notes
+from t2i.demo.uploads import read_completion
+from t2i.sampling.complete import BOX_UNITS
 
 # small images enlarged in the gallery keep their pixels sharp
 PAGE_CSS = "#gallery img { image-rendering: pixelated; }"
@@ -27,13 +32,15 @@ def progress_text(steps: int, total: int, image_len: int) -> str:
 
 
 def build_page(engine: Engine, results: Results, controls: Controls, seed: int | None, examples: list[str],
-               card: str, rerank_reason: str, concurrency: int):
-    """The Gradio page over the engine; `seed` the starting seed (None: random seed ticked)."""
+               card: str, rerank_reason: str, concurrency: int, completions: list[tuple] = ()):
+    """The Gradio page over the engine; `seed` the starting seed (None: random seed ticked); `completions` the
+    Complete tab's examples (image, prompt, box, box units: card.example_completions)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
     tokenizer = engine.pipeline.tokenizer
     image_len = engine.pipeline.gpt.cfg.image_len
+    size, (grid_h, grid_w) = engine.pipeline.image_size, engine.pipeline.record.grid
     defaults, ends, can_rerank = controls.defaults, controls.ends, controls.can_rerank
 
     def generate(prompt, samples, guidance_scale, temperature, top_k, top_p, seed, random_seed, rerank,
@@ -44,7 +51,25 @@ def build_page(engine: Engine, results: Results, controls: Controls, seed: int |
         except ValueError as error:
             raise gr.Error(str(error)) from None
         notes = prompt_notes(tokenizer, prompt)
-        job = engine.submit(prompt, seed, settings)
+        return answer(engine.submit(prompt, seed, settings), notes, random_seed, progress)
+
+    def complete(editor, box, box_units, prompt, samples, guidance_scale, temperature, top_k, top_p, seed,
+                 random_seed, rerank, progress=gr.Progress()):
+        try:
+            prompt, settings, seed = controls.read(prompt, samples, guidance_scale, temperature, top_k, top_p, seed,
+                                                   random_seed, rerank)
+            # the files of the editor's value: Gradio has checked that they came through its upload route (and
+            # copied them into its cache); they are read only from there, bounded by the limits
+            image, region = read_completion(editor, box, box_units, image_editor.GRADIO_CACHE, controls.limits,
+                                            engine.pipeline)
+        except ValueError as error:
+            raise gr.Error(str(error)) from None
+        notes = prompt_notes(tokenizer, prompt)
+        return answer(engine.submit(prompt, seed, settings, image, region), notes, random_seed, progress)
+
+    def answer(job, notes, random_seed, progress):
+        """Wait for the job, showing its progress; then its files (gallery, note, downloads)."""
+        settings, seed = job.settings, job.seed
         while not job.done.wait(0.1):
             if job.total:
                 progress((job.steps, job.total), desc=progress_text(job.steps, job.total, image_len), unit="steps")
@@ -57,21 +82,48 @@ def build_page(engine: Engine, results: Results, controls: Controls, seed: int |
         # carries (a hash of the content and a secret); the run folder itself is never served (no allowed_paths)
         entries = [(gallery.move_resource_to_block_cache(path), caption) for path, caption in entries]
         downloads = [files.move_resource_to_block_cache(path) for path in downloads]
-        summary = [f"{settings.samples} image(s), seed {seed}{' (random)' if random_seed else ''}, {settings.describe()}"
+        done = "completion(s)" if job.kind == "complete" else "image(s)"
+        summary = [f"{settings.samples} {done}, seed {seed}{' (random)' if random_seed else ''}, {settings.describe()}"
                    + f"; sampled in {job.seconds:.2f} s"
                    + (f", in a batch of {job.batched_with} requests" if job.batched_with > 1 else "")
                    + f". Result `{name}`."]
         return entries, "\n\n".join(notes + summary), downloads
 
     with gr.Blocks(title="t2i demo", analytics_enabled=False, delete_cache=(3600, 3600)) as page:
-        gr.Markdown("# t2i: text to image\nType a prompt (Chinese), choose the sampling options, press **Generate**.")
+        gr.Markdown("# t2i: text to image\nType a prompt (Chinese), choose the sampling options, press **Generate**; "
+                    "or complete a region of an image with a prompt (**Complete**).")
         with gr.Row():
             with gr.Column(scale=2):
-                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
-                                    placeholder="画面左上角有一个红色的小圆形，背景是白色的 (empty: unconditional)")
-                button = gr.Button("Generate", variant="primary", elem_id="generate")
-                if examples:
-                    gr.Examples([[p] for p in examples], inputs=[prompt], label="Examples")
+                with gr.Tabs():
+                    with gr.Tab("Generate", elem_id="generate-tab"):
+                        prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
+                                            placeholder="画面左上角有一个红色的小圆形，背景是白色的 (empty: unconditional)")
+                        button = gr.Button("Generate", variant="primary", elem_id="generate")
+                        if examples:
+                            gr.Examples([[p] for p in examples], inputs=[prompt], label="Examples")
+                    with gr.Tab("Complete", elem_id="complete-tab"):
+                        gr.Markdown(f"Upload an image (or pick an example; it is resized to the model's {size}x{size} "
+                                    f"pixels) and paint over the region to sample with the brush, or type it as a "
+                                    f"box; the rest of the image is kept as the model's codes of it.")
+                        # PNG keeps an upload's pixels (the default WebP is lossy); a brush of a cell's width
+                        brush = gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=max(1, size // grid_w // 2))
+                        image_editor = gr.ImageEditor(label="Image (paint the region to complete)", sources=["upload"],
+                                                      layers=False, transforms=[], format="png", brush=brush,
+                                                      elem_id="complete-image")
+                        with gr.Row():
+                            box = gr.Textbox(label="or a box: x0,y0,x1,y1 (x1, y1 exclusive)", elem_id="box",
+                                             placeholder=f"pixels 0-{size}, or code cells 0-{grid_w} across, "
+                                                         f"0-{grid_h} down")
+                            box_units = gr.Radio(list(BOX_UNITS), value="pixels", label="Box units",
+                                                 elem_id="box-units")
+                        complete_prompt = gr.Textbox(label="Prompt for the region", lines=2, elem_id="complete-prompt")
+                        complete_button = gr.Button("Complete", variant="primary", elem_id="complete")
+                        if completions:  # loaded by an event: gr.Examples would put the cache's path in the page
+                            example = gr.Dropdown([f"{i + 1}. {prompt}" for i, (_, prompt, _, _) in enumerate(completions)],
+                                                  value=None, type="index", label="Examples (shapes test images)",
+                                                  elem_id="complete-examples")
+                            example.input(lambda index: completions[index], example,
+                                          [image_editor, complete_prompt, box, box_units], api_name=False)
                 with gr.Accordion("Sampling", open=True):
                     samples = gr.Slider(*ends["samples"], value=defaults.samples, step=1,
                                         label="Samples per prompt", elem_id="samples")
@@ -105,5 +157,9 @@ def build_page(engine: Engine, results: Results, controls: Controls, seed: int |
                      concurrency_id="generate", preprocess=False)
         prompt.submit(generate, inputs, [gallery, note, files], api_name=False, concurrency_limit=concurrency,
                       concurrency_id="generate", preprocess=False)
+        # the same queue and concurrency as Generate (one model); the engine batches only completions together
+        complete_button.click(complete, [image_editor, box, box_units, complete_prompt, *inputs[1:]],
+                              [gallery, note, files], api_name="complete", concurrency_limit=concurrency,
+                              concurrency_id="generate", preprocess=False)
     return page
 

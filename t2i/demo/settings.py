@@ -66,11 +66,14 @@ def positive_integers(section: str, values: dict) -> dict:
 @dataclass(frozen=True)
 class Limits:
     """What one request may ask for (conf/demo.yaml limits.*): the page's slider ends, and an API call beyond
-    them is refused. They bound time, not memory (sampling.batch_size bounds memory)."""
+    them is refused. The first three bound time (sampling.batch_size bounds the model's memory); the upload
+    limits bound what reading an image to complete may cost (t2i.demo.uploads)."""
 
     max_samples: int  # images per request
     max_rerank: int  # candidates per image
     max_prompt_chars: int  # a longer prompt is refused
+    max_upload_bytes: int  # an uploaded file (the image, a drawn layer) larger than this is refused, unread
+    max_upload_pixels: int  # width x height of an upload, checked from its header before it is decoded
 
     @classmethod
     def from_config(cls, values: dict) -> Limits:
