@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The suite in two worker processes, a test file each at a time (its module fixtures built once): most tests wait on
+# a Python start or a small model's kernels, so two files at once on two cores finish sooner than one after another.
 test: $(STAMP) browser-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast: $(STAMP) browser-deps
 	$(PY) -m pytest -q -m 'not slow'
