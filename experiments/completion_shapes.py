@@ -31,6 +31,7 @@ import torch
 from t2i.data import shapes
 from t2i.data.datamodule import ShardDataModule
 from t2i.sampling import T2IPipeline, resolve_sampling
+from t2i.sampling.complete import check_image
 
 NAMES = ("color", "shape", "position", "size", "background")
 
@@ -117,8 +118,10 @@ def run_task(pipeline: T2IPipeline, name: str, tasks, sampling, candidates: list
     regions = [pipeline.region(box=box, box_units="pixels") for _, box, _, _ in tasks]
     wanted = [attrs for _, _, attrs, _ in tasks]
     prompts = [prompt for _, _, _, prompt in tasks]
-    truth = pipeline.vqgan.encode(torch.as_tensor(np.stack(images)).permute(0, 3, 1, 2).float().to(pipeline.device)
-                                  / 127.5 - 1).cpu()
+    # the image's codes as the pipeline encodes them (check_image's layout: a transposed copy can round a near-tie
+    # to the other code, which would count as a changed code here)
+    pixels = torch.stack([check_image(image, pipeline.image_size) for image in images]).to(pipeline.device)
+    truth = pipeline.vqgan.encode(pixels.float() / 127.5 - 1).cpu()
     mask = torch.stack(regions)
     rows = []
     start = time.perf_counter()
