@@ -165,7 +165,6 @@ def generate(cfg: DictConfig, fabric: Fabric) -> dict:
     pipeline = T2IPipeline.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device, step=cfg.sampling.step,
                                             weights=cfg.sampling.weights, adapter=cfg.adapter)
     sampling, batch_size = sampling_options(cfg, pipeline)
-    pipeline.resolve_step(len(prompts) * sampling.samples_per_prompt, batch_size)
     text_ids = pipeline.tokenizer(prompts)  # what the model receives, recorded for inspection
     with fabric.autocast():  # trainer.precision (fp32 unless asked)
         samples = pipeline.sample(prompts, sampling, batch_size=batch_size)
