@@ -139,6 +139,27 @@ def test_oracle_reads_the_shards_right(from_shards):
     assert min(accuracy.values()) >= 0.99, accuracy
 
 
+def test_a_held_out_concept_splits_the_samples_in_two(tmp_path):
+    """--hold-out and --only partition a split's samples by one concept: the same samples, counted as kept."""
+    purple = ("color", "purple")
+    without = list(shapes.concept_indices(60, "train", 0, without=purple))
+    only = list(shapes.concept_indices(12, "train", 0, only=purple))
+    assert all(shapes.sample(i, "train", 0, 16)[0]["color"] != "purple" for i in without)
+    assert all(shapes.sample(i, "train", 0, 16)[0]["color"] == "purple" for i in only)
+    first = sorted(set(without) | set(only))
+    assert not set(without) & set(only) and first[:len(first) // 2] == list(range(len(first) // 2))
+    run(["shapes", "--out", str(tmp_path), "--size", "16", "--quiet", "--train", "12", "--val", "0", "--test", "5",
+         "--only", "color=purple"])
+    rows = list(wds.WebDataset(sorted(str(p) for p in tmp_path.glob("train-*.tar")), shardshuffle=False).decode()
+                .to_tuple("json"))
+    assert [int(meta["source_id"].split("-")[-1]) for meta, in rows] == only
+    assert all(meta["attributes"]["color"] == "purple" and "紫" in meta["caption"] for meta, in rows)
+    with pytest.raises(ValueError, match="a concept is ATTRIBUTE=VALUE.*color: red, orange"):
+        shapes.parse_concept("colour=purple")
+    with pytest.raises(SystemExit):  # argparse: the two are mutually exclusive
+        run(["shapes", "--out", str(tmp_path / "no"), "--only", "color=red", "--hold-out", "shape=circle"])
+
+
 def add_noise(image, rng):
     return np.clip(image + rng.normal(0.0, 10.0, image.shape), 0, 255).astype(np.uint8)
 

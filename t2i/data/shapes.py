@@ -8,6 +8,8 @@ Everything the pipeline needs to run, learn and be judged without a download:
   so that a model has to read the words rather than memorise a few fixed strings;
 - `generate(n, split, seed, size)` yields (attributes, caption, image), each sample drawn from
   its own random generator seeded by (seed, split, index): sample i never depends on n;
+  `concept_indices` picks a split's samples without one concept (e.g. `color=purple`, for a base
+  model that never saw it) or with only that concept (to teach it later, e.g. to a LoRA adapter);
 - `read_attributes(image)` is the oracle that reads the attributes back from pixels, robust
   enough for blurry or noisy generated images; `oracle_accuracy` scores a set of images;
 - `read_caption(text)` reads them back from a caption's words (generated captions are scored so).
@@ -197,11 +199,16 @@ def read_caption(text: str) -> dict:
     return attrs
 
 
-def sample(index: int, split: str = "train", seed: int = 0, size: int = 64) -> tuple[dict, str, np.ndarray]:
-    """Sample `index` of a split: (attributes, caption, image), fixed by (seed, split, index)."""
+def sample_generator(index: int, split: str, seed: int) -> np.random.Generator:
+    """Sample `index`'s own random generator: its attributes, caption and jitter are drawn from it, in that order."""
     if split not in SPLIT_NUMBERS:
         raise ValueError(f"unknown split {split!r}; choose one of: {', '.join(SPLIT_NUMBERS)}")
-    rng = np.random.default_rng([seed, SPLIT_NUMBERS[split], index])
+    return np.random.default_rng([seed, SPLIT_NUMBERS[split], index])
+
+
+def sample(index: int, split: str = "train", seed: int = 0, size: int = 64) -> tuple[dict, str, np.ndarray]:
+    """Sample `index` of a split: (attributes, caption, image), fixed by (seed, split, index)."""
+    rng = sample_generator(index, split, seed)
     attrs = random_attributes(rng)
     text = caption(attrs, rng)
     return attrs, text, render(attrs, size, rng)
@@ -211,6 +218,40 @@ def generate(n: int, split: str = "train", seed: int = 0, size: int = 64) -> Ite
     """The first `n` samples of a split, lazily."""
     for index in range(n):
         yield sample(index, split, seed, size)
+
+
+def parse_concept(text: str) -> tuple[str, str]:
+    """'color=purple' -> ('color', 'purple'): one value of one attribute (a concept to hold out, or to keep)."""
+    name, _, value = text.partition("=")
+    if name not in ATTRIBUTES or value not in ATTRIBUTES[name]:
+        choices = "; ".join(f"{a}: {', '.join(values)}" for a, values in ATTRIBUTES.items())
+        raise ValueError(f"a concept is ATTRIBUTE=VALUE, e.g. color=purple, got {text!r} (attributes and values: "
+                         f"{choices})")
+    return name, value
+
+
+def concept_indices(n: int, split: str = "train", seed: int = 0, without: tuple[str, str] | None = None,
+                    only: tuple[str, str] | None = None) -> Iterator[int]:
+    """The indices of a split's first `n` samples that lack the concept `without` (or have the concept `only`).
+
+    A held-out split is the full split with some samples left out, never other samples: sample i is the same
+    image and caption in either, so the base training set (without a concept) and the concept's own set (only
+    it) never share an image, and the oracle scores both as it scores the full split.
+    """
+    if without and only:
+        raise ValueError("hold a concept out (without) or keep only one (only), not both")
+    concept = without or only
+    found, index = 0, 0
+    while found < n:
+        if concept is None:
+            keep = True
+        else:  # the attributes are the first draws of a sample's generator: no need to draw the image
+            attrs = random_attributes(sample_generator(index, split, seed))
+            keep = (attrs[concept[0]] == concept[1]) == (only is not None)
+        if keep:
+            found += 1
+            yield index
+        index += 1
 
 
 # ---------------------------------------------------------------------------------------------

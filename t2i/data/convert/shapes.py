@@ -3,9 +3,14 @@
 No download: every sample is drawn from (seed, split, index), so the same options always give
 the same shards. Images are drawn at their final size (`--size`, 64 by default) and stored as
 PNG; each sample's JSON carries its true attributes under "attributes", for the oracle.
+`--hold-out color=purple` leaves one concept out of every split (a base model that never saw it),
+`--only color=purple` keeps only that concept (a small set to teach it): the counts are of the
+samples kept, and a kept sample is the same image and caption as in the full split.
 """
 
 from __future__ import annotations
+
+import argparse
 
 from t2i.data import shapes
 from t2i.data.shards import Row
@@ -19,6 +24,18 @@ def add_arguments(parser):
     parser.add_argument("--val", type=int, default=1000, metavar="N", help="validation samples")
     parser.add_argument("--test", type=int, default=1000, metavar="N", help="test samples")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed: same seed, same samples")
+    concept = parser.add_mutually_exclusive_group()
+    concept.add_argument("--hold-out", metavar="ATTRIBUTE=VALUE", type=_concept,
+                         help="leave out every sample with this value, e.g. color=purple")
+    concept.add_argument("--only", metavar="ATTRIBUTE=VALUE", type=_concept,
+                         help="keep only the samples with this value")
+
+
+def _concept(text: str) -> tuple[str, str]:
+    try:
+        return shapes.parse_concept(text)
+    except ValueError as error:  # argparse shows an ArgumentTypeError's own message
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def read_splits(args) -> dict:
@@ -28,9 +45,10 @@ def read_splits(args) -> dict:
     for split, n in counts.items():
         if n < 0:
             raise ValueError(f"--{split} must be >= 0, got {n}")
-    return {split: _rows(split, n, args.seed, args.size) for split, n in counts.items() if n > 0}
+    return {split: _rows(split, n, args) for split, n in counts.items() if n > 0}
 
 
-def _rows(split: str, n: int, seed: int, image_size: int):
-    for index, (attrs, caption, image) in enumerate(shapes.generate(n, split, seed, image_size)):
+def _rows(split: str, n: int, args):
+    for index in shapes.concept_indices(n, split, args.seed, without=args.hold_out, only=args.only):
+        attrs, caption, image = shapes.sample(index, split, args.seed, args.size)
         yield Row(f"shapes-{split}-{index}", caption, image, meta={"attributes": attrs})
