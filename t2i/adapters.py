@@ -7,13 +7,16 @@ state dict: no base weight is stored again) and the GPT record of the base with 
 (t2i.checkpoints.AdapterRecord): the adapter's settings and the sha256 of its base's weights, so that an
 adapter is refused on any other base. Loading (`T2IPipeline.from_checkpoint(BASE, adapter=PATH)`, eval.py's
 `adapter=`) attaches it to the base and by default merges it into the weights (W + (alpha / rank) B A): the
-merged GPT is a plain GPT again, as fast as its base.
+merged GPT is a plain GPT again, as fast as its base. Several adapters of one base can also be attached to it at
+once, unmerged, each under its name (`attach_adapters`), and one of them, or none, made the one that runs
+(`use_adapter`): the demo's style menu switches per request without reloading the base.
 
 peft is an optional dependency (the `lora` extra): imported when an adapter is used.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -64,8 +67,9 @@ def _peft():
     return require("peft")
 
 
-def add_lora(gpt: GPT, config: LoraConfig) -> GPT:
-    """Freeze `gpt`'s weights and attach a new adapter (in place): only the adapter's weights train."""
+def add_lora(gpt: GPT, config: LoraConfig, name: str = "default") -> GPT:
+    """Freeze `gpt`'s weights and attach a new adapter (in place), under `name` (peft's adapter name): only the
+    adapter's weights train."""
     if "head" in config.targets and gpt.cfg.tie_head:
         raise ValueError("stage.lora.targets has head, but this GPT's head is its token embedding (model.tie_head): "
                          "merged, the adapter would change the embedding too; leave head out of the targets")
@@ -74,13 +78,13 @@ def add_lora(gpt: GPT, config: LoraConfig) -> GPT:
     pattern = "|".join(f"(?:{TARGETS[target]})" for target in config.targets)
     peft_config = peft.LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                                   target_modules=pattern, bias="none")
-    return peft.inject_adapter_in_model(peft_config, gpt)
+    return peft.inject_adapter_in_model(peft_config, gpt, adapter_name=name)
 
 
-def adapter_weights(gpt: GPT, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
-    """The adapter's weights of an adapted GPT (peft's names: no base weight), from `state_dict` when given
-    (the GPT's own, e.g. a strategy's gathered one)."""
-    return _peft().get_peft_model_state_dict(gpt, state_dict=state_dict)
+def adapter_weights(gpt: GPT, state_dict: dict | None = None, name: str = "default") -> dict[str, torch.Tensor]:
+    """The weights of the adapter `name` of an adapted GPT (peft's names, without the adapter's name: no base
+    weight), from `state_dict` when given (the GPT's own, e.g. a strategy's gathered one)."""
+    return _peft().get_peft_model_state_dict(gpt, state_dict=state_dict, adapter_name=name)
 
 
 def adapter_record(config: LoraConfig, base: GPT, base_checkpoint: str | Path | None) -> AdapterRecord:
@@ -109,9 +113,10 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], GPTRecord]:
     return gpt_state_dict(checkpoint, str(path)), record
 
 
-def check_base(record: GPTRecord, adapter: str | Path, base: GPT, base_path: str | Path) -> None:
-    """Refuse an adapter on any GPT but the one it was trained on (by the sha256 of the weights)."""
-    found = weights_hash(base)
+def check_base(record: GPTRecord, adapter: str | Path, base_sha256: str, base_path: str | Path) -> None:
+    """Refuse an adapter on any GPT but the one it was trained on: `base_sha256` is weights_hash of the GPT
+    (before any adapter is attached)."""
+    found = base_sha256
     expected = record.adapter.base_sha256
     if found != expected:
         raise CheckpointError(f"the LoRA adapter {adapter} was trained on another base than {base_path} (its weights' "
@@ -119,16 +124,17 @@ def check_base(record: GPTRecord, adapter: str | Path, base: GPT, base_path: str
                               f"{record.adapter.base_checkpoint or 'not named'}): pass the base it was trained on")
 
 
-def load_adapter_weights(gpt: GPT, weights: dict[str, torch.Tensor], source: str) -> None:
-    """Load an adapter's weights into a GPT that has the same adapter attached (add_lora), checking they fit."""
-    expected = adapter_weights(gpt)
+def load_adapter_weights(gpt: GPT, weights: dict[str, torch.Tensor], source: str, name: str = "default") -> None:
+    """Load an adapter's weights into a GPT that has the same adapter attached under `name` (add_lora), checking
+    they fit."""
+    expected = adapter_weights(gpt, name=name)
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     misshaped = [f"{k}: file {tuple(weights[k].shape)}, model {tuple(v.shape)}" for k, v in expected.items()
                  if k in weights and weights[k].shape != v.shape]
     if missing or unexpected or misshaped:
         raise CheckpointError(f"{source}: the adapter's weights do not fit its own settings (missing: {missing[:5]}, "
                               f"unexpected: {unexpected[:5]}, mis-shaped: {misshaped[:5]})")
-    _peft().set_peft_model_state_dict(gpt, weights)
+    _peft().set_peft_model_state_dict(gpt, weights, adapter_name=name)
 
 
 def merge_lora(gpt: GPT) -> GPT:
@@ -147,10 +153,55 @@ def apply_adapter(gpt: GPT, base_path: str | Path, adapter: str | Path, merge: b
     """Attach the adapter checkpoint `adapter` to `gpt` (in place: the GPT of `base_path`, checked by hash),
     merged into its weights when `merge`. Returns the adapter's record (its settings, training, sampling)."""
     weights, record = read_adapter(adapter)
-    check_base(record, adapter, gpt, base_path)
+    check_base(record, adapter, weights_hash(gpt), base_path)
     add_lora(gpt, LoraConfig.of(record.adapter))
     load_adapter_weights(gpt, weights, str(adapter))
     if merge:
         merge_lora(gpt)
     gpt.eval()
     return record
+
+
+BASE_STYLE = "base"  # the name of no adapter: the base GPT itself
+
+
+def attach_adapters(gpt: GPT, base_path: str | Path, adapters: dict[str, str | Path]) -> dict[str, GPTRecord]:
+    """Attach several adapter checkpoints of `gpt` (the GPT of `base_path`) at once, unmerged, each under its name
+    (adapters: name -> file), every one checked against the base by hash before any is attached; then none runs
+    (use_adapter picks one). Returns each adapter's record by name."""
+    if BASE_STYLE in adapters:
+        raise ValueError(f"an adapter may not be named {BASE_STYLE!r}: that name is the base model without one")
+    base_sha256 = weights_hash(gpt)  # of the base alone: attached adapters add their weights to the state dict
+    read = {name: read_adapter(path) for name, path in adapters.items()}
+    for name, (_, record) in read.items():
+        check_base(record, adapters[name], base_sha256, base_path)
+    for name, (weights, record) in read.items():
+        with warnings.catch_warnings():  # peft warns that a second adapter joins the first: that is the point here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            add_lora(gpt, LoraConfig.of(record.adapter), name)
+        load_adapter_weights(gpt, weights, str(adapters[name]), name)
+    use_adapter(gpt, None)
+    gpt.eval()
+    return {name: record for name, (_, record) in read.items()}
+
+
+def use_adapter(gpt: GPT, name: str | None) -> None:
+    """Make the attached adapter `name` the one that runs in `gpt`'s forward (None: none, the base's weights
+    alone), in every adapted layer; unmerged adapters only (attach_adapters), so that switching changes no
+    weight. A layer the adapter does not adapt runs as the base's."""
+    _peft()
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [module for module in gpt.modules() if isinstance(module, BaseTunerLayer)]
+    names = set().union(*(layer.lora_A.keys() for layer in layers))
+    if name is not None and name not in names:
+        raise ValueError(f"no adapter named {name!r} is attached (attached: {', '.join(sorted(names)) or 'none'})")
+    for layer in layers:
+        if layer.merged:
+            raise ValueError("use_adapter switches unmerged adapters: this GPT has one merged into its weights")
+        layer.enable_adapters(name is not None)  # disabled: the layer's forward is its base layer's alone
+    if name is not None:  # after enable_adapters, which sets the active ones trainable again
+        _peft()
+        from peft.functional import set_adapter
+
+        set_adapter(gpt, name, inference_mode=True)

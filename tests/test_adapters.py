@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from t2i.adapters import (LoraConfig, adapter_record, adapter_weights, add_lora, apply_adapter, merge_lora,
-                          read_adapter, save_adapter)
+from t2i.adapters import (LoraConfig, adapter_record, adapter_weights, add_lora, apply_adapter, attach_adapters,
+                          merge_lora, read_adapter, save_adapter, use_adapter)
 from t2i.checkpoints import (CheckpointError, GPTRecord, TokenizerRecord, VQGANRecord, load_gpt, read_checkpoint,
                              save_gpt, weights_hash)
 from t2i.models.gpt import GPT, GPTConfig
@@ -127,6 +127,36 @@ def test_the_adapter_file_holds_the_adapter_and_loads_on_its_base_only(style, tm
         load_gpt(tmp_path / "adapter.ckpt")
     with pytest.raises(CheckpointError, match="is a whole GPT checkpoint, not a LoRA adapter"):
         read_adapter(tmp_path / "base.ckpt")
+
+
+@pytest.mark.parametrize("style", BLOCKS)
+def test_several_adapters_on_one_gpt_switch_per_call(style, tmp_path):
+    """attach_adapters puts two adapter files of one base (one adapting fewer layers) on its GPT, unmerged; each call
+    runs the one use_adapter names as that adapter alone does, None the base as it was."""
+    base = base_gpt(style)
+    save_gpt(tmp_path / "base.ckpt", base, record_of(base))
+    alone = {}
+    for seed, (name, config) in enumerate([("ink", EVERYWHERE), ("pastel", LoraConfig(rank=2, targets=["mlp"]))]):
+        adapted = add_lora(copy.deepcopy(base), config)
+        generator = torch.Generator().manual_seed(seed)
+        for weight_name, weight in adapted.named_parameters():
+            if "lora_B" in weight_name:
+                weight.data.normal_(0, 0.2, generator=generator)
+        save_adapter(tmp_path / f"{name}.ckpt", adapted, record_of(base, adapter_record(config, base, None)))
+        alone[name] = adapted.eval()
+    gpt, _ = load_gpt(tmp_path / "base.ckpt")
+    records = attach_adapters(gpt, tmp_path / "base.ckpt", {name: tmp_path / f"{name}.ckpt" for name in alone})
+    assert records["pastel"].adapter.targets == ["mlp"]
+    tokens = torch.randint(0, 40, (2, 12))
+    assert torch.equal(gpt(tokens), base(tokens))  # attached: none runs until one is asked for
+    for name in ["ink", None, "pastel", "ink", None]:
+        use_adapter(gpt, name)
+        assert torch.equal(gpt(tokens), (alone[name] if name else base)(tokens)), name
+    assert not any(p.requires_grad for p in gpt.parameters())
+    with pytest.raises(ValueError, match="no adapter named 'oil' is attached .*ink, pastel"):
+        use_adapter(gpt, "oil")
+    with pytest.raises(ValueError, match="may not be named 'base'"):
+        attach_adapters(load_gpt(tmp_path / "base.ckpt")[0], tmp_path / "base.ckpt", {"base": tmp_path / "ink.ckpt"})
 
 
 def test_lora_settings_are_checked_by_name():

@@ -10,6 +10,7 @@ T2I_DEMO_SCREENSHOT=PATH.png saves a screenshot of the page after its first gene
 """
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import io
@@ -34,7 +35,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from t2i.checkpoints import save_vqgan
+from t2i.adapters import LoraConfig, adapter_record, add_lora, save_adapter
+from t2i.checkpoints import CheckpointError, load_gpt, save_vqgan
 from t2i.demo.app import setup
 from t2i.demo.card import example_completions, example_prompts, file_sha256
 from t2i.demo.engine import Engine, Job
@@ -42,8 +44,9 @@ from t2i.demo.page import progress_text
 from t2i.demo.settings import EMPTY_NOTE, Limits, Settings, clean_prompt, prompt_notes
 from t2i.demo.uploads import read_completion
 from t2i.grids import captioned_grid, find_cjk_font
+from t2i.models.gpt import GPT
 from t2i.models.vqgan import VQModel
-from t2i.sampling import T2IPipeline, prompt_seeds
+from t2i.sampling import SamplingConfig, T2IPipeline, prompt_seeds
 from t2i.scorers import CaptionScorer
 
 REPO = Path(__file__).parents[1]
@@ -107,6 +110,9 @@ def test_engine_batches_equal_settings_in_order():
     assert jobs[1].ahead == 0 and jobs[4].ahead == 1
     assert engine._take() == [jobs[1]]
     assert engine._take() == [jobs[4]]
+    styled = Settings(samples=2, style="ink")  # the style is a setting: a batch runs one
+    jobs = [engine.submit(p, 0, s) for p, s in [("1", a), ("2", styled), ("3", a), ("4", styled)]]
+    assert engine._take() == [jobs[0], jobs[2]] and engine._take() == [jobs[1], jobs[3]]
 
 
 def test_a_batch_gives_each_request_its_own_images(pipeline, monkeypatch):
@@ -289,6 +295,117 @@ def test_the_command_exits_with_the_error(tmp_path):
                              f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "missing.ckpt not found" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The style menu: LoRA adapters of the checkpoint, attached to its one GPT and switched per request
+
+
+def _make_adapter(ckpt: str, path: Path, targets: list[str], seed: int, base_sha256_of=None) -> Path:
+    """An adapter file of the checkpoint's GPT (as a stage.lora run saves one) with random nonzero updates;
+    `base_sha256_of`: record another GPT as its base."""
+    gpt, record = load_gpt(ckpt)
+    config = LoraConfig(rank=2, targets=targets)
+    entry = adapter_record(config, base_sha256_of or gpt, ckpt)
+    add_lora(gpt, config)
+    generator = torch.Generator().manual_seed(seed)
+    for name, weight in gpt.named_parameters():
+        if "lora_B" in name:  # a new adapter's B is zero: it would change nothing
+            weight.data.normal_(0, 0.5, generator=generator)
+    save_adapter(path, gpt, dataclasses.replace(record, adapter=entry))
+    return path
+
+
+@pytest.fixture(scope="module")
+def styles(ckpt, tmp_path_factory) -> dict[str, str]:
+    """Two adapters of the checkpoint's GPT, adapting different layers: style name (the file's) -> file."""
+    folder = tmp_path_factory.mktemp("styles")
+    return {"ink": str(_make_adapter(ckpt, folder / "ink.ckpt", ["attention", "mlp"], 1)),
+            "pastel": str(_make_adapter(ckpt, folder / "pastel.ckpt", ["attention"], 2))}
+
+
+def test_a_style_samples_as_its_adapter_and_switching_leaves_no_trace(ckpt, styles, pipeline, tmp_path):
+    """Requests of each style get exactly the images T2IPipeline.from_checkpoint(BASE, adapter=X, merge=False) gives
+    for the prompt and seed (task=generate's path; with the adapter merged, as eval.py runs it, the same greedy codes);
+    "base" gets the base's after styled requests, and a style its own again after others ran."""
+    page, engine, _ = setup(_demo_cfg([f"ckpt={ckpt}", f"adapters=[{styles['ink']},{styles['pastel']}]",
+                                       "device=cpu"]), tmp_path)
+    assert engine.pipeline.step_mode == "eager"  # auto, with styles
+    settings = {name: Settings(samples=2, guidance_scale=3.0, top_k=10, style=name) for name in ("base", *styles)}
+    done = {}
+    for name in ["ink", "base", "pastel", "ink", "base"]:
+        job = Job(PROMPT, 5, settings[name])
+        engine.sample([job])
+        done.setdefault(name, []).append(job.images)
+    seeds, cfg = prompt_seeds(5, [PROMPT]), settings["ink"].sampling()
+    assert torch.equal(done["base"][0], pipeline.sample([PROMPT], cfg, seeds=seeds).images)
+    for name, path in styles.items():
+        unmerged = T2IPipeline.from_checkpoint(ckpt, adapter=path, merge=False)
+        assert torch.equal(done[name][0], unmerged.sample([PROMPT], cfg, seeds=seeds).images), name
+        assert not torch.equal(done[name][0], done["base"][0]), f"the adapter {name} changed no image"
+    assert torch.equal(done["ink"][0], done["ink"][1]) and torch.equal(done["base"][0], done["base"][1])
+    # the fixed-shape step (sampling.step=static) runs the style too
+    engine.pipeline.step_mode = "static"
+    job = Job(PROMPT, 5, settings["pastel"])
+    engine.sample([job])
+    assert torch.equal(job.images, done["pastel"][0])
+    # merged into the weights (eval.py adapter=): the same greedy codes
+    greedy = SamplingConfig(greedy=True, guidance_scale=3.0)
+    merged = T2IPipeline.from_checkpoint(ckpt, adapter=styles["ink"]).sample_codes([PROMPT, ""], greedy)
+    engine.use_style("ink")
+    assert torch.equal(engine.pipeline.sample_codes([PROMPT, ""], greedy), merged)
+    # the page: the menu, and the styles in the model panel
+    config = json.dumps(page.config, ensure_ascii=False)
+    assert '"choices": [["base", "base"], ["ink", "ink"], ["pastel", "pastel"]]' in config
+    assert "| Styles | base (no adapter); ink: LoRA `ink.ckpt`" in config and "pastel: LoRA `pastel.ckpt`" in config
+    assert str(Path(styles["ink"]).parent) not in config  # files by name only
+
+
+def test_a_style_is_only_one_of_the_menus_names_and_nothing_loads(ckpt, styles, tmp_path, monkeypatch):
+    """Raw /generate and /complete payloads naming an unknown style, a path or not a name at all: refused with the
+    menu's names, no file read and nothing sampled; a listed style is served."""
+    page, engine, _ = setup(_demo_cfg([f"ckpt={ckpt}", f"adapters={{ink: {styles['ink']}}}", "device=cpu"]),
+                            tmp_path)
+    page.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        url = page.local_url
+        assert _call(url, [*ARGS[:-1], 1, "ink"])[0] == "complete"
+        batches = engine.batches
+
+        def no_loading(*args, **kwargs):
+            raise AssertionError("a file was loaded")
+
+        monkeypatch.setattr(torch, "load", no_loading)
+        for style in ["pastel", "Ink", "", styles["ink"], styles["pastel"], "../ink.ckpt", "/etc/passwd", None, 1,
+                      ["ink"], {"path": styles["ink"]}]:
+            kind, answer = _call(url, [*ARGS[:-1], 1, style])
+            assert kind == "error" and "style must be one of base, ink, got" in answer, (style, kind, answer)
+            kind, answer = _call(url, [{"background": None}, "0,0,1,1", "codes", PROMPT, *ARGS[1:-1], 1, style],
+                                 endpoint="complete")
+            assert kind == "error" and "style must be one of base, ink, got" in answer, (style, kind, answer)
+        assert engine.batches == batches  # nothing sampled
+    finally:
+        page.close()
+
+
+def test_styles_are_checked_at_start(ckpt, styles, pipeline, tmp_path):
+    """An adapter of another base stops the demo with the message; so do compiled steps and quantized weights (the
+    styles run beside the base's weights, unmerged), two styles of one name, and a style named base."""
+    wrong = _make_adapter(ckpt, tmp_path / "wrong.ckpt", ["attention"], 3, base_sha256_of=GPT(pipeline.gpt.cfg))
+    with pytest.raises(CheckpointError, match=r"adapter .*wrong\.ckpt was trained on another base than .*last\.ckpt"):
+        setup(_demo_cfg([f"ckpt={ckpt}", f"adapters=[{styles['ink']},{wrong}]"]), tmp_path)
+    for option in ["sampling.step=compiled", "sampling.step=frozen"]:
+        with pytest.raises(ValueError, match=f"{option} compiles .* with adapters= use sampling.step=eager or static"):
+            setup(_demo_cfg([f"ckpt={ckpt}", f"adapters=[{styles['ink']}]", option]), tmp_path)
+    with pytest.raises(ValueError, match="sampling.weights=int8 .* with adapters= keep sampling.weights=unchanged"):
+        setup(_demo_cfg([f"ckpt={ckpt}", f"adapters=[{styles['ink']}]", "sampling.weights=int8"]), tmp_path)
+    copy = tmp_path / "other" / "ink.ckpt"
+    copy.parent.mkdir()
+    shutil.copy(styles["ink"], copy)
+    with pytest.raises(ValueError, match="two files are named ink .* adapters={name: PATH"):
+        setup(_demo_cfg([f"ckpt={ckpt}", f"adapters=[{styles['ink']},{copy}]"]), tmp_path)
+    with pytest.raises(ValueError, match="not 'base'"):
+        setup(_demo_cfg([f"ckpt={ckpt}", f"adapters={{base: {styles['ink']}}}"]), tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,6 +75,8 @@ DOCUMENTED = {
         'complete shapes 1x1',
     'python -m t2i.demo ckpt=GPT.ckpt':
         't2i.demo',
+    'python -m t2i.demo ckpt=GPT.ckpt "adapters={mine: ADAPTER.ckpt}"':
+        't2i.demo',
     'python eval.py task=generate ckpt=GPT_CKPT "prompts=[\'...\']"':
         'generate shapes 1x1',
     'python eval.py ckpt=GPT_CKPT data=<name>':

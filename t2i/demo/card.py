@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from t2i.adapters import BASE_STYLE, adapter_weights
+from t2i.checkpoints import GPTRecord
 from t2i.data import shapes
 from t2i.grids import FONT_HINT
 from t2i.sampling import T2IPipeline
@@ -32,12 +34,16 @@ def file_sha256(path: str | Path) -> str:
 
 
 def model_card(pipeline: T2IPipeline, ckpt: str, ckpt_sha256: str, caption_source: str, can_rerank: bool,
-               font: str | None) -> tuple[str, dict]:
+               font: str | None, styles: dict[str, tuple[str, GPTRecord]] | None = None) -> tuple[str, dict]:
     """The model panel (markdown) and its facts (written into each result's settings.json): files by name and
-    sha256, never by absolute path (both reach every visitor)."""
+    sha256, never by absolute path (both reach every visitor). `styles`: the style menu's adapters, name ->
+    (file, its record)."""
     record, gpt = pipeline.record, pipeline.gpt
     cfg = gpt.cfg
-    params = sum(p.numel() for p in gpt.parameters())
+    styles = styles or {}
+    # each style's adapter weights, beside (not in) the base's parameters
+    style_params = {name: sum(w.numel() for w in adapter_weights(gpt, name=name).values()) for name in styles}
+    params = sum(p.numel() for p in gpt.parameters()) - sum(style_params.values())
     vqgan, h_w = record.vqgan, record.grid
     device = pipeline.device
     device_text = str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})"
@@ -71,6 +77,15 @@ def model_card(pipeline: T2IPipeline, ckpt: str, ckpt_sha256: str, caption_sourc
          else f"{pipeline.step_mode} (sampling.step={pipeline.step_asked})"),
         ("Caption font", font or f"none found ({FONT_HINT})"),
     ]
+    if styles:
+        facts["styles"] = {name: {"adapter": Path(path).name, "adapter_sha256": file_sha256(path),
+                                  "parameters": style_params[name], "rank": record.adapter.rank,
+                                  "alpha": record.adapter.alpha, "targets": record.adapter.targets}
+                           for name, (path, record) in styles.items()}
+        described = [f"{name}: LoRA `{style['adapter']}`, sha256 `{style['adapter_sha256'][:16]}…`, "
+                     f"{style['parameters']:,} parameters, rank {style['rank']} on {', '.join(style['targets'])}"
+                     for name, style in facts["styles"].items()]
+        rows.append(("Styles", "; ".join([f"{BASE_STYLE} (no adapter)", *described])))
     table = "| | |\n|---|---|\n" + "".join(f"| {name} | {value.replace('|', '/')} |\n" for name, value in rows)
     return table, facts
 

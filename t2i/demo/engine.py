@@ -1,7 +1,8 @@
 """The model's thread: a queue of requests, batching those of equal settings, sampling and reranking.
 
 The `Engine` takes the oldest waiting request together with the others of the same kind (generate, or
-complete an image's region) that ask for the same settings (up to max_batch) and samples them as one run,
+complete an image's region) that ask for the same settings, style included (up to max_batch), activates that
+style (t2i.adapters.use_adapter: one of the adapters attached to the one GPT, or none) and samples them as one run,
 each prompt from its own seed (the seed `eval.py task=generate` or task=complete gives it), so batching never
 changes a request's images: generation through T2IPipeline.sample, completion through T2IPipeline.complete. A request's
 `Job` carries its progress and, once done, its images or the error. While it waits the progress is
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from t2i.adapters import BASE_STYLE, use_adapter
 from t2i.demo.settings import Settings
 from t2i.sampling import T2IPipeline, prompt_seeds
 from t2i.scorers import CaptionScorer
@@ -62,6 +64,7 @@ class Engine:
         self._waiting: deque[Job] = deque()
         self._lock = threading.Condition()
         self.batches = 0  # batches sampled so far
+        self.style: str | None = BASE_STYLE  # the style the GPT runs now (None: while switching)
         if start:
             self.start()
 
@@ -125,6 +128,7 @@ class Engine:
             for job in jobs:  # the last report ends the sampling: its time is the codes' (not scoring, decoding)
                 job.steps, job.total, job.seconds = done, total, time.perf_counter() - started
 
+        self.use_style(settings.style)  # for the whole batch: sampling and the Caption Loss of its images
         # task=generate's path (task=complete's for completions), each image the best of settings.rerank candidates
         # by the scorer
         if jobs[0].kind == "generate":
@@ -139,3 +143,10 @@ class Engine:
         for i, job in enumerate(jobs):
             job.images = images[i]
             job.losses = None if losses is None else losses[i]
+
+    def use_style(self, style: str) -> None:
+        """Make `style` the one the GPT runs (an attached adapter's name, or BASE_STYLE: none), unless it is already."""
+        if style != self.style:
+            self.style = None  # a switch that fails half-way leaves no style assumed
+            use_adapter(self.pipeline.gpt, None if style == BASE_STYLE else style)
+            self.style = style

@@ -3,6 +3,10 @@ the region drawn on it or typed as a box, a prompt), beside one set of sampling 
 notes, the downloads and the model panel. The Generate button is the API endpoint /generate, the Complete
 button /complete.
 
+With adapters (conf/demo.yaml adapters) a Style menu above the tabs picks, per request, one of them or "base" (no
+adapter), for both tabs: it is then the last input of /generate and /complete, a name the event checks against the
+menu's (settings.read_style).
+
 The events read the controls' values themselves (settings.Controls, and uploads.read_completion for the
 image and region; Gradio's preprocessing off), hand the request to the engine, show its progress while it
 waits and samples, and return only this request's files, copied into Gradio's cache: the run folder itself
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import os
 
+from t2i.adapters import BASE_STYLE
 from t2i.demo.engine import Engine
 from t2i.demo.files import Results
 from t2i.demo.settings import Controls, prompt_notes
@@ -44,20 +49,20 @@ def build_page(engine: Engine, results: Results, controls: Controls, seed: int |
     defaults, ends, can_rerank = controls.defaults, controls.ends, controls.can_rerank
 
     def generate(prompt, samples, guidance_scale, temperature, top_k, top_p, seed, random_seed, rerank,
-                 progress=gr.Progress()):
+                 style=BASE_STYLE, progress=gr.Progress()):
         try:
             prompt, settings, seed = controls.read(prompt, samples, guidance_scale, temperature, top_k, top_p, seed,
-                                                   random_seed, rerank)
+                                                   random_seed, rerank, style)
         except ValueError as error:
             raise gr.Error(str(error)) from None
         notes = prompt_notes(tokenizer, prompt)
         return answer(engine.submit(prompt, seed, settings), notes, random_seed, progress)
 
     def complete(editor, box, box_units, prompt, samples, guidance_scale, temperature, top_k, top_p, seed,
-                 random_seed, rerank, progress=gr.Progress()):
+                 random_seed, rerank, style=BASE_STYLE, progress=gr.Progress()):
         try:
             prompt, settings, seed = controls.read(prompt, samples, guidance_scale, temperature, top_k, top_p, seed,
-                                                   random_seed, rerank)
+                                                   random_seed, rerank, style)
             # the files of the editor's value: Gradio has checked that they came through its upload route (and
             # copied them into its cache); they are read only from there, bounded by the limits
             image, region = read_completion(editor, box, box_units, image_editor.GRADIO_CACHE, controls.limits,
@@ -94,6 +99,10 @@ def build_page(engine: Engine, results: Results, controls: Controls, seed: int |
                     "or complete a region of an image with a prompt (**Complete**).")
         with gr.Row():
             with gr.Column(scale=2):
+                style = None
+                if controls.styles:  # the operator's adapters of this model, and the model without one
+                    style = gr.Dropdown([BASE_STYLE, *controls.styles], value=BASE_STYLE, label="Style (LoRA adapter)",
+                                        info="for Generate and Complete", elem_id="style")
                 with gr.Tabs():
                     with gr.Tab("Generate", elem_id="generate-tab"):
                         prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
@@ -153,6 +162,8 @@ def build_page(engine: Engine, results: Results, controls: Controls, seed: int |
         with gr.Accordion("Model", open=False):
             gr.Markdown(card, elem_id="model-card")
         inputs = [prompt, samples, guidance, temperature, top_k, top_p, seed_box, random_seed, rerank]
+        if style is not None:
+            inputs.append(style)
         button.click(generate, inputs, [gallery, note, files], api_name="generate", concurrency_limit=concurrency,
                      concurrency_id="generate", preprocess=False)
         prompt.submit(generate, inputs, [gallery, note, files], api_name=False, concurrency_limit=concurrency,

@@ -12,6 +12,7 @@ import reprlib
 import secrets
 from dataclasses import dataclass
 
+from t2i.adapters import BASE_STYLE
 from t2i.data.tokenizer import FixedLengthTokenizer
 from t2i.sampling import SamplingConfig
 
@@ -30,6 +31,7 @@ class Settings:
     top_k: int = 0
     top_p: float = 1.0
     rerank: int = 1  # candidates per image; the lowest Caption Loss is kept
+    style: str = BASE_STYLE  # the adapter that runs (conf/demo.yaml adapters), or the base model without one
 
     def check(self, max_samples: int, max_rerank: int, can_rerank: bool) -> None:
         """A ValueError naming the setting to change (the sampler's own checks included)."""
@@ -51,7 +53,8 @@ class Settings:
     def describe(self) -> str:
         text = (f"guidance {self.guidance_scale:g} · temperature {self.temperature:g} · top-k {self.top_k} · "
                 f"top-p {self.top_p:g}")
-        return text + (f" · best of {self.rerank} by Caption Loss" if self.rerank > 1 else "")
+        text += f" · best of {self.rerank} by Caption Loss" if self.rerank > 1 else ""
+        return text + (f" · style {self.style}" if self.style != BASE_STYLE else "")
 
 
 def positive_integers(section: str, values: dict) -> dict:
@@ -114,6 +117,15 @@ def read_number(name: str, value, ends: tuple[float, float]) -> int | float:
     return float(value)
 
 
+def read_style(value, styles: tuple[str, ...]) -> str:
+    """The style a request asks for: one of the names the page lists (BASE_STYLE, then the operator's adapters),
+    or a ValueError; a visitor names a style, never a file."""
+    names = (BASE_STYLE, *styles)
+    if not isinstance(value, str) or value not in names:
+        raise ValueError(f"style must be one of {', '.join(names)}, got {reprlib.repr(value)}")
+    return value
+
+
 def prompt_notes(tokenizer: FixedLengthTokenizer, prompt: str) -> list[str]:
     """What the page says about a (cleaned) prompt before sampling: empty, or cut to text_len."""
     if not prompt:
@@ -132,14 +144,16 @@ class Controls:
     a request's values (`read`), which the event does itself, Gradio's preprocessing off, so that every
     bad value is refused naming its control."""
 
-    def __init__(self, limits: Limits, defaults: Settings, n_image_codes: int, text_len: int, can_rerank: bool):
+    def __init__(self, limits: Limits, defaults: Settings, n_image_codes: int, text_len: int, can_rerank: bool,
+                 styles: tuple[str, ...] = ()):
         self.limits, self.defaults, self.text_len, self.can_rerank = limits, defaults, text_len, can_rerank
+        self.styles = tuple(styles)  # the adapters' names (the page's style menu, after BASE_STYLE); () : none
         self.ends = {"samples": (1, limits.max_samples), "guidance_scale": (1.0, max(10.0, defaults.guidance_scale)),
                      "temperature": (0.1, max(2.0, defaults.temperature)), "top_k": (0, n_image_codes),
                      "top_p": (0.05, 1.0), "seed": (0, MAX_SEED), "rerank": (1, limits.max_rerank)}
 
     def read(self, prompt, samples, guidance_scale, temperature, top_k, top_p, seed, random_seed,
-             rerank) -> tuple[str, Settings, int]:
+             rerank, style=BASE_STYLE) -> tuple[str, Settings, int]:
         """(the cleaned prompt, the settings, the seed: drawn when random_seed), or a ValueError naming what to fix."""
         if prompt is not None and not isinstance(prompt, str):
             raise ValueError(f"the prompt must be text, got {type(prompt).__name__}")
@@ -151,7 +165,8 @@ class Controls:
             raise ValueError(f"random seed must be true or false, got {reprlib.repr(random_seed)}")
         values = {"samples": samples, "guidance_scale": guidance_scale, "temperature": temperature,
                   "top_k": top_k, "top_p": top_p, "rerank": 1 if rerank is None else rerank}
-        settings = Settings(**{name: read_number(name, value, self.ends[name]) for name, value in values.items()})
+        settings = Settings(**{name: read_number(name, value, self.ends[name]) for name, value in values.items()},
+                            style=read_style(style, self.styles))
         settings.check(self.limits.max_samples, self.limits.max_rerank, self.can_rerank)
         seed = secrets.randbelow(2 ** 31) if random_seed else read_number("seed", seed, self.ends["seed"])
         return prompt, settings, seed
