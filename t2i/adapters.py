@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from t2i.checkpoints import AdapterRecord, CheckpointError, GPTRecord, gpt_state_dict, read_checkpoint, weights_hash
+from t2i.checkpoints import (AdapterRecord, CheckpointError, GPTRecord, gpt_state_dict, load_gpt, read_checkpoint,
+                             weights_hash)
 from t2i.extras import require
 from t2i.models.gpt import GPT
 
@@ -154,3 +155,12 @@ def apply_adapter(gpt: GPT, base_path: str | Path, adapter: str | Path, merge: b
         merge_lora(gpt)
     gpt.eval()
     return record
+
+
+def load_adapted_gpt(path: str | Path, adapter: str | Path | None = None, merge: bool = True) -> tuple[GPT, GPTRecord]:
+    """The GPT of the checkpoint `path` and its record; with `adapter`, that adapter applied (apply_adapter: checked
+    against the base by hash, merged when `merge`) and the adapter's record in place of the base's."""
+    gpt, record = load_gpt(path)
+    if adapter is not None:
+        record = apply_adapter(gpt, path, adapter, merge=merge)
+    return gpt, record
