@@ -139,7 +139,7 @@ def caption(cfg: DictConfig, fabric: Fabric) -> dict:
     data = None if cfg.images else OmegaConf.to_container(cfg.data, resolve=True)
     results = run_captioning(cfg.ckpt, CaptionConfig(**options), out, data=data, split=cfg.split, images=cfg.images,
                              num_images=num_images, batch_size=batch_size, vqgan_ckpt=cfg.vqgan_ckpt,
-                             device=fabric.device)
+                             device=fabric.device, adapter=cfg.adapter)
     (out / "results.md").write_text(caption_table(results), encoding="utf-8")
     return results
 
@@ -205,7 +205,7 @@ def complete(cfg: DictConfig, fabric: Fabric) -> dict:
         raise ValueError("task=complete needs image=PATH (the image to complete) and mask=PATH or box=[x0,y0,x1,y1]")
     prompts = read_prompts(cfg)
     pipeline = T2IPipeline.from_checkpoint(cfg.ckpt, cfg.vqgan_ckpt, device=fabric.device, step=cfg.sampling.step,
-                                            weights=cfg.sampling.weights)
+                                            weights=cfg.sampling.weights, adapter=cfg.adapter)
     sampling, batch_size = sampling_options(cfg, pipeline)
     image = read_image(cfg.image)
     region = pipeline.region(mask=read_image(cfg.mask, "mask") if cfg.mask else None,
@@ -221,8 +221,8 @@ def complete(cfg: DictConfig, fabric: Fabric) -> dict:
                                     scorer=scorer, rerank=options.rerank,
                                     region_candidates=options.region_candidates)
     written = write_samples(samples, Path(HydraConfig.get().runtime.output_dir) / "samples")
-    return {"task": "complete", "ckpt": str(cfg.ckpt), "image": str(cfg.image), "prompts": prompts,
-            "region": region.int().tolist(), "region_candidates": options.region_candidates,
+    return {"task": "complete", "ckpt": str(cfg.ckpt), "adapter": cfg.adapter, "image": str(cfg.image),
+            "prompts": prompts, "region": region.int().tolist(), "region_candidates": options.region_candidates,
             "rerank": options.rerank, "codes": written["codes"], "files": written["files"], "grid": written["grid"],
             "sampling": asdict(sampling), "sampling_step": pipeline.step_record()}
 
@@ -356,6 +356,8 @@ def precision_record(cfg: DictConfig) -> dict:
     return {"trainer": str(cfg.trainer.precision), "matmul": cfg.matmul_precision}
 
 
+# the tasks that run the GPT of ckpt=, which is where a LoRA adapter (adapter=) goes
+ADAPTER_TASKS = ("t2i", "generate", "complete", "caption")
 TASKS = {"t2i": text_to_image, "generate": generate, "complete": complete, "reconstruct": reconstruct,
          "oracle": oracle_on_real_images, "caption": caption, "superres": superres}
 
@@ -364,8 +366,12 @@ TASKS = {"t2i": text_to_image, "generate": generate, "complete": complete, "reco
 def main(cfg: DictConfig):
     if cfg.task not in TASKS:
         raise ValueError(f"task={cfg.task} is not one of: {', '.join(TASKS)}")
-    if cfg.adapter and cfg.task not in ("t2i", "generate"):
-        raise ValueError(f"adapter= is read by task=t2i and task=generate, not by task={cfg.task}")
+    if cfg.adapter and cfg.task == "superres":  # two GPTs there: which one the adapter is of would be a guess
+        raise ValueError("adapter= is not read by task=superres: for an adapter's samples at twice the resolution, "
+                         "run task=generate ckpt=BASE adapter=ADAPTER superres_ckpt=SR")
+    if cfg.adapter and cfg.task not in ADAPTER_TASKS:
+        raise ValueError(f"adapter= is read by the tasks that run ckpt's GPT ({', '.join(ADAPTER_TASKS)}), not by "
+                         f"task={cfg.task}")
     if cfg.adapter:  # at once, not after the data and the model have loaded
         require("peft")
     check_devices(cfg.trainer.accelerator, cfg.trainer.devices)

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from t2i.checkpoints import AdapterRecord, CheckpointError, GPTRecord, gpt_state_dict, read_checkpoint, weights_hash
+from t2i.checkpoints import (AdapterRecord, CheckpointError, GPTRecord, gpt_state_dict, load_gpt, read_checkpoint,
+                             weights_hash)
 from t2i.extras import require
 from t2i.models.gpt import GPT
 
@@ -201,7 +202,15 @@ def use_adapter(gpt: GPT, name: str | None) -> None:
             raise ValueError("use_adapter switches unmerged adapters: this GPT has one merged into its weights")
         layer.enable_adapters(name is not None)  # disabled: the layer's forward is its base layer's alone
     if name is not None:  # after enable_adapters, which sets the active ones trainable again
-        _peft()
         from peft.functional import set_adapter
 
         set_adapter(gpt, name, inference_mode=True)
+
+
+def load_adapted_gpt(path: str | Path, adapter: str | Path | None = None, merge: bool = True) -> tuple[GPT, GPTRecord]:
+    """The GPT of the checkpoint `path` and its record; with `adapter`, that adapter applied (apply_adapter: checked
+    against the base by hash, merged when `merge`) and the adapter's record in place of the base's."""
+    gpt, record = load_gpt(path)
+    if adapter is not None:
+        record = apply_adapter(gpt, path, adapter, merge=merge)
+    return gpt, record

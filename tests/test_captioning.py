@@ -1,10 +1,12 @@
 """Captioning: text generation through the image-to-text direction (t2i.sampling.generate_text), the
 caption scores (BLEU-4, CIDEr-D over characters), reading shapes attributes from captions, and
-eval.py task=caption on code shards, image shards and a folder of image files."""
+eval.py task=caption on code shards, image shards and a folder of image files, with a LoRA adapter merged in."""
 
+import copy
 import itertools
 import json
 import math
+from dataclasses import replace
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from t2i.checkpoints import read_checkpoint
+from t2i.adapters import LoraConfig, adapter_record, add_lora, merge_lora, save_adapter
+from t2i.checkpoints import load_gpt, read_checkpoint, save_gpt
 from t2i.data.shapes import WORDS, caption, random_attributes, read_caption, render
 from t2i.eval.captioning import caption_scores, characters, run_captioning
 from t2i.models.gpt import GPT, GPTConfig
@@ -264,3 +267,31 @@ def test_captioning_errors_name_what_to_fix(codes_root, gpt_run, tmp_path):
         run_captioning(ckpt, CaptionConfig(), tmp_path, data=data, split="val", batch_size=0)
     with pytest.raises(ValueError, match="caption.num_images"):
         run_captioning(ckpt, CaptionConfig(), tmp_path, data=data, split="val", num_images=0)
+
+
+def test_an_adapter_is_merged_in_and_must_have_learned_captioning(codes_root, gpt_run, tmp_path):
+    """run_captioning(adapter=) (eval.py task=caption adapter=) captions as the base with the adapter merged into
+    its weights does; an adapter whose own run trained no captioning (stage.caption_prob=0) is refused."""
+    base_path = gpt_run / "checkpoints" / "last.ckpt"
+    base, record = load_gpt(base_path)
+    config = LoraConfig(rank=2, targets=["attention", "mlp", "head"])
+    adapted = add_lora(copy.deepcopy(base), config)
+    generator = torch.Generator().manual_seed(0)
+    for name, p in adapted.named_parameters():
+        if "lora_B" in name:  # away from zero: a new adapter changes nothing
+            p.data.normal_(0, 0.5, generator=generator)
+    entry = adapter_record(config, base, base_path)
+    save_adapter(tmp_path / "adapter.ckpt", adapted, replace(record, adapter=entry))
+    no_captions = replace(record, adapter=entry, training=replace(record.training, caption_prob=0.0))
+    save_adapter(tmp_path / "no_captions.ckpt", adapted, no_captions)
+    save_gpt(tmp_path / "merged.ckpt", merge_lora(adapted), record)
+    data = {"name": "shapes_codes", "root": str(codes_root), "num_workers": 0}
+    results = run_captioning(base_path, CaptionConfig(), tmp_path / "adapter", data=data, split="val", num_images=6,
+                             adapter=tmp_path / "adapter.ckpt")
+    assert results["adapter"] == str(tmp_path / "adapter.ckpt")
+    run_captioning(tmp_path / "merged.ckpt", CaptionConfig(), tmp_path / "merged", data=data, split="val", num_images=6)
+    run_captioning(base_path, CaptionConfig(), tmp_path / "base", data=data, split="val", num_images=6)
+    captions = {run: [(r["key"], r["caption"]) for r in _lines(tmp_path / run)] for run in ("adapter", "merged", "base")}
+    assert captions["adapter"] == captions["merged"] != captions["base"]
+    with pytest.raises(ValueError, match=r"no_captions.ckpt was trained without the image-to-text direction"):
+        run_captioning(base_path, CaptionConfig(), tmp_path, data=data, split="val", adapter=tmp_path / "no_captions.ckpt")

@@ -8,6 +8,7 @@ by running EasyNLP itself; see the README's pai-painter section.
 """
 
 import contextlib
+import copy
 import json
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -15,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from t2i.checkpoints import GPTRecord, TokenizerRecord, load_gpt, load_vqgan, save_gpt, save_vqgan, vqgan_identity
+from t2i.adapters import LoraConfig, adapter_record, add_lora, save_adapter
+from t2i.checkpoints import CheckpointError, GPTRecord, TokenizerRecord, load_gpt, load_vqgan, save_gpt, save_vqgan, vqgan_identity
 from t2i.data.datamodule import DataConfig
 from t2i.interop.__main__ import main as interop
 from t2i.interop.paipainter import TAMING_KEYS, export_paipainter, import_paipainter
@@ -197,6 +199,51 @@ def test_export_round_trip_is_the_identity(imported, tmp_path):
                        vqgan=load_gpt(ckpt)[1].vqgan))
     with pytest.raises(ValueError, match="model.layout=t2i .EasyNLP: paipainter.*sentencepiece tokenizer"):
         export_paipainter(tmp_path / "t2i.ckpt", tmp_path / "no")
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(imported):
+    """A LoRA adapter of the import on every layer it can adapt (attention, MLP, head), its B drawn away from zero
+    (a new adapter changes nothing), saved as a stage.lora run saves one."""
+    _, ckpt = imported
+    base, record = load_gpt(ckpt)
+    config = LoraConfig(rank=4, targets=["attention", "mlp", "head"])
+    adapted = add_lora(copy.deepcopy(base), config)
+    generator = torch.Generator().manual_seed(1)
+    for name, p in adapted.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.3, generator=generator)
+    path = ckpt.with_name("pai.adapter.ckpt")
+    save_adapter(path, adapted, replace(record, adapter=adapter_record(config, base, ckpt)))
+    return path
+
+
+def test_a_lora_adapter_exports_merged_and_samples_as_base_plus_adapter(imported, lora_adapter, tmp_path, captions):
+    src, ckpt = imported
+    interop(["export-paipainter", "--ckpt", str(ckpt), "--adapter", str(lora_adapter), "--out", str(tmp_path / "out")])
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "pytorch_model.bin", "vocab.txt"]
+    original = torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    exported = torch.load(out / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    assert exported.keys() == original.keys() and all(exported[k].dtype == original[k].dtype for k in original)
+    changed = {k for k in original if not torch.equal(exported[k], original[k])}
+    assert "transformer.head.weight" in changed and "transformer.blocks.1.mlp.2.weight" in changed
+    assert not any(k.startswith("first_stage_model.") or "ln" in k or "emb" in k for k in changed)
+    config, exported_config = (json.loads((d / "config.json").read_text()) for d in (src, out))
+    assert {k: exported_config[k] for k in config} == config
+    # re-imported, the folder samples the base with the adapter beside its weights (not merged), code for code
+    again, _ = import_paipainter(out, tmp_path / "again.ckpt")
+    prompts, greedy = ["红色的小圆形", "一只戴帽子的猫", ""], SamplingConfig(greedy=True)
+    codes = T2IPipeline.from_checkpoint(again).sample_codes(prompts, greedy)
+    unmerged = T2IPipeline.from_checkpoint(ckpt, adapter=lora_adapter, merge=False)
+    assert torch.equal(codes, unmerged.sample_codes(prompts, greedy))
+    assert not torch.equal(codes, T2IPipeline.from_checkpoint(ckpt).sample_codes(prompts, greedy))  # it changed them
+    # an adapter is refused on any other base, before anything is written
+    other = write_paipainter(tmp_path / "other", bert_vocab(captions + ["一只戴帽子的猫"]), seed=1)
+    other_ckpt, _ = import_paipainter(other, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match=r"pai.adapter.ckpt was trained on another base than .*other.ckpt"):
+        export_paipainter(other_ckpt, tmp_path / "no", adapter=lora_adapter)
+    assert not (tmp_path / "no").exists()
 
 
 @pytest.mark.parametrize("gpt_option, vqgan_option", [

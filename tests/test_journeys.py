@@ -4,7 +4,8 @@
    eval.py (FID/IS and CLIP on offline random weights) -> task=generate -> the demo's API returns images.
 2. pai-painter: an EasyNLP folder -> import -> generate -> fine-tune on the folder -> eval.py on the folder
    (Caption Loss from a captioner over the same VQGAN, caption_ckpt) -> task=caption -> export ->
-   re-import gives the same weights.
+   re-import gives the same weights; a LoRA adapter trained on the import -> exported merged -> re-imported,
+   it samples as the import with the adapter beside it.
 
 Each journey's commands run one after another in one process (tests/run_each.py): a Python start per command
 would cost more than the tiny runs.
@@ -21,7 +22,10 @@ import pytest
 import torch
 from PIL import Image
 
+from t2i.adapters import read_adapter
 from t2i.checkpoints import load_gpt
+from t2i.interop.paipainter import import_paipainter
+from t2i.sampling import SamplingConfig, T2IPipeline
 from t2i.data import shapes
 
 REPO = Path(__file__).parents[1]
@@ -95,6 +99,7 @@ def test_paipainter_import_finetune_evaluate_caption_export(picture_folder, tmp_
     pai, pai_vqgan = tmp_path / "ckpt" / "pai.ckpt", tmp_path / "ckpt" / "pai.vqgan.ckpt"
     folder = ["data=folder", f"data.root={data / 'pics'}", "data.image_size=32"]
     tuned, captioner = runs / "tuned" / "checkpoints" / "last.ckpt", runs / "captioner" / "checkpoints" / "last.ckpt"
+    lora = runs / "lora" / "checkpoints" / "last.ckpt"
     captioner_tokenizer = [f"data.tokenizer.path={tmp_path / 'captioner.model'}"]
     run_each(
         ["-m", "t2i.interop", "paipainter", "--src", src, "--out", pai],
@@ -114,6 +119,9 @@ def test_paipainter_import_finetune_evaluate_caption_export(picture_folder, tmp_
         ["eval.py", "task=caption", f"ckpt={captioner}", *folder, "split=val", f"hydra.run.dir={runs / 'caption'}"],
         ["-m", "t2i.interop", "export-paipainter", "--ckpt", tuned, "--out", tmp_path / "exported"],
         ["-m", "t2i.interop", "paipainter", "--src", tmp_path / "exported", "--out", tmp_path / "again.ckpt"],
+        ["train.py", "experiment=paipainter_finetune", f"init_ckpt={pai}", *folder, *TINY_RUN, "stage.lora={rank: 8}",
+         "stage.sample_every_n_steps=0", f"hydra.run.dir={runs / 'lora'}"],
+        ["-m", "t2i.interop", "export-paipainter", "--ckpt", pai, "--adapter", lora, "--out", tmp_path / "lora-export"],
         data_dir=data)
     assert not (data / "pics" / "tokenizer.model").exists()
     results = json.loads((runs / "eval" / "results.json").read_text())
@@ -128,3 +136,18 @@ def test_paipainter_import_finetune_evaluate_caption_export(picture_folder, tmp_
     exported = torch.load(tmp_path / "exported" / "pytorch_model.bin", map_location="cpu", weights_only=True)
     assert exported.keys() == original.keys()
     assert not torch.equal(exported["transformer.head.weight"], original["transformer.head.weight"])  # it learned
+
+    # LoRA on the import: the minGPT's attention and MLP linears adapted, merged by the export
+    weights, _ = read_adapter(lora)
+    adapted = {name.split(".lora_")[0] for name in weights}
+    assert adapted == {f"blocks.{i}.{layer}" for i in range(2) for layer in
+                       ("attn.key", "attn.query", "attn.value", "attn.proj", "mlp.0", "mlp.2")}
+    merged = torch.load(tmp_path / "lora-export" / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    assert merged.keys() == original.keys()
+    assert not torch.equal(merged["transformer.blocks.0.attn.query.weight"],
+                           original["transformer.blocks.0.attn.query.weight"])  # it learned
+    assert torch.equal(merged["transformer.head.weight"], original["transformer.head.weight"])  # not a target
+    reimported, _ = import_paipainter(tmp_path / "lora-export", tmp_path / "lora-again.ckpt")
+    prompts, greedy = captions[:2], SamplingConfig(greedy=True)
+    assert torch.equal(T2IPipeline.from_checkpoint(reimported).sample_codes(prompts, greedy),
+                       T2IPipeline.from_checkpoint(pai, adapter=lora, merge=False).sample_codes(prompts, greedy))

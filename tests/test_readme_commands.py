@@ -129,6 +129,16 @@ DOCUMENTED = {
         'generate shapes 1x1',
     'python eval.py ckpt=GPT.ckpt adapter=ADAPTER.ckpt data=folder data.root=data/mine split=val':
         't2i folder 1x1',
+    'python train.py experiment=paipainter_finetune init_ckpt=ckpt/pai_base.ckpt data=<name> "stage.lora={rank: 8}" '
+    'trainer=gpu':
+        "gpt init_ckpt's+lora shapes:shapes 1x1 single-device bf16-mixed",
+    'python eval.py task=generate ckpt=ckpt/pai_base.ckpt adapter=ADAPTER.ckpt "prompts=[\'一只戴着帽子的猫\']"':
+        'generate shapes 1x1',
+    'python -m t2i.interop export-paipainter --ckpt ckpt/pai_base.ckpt --adapter ADAPTER.ckpt --out pai-style':
+        't2i.interop',
+    'python eval.py task=complete ckpt=GPT.ckpt adapter=ADAPTER.ckpt image=IMG.png box=[4,4,8,8] box_units=codes '
+    '"prompts=[\'右下方有个绿色的大三角形\']"':
+        'complete shapes 1x1',
     'python eval.py ckpt=GPT.ckpt data=muge split=val':
         't2i muge 1x1',
     'python eval.py ckpt=GPT.ckpt data=shapes eval.num_prompts=200 eval.rerank=4':
@@ -428,10 +438,13 @@ def test_the_documented_completions_keep_the_image_outside_their_region(fixtures
     image = torch.from_numpy(np.array(Image.open(fixtures["image"]).convert("RGB"))).permute(2, 0, 1)
     truth = load_vqgan(fixtures["vqgan"]).encode(image[None].float() / 127.5 - 1)[0]
     runs = [run for command, (_, _, run) in eval_runs.items() if "task=complete" in command]
-    assert len(runs) == 2  # docs/generation.md's (the README's prompt is a placeholder)
+    assert len(runs) == 3  # docs/generation.md's, one with a LoRA adapter (the README's prompt is a placeholder)
+    adapters = set()
     for run in runs:
         results = json.loads((run / "results.json").read_text(encoding="utf-8"))
+        adapters.add(results["adapter"])
         region = torch.tensor(results["region"], dtype=torch.bool)
         assert region.sum() == 16  # the bottom-right quarter of the 8x8 grid, by the mask or the box
         codes = torch.from_numpy(np.load(results["codes"]))
         assert (codes[:, ~region] == truth[~region]).all() and len(results["files"]) == len(results["prompts"])
+    assert adapters == {None, fixtures["adapter"]}

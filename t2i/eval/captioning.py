@@ -37,7 +37,8 @@ from pycocoevalcap.cider.cider import Cider
 from torchmetrics.text import BLEUScore
 from tqdm import tqdm
 
-from t2i.checkpoints import load_gpt, load_record_vqgan
+from t2i.adapters import load_adapted_gpt
+from t2i.checkpoints import load_record_vqgan
 from t2i.data.datamodule import ShardDataModule
 from t2i.data.shapes import attribute_accuracy, read_caption
 from t2i.data.shards import IMAGE_EXTENSIONS, RowError, load_image, resize_center_crop
@@ -156,20 +157,22 @@ def _pixels(path: Path, size: int) -> np.ndarray:
 
 def run_captioning(ckpt: str | Path, cfg: CaptionConfig, out_dir: Path, data: dict | None = None, split: str = "test",
                    images: str | Path | None = None, num_images: int | None = None, batch_size: int = 64,
-                   vqgan_ckpt: str | Path | None = None, device: torch.device | str = "cpu") -> dict:
+                   vqgan_ckpt: str | Path | None = None, device: torch.device | str = "cpu",
+                   adapter: str | Path | None = None) -> dict:
     """eval.py task=caption: caption the `split` of `data` (a data config), or the files of `images`, with the
-    GPT checkpoint `ckpt`; writes captions.jsonl into `out_dir` and returns the results."""
+    GPT checkpoint `ckpt` (with the LoRA adapter checkpoint `adapter` merged in, when given); writes
+    captions.jsonl into `out_dir` and returns the results."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"caption.batch_size must be an integer >= 1 (images per batch), got {batch_size}")
     if num_images is not None and num_images < 1:
         raise ValueError(f"caption.num_images must be >= 1 (or null: all images), got {num_images}")
-    gpt, record = load_gpt(ckpt)
-    if not record.caption_prob:
-        raise ValueError(f"{ckpt} was trained without the image-to-text direction (stage.caption_prob=0): "
+    gpt, record = load_adapted_gpt(ckpt, adapter)
+    if not record.caption_prob:  # with an adapter, its own training: the base's captioning is not what it learned
+        raise ValueError(f"{adapter or ckpt} was trained without the image-to-text direction (stage.caption_prob=0): "
                          "caption with a checkpoint trained with stage.caption_prob > 0")
     gpt, tokenizer = gpt.to(device), record.tokenizer_model()
     if images:
-        vqgan = load_record_vqgan(record, str(ckpt), vqgan_ckpt).to(device)
+        vqgan = load_record_vqgan(record, str(adapter or ckpt), vqgan_ckpt).to(device)
         batches, total = folder_batches(images, batch_size, vqgan, device, num_images)
         source = f"images={images}"
     else:
@@ -182,11 +185,12 @@ def run_captioning(ckpt: str | Path, cfg: CaptionConfig, out_dir: Path, data: di
                 raise ValueError(f"data={dm.cfg.name} ({dm.cfg.root}) holds codes of another VQGAN ({str(theirs)[:12]}..., "
                                  f"the checkpoint's is {str(ours)[:12]}...): caption its image shards instead")
         else:
-            vqgan = load_record_vqgan(record, str(ckpt), vqgan_ckpt).to(device)
+            vqgan = load_record_vqgan(record, str(adapter or ckpt), vqgan_ckpt).to(device)
         batches, total = split_batches(dm, split, num_images, batch_size, vqgan, device)
         source = f"split={split} of data={dm.cfg.name}"
     results = caption_and_score(gpt, tokenizer, batches, total, cfg, out_dir)
-    return {"task": "caption", "ckpt": str(ckpt), "source": source,
+    return {"task": "caption", "ckpt": str(ckpt), "adapter": None if adapter is None else str(adapter),
+            "source": source,
             "caption_end_learned": record.training.caption_end, **results,
             "captions_file": str(out_dir / "captions.jsonl")}
 

@@ -1,5 +1,5 @@
 """python -m t2i.interop paipainter --src DIR --out FILE.ckpt
-python -m t2i.interop export-paipainter --ckpt FILE.ckpt --out DIR [--vqgan VQGAN.ckpt]"""
+python -m t2i.interop export-paipainter --ckpt FILE.ckpt --out DIR [--adapter ADAPTER.ckpt] [--vqgan VQGAN.ckpt]"""
 
 import argparse
 
@@ -16,6 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     back = commands.add_parser("export-paipainter", help="write a pai-painter-layout t2i checkpoint as an EasyNLP folder")
     back.add_argument("--ckpt", required=True, help="a t2i GPT checkpoint in the paipainter layout")
     back.add_argument("--out", required=True, help="the folder to write")
+    back.add_argument("--adapter", help="a LoRA adapter checkpoint of --ckpt (a run with stage.lora), merged into the "
+                                        "weights; refused if trained on another base")
     back.add_argument("--vqgan", help="its VQGAN checkpoint (default: the one the checkpoint names)")
     return parser
 
@@ -28,8 +30,9 @@ def main(argv=None) -> None:
               f"generate: python eval.py task=generate ckpt={gpt} \"prompts=['...']\"\n"
               f"codes for fine-tuning: python -m t2i.pretokenize --data IMAGE_SHARDS --out CODE_SHARDS --vqgan {vqgan}")
     else:
-        out = export_paipainter(args.ckpt, args.out, args.vqgan)
-        print(f"wrote {out}: EasyNLP's predictor loads it as a pai-painter checkpoint folder")
+        out = export_paipainter(args.ckpt, args.out, args.vqgan, args.adapter)
+        merged = f" ({args.ckpt} with the adapter {args.adapter} merged in)" if args.adapter else ""
+        print(f"wrote {out}{merged}: EasyNLP's predictor loads it as a pai-painter checkpoint folder")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ A pai-painter folder (what EasyNLP's `TextImageGeneration` saves and its predict
 
 Importing gives a t2i GPT checkpoint in the `paipainter` token layout (text then codes, no special
 tokens) with the WordPiece tokenizer inside and the VQGAN written beside it, so every t2i sampler,
-eval.py and fine-tuning take it; exporting writes such a folder back. The GPT's parameter names are
-minGPT's in both systems, so the mapping is the prefix.
+eval.py and fine-tuning (full or LoRA) take it; exporting writes such a folder back (a LoRA adapter
+merged into the weights). The GPT's parameter names are minGPT's in both systems, so the mapping is
+the prefix.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from pathlib import Path
 
 import torch
 
+from t2i.adapters import load_adapted_gpt
 from t2i.checkpoints import (
     CheckpointError,
     GPTRecord,
     TokenizerRecord,
     TrainingRecord,
-    load_gpt,
     load_record_vqgan,
     load_weights,
     read_checkpoint,
@@ -224,15 +225,18 @@ def _easynlp_mismatches(ckpt, record: GPTRecord, cfg: GPTConfig, vqgan: VQModel,
             "the pai-painter architecture (e.g. one imported with `python -m t2i.interop paipainter` and fine-tuned)")
 
 
-def export_paipainter(ckpt: str | Path, out: str | Path, vqgan_ckpt: str | Path | None = None) -> Path:
+def export_paipainter(ckpt: str | Path, out: str | Path, vqgan_ckpt: str | Path | None = None,
+                      adapter: str | Path | None = None) -> Path:
     """A pai-painter-architecture t2i GPT checkpoint -> a folder EasyNLP's predictor loads (strictly).
 
+    With `adapter` (a LoRA adapter checkpoint of `ckpt`, refused on any other base by hash), the adapter is
+    merged into the weights first: EasyNLP's minGPT holds plain linear layers only.
     Refused, naming the options, when the model or its VQGAN does not map key for key onto EasyNLP's
     modules (EasyNLP loads with strict=False: it would drop those weights and sample garbage).
     """
-    gpt, record = load_gpt(ckpt)
+    gpt, record = load_adapted_gpt(ckpt, adapter, merge=True)
     cfg = gpt.cfg
-    vqgan = load_record_vqgan(record, str(ckpt), vqgan_ckpt)
+    vqgan = load_record_vqgan(record, str(adapter or ckpt), vqgan_ckpt)
     mask = torch.ones(cfg.block_size, cfg.block_size).tril().view(1, 1, cfg.block_size, cfg.block_size)
     state = {GPT_PREFIX + k: v.detach().cpu().contiguous() for k, v in gpt.state_dict().items()}
     state.update({f"{GPT_PREFIX}blocks.{i}{MASK_SUFFIX}": mask.clone() for i in range(cfg.n_layer)})

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from t2i.adapters import apply_adapter
-from t2i.checkpoints import GPTRecord, load_gpt, load_record_vqgan
+from t2i.adapters import load_adapted_gpt
+from t2i.checkpoints import GPTRecord, load_record_vqgan
 from t2i.data.tokenizer import FixedLengthTokenizer
 from t2i.models.gpt import GPT
 from t2i.models.int8 import quantize_weights
@@ -123,9 +123,7 @@ class T2IPipeline:
         if adapter is not None and not merge and weights != "unchanged":
             raise ValueError(f"sampling.weights={weights} quantizes plain linear layers: merge the adapter "
                              "(merge=True) or keep the weights unchanged")
-        gpt, record = load_gpt(path)
-        if adapter is not None:
-            record = apply_adapter(gpt, path, adapter, merge=merge)
+        gpt, record = load_adapted_gpt(path, adapter, merge)
         vqgan = load_record_vqgan(record, str(adapter or path), vqgan_ckpt)
         return cls(gpt.to(device), record.tokenizer_model(), vqgan.to(device), record, step, weights)
 
