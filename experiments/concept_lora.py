@@ -37,7 +37,7 @@ def fine_tune(data: Path, base: Path, run: Path, steps: int, seed: int, lora: bo
     """The command of one fine-tuning on the concept's code shards: the base recipe, shorter, from `base`."""
     return [sys.executable, "train.py", "experiment=shapes", f"init_ckpt={base}", f"seed={seed}",
             f"data.root={data / 'concept_codes'}", f"trainer.max_steps={steps}", "trainer.max_epochs=-1",
-            f"trainer.val_check_interval={steps}", "stage.warmup_steps=20", "stage.sample_every_n_steps=0",
+            f"trainer.val_check_interval={steps}", "trainer.check_val_every_n_epoch=null", "stage.warmup_steps=20", "stage.sample_every_n_steps=0",
             f"optim.lr={LORA_LR if lora else FULL_LR}", *([LORA] if lora else []), f"hydra.run.dir={run}"]
 
 
@@ -56,9 +56,11 @@ def stages(args) -> list[tuple[str, list[str]]]:
         ("concept: data of the concept", convert + [str(data / "concept"), "--only", args.concept,
                                                     "--train", str(args.images), "--val", "100", "--test", str(PROMPTS)]),
     ]
-    for name in ("base", "concept"):
-        steps += [(f"{name}: the quickstart's tokenizer", ["cp", str(args.tokenizer), str(data / name)]),
-                  (f"{name}: pre-tokenize", py + ["-m", "t2i.pretokenize", "--data", str(data / name),
+    steps += [(f"{name}: the quickstart's tokenizer", ["cp", str(args.tokenizer), str(data / name)])
+              for name in ("base", "concept")]
+    # the base's codes only to train it (its old prompts are read from the image shards)
+    for name in ("concept",) if args.base else ("base", "concept"):
+        steps += [(f"{name}: pre-tokenize", py + ["-m", "t2i.pretokenize", "--data", str(data / name),
                                                   "--out", str(data / f"{name}_codes"), "--vqgan", str(args.vqgan)]),
                   (f"{name}: code manifest", py + ["-m", "t2i.data.shards", str(data / f"{name}_codes")])]
     if not args.base:

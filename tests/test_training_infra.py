@@ -123,9 +123,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _fsdp_process(rank: int, world_size: int, port: int, out: str) -> None:
-    """One of 2 processes: the GPT wrapped as the trainer=fsdp preset wraps it, over gloo on the CPU."""
+def _fsdp_process(rank: int, world_size: int, port: int, out: str, lora: bool) -> None:
+    """One of 2 processes: the GPT (with a LoRA adapter when `lora`) wrapped as the trainer=fsdp preset wraps it,
+    over gloo on the CPU."""
     from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from t2i.adapters import LoraConfig, add_lora
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -134,6 +137,11 @@ def _fsdp_process(rank: int, world_size: int, port: int, out: str) -> None:
             strategy = instantiate(compose("train", overrides=["trainer=fsdp"]).trainer.strategy)
         torch.manual_seed(0)  # the same model and batch in both processes
         model = GPT(GPTConfig(**TINY))
+        if lora:  # frozen base weights and trainable adapter weights in the same FSDP units
+            add_lora(model, LoraConfig(rank=2, targets=["attention", "mlp", "head"]))
+            for name, p in model.named_parameters():
+                if "lora_B" in name:  # zero at the start: moved, so that every adapter weight gets a gradient
+                    p.data.normal_()
         reference = copy.deepcopy(model)
         tokens = torch.randint(0, model.cfg.vocab_size, (4, 10))
         wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"),  # Lightning's kwargs
@@ -148,16 +156,21 @@ def _fsdp_process(rank: int, world_size: int, port: int, out: str) -> None:
             "grad_norm": float(grad_norm(wrapped.parameters(), wrapped)),
             "shard_norm": float(grad_norm(wrapped.parameters())),
             "expected_norm": float(grad_norm(reference.parameters())),
-            "expected_decay": sum(p.numel() for n, p in reference.named_parameters() if p.dim() == 2 and "emb" not in n),
-            "total": sum(p.numel() for p in reference.parameters()),
+            "expected_decay": sum(p.numel() for n, p in reference.named_parameters()
+                                  if p.requires_grad and p.dim() == 2 and "emb" not in n),
+            "total": sum(p.numel() for p in reference.parameters() if p.requires_grad),
+            "frozen_with_gradients": sum(p.grad is not None for p in wrapped.parameters() if not p.requires_grad),
         }
         Path(out, f"rank{rank}.json").write_text(json.dumps(record))
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_fsdp_weight_decay_groups_and_global_grad_norm(tmp_path):
-    torch.multiprocessing.spawn(_fsdp_process, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+@pytest.mark.parametrize("lora", [False, True], ids=["whole", "lora"])
+def test_fsdp_weight_decay_groups_and_global_grad_norm(tmp_path, lora):
+    """Under FSDP the optimizer gets the trainable weights' shards in the right groups and the logged norm is the
+    whole gradient's; with a LoRA adapter (stage.lora under trainer=fsdp) those are the adapter's alone."""
+    torch.multiprocessing.spawn(_fsdp_process, args=(2, _free_port(), str(tmp_path), lora), nprocs=2)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["flat"] and r["shape_rule_decay"] == 0 for r in ranks)  # what p.dim() == 2 found: nothing
     expected = ranks[0]
@@ -167,6 +180,7 @@ def test_fsdp_weight_decay_groups_and_global_grad_norm(tmp_path):
     for r in ranks:  # the whole gradient's norm on every process (both saw the same batch)
         assert r["grad_norm"] == pytest.approx(expected["expected_norm"], rel=1e-5)
         assert r["shard_norm"] < r["grad_norm"]  # one process's shard: what was logged before
+        assert r["frozen_with_gradients"] == 0
 
 
 # -- sample grids with gradient accumulation ----------------------------------------------------------
