@@ -1,12 +1,14 @@
 """Teach the shapes GPT a concept it never saw, with a LoRA adapter and with full fine-tuning (issue 28).
 
     python experiments/concept_lora.py --vqgan logs/quickstart/vqgan/checkpoints/last.ckpt \
-        --tokenizer data/shapes/tokenizer.model [--concept color=purple] [--images 500] [--steps 300] \
-        [--data data/concept] [--runs logs/concept] [--seed 0] [--base GPT.ckpt]
+        --tokenizer data/shapes/tokenizer.model [--concept color=purple] [--images 500] [--replay 500] \
+        [--steps 300] [--data data/concept] [--runs logs/concept] [--seed 0] [--base GPT.ckpt]
 
 The steps, each a repository command printed before it runs:
 1. data: the shapes splits without the concept (the base's training set; its test split gives the old prompts)
-   and --images training images of the concept alone (its test split gives the new prompts), with the
+   and --images training images of the concept (its test split gives the new prompts) with --replay images
+   of the base's own training set beside them (0: the concept alone, which the fine-tunings learn by drawing
+   everything in it: measured in experiments/RESULTS.md), with the
    quickstart's tokenizer (fitted on every caption: a tokenizer knows words its GPT never read) and encoded by
    the quickstart's VQGAN (trained on all shapes, as a real VQGAN is trained on broad data);
 2. the base GPT: the quickstart's recipe (experiment=shapes) on the data without the concept (--base: take a
@@ -54,7 +56,8 @@ def stages(args) -> list[tuple[str, list[str]]]:
     steps = [
         ("base: data without the concept", convert + [str(data / "base"), "--hold-out", args.concept]),
         ("concept: data of the concept", convert + [str(data / "concept"), "--only", args.concept,
-                                                    "--train", str(args.images), "--val", "100", "--test", str(PROMPTS)]),
+                                                    "--train", str(args.images), "--replay", str(args.replay),
+                                                    "--val", "100", "--test", str(PROMPTS)]),
     ]
     steps += [(f"{name}: the quickstart's tokenizer", ["cp", str(args.tokenizer), str(data / name)])
               for name in ("base", "concept")]
@@ -87,7 +90,8 @@ def weights_size(run: Path) -> tuple[int, int]:
 def summary(args, times: dict[str, float]) -> str:
     runs = REPO / args.runs
     header = " | ".join(f"{prompts} {a}" for prompts in ("new", "old") for a in ATTRIBUTES)
-    lines = [f"# A concept the base never saw ({args.concept}; {args.images} images, {args.steps} steps)", "",
+    lines = [f"# A concept the base never saw ({args.concept}; {args.images} images of it, {args.replay} replayed, "
+             f"{args.steps} steps)", "",
              f"| model | {header} | fine-tuning wall | trained weights | checkpoint file |",
              "|---|" + "---|" * (2 * len(ATTRIBUTES) + 3)]
     for model, label in (("base", "base (never saw it)"), ("lora", "LoRA adapter"), ("full", "full fine-tuning")):
@@ -113,6 +117,8 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, required=True, help="the quickstart's tokenizer.model")
     parser.add_argument("--concept", default="color=purple", help="ATTRIBUTE=VALUE the base never sees")
     parser.add_argument("--images", type=int, default=500, help="training images of the concept")
+    parser.add_argument("--replay", type=int, default=500,
+                        help="training images without the concept beside them (of the base's training set)")
     parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps (batch 64)")
     parser.add_argument("--data", type=Path, default=Path("data/concept"))
     parser.add_argument("--runs", type=Path, default=Path("logs/concept"))

@@ -154,6 +154,14 @@ def test_a_held_out_concept_splits_the_samples_in_two(tmp_path):
                 .to_tuple("json"))
     assert [int(meta["source_id"].split("-")[-1]) for meta, in rows] == only
     assert all(meta["attributes"]["color"] == "purple" and "紫" in meta["caption"] for meta, in rows)
+    # --replay: the base's first training samples beside the concept's, in index order
+    run(["shapes", "--out", str(tmp_path / "replay"), "--size", "16", "--quiet", "--train", "12", "--val", "0",
+         "--test", "0", "--only", "color=purple", "--replay", "5"])
+    rows = list(wds.WebDataset(str(tmp_path / "replay" / "train-00000.tar"), shardshuffle=False).decode()
+                .to_tuple("json"))
+    assert [int(meta["source_id"].split("-")[-1]) for meta, in rows] == sorted(only + without[:5])
+    with pytest.raises(ValueError, match="--replay N .* without --only"):
+        run(["shapes", "--out", str(tmp_path / "no"), "--replay", "5"])
     with pytest.raises(ValueError, match="a concept is ATTRIBUTE=VALUE.*color: red, orange"):
         shapes.parse_concept("colour=purple")
     with pytest.raises(SystemExit):  # argparse: the two are mutually exclusive
