@@ -204,12 +204,16 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             q, k = rotate(q, *rotary), rotate(k, *rotary)
-        if position is not None:  # fixed shapes, `position` [B, t]: write them, attend over the whole cache
+        if position is not None:  # fixed shapes, `position` [1 or B, t]: write them, attend over the whole cache
             keys, values = cache.keys[layer], cache.values[layer]
-            index = position[:, None, :, None].expand_as(k)
-            keys.scatter_(2, index, k)
-            values.scatter_(2, index, v)
-            visible = (torch.arange(keys.shape[2], device=x.device) <= position[..., None])[:, None]  # [B, 1, t, S]
+            if len(position) == 1:  # every row at the same positions (token-by-token steps: ~10% faster frozen)
+                keys.index_copy_(2, position[0], k)
+                values.index_copy_(2, position[0], v)
+            else:
+                index = position[:, None, :, None].expand_as(k)
+                keys.scatter_(2, index, k)
+                values.scatter_(2, index, v)
+            visible = (torch.arange(keys.shape[2], device=x.device) <= position[..., None])[:, None]  # [1|B, 1, t, S]
             # on a CPU written out too: compiled, a few queries' attention fuses into a few loops, cheaper
             # than SDPA's CPU kernel (experiments/RESULTS.md, the frozen rows)
             if self._written_out(q) or not q.is_cuda:
@@ -367,7 +371,7 @@ class GPT(nn.Module):
         end, in a cache with room for it) take the last position's embedding: their outputs are not meant to
         be used."""
         b, t = tokens.shape
-        positions = position.expand(b)[:, None] + torch.arange(t, device=tokens.device)  # [B, t]
+        positions = position[:, None] + torch.arange(t, device=tokens.device)  # [1 or B, t]
         table = positions.clamp(max=self.cfg.block_size - 1)
         x = self.tok_emb(tokens)
         rotary = None
