@@ -8,6 +8,8 @@
     python experiments/bench_generate.py --device cuda --steps-table --batches 1 64 --step-modes compiled frozen --weights int8
     python experiments/bench_generate.py --break-even --quickstart --batches 1 2 4 8 16  # when frozen pays off (auto)
     python experiments/bench_generate.py --sjd-ckpt logs/quickstart/gpt/checkpoints/last.ckpt  # + SJD on a trained model
+    python experiments/bench_generate.py --sjd-only --sjd-step frozen --sjd-window 16 8 --sjd-temperatures \
+      --sjd-ckpt logs/quickstart/gpt/checkpoints/last.ckpt  # SJD with frozen windows vs frozen AR steps only
 
 Random weights at the base size (12 layers, 12 heads, 768 wide, 32 text + 256 image positions,
 16,384 image codes, 16,000 text ids): speed does not depend on the weights. For each batch (number
@@ -50,7 +52,10 @@ model's size.
 The SJD rows time speculative Jacobi decoding (sampling.method=sjd) against the KV sampler at batch 1,
 the two interleaved: random weights predict near-uniform codes, where almost no draft is accepted, so
 they are timed at temperature 1 and at 0.05 (near-deterministic predictions); `--sjd-ckpt` adds a
-trained GPT with its own sampling options. Target: SJD >= 1.5x faster.
+trained GPT with its own sampling options. Target: SJD >= 1.5x faster. `--sjd-step` runs both the
+token-by-token steps and SJD's windows in that step mode (frozen: one compiled window of W + 1 positions; the
+compiles happen in the warm-up, untimed), `--sjd-window` takes several windows (a row each), and `--sjd-only`
+skips every other table.
 """
 
 from __future__ import annotations
@@ -262,26 +267,30 @@ def batch_one_table(args: argparse.Namespace, model: GPT) -> None:
 
 
 def sjd_row(label: str, model: GPT, text: torch.Tensor, cfg: SamplingConfig, window: int, repeats: int,
-            device: str) -> list:
-    """SJD vs the KV sampler on one prompt (batch 1), interleaved: best seconds of each, model calls."""
+            device: str, step: str = "eager") -> list:
+    """SJD vs the KV sampler on one prompt (batch 1), both in step mode `step`, interleaved: best seconds of
+    each, model calls."""
     sjd = replace(cfg, method="sjd", sjd_window=window)
     stats = SamplingStats()
-    sample(model, text, sjd, stats=stats)  # warm-up, and its model calls (seeded: every run the same)
-    sample(model, text, cfg)
+    sample(model, text, sjd, stats=stats, step=step)  # warm-up (compiles), and its model calls (seeded: every run the same)
+    sample(model, text, cfg, step=step)
     times = {"ar": [], "sjd": []}
     for _ in range(repeats):
-        times["ar"].append(timed(lambda: sample(model, text, cfg), device))
-        times["sjd"].append(timed(lambda: sample(model, text, sjd), device))
+        times["ar"].append(timed(lambda: sample(model, text, cfg, step=step), device))
+        times["sjd"].append(timed(lambda: sample(model, text, sjd, step=step), device))
     ar, fast = min(times["ar"]), min(times["sjd"])
-    return [label, f"{ar:.3f}", f"{fast:.3f}", f"{ar / fast:.2f}x", f"{stats.model_calls} / {stats.token_by_token_calls}",
-            f">= {SJD_TARGET}x", "met" if ar / fast >= SJD_TARGET else "MISSED"]
+    return [label, window, f"{ar:.3f}", f"{fast:.3f}", f"{ar / fast:.2f}x",
+            f"{stats.model_calls} / {stats.token_by_token_calls}", f">= {SJD_TARGET}x",
+            "met" if ar / fast >= SJD_TARGET else "MISSED"]
 
 
 def sjd_rows(args: argparse.Namespace, model: GPT) -> None:
-    """The SJD table: random weights at temperature 1 and 0.05, and the --sjd-ckpt model (its own sampling)."""
+    """The SJD table: random weights at each --sjd-temperatures, and the --sjd-ckpt model (its own sampling),
+    at each window."""
     text = prompts(model, 1, args.device)
     rows = [sjd_row(f"random weights, T={t:g}", model, text, replace(sampling(args.top_k), temperature=t),
-                    args.sjd_window, args.repeats, args.device) for t in (1.0, 0.05)]
+                    window, args.repeats, args.device, args.sjd_step)
+            for t in args.sjd_temperatures for window in args.sjd_window]
     if args.sjd_ckpt:
         from t2i.checkpoints import load_gpt
 
@@ -289,11 +298,12 @@ def sjd_rows(args: argparse.Namespace, model: GPT) -> None:
         trained = trained.eval().to(args.device)
         prompt = "画面左上角有一个红色的小圆形，背景是白色的"  # experiments/prompts/shapes.txt's first
         cfg = SamplingConfig(**{**record.sampling, "samples_per_prompt": 1, "seed": 0})
-        rows.append(sjd_row(f"{Path(args.sjd_ckpt).parent.parent.name} (its sampling: T={cfg.temperature:g}, "
-                            f"top-k {cfg.top_k}, guidance {cfg.guidance_scale:g})", trained,
-                            record.tokenizer_model()([prompt]).to(args.device), cfg, args.sjd_window, args.repeats,
-                            args.device))
-    table(["batch 1", "KV s/image", f"SJD (window {args.sjd_window}) s/image", "speed-up",
+        for window in args.sjd_window:
+            rows.append(sjd_row(f"{Path(args.sjd_ckpt).parent.parent.name} (its sampling: T={cfg.temperature:g}, "
+                                f"top-k {cfg.top_k}, guidance {cfg.guidance_scale:g})", trained,
+                                record.tokenizer_model()([prompt]).to(args.device), cfg, window, args.repeats,
+                                args.device, args.sjd_step))
+    table([f"batch 1, {args.sjd_step} steps", "window", "KV s/image", "SJD s/image", "speed-up",
            "SJD model calls / token by token", "target", "met"], rows)
 
 
@@ -574,7 +584,13 @@ def main() -> None:
     parser.add_argument("--step-modes", nargs="+", default=["eager", "compiled"], choices=STEP_MODES)
     parser.add_argument("--weights", default="unchanged", choices=WEIGHTS,
                         help="the steps table's sampling.weights (int8: pair it with --step-modes frozen)")
-    parser.add_argument("--sjd-window", type=int, default=16, help="SJD's draft window (0: skip the SJD rows)")
+    parser.add_argument("--sjd-window", type=int, nargs="+", default=[16],
+                        help="SJD's draft windows, a row each (0: skip the SJD rows)")
+    parser.add_argument("--sjd-step", default="eager", choices=[mode for mode in STEP_MODES if mode != "auto"],
+                        help="the step mode of the SJD rows: SJD's windows and the KV sampler's steps")
+    parser.add_argument("--sjd-temperatures", type=float, nargs="*", default=[1.0, 0.05],
+                        help="the random-weight SJD rows' temperatures (none: only --sjd-ckpt's rows)")
+    parser.add_argument("--sjd-only", action="store_true", help="only the SJD rows")
     parser.add_argument("--sjd-ckpt", default=None, help="also time SJD on this trained GPT checkpoint")
     parser.add_argument("--memory-probe", choices=["build", "sample"], help=argparse.SUPPRESS)
     parser.add_argument("--probe-batch", type=int, default=8, help=argparse.SUPPRESS)
@@ -597,6 +613,9 @@ def main() -> None:
           + ("guidance 3, bf16 on CUDA" if args.steps_table else "guidance 3" if args.break_even else "no guidance"))
     if args.break_even:
         break_even_table(args, model)
+        return
+    if args.sjd_only:
+        sjd_rows(args, model)
         return
     if args.steps_table:
         steps_table(args, model)
@@ -648,7 +667,7 @@ def main() -> None:
               [[batch, f"{weights / MB:.1f}", f"{cache_bytes(model, batch) / MB:.1f}", f"{built / MB:.1f}",
                 f"{sampled / MB:.1f}", f"{(sampled - built) / MB:.1f}"]])
 
-    if args.sjd_window:
+    if 0 not in args.sjd_window:
         sjd_rows(args, model)
     if args.quick:
         print("\n(--quick: the targets are for the base size; these figures only show the script runs)")

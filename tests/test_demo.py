@@ -686,7 +686,7 @@ def _rows_allocated(monkeypatch) -> list[int]:
     from t2i.models.gpt import GPT
 
     rows, new_cache = [], GPT.new_cache
-    monkeypatch.setattr(GPT, "new_cache", lambda model, batch: rows.append(batch) or new_cache(model, batch))
+    monkeypatch.setattr(GPT, "new_cache", lambda model, batch, *rest: rows.append(batch) or new_cache(model, batch, *rest))
     return rows
 
 

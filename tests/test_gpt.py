@@ -150,7 +150,7 @@ def test_llama_options_cache_and_fixed_shape_steps_equal_recomputation(options):
                     outputs.append(model(token, cache))
                 else:
                     rows = model.head.out_features
-                    outputs.append(model.forward_at(token, torch.tensor([position]), cache, rows)[:, None])
+                    outputs.append(model.forward_at(token, torch.tensor([position]), cache, rows))
                     cache.length += 1
             torch.testing.assert_close(torch.cat(outputs, 1), full, atol=1e-5, rtol=1e-5)
 

@@ -78,7 +78,7 @@ def test_bf16_cuda_graph_step_computes_the_eager_step():
     for position in range(8, 12):
         eager = model(tokens[:, position:position + 1], caches[0], head_rows=64)[:, -1].float()
         torch.compiler.cudagraph_mark_step_begin()
-        graphed = step(tokens[:, position:position + 1], torch.tensor([position], device="cuda"), caches[1], 64).float()
+        graphed = step(tokens[:, position:position + 1], torch.tensor([position], device="cuda"), caches[1], 64)[:, -1].float()
         torch.testing.assert_close(graphed, eager, atol=3e-2, rtol=3e-2)
 
 
@@ -95,7 +95,7 @@ def test_frozen_step_on_cuda_computes_the_eager_step(weights):
         model(tokens[:, :8], frozen_cache)
         for position in range(8, 12):
             eager = model(tokens[:, position:position + 1], cache, head_rows=64)[:, -1].float()
-            frozen = step(tokens[:, position:position + 1], torch.tensor([position], device="cuda"), frozen_cache, 64)
+            frozen = step(tokens[:, position:position + 1], torch.tensor([position], device="cuda"), frozen_cache, 64)[:, -1]
             torch.testing.assert_close(frozen.float(), eager, atol=3e-2, rtol=3e-2)
     text = torch.tensor([[5, 6, 7, 0, 0, 0], [9, 3, 0, 0, 0, 0]], device="cuda")
     codes = generate_codes(model, text, SamplingConfig(top_k=20, guidance_scale=3.0), seeds=[0, 1], step="frozen")

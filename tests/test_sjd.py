@@ -1,5 +1,5 @@
 """Speculative Jacobi decoding (sampling.method=sjd): greedy codes, the sampling distribution, batching,
-model calls."""
+model calls, each in the step modes (eager windows, and fixed-shape ones: static, compiled, frozen)."""
 
 import itertools
 from dataclasses import replace
@@ -25,14 +25,25 @@ def tiny(layout="t2i", sharpen=1.0, **overrides):
 @pytest.mark.parametrize("layout", ["t2i", "paipainter"])
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 @pytest.mark.parametrize("window", [1, 3, 16])
-def test_greedy_sjd_gives_the_greedy_codes(layout, guidance, window):
+@pytest.mark.parametrize("step", ["eager", "static"])  # static: every window one shape, each row at its position
+def test_greedy_sjd_gives_the_greedy_codes(layout, guidance, window, step):
     model = tiny(layout)
     plain = generate_codes(model, TEXT, SamplingConfig(greedy=True, guidance_scale=guidance))
     stats = SamplingStats()
     sjd = generate_codes(model, TEXT, SamplingConfig(greedy=True, guidance_scale=guidance, method="sjd",
-                                                     sjd_window=window), stats=stats)
+                                                     sjd_window=window), stats=stats, step=step)
     assert torch.equal(sjd, plain)
     assert stats.token_by_token_calls == 9 and 1 < stats.model_calls <= 10  # the prompt, then >= 1 code a call
+
+
+@pytest.mark.parametrize("step", ["compiled", "frozen"])  # ~10 s of compiling each
+def test_compiled_sjd_windows_give_the_greedy_codes_and_compile_once(step):
+    model = tiny(pos="rope2d")  # rotary coordinates looked up per row too
+    cfg = SamplingConfig(greedy=True, guidance_scale=3.0, guidance_interval=[0.0, 0.5], method="sjd", sjd_window=4)
+    plain = generate_codes(model, TEXT, replace(cfg, method="ar"))
+    assert torch.equal(generate_codes(model, TEXT, cfg, step=step), plain)
+    with torch.compiler.set_stance("fail_on_recompile"):  # one shape for every window, the last ones too
+        assert torch.equal(generate_codes(model, TEXT.flip(0), cfg, step=step), plain.flip(0))
 
 
 def test_greedy_sjd_with_a_guidance_interval_and_schedule():
@@ -93,11 +104,12 @@ def enumerated():
     return model, text, cfg, exact
 
 
-@pytest.mark.parametrize("coupling, window", [("none", 3), ("maximal", 5)])
-def test_sjd_keeps_the_sampling_distribution(enumerated, coupling, window):
+@pytest.mark.parametrize("coupling, window, step", [("none", 3, "eager"), ("maximal", 5, "eager"),
+                                                   ("maximal", 5, "static")])  # compiled/frozen: greedy above
+def test_sjd_keeps_the_sampling_distribution(enumerated, coupling, window, step):
     model, text, cfg, exact = enumerated
     sjd = generate_codes(model, text, replace(cfg, method="sjd", sjd_window=window, sjd_coupling=coupling),
-                         seeds=[0])
+                         seeds=[0], step=step)
     # df ~ 29: a statistic above 80 has probability < 1e-6 for an unbiased sampler. A biased rule is far
     # above it. Measured with independent drafts (window 3): resampling from p instead of the residual ~950,
     # accepting with p(x) instead of p(x) / q(x) ~1400; the correct rule 27-36 over three seeds. Coupled
@@ -132,15 +144,16 @@ def test_grouped_acceptance_deviates_from_the_sampling_distribution_by_a_bounded
     assert lossless < 0.07 and 0.1 < grouped < 0.25, (lossless, grouped)
 
 
-@pytest.mark.parametrize("options", [dict(), dict(sjd_coupling="none"), dict(sjd_group_size=2)])
-def test_sjd_sequences_do_not_depend_on_their_batch(options):
+@pytest.mark.parametrize("options, step", [(dict(), "eager"), (dict(sjd_coupling="none"), "eager"),
+                                           (dict(sjd_group_size=2), "eager"), (dict(), "static")])
+def test_sjd_sequences_do_not_depend_on_their_batch(options, step):
     model = tiny(sharpen=20.0)
     cfg = SamplingConfig(method="sjd", sjd_window=4, samples_per_prompt=4, top_k=10, temperature=0.7,
                          guidance_scale=2.0, **options)
     seeds = [11, 12, 13]
-    together = generate_codes(model, TEXT, cfg, seeds=seeds)
+    together = generate_codes(model, TEXT, cfg, seeds=seeds, step=step)
     alone = torch.cat([generate_codes(model, TEXT[i:i + 1], cfg, seeds=seeds[i:i + 1]) for i in range(3)])
-    assert torch.equal(together, alone)
+    assert torch.equal(together, alone)  # and a fixed-shape step (rows at their own positions) the eager codes
     # a prompt's first samples are the same however many it has (eval's reranking candidates extend them)
     fewer = generate_codes(model, TEXT, SamplingConfig(**{**cfg.__dict__, "samples_per_prompt": 2}), seeds=seeds)
     assert torch.equal(fewer.view(3, 2, -1), together.view(3, 4, -1)[:, :2])

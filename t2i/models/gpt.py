@@ -16,10 +16,11 @@ F.scaled_dot_product_attention (flash attention on GPUs), PB-relax's too whereve
 exactly; it is written out in fp16 off CUDA, and for the one query of `forward_at` on CPUs (faster compiled).
 
 `forward(tokens, cache=...)` with a `KVCache` appends the new positions' keys and values to
-preallocated per-layer buffers, so sampling costs one position per step. `forward_at(token, position,
-cache)` does the same for one position with fixed shapes (the position a tensor, attention over the
-whole cache with the positions after it masked): a step that torch.compile can capture once as a CUDA
-graph (the gpt-fast pattern).
+preallocated per-layer buffers, so sampling costs one position per step. `forward_at(tokens, position,
+cache)` does the same with fixed shapes (each row's first position a tensor, attention over the whole
+cache with the positions after each query masked): a step that torch.compile can capture once as a CUDA
+graph (the gpt-fast pattern); one position per row for token-by-token sampling, a window of them for
+speculative Jacobi decoding.
 
 `checkpoint_activations` (a training switch, not part of the architecture) recomputes each block's
 activations in the backward pass instead of keeping them: memory for depth (`large` on one GPU).
@@ -152,14 +153,18 @@ class SwiGLU(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values for every layer: [B, H, block_size, head_dim] each.
+    """Preallocated keys and values for every layer: [B, H, positions, head_dim] each (positions: block_size,
+    or more for fixed-shape windows that run past the sequence's end: GPT.forward_at).
 
     Module buffers, so that a compiled decode step sees them at fixed addresses and may write them in a
     CUDA graph (torch.compile treats module buffers as static; plain tensor arguments it copies)."""
 
-    def __init__(self, cfg: GPTConfig, batch_size: int, device, dtype):
+    def __init__(self, cfg: GPTConfig, batch_size: int, device, dtype, positions: int | None = None):
         super().__init__()
-        shape = (batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+        positions = cfg.block_size if positions is None else positions
+        if positions < cfg.block_size:
+            raise ValueError(f"a KV cache holds at least block_size={cfg.block_size} positions, got {positions}")
+        shape = (batch_size, cfg.n_head, positions, cfg.n_embd // cfg.n_head)
         # which rows are image-to-text sequences (their rotary coordinates differ), set by the first forward
         self.register_buffer("caption", torch.zeros(batch_size, dtype=torch.bool, device=device), persistent=False)
         for layer in range(cfg.n_layer):
@@ -199,18 +204,23 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             q, k = rotate(q, *rotary), rotate(k, *rotary)
-        if position is not None:  # one position, fixed shapes: write it, attend over the whole cache up to it
+        if position is not None:  # fixed shapes, `position` [1 or B, t]: write them, attend over the whole cache
             keys, values = cache.keys[layer], cache.values[layer]
-            keys.index_copy_(2, position, k)
-            values.index_copy_(2, position, v)
-            visible = torch.arange(keys.shape[2], device=x.device) <= position
-            # on a CPU written out too: compiled, one query's attention fuses into a few loops, cheaper
+            if len(position) == 1:  # every row at the same positions (token-by-token steps: ~10% faster frozen)
+                keys.index_copy_(2, position[0], k)
+                values.index_copy_(2, position[0], v)
+            else:
+                index = position[:, None, :, None].expand_as(k)
+                keys.scatter_(2, index, k)
+                values.scatter_(2, index, v)
+            visible = (torch.arange(keys.shape[2], device=x.device) <= position[..., None])[:, None]  # [1|B, 1, t, S]
+            # on a CPU written out too: compiled, a few queries' attention fuses into a few loops, cheaper
             # than SDPA's CPU kernel (experiments/RESULTS.md, the frozen rows)
             if self._written_out(q) or not q.is_cuda:
-                y = self._written_attention(q, keys, values, visible[None])
+                y = self._written_attention(q, keys, values, visible)
             else:
                 with self._fused_kernels(q):
-                    y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[None])
+                    y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
             return self.proj(y.transpose(1, 2).reshape(b, t, c))
         start = 0
         if cache is not None:  # write the new positions, attend over everything so far
@@ -353,19 +363,25 @@ class GPT(nn.Module):
             return self.head(x, rows)
         return self.head(x)[..., rows]
 
-    def forward_at(self, token: torch.Tensor, position: torch.Tensor, cache: KVCache, head_rows: int) -> torch.Tensor:
-        """One token per row [B, 1] at `position` (a [1] long tensor on the model's device) -> logits over the
-        first `head_rows` rows of the head [B, head_rows]. Writes the cache at `position` and leaves
-        cache.length to the caller: nothing here depends on Python values that change between steps."""
-        x = self.tok_emb(token)
+    def forward_at(self, tokens: torch.Tensor, position: torch.Tensor, cache: KVCache, head_rows: int) -> torch.Tensor:
+        """Tokens [B, t] at positions position .. position + t - 1 (`position` a long tensor on the model's
+        device: [1], every row's, or [B], each row's own) -> logits over the first `head_rows` rows of the head
+        [B, t, head_rows]. Writes the cache there and leaves cache.length to the caller: nothing here depends on
+        Python values that change between calls. Positions past block_size (a window run past the sequence's
+        end, in a cache with room for it) take the last position's embedding: their outputs are not meant to
+        be used."""
+        b, t = tokens.shape
+        positions = position[:, None] + torch.arange(t, device=tokens.device)  # [1 or B, t]
+        table = positions.clamp(max=self.cfg.block_size - 1)
+        x = self.tok_emb(tokens)
         rotary = None
         if self.cfg.pos == "learned":
-            x = x + self.pos_emb[:, position]
+            x = x + self.pos_emb[0, table]
         else:
-            rotary = self._rotary(cache.caption[:len(token)], position)
+            rotary = self._rotary(cache.caption[:b], table)
         for layer, block in enumerate(self.blocks):
-            x = block(x, cache, layer, position, rotary)
-        return self.head_logits(self.ln_f(x[:, -1]), slice(0, head_rows))
+            x = block(x, cache, layer, positions, rotary)
+        return self.head_logits(self.ln_f(x), slice(0, head_rows))
 
     def _rotary(self, caption: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) [B, 1, T, head_dim / 2] of the rotary angles at `positions` for rows of each direction.
@@ -373,7 +389,7 @@ class GPT(nn.Module):
         Frequencies base^(-j / n) over n = head_dim / 2 angles (1-D), or n = head_dim / 4 per axis (2-D:
         the first half of the angles follow a position's first coordinate, the second half its second)."""
         cfg = self.cfg
-        coords = self.rotary_coords[caption.long()][:, positions].float()  # [B, T, 2]
+        coords = self.rotary_coords[caption.long()[:, None], positions].float()  # [B, T, 2]; positions [T] or [B, T]
         angles_per_axis = (cfg.n_embd // cfg.n_head) // (4 if cfg.pos == "rope2d" else 2)
         freqs = cfg.rope_base ** -(torch.arange(angles_per_axis, device=coords.device, dtype=torch.float32)
                                    / angles_per_axis)
@@ -393,6 +409,6 @@ class GPT(nn.Module):
         linear_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         return 6 * linear_weights * length + 12 * cfg.n_layer * cfg.n_embd * length * length
 
-    def new_cache(self, batch_size: int) -> KVCache:
+    def new_cache(self, batch_size: int, positions: int | None = None) -> KVCache:
         param = self.tok_emb.weight
-        return KVCache(self.cfg, batch_size, param.device, param.dtype)
+        return KVCache(self.cfg, batch_size, param.device, param.dtype, positions)

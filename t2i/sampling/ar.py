@@ -34,7 +34,7 @@ def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cach
 
     Prompt i samples from its own random stream, seeded with seeds[i] (e.g. prompt_seeds(cfg.seed, prompts));
     with no seeds cfg.seed must be None (unseeded). `stats`, when given, counts the model calls. `step`: how
-    each step of method=ar runs (STEP_MODES, t2i.sampling.steps); SJD's windows run eagerly. `progress(done,
+    each step runs (STEP_MODES, t2i.sampling.steps; method=sjd: each window of drafts). `progress(done,
     total)` is called after each model call: image positions fixed for every sequence so far, of image_len.
     `samples`: only these of each prompt's cfg.samples_per_prompt samples (a range; default all), codes
     [P * len(samples), image_len], each sample's the codes the whole call gives it: a prompt's samples may
@@ -74,7 +74,7 @@ def generate_codes(model: GPT, text: torch.Tensor, cfg: SamplingConfig, use_cach
             raise ValueError("sampling.method=sjd runs on the KV cache (use_cache=True)")
         generators = row_generators(seeds, n_prompts, cfg.samples_per_prompt, cfg.greedy)
         generators = [g for row, g in enumerate(generators) if row % cfg.samples_per_prompt in samples]
-        return sjd_codes(model, prefix, len(text), cfg, scales, until, generators, stats, progress)
+        return sjd_codes(model, prefix, len(text), cfg, scales, until, generators, stats, progress, step)
     uniforms = None if cfg.greedy else prompt_uniforms(seeds, n_prompts, cfg.samples_per_prompt, gpt.image_len,
                                                        text.device)
     if uniforms is not None:  # the prompt's streams are drawn whole, then the wanted samples' rows kept

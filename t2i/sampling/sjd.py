@@ -3,6 +3,8 @@ window of draft codes at once and keeps the sampling distribution exactly (`sjd_
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 
@@ -11,11 +13,12 @@ from t2i.sampling.draws import draw, filter_logits
 from t2i.sampling.guidance import guided_logits
 from t2i.sampling.options import SamplingConfig, SamplingStats
 from t2i.sampling.progress import Progress
+from t2i.sampling.steps import fixed_shape_step
 
 
 def sjd_codes(model: GPT, prefix: torch.Tensor, n: int, cfg: SamplingConfig, scales: torch.Tensor,
               guided_until: int, generators: list[torch.Generator], stats: SamplingStats,
-              progress: Progress | None = None) -> torch.Tensor:
+              progress: Progress | None = None, step: str = "eager") -> torch.Tensor:
     """Speculative Jacobi decoding (Teng et al. 2024): prefix [n (+ n null-text rows), L] -> codes [n, image_len].
 
     Each model call feeds the last committed code and every sequence's window of draft codes (the KV
@@ -52,12 +55,30 @@ def sjd_codes(model: GPT, prefix: torch.Tensor, n: int, cfg: SamplingConfig, sca
     stream; the cache keeps the codes all sequences have accepted (the minimum) and the sequences ahead
     re-feed theirs. A sequence more than a window ahead waits (draws nothing) until the others catch
     up, so each sequence's codes are those it gets alone.
+
+    `step` (sampling.step, t2i.sampling.steps): "eager" runs each call over the window from the minimum count,
+    its length as the counts spread; "static", "compiled" and "frozen" run one shape, W + 1 positions per row,
+    each row's window at its own position (GPT.forward_at with a position per row), both guidance halves
+    throughout, in a cache with W positions of room past the image's end (a finished sequence's window runs
+    there, its outputs unused). Why a position per row rather than one window from the minimum: a window
+    covering every row's drafts would have to be as long as the counts can spread (the whole image), and each
+    row's own window is exactly the W + 1 positions it verifies. No sequence then waits for the others; each
+    still draws only while it has codes to draw, so it gets the codes it gets alone, the eager step's codes.
     """
+    held = (nullcontext((None, model.new_cache(len(prefix)))) if step == "eager"
+            else fixed_shape_step(model, step, len(prefix), cfg.sjd_window))
+    with held as (forward_at, cache):
+        return sjd_loop(model, forward_at, cache, prefix, n, cfg, scales, guided_until, generators, stats, progress)
+
+
+def sjd_loop(model: GPT, forward_at, cache, prefix: torch.Tensor, n: int, cfg: SamplingConfig, scales: torch.Tensor,
+             guided_until: int, generators: list[torch.Generator], stats: SamplingStats,
+             progress: Progress | None) -> torch.Tensor:
+    """sjd_codes' loop, its windows through `forward_at` (a fixed-shape step on `cache`), or eager (None)."""
     gpt = model.cfg
     T, V, W = gpt.image_len, gpt.n_image_codes, cfg.sjd_window
     device = prefix.device
     start = prefix.shape[1] - 1  # the position of the token before the first code
-    cache = model.new_cache(len(prefix))
     if start:  # the prompt but its last token, which the first window feeds
         model(prefix[:, :-1], cache, last=1, head_rows=1)
         stats.model_calls += 1
@@ -76,32 +97,41 @@ def sjd_codes(model: GPT, prefix: torch.Tensor, n: int, cfg: SamplingConfig, sca
         c = int(done.min())  # codes every sequence has accepted
         if c == T:
             return tokens[:, :T]
-        active = (done < T) & (done - c <= W)
+        # a fixed-shape step runs every row at its own position: none waits
+        active = (done < T) & ((done - c <= W) | (forward_at is not None))
         ends = (done + W).clamp(max=T)  # each verifies its drafts at done .. ends - 1
         count = torch.where(active, ends - done, 0)
-        end = int(ends[active].max())  # the window: codes c .. end - 1 (a waiting sequence's own beyond it wait too)
         tokens.scatter_(1, done[:, None] + steps, drafts)
-        halves = 2 if c < guided_until else 1
-        first = before[:halves * n] if c == 0 else tokens[:, c - 1].repeat(halves)
-        window = torch.cat([first[:, None], tokens[:, c:end].repeat(halves, 1)], 1)
-        cache.length = start + c
-        logits = guided_logits(model(window, cache, head_rows=V).float(), n, scales[c:end + 1])  # output j: code c + j
+        if forward_at is None:
+            end = int(ends[active].max())  # the window: codes c .. end - 1 (a waiting sequence's own beyond it wait too)
+            halves = 2 if c < guided_until else 1
+            first = before[:halves * n] if c == 0 else tokens[:, c - 1].repeat(halves)
+            window = torch.cat([first[:, None], tokens[:, c:end].repeat(halves, 1)], 1)
+            cache.length = start + c
+            logits = guided_logits(model(window, cache, head_rows=V).float(), n, scales[c:end + 1])  # output j: code c + j
+            # the window's outputs at each sequence's positions done .. done + W
+            at = ((done - c)[:, None] + torch.arange(W + 1, device=device)).clamp(max=end - c)
+            logits = logits.gather(1, at[..., None].expand(-1, -1, V))
+        else:  # each row's code before done, then its drafts, at positions start + done ..; both halves throughout
+            halves = 2 if guided_until else 1
+            previous = tokens.gather(1, (done - 1).clamp(min=0)[:, None]).squeeze(1)
+            first = torch.where((done == 0).repeat(halves), before[:halves * n], previous.repeat(halves))
+            window = torch.cat([first[:, None], drafts.repeat(halves, 1)], 1)
+            at = (done[:, None] + torch.arange(W + 1, device=device)).clamp(max=T)  # output j: code done + j
+            logits = guided_logits(forward_at(window, (start + done).repeat(halves), cache, V).float(), n, scales[at])
         stats.model_calls += 1
-        # the window's outputs at each sequence's positions done .. done + W
-        at = ((done - c)[:, None] + torch.arange(W + 1, device=device)).clamp(max=end - c)
         draws = torch.zeros(n, 3 * W + 1, dtype=torch.float32)
         for row in active.nonzero().squeeze(1).tolist():
             draws[row] = torch.rand(3 * W + 1, generator=generators[row], dtype=torch.float32)
         draws = draws.to(device)
         u_accept, u_code, u_draft, u_init = draws[:, :W], draws[:, W], draws[:, W + 1:2 * W + 1], draws[:, 2 * W + 1:]
         if cfg.greedy:
-            best = logits.argmax(-1).gather(1, at)  # [n, W + 1]
+            best = logits.argmax(-1)  # [n, W + 1]
             accepted = (drafts == best[:, :W]) & (steps < count[:, None])
             m = accepted.long().cumprod(1).sum(1)  # drafts accepted, in order
             code = best.gather(1, m[:, None]).squeeze(1)
         else:
-            probs = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
-            p = probs.gather(1, at[..., None].expand(-1, -1, V))  # [n, W + 1, V]
+            p = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)  # [n, W + 1, V]
             px = p[:, :W].gather(-1, drafts[..., None]).squeeze(-1)
             qx = q.gather(-1, drafts[..., None]).squeeze(-1)  # > 0: each draft was drawn from its q
             if cfg.sjd_group_size:

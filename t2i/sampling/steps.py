@@ -10,7 +10,12 @@ sampling.step=auto is one of these, picked for the device and the work (t2i.samp
 All give the same codes up to float rounding. Without the cache (`use_cache=False`) every step recomputes the
 whole sequence, as EasyNLP's generate loop does (kept for the benchmark and the equivalence tests).
 
-Compiled and frozen steps are kept per model (compiled once per batch size) and dropped with their model.
+Speculative Jacobi decoding (t2i.sampling.sjd) runs its windows through the same steps (`fixed_shape_step` with
+a window): W drafts and the code before them, W + 1 positions per row, in a KV cache with W positions of room
+past the sequence's end, so that every window, the last ones too, has one shape.
+
+Compiled and frozen steps are kept per model (compiled once per batch size and window) and dropped with their
+model.
 """
 
 from __future__ import annotations
@@ -34,16 +39,16 @@ from t2i.sampling.options import check_step_mode
 # model's compiled step runs at is one compilation of its copy of forward_at: allow that many (set around each call)
 STEP_COMPILATIONS = 256
 
-# Frozen steps kept per model: those of the most recently used batch sizes. Every size kept holds a KV cache and
-# its own compilation, with a packed copy of the weights in it (about the weights' size again: +75-100 MB per
-# size for a 56 MB GPT), so sizes are not kept without bound; a run at a fixed batch size uses two (its full
-# batches and the last, partial one) and compiles each once. A caller that cycles through more sizes
+# Frozen steps kept per model: those of the most recently used batch sizes (and SJD windows). Every size kept holds
+# a KV cache and its own compilation, with a packed copy of the weights in it (about the weights' size again:
+# +75-100 MB per size for a 56 MB GPT), so sizes are not kept without bound; a run at a fixed batch size uses two
+# (its full batches and the last, partial one) and compiles each once. A caller that cycles through more sizes
 # recompiles (~30 s at the base size on two CPU cores) each time a size comes back.
 FROZEN_BATCH_SIZES = 2
 
 
 class CompiledStep:
-    """GPT.forward_at through torch.compile, under a code object of its own; called as step(model, token,
+    """GPT.forward_at through torch.compile, under a code object of its own; called as step(model, tokens,
     position, cache, head_rows).
 
     Why its own code object: dynamo keeps what it compiles on the compiled function's code object for the life
@@ -76,7 +81,8 @@ class _ModelSteps:
     """One model's compiled steps. Holds no reference to the model, so that the model is freed when its
     caller drops it; the model's finalizer then releases these."""
     compiled: CompiledStep | None = None
-    frozen: OrderedDict = field(default_factory=OrderedDict)  # batch size -> (CompiledStep, KVCache), oldest first
+    # (batch size, window) -> (CompiledStep, KVCache), oldest first; window 0: the one-position step
+    frozen: OrderedDict = field(default_factory=OrderedDict)
     generating: threading.Lock = field(default_factory=threading.Lock)  # one frozen generation at a time
 
     def release(self) -> None:
@@ -104,8 +110,9 @@ def _steps_of(model: GPT, compiled: bool = False) -> _ModelSteps:
 
 
 def compiled_step(model: GPT):
-    """model.forward_at through torch.compile (sampling.step=compiled): compiled once per model and batch size;
-    on CUDA mode "reduce-overhead" (a CUDA graph). Its compilations are dropped when the model is."""
+    """model.forward_at through torch.compile (sampling.step=compiled): compiled once per model and shape (batch
+    size, positions per call); on CUDA mode "reduce-overhead" (a CUDA graph). Its compilations are dropped when
+    the model is."""
     return functools.partial(_steps_of(model, compiled=True).compiled, model)
 
 
@@ -120,9 +127,11 @@ def release_steps(model: GPT) -> None:
 
 
 @contextmanager
-def frozen_step(model: GPT, batch_size: int):
+def frozen_step(model: GPT, batch_size: int, window: int = 0):
     """The frozen step of this model at this batch size with its KV cache, emptied (sampling.step=frozen), held
-    for one generation: `with frozen_step(model, n) as (step, cache): ... step(token, position, cache, rows)`.
+    for one generation: `with frozen_step(model, n) as (step, cache): ... step(tokens, position, cache, rows)`.
+    `window` W > 0: a step of W + 1 positions per row (speculative Jacobi decoding), its cache with room for W
+    positions past block_size; each (batch size, window) is a step of its own.
 
     Frozen: model.forward_at compiled with the weights in it as constants (inductor's freezing) and the matrix
     products autotuned (mode "max-autotune"; a CUDA graph on GPUs as well). Why: with constant weights inductor
@@ -140,15 +149,16 @@ def frozen_step(model: GPT, batch_size: int):
     and any recompilation, happen inside one).
     """
     steps = _steps_of(model)
+    shape = (batch_size, window)
     with steps.generating:
-        if batch_size in steps.frozen:
-            steps.frozen.move_to_end(batch_size)
+        if shape in steps.frozen:
+            steps.frozen.move_to_end(shape)
         else:
-            steps.frozen[batch_size] = (CompiledStep(frozen=True, cuda=model.tok_emb.weight.is_cuda),
-                                        model.new_cache(batch_size))
+            steps.frozen[shape] = (CompiledStep(frozen=True, cuda=model.tok_emb.weight.is_cuda),
+                                   model.new_cache(batch_size, model.cfg.block_size + window))
             while len(steps.frozen) > FROZEN_BATCH_SIZES:
                 steps.frozen.popitem(last=False)[1][0].release()
-        step, cache = steps.frozen[batch_size]
+        step, cache = steps.frozen[shape]
         # stale keys and values past a position are masked (weight 0); the first forward sets `caption`
         cache.length = 0
         yield functools.partial(step, model), cache
@@ -213,10 +223,26 @@ class FixedShapeSteps(EagerSteps):
         return logits
 
     def forward_one(self, tokens: torch.Tensor) -> torch.Tensor:
-        logits = self.step(tokens, self.position, self.cache, self.head_rows)
+        logits = self.step(tokens, self.position, self.cache, self.head_rows)[:, -1]
         self.position += 1
         self.cache.length += 1
         return logits
+
+
+@contextmanager
+def fixed_shape_step(model: GPT, step: str, batch_size: int, window: int = 0):
+    """The fixed-shape step of mode `step` (static, compiled or frozen) and a KV cache for `batch_size` rows,
+    held for one generation: `with fixed_shape_step(...) as (step, cache): step(tokens, position, cache, rows)`
+    (GPT.forward_at's arguments after the model). `window` W > 0: speculative Jacobi decoding's windows of W + 1
+    positions per row, the cache with W positions of room past block_size."""
+    if step not in ("static", "compiled", "frozen"):
+        raise ValueError(f"a fixed-shape step is static, compiled or frozen, got {step!r}")
+    if step == "frozen":
+        with frozen_step(model, batch_size, window) as held:
+            yield held
+    else:
+        forward_at = model.forward_at if step == "static" else compiled_step(model)
+        yield forward_at, model.new_cache(batch_size, model.cfg.block_size + window)
 
 
 @contextmanager
@@ -227,11 +253,8 @@ def sampling_steps(model: GPT, step: str, batch_size: int, head_rows: int,
     check_step_mode(step, runs=True)
     if not use_cache:
         yield RecomputedSteps(model, head_rows)
-    elif step == "frozen":
-        with frozen_step(model, batch_size) as (frozen, cache):
-            yield FixedShapeSteps(model, cache, head_rows, frozen)
     elif step == "eager":
         yield EagerSteps(model, model.new_cache(batch_size), head_rows)
     else:
-        compiled = model.forward_at if step == "static" else compiled_step(model)
-        yield FixedShapeSteps(model, model.new_cache(batch_size), head_rows, compiled)
+        with fixed_shape_step(model, step, batch_size) as (forward_at, cache):
+            yield FixedShapeSteps(model, cache, head_rows, forward_at)
