@@ -2,7 +2,7 @@
 
     python experiments/concept_lora.py --vqgan logs/quickstart/vqgan/checkpoints/last.ckpt \
         --tokenizer data/shapes/tokenizer.model [--concept color=purple] [--images 500] [--replay 500] \
-        [--steps 300] [--data data/concept] [--runs logs/concept] [--seed 0] [--base GPT.ckpt]
+        [--steps 300] [--lora-lr 1e-3] [--full-lr 1e-4] [--data data/concept] [--runs logs/concept] [--seed 0] [--base GPT.ckpt]
 
 The steps, each a repository command printed before it runs:
 1. data: the shapes splits without the concept (the base's training set; its test split gives the old prompts)
@@ -29,18 +29,16 @@ from pathlib import Path
 
 from quickstart import ATTRIBUTES, REPO, minutes, percent, read_json, relative_to_repo
 
-# LoRA's rank and learning rate: a larger step than the base recipe's 3e-3 (a few hundred steps, few weights)
 LORA = "stage.lora={rank: 8, alpha: 16, targets: [attention, mlp]}"
-LORA_LR, FULL_LR = 3.0e-3, 1.0e-3
 PROMPTS = 200
 
 
-def fine_tune(data: Path, base: Path, run: Path, steps: int, seed: int, lora: bool) -> list[str]:
+def fine_tune(data: Path, base: Path, run: Path, steps: int, seed: int, lr: float, lora: bool) -> list[str]:
     """The command of one fine-tuning on the concept's code shards: the base recipe, shorter, from `base`."""
     return [sys.executable, "train.py", "experiment=shapes", f"init_ckpt={base}", f"seed={seed}",
             f"data.root={data / 'concept_codes'}", f"trainer.max_steps={steps}", "trainer.max_epochs=-1",
             f"trainer.val_check_interval={steps}", "trainer.check_val_every_n_epoch=null", "stage.warmup_steps=20", "stage.sample_every_n_steps=0",
-            f"optim.lr={LORA_LR if lora else FULL_LR}", *([LORA] if lora else []), f"hydra.run.dir={run}"]
+            f"optim.lr={lr}", *([LORA] if lora else []), f"hydra.run.dir={run}"]
 
 
 def evaluate(model: list[str], data: Path, out: Path) -> list[str]:
@@ -69,9 +67,12 @@ def stages(args) -> list[tuple[str, list[str]]]:
     if not args.base:
         steps.append(("base GPT", py + ["train.py", "experiment=shapes", f"seed={args.seed}",
                                         f"data.root={data / 'base_codes'}", f"hydra.run.dir={runs / 'base'}"]))
-    steps += [("LoRA", fine_tune(data, base, runs / "lora", args.steps, args.seed, lora=True)),
-              ("full fine-tuning", fine_tune(data, base, runs / "full", args.steps, args.seed, lora=False))]
-    models = {"base": [f"ckpt={base}"], "lora": [f"ckpt={base}", f"adapter={lora}"], "full": [f"ckpt={full}"]}
+    steps.append(("LoRA", fine_tune(data, base, runs / "lora", args.steps, args.seed, args.lora_lr, lora=True)))
+    models = {"base": [f"ckpt={base}"], "lora": [f"ckpt={base}", f"adapter={lora}"]}
+    if args.full_lr:
+        steps.append(("full fine-tuning", fine_tune(data, base, runs / "full", args.steps, args.seed, args.full_lr,
+                                                    lora=False)))
+        models["full"] = [f"ckpt={full}"]
     for model, arguments in models.items():
         for prompts, folder in (("new", "concept"), ("old", "base")):
             steps.append((f"evaluate {model} on {prompts} prompts",
@@ -94,7 +95,11 @@ def summary(args, times: dict[str, float]) -> str:
              f"{args.steps} steps)", "",
              f"| model | {header} | fine-tuning wall | trained weights | checkpoint file |",
              "|---|" + "---|" * (2 * len(ATTRIBUTES) + 3)]
-    for model, label in (("base", "base (never saw it)"), ("lora", "LoRA adapter"), ("full", "full fine-tuning")):
+    labels = {"base": "base (never saw it)", "lora": f"LoRA adapter (lr {args.lora_lr:g})",
+              "full": f"full fine-tuning (lr {args.full_lr:g})"}
+    for model, label in labels.items():
+        if model == "full" and not args.full_lr:
+            continue
         scores = []
         for prompts in ("new", "old"):
             results = read_json(runs / "eval" / f"{model}_{prompts}" / "results.json")
@@ -122,6 +127,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps (batch 64)")
     parser.add_argument("--data", type=Path, default=Path("data/concept"))
     parser.add_argument("--runs", type=Path, default=Path("logs/concept"))
+    parser.add_argument("--lora-lr", type=float, default=1e-3, help="the LoRA run's learning rate")
+    parser.add_argument("--full-lr", type=float, default=1e-4, help="full fine-tuning's learning rate (0: skip it)")
     parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--data-seed", type=int, default=0, help="the shapes dataset's seed")
     parser.add_argument("--base", type=Path, help="a base GPT trained without the concept (skips its training)")
