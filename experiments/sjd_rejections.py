@@ -106,7 +106,8 @@ def main() -> None:
                 tested[group] += 1
                 accepted[group] += ok
 
-    print(f"{args.prompts} test captions, batch 1, window {args.window}, seeds {args.seed}..{args.seed + args.prompts - 1}; "
+    print(f"{args.prompts} test captions, batch 1, window {args.window}, "
+          f"seeds {args.seed}..{args.seed + args.prompts - 1}; "
           f"temperature {cfg.temperature}, top-k {cfg.top_k}, guidance {cfg.guidance_scale}; "
           f"{stats.model_calls} model calls for {stats.token_by_token_calls} positions ({stats.speedup:.2f}x)")
     print("| drafts | tested | accepted | acceptance |\n|---|---|---|---|")
