@@ -27,13 +27,15 @@ from t2i.checkpoints import (AdapterRecord, CheckpointError, GPTRecord, gpt_stat
 from t2i.extras import require
 from t2i.models.gpt import GPT
 
-# each choice of LoraConfig.targets -> the GPT's linear layers it adapts (full module names, as one regex):
-# the classic blocks' key/query/value/proj and MLP (nn.Sequential: linears 0 and 2), the Llama-style blocks'
-# SwiGLU gate/up/down, and the output head
+# each choice of LoraConfig.targets -> the GPT's layers it adapts (full module names, as one regex): the classic
+# blocks' key/query/value/proj and MLP (nn.Sequential: linears 0 and 2), the Llama-style blocks' SwiGLU
+# gate/up/down, the output head, and the token embedding (a word the base never read in a caption has only its
+# random initial row: the adapter can give it one; rows of tokens the fine-tuning never sees stay as they are)
 TARGETS = {
     "attention": r"blocks\.\d+\.attn\.(key|query|value|proj)",
     "mlp": r"blocks\.\d+\.mlp\.(0|2|gate|up|down)",
     "head": r"head",
+    "embedding": r"tok_emb",
 }
 
 
@@ -71,9 +73,11 @@ def _peft():
 def add_lora(gpt: GPT, config: LoraConfig, name: str = "default") -> GPT:
     """Freeze `gpt`'s weights and attach a new adapter (in place), under `name` (peft's adapter name): only the
     adapter's weights train."""
-    if "head" in config.targets and gpt.cfg.tie_head:
-        raise ValueError("stage.lora.targets has head, but this GPT's head is its token embedding (model.tie_head): "
-                         "merged, the adapter would change the embedding too; leave head out of the targets")
+    tied = [target for target in ("head", "embedding") if target in config.targets]
+    if tied and gpt.cfg.tie_head:
+        raise ValueError(f"stage.lora.targets has {tied[0]}, but this GPT's head is its token embedding "
+                         "(model.tie_head): merged, the adapter would change both; leave head and embedding out of "
+                         "the targets")
     peft = _peft()
     gpt.requires_grad_(False)
     pattern = "|".join(f"(?:{TARGETS[target]})" for target in config.targets)
@@ -194,7 +198,7 @@ def use_adapter(gpt: GPT, name: str | None) -> None:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [module for module in gpt.modules() if isinstance(module, BaseTunerLayer)]
-    names = set().union(*(layer.lora_A.keys() for layer in layers))
+    names = set().union(*(set(layer.lora_A) | set(layer.lora_embedding_A) for layer in layers))  # linear, embedding
     if name is not None and name not in names:
         raise ValueError(f"no adapter named {name!r} is attached (attached: {', '.join(sorted(names)) or 'none'})")
     for layer in layers:

@@ -20,7 +20,7 @@ from t2i.stages.scaling import weight_decay_groups
 
 TINY = dict(n_image_codes=40, n_text_tokens=30, text_len=6, image_len=9, n_layer=2, n_head=2, n_embd=32)
 BLOCKS = {"classic": {}, "llama": dict(norm_type="rms", mlp="swiglu", pos="rope2d", bias=False)}
-EVERYWHERE = LoraConfig(rank=4, targets=["attention", "mlp", "head"])
+EVERYWHERE = LoraConfig(rank=4, targets=["attention", "mlp", "head", "embedding"])
 
 
 def base_gpt(style: str) -> GPT:
@@ -33,7 +33,7 @@ def trained_adapter(gpt: GPT) -> GPT:
     add_lora(gpt, EVERYWHERE)
     generator = torch.Generator().manual_seed(1)
     for name, p in gpt.named_parameters():
-        if "lora_B" in name:
+        if "lora_B" in name or "lora_embedding_A" in name:  # the factor that starts at zero
             p.data.normal_(0, 0.2, generator=generator)
     return gpt.eval()
 
@@ -56,7 +56,7 @@ def test_only_the_adapter_trains(style):
     adapted = {name.split(".lora_")[0] for name in adapter_weights(gpt)}
     linears = {f"blocks.{i}.attn.{n}" for i in range(2) for n in ("key", "query", "value", "proj")}
     mlp = ("gate", "up", "down") if style == "llama" else ("0", "2")
-    assert adapted == linears | {f"blocks.{i}.mlp.{n}" for i in range(2) for n in mlp} | {"head"}
+    assert adapted == linears | {f"blocks.{i}.mlp.{n}" for i in range(2) for n in mlp} | {"head", "tok_emb"}
     trainable = [p for p in gpt.parameters() if p.requires_grad]
     groups = weight_decay_groups(gpt, 0.01)
     assert sum(len(g["params"]) for g in groups) == len(trainable) == len(adapter_weights(gpt))
@@ -164,13 +164,14 @@ def test_lora_settings_are_checked_by_name():
     assert GPTStageConfig().lora is None
     with pytest.raises(ValueError, match="stage.lora has unknown key.*ranks"):
         GPTStageConfig(lora={"ranks": 2})
-    with pytest.raises(ValueError, match="stage.lora.targets must name some of attention, mlp, head"):
+    with pytest.raises(ValueError, match="stage.lora.targets must name some of attention, mlp, head, embedding"):
         LoraConfig(targets=["attn"])
     with pytest.raises(ValueError, match="stage.lora.rank"):
         LoraConfig(rank=0)
     tied = GPT(GPTConfig(**TINY, tie_head=True))
-    with pytest.raises(ValueError, match="tie_head"):
-        add_lora(tied, EVERYWHERE)
+    for target in ("head", "embedding"):
+        with pytest.raises(ValueError, match=f"targets has {target}, .*tie_head"):
+            add_lora(tied, LoraConfig(targets=["attention", target]))
 
 
 def test_a_lora_run_saves_its_adapter_resumes_and_is_evaluated(lora_run, gpt_run):
