@@ -2,7 +2,7 @@
 
     python experiments/concept_lora.py --vqgan logs/quickstart/vqgan/checkpoints/last.ckpt \
         --tokenizer data/shapes/tokenizer.model [--concept color=purple] [--images 500] [--replay 500] \
-        [--steps 300] [--lora-lr 1e-3] [--full-lr 1e-4] [--data data/concept] [--runs logs/concept] [--seed 0] [--base GPT.ckpt]
+        [--steps 300] [--lora-lr 1e-3] [--lora-targets attention mlp] [--full-lr 1e-4] [--data data/concept] [--runs logs/concept] [--seed 0] [--base GPT.ckpt]
 
 The steps, each a repository command printed before it runs:
 1. data: the shapes splits without the concept (the base's training set; its test split gives the old prompts)
@@ -29,16 +29,15 @@ from pathlib import Path
 
 from quickstart import ATTRIBUTES, REPO, minutes, percent, read_json, relative_to_repo
 
-LORA = "stage.lora={rank: 8, alpha: 16, targets: [attention, mlp]}"
 PROMPTS = 200
 
 
-def fine_tune(data: Path, base: Path, run: Path, steps: int, seed: int, lr: float, lora: bool) -> list[str]:
+def fine_tune(data: Path, base: Path, run: Path, steps: int, seed: int, lr: float, lora: str | None) -> list[str]:
     """The command of one fine-tuning on the concept's code shards: the base recipe, shorter, from `base`."""
     return [sys.executable, "train.py", "experiment=shapes", f"init_ckpt={base}", f"seed={seed}",
             f"data.root={data / 'concept_codes'}", f"trainer.max_steps={steps}", "trainer.max_epochs=-1",
             f"trainer.val_check_interval={steps}", "trainer.check_val_every_n_epoch=null", "stage.warmup_steps=20", "stage.sample_every_n_steps=0",
-            f"optim.lr={lr}", *([LORA] if lora else []), f"hydra.run.dir={run}"]
+            f"optim.lr={lr}", *([f"stage.lora={lora}"] if lora else []), f"hydra.run.dir={run}"]
 
 
 def evaluate(model: list[str], data: Path, out: Path) -> list[str]:
@@ -67,11 +66,12 @@ def stages(args) -> list[tuple[str, list[str]]]:
     if not args.base:
         steps.append(("base GPT", py + ["train.py", "experiment=shapes", f"seed={args.seed}",
                                         f"data.root={data / 'base_codes'}", f"hydra.run.dir={runs / 'base'}"]))
-    steps.append(("LoRA", fine_tune(data, base, runs / "lora", args.steps, args.seed, args.lora_lr, lora=True)))
+    lora_settings = f"{{rank: {args.lora_rank}, alpha: {2 * args.lora_rank}, targets: [{', '.join(args.lora_targets)}]}}"
+    steps.append(("LoRA", fine_tune(data, base, runs / "lora", args.steps, args.seed, args.lora_lr, lora_settings)))
     models = {"base": [f"ckpt={base}"], "lora": [f"ckpt={base}", f"adapter={lora}"]}
     if args.full_lr:
         steps.append(("full fine-tuning", fine_tune(data, base, runs / "full", args.steps, args.seed, args.full_lr,
-                                                    lora=False)))
+                                                    lora=None)))
         models["full"] = [f"ckpt={full}"]
     for model, arguments in models.items():
         for prompts, folder in (("new", "concept"), ("old", "base")):
@@ -95,7 +95,8 @@ def summary(args, times: dict[str, float]) -> str:
              f"{args.steps} steps)", "",
              f"| model | {header} | fine-tuning wall | trained weights | checkpoint file |",
              "|---|" + "---|" * (2 * len(ATTRIBUTES) + 3)]
-    labels = {"base": "base (never saw it)", "lora": f"LoRA adapter (lr {args.lora_lr:g})",
+    labels = {"base": "base (never saw it)",
+              "lora": f"LoRA adapter (rank {args.lora_rank} on {', '.join(args.lora_targets)}; lr {args.lora_lr:g})",
               "full": f"full fine-tuning (lr {args.full_lr:g})"}
     for model, label in labels.items():
         if model == "full" and not args.full_lr:
@@ -128,6 +129,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("data/concept"))
     parser.add_argument("--runs", type=Path, default=Path("logs/concept"))
     parser.add_argument("--lora-lr", type=float, default=1e-3, help="the LoRA run's learning rate")
+    parser.add_argument("--lora-rank", type=int, default=8, help="the adapter's rank (alpha: twice the rank)")
+    parser.add_argument("--lora-targets", nargs="+", default=["attention", "mlp"],
+                        help="the layers adapted: some of attention, mlp, head, embedding")
     parser.add_argument("--full-lr", type=float, default=1e-4, help="full fine-tuning's learning rate (0: skip it)")
     parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--data-seed", type=int, default=0, help="the shapes dataset's seed")

@@ -53,7 +53,7 @@ def read_splits(args) -> dict:
     for split, n in counts.items():
         if n < 0:
             raise ValueError(f"--{split} must be >= 0, got {n}")
-    return {split: _rows(split, n, args) for split, n in counts.items() if n > 0}
+    return {split: _rows(split, n, args) for split, n in counts.items() if n > 0 or (split == "train" and args.replay)}
 
 
 def _rows(split: str, n: int, args):
