@@ -1,8 +1,9 @@
 """Teach the shapes GPT a concept it never saw, with a LoRA adapter and with full fine-tuning (issue 28).
 
     python experiments/concept_lora.py --vqgan logs/quickstart/vqgan/checkpoints/last.ckpt \
-        --tokenizer data/shapes/tokenizer.model [--concept color=purple] [--images 500] [--replay 500] \
-        [--steps 300] [--lora-lr 1e-3] [--lora-targets attention mlp] [--full-lr 1e-4] [--data data/concept] [--runs logs/concept] [--seed 0] [--base GPT.ckpt]
+        --tokenizer data/shapes/tokenizer.model [--concept color=purple] [--images 500] [--replay 1500] \
+        [--steps 300] [--lora-lr 1e-3] [--lora-targets attention mlp] [--full-lr 1e-4] \
+        [--data data/concept] [--runs logs/concept] [--seed 0] [--base GPT.ckpt]
 
 The steps, each a repository command printed before it runs:
 1. data: the shapes splits without the concept (the base's training set; its test split gives the old prompts)
@@ -36,7 +37,9 @@ def fine_tune(data: Path, base: Path, run: Path, steps: int, seed: int, lr: floa
     """The command of one fine-tuning on the concept's code shards: the base recipe, shorter, from `base`."""
     return [sys.executable, "train.py", "experiment=shapes", f"init_ckpt={base}", f"seed={seed}",
             f"data.root={data / 'concept_codes'}", f"trainer.max_steps={steps}", "trainer.max_epochs=-1",
-            f"trainer.val_check_interval={steps}", "trainer.check_val_every_n_epoch=null", "stage.warmup_steps=20", "stage.sample_every_n_steps=0",
+            # a few batches an epoch: validate by steps, once at the end
+            f"trainer.val_check_interval={steps}", "trainer.check_val_every_n_epoch=null",
+            "stage.warmup_steps=20", "stage.sample_every_n_steps=0",
             f"optim.lr={lr}", *([f"stage.lora={lora}"] if lora else []), f"hydra.run.dir={run}"]
 
 
@@ -66,7 +69,8 @@ def stages(args) -> list[tuple[str, list[str]]]:
     if not args.base:
         steps.append(("base GPT", py + ["train.py", "experiment=shapes", f"seed={args.seed}",
                                         f"data.root={data / 'base_codes'}", f"hydra.run.dir={runs / 'base'}"]))
-    lora_settings = f"{{rank: {args.lora_rank}, alpha: {2 * args.lora_rank}, targets: [{', '.join(args.lora_targets)}]}}"
+    targets = ", ".join(args.lora_targets)
+    lora_settings = f"{{rank: {args.lora_rank}, alpha: {2 * args.lora_rank}, targets: [{targets}]}}"
     steps.append(("LoRA", fine_tune(data, base, runs / "lora", args.steps, args.seed, args.lora_lr, lora_settings)))
     models = {"base": [f"ckpt={base}"], "lora": [f"ckpt={base}", f"adapter={lora}"]}
     if args.full_lr:
@@ -123,7 +127,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, required=True, help="the quickstart's tokenizer.model")
     parser.add_argument("--concept", default="color=purple", help="ATTRIBUTE=VALUE the base never sees")
     parser.add_argument("--images", type=int, default=500, help="training images of the concept")
-    parser.add_argument("--replay", type=int, default=500,
+    parser.add_argument("--replay", type=int, default=1500,
                         help="training images without the concept beside them (of the base's training set)")
     parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps (batch 64)")
     parser.add_argument("--data", type=Path, default=Path("data/concept"))
