@@ -153,10 +153,11 @@ def test_hpc_checkpoint_is_the_highest_numbered(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Real faults: training processes SIGKILLed at random moments (one of them mid-write), and SLURM's
-# requeue signal. Each run is a fork of this process (its imports: no start-up cost per run),
-# computing on one thread so that every run does the same arithmetic.
+# requeue signal. Each run is a fork of a fork server that has imported train.py (no start-up cost per
+# run), computing on one thread so that every run does the same arithmetic.
 
-FORK = multiprocessing.get_context("fork")
+FORK_SERVER = multiprocessing.get_context("forkserver")
+FORK_SERVER.set_forkserver_preload(["train"])  # imported once, in the server: each training starts at once
 GPT_STEPS, VQGAN_STEPS = 12, 6
 
 
@@ -178,36 +179,42 @@ def _vqgan_config(codes_root, run_dir: Path, *overrides):
             *overrides])
 
 
-def _fork_training(cfg, env: dict | None = None, slow_writes: float = 0.0, requeue_signal_at: int | None = None):
-    """train.py's training of `cfg` in a forked process. `slow_writes`: seconds each checkpoint write takes
-    (a slow disk: a kill can land mid-write); `requeue_signal_at`: SLURM's SIGUSR1 arrives at that step,
-    between the backward and the optimizer step."""
+def _training_process(cfg, env: dict | None, slow_writes: float, requeue_signal_at: int | None) -> None:
+    """The body of a training process (_fork_training)."""
     import train
 
-    def run():
-        torch.set_num_threads(1)
-        os.environ.update(env or {})
-        if slow_writes:
-            save = torch.save
+    multiprocessing.set_start_method("fork", force=True)  # its data workers: forks of it, as in a plain run
+    torch.set_num_threads(1)
+    os.environ.update(env or {})
+    if slow_writes:
+        save = torch.save
 
-            def slow_save(obj, f, *args, **kwargs):
-                save(obj, f, *args, **kwargs)
-                time.sleep(slow_writes)
+        def slow_save(obj, f, *args, **kwargs):
+            save(obj, f, *args, **kwargs)
+            time.sleep(slow_writes)
 
-            torch.save = slow_save
-        if requeue_signal_at is not None:
-            stage = train.LIGHTNING_STAGES[cfg.stage.name]
-            hook = stage.on_before_optimizer_step
+        torch.save = slow_save
+    if requeue_signal_at is not None:
+        stage = train.LIGHTNING_STAGES[cfg.stage.name]
+        hook = stage.on_before_optimizer_step
 
-            def signalled(self, optimizer):
-                hook(self, optimizer)
-                if self.global_step == requeue_signal_at:
-                    os.kill(os.getpid(), signal.SIGUSR1)
+        def signalled(self, optimizer):
+            hook(self, optimizer)
+            if self.global_step == requeue_signal_at:
+                os.kill(os.getpid(), signal.SIGUSR1)
 
-            stage.on_before_optimizer_step = signalled
-        train.train_lightning_stage(cfg)
+        stage.on_before_optimizer_step = signalled
+    train.train_lightning_stage(cfg)
 
-    process = FORK.Process(target=run)
+
+def _fork_training(cfg, env: dict | None = None, slow_writes: float = 0.0, requeue_signal_at: int | None = None):
+    """train.py's training of `cfg` in a process forked from a fork server. `slow_writes`: seconds each
+    checkpoint write takes (a slow disk: a kill can land mid-write); `requeue_signal_at`: SLURM's SIGUSR1 arrives
+    at that step, between the backward and the optimizer step.
+
+    Why a fork server: a process that has run a compiled backward (another test in this worker may have) cannot
+    run autograd in a plain fork of itself; the server is a fresh process that has only imported train.py."""
+    process = FORK_SERVER.Process(target=_training_process, args=(cfg, env, slow_writes, requeue_signal_at))
     process.start()
     return process
 
