@@ -30,6 +30,8 @@ from pathlib import Path
 
 from quickstart import ATTRIBUTES, REPO, minutes, percent, read_json, relative_to_repo
 
+from t2i.checkpoints import read_checkpoint
+
 PROMPTS = 200
 
 
@@ -86,9 +88,7 @@ def stages(args) -> list[tuple[str, list[str]]]:
 
 def weights_size(run: Path) -> tuple[int, int]:
     """(trained parameters, their bytes) of a run's last checkpoint (a LoRA run's: the adapter alone)."""
-    import torch
-
-    state = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    state = read_checkpoint(run / "checkpoints/last.ckpt")["state_dict"]
     return sum(v.numel() for v in state.values()), sum(v.numel() * v.element_size() for v in state.values())
 
 

@@ -17,6 +17,7 @@ from t2i.models.vqgan import VQGANConfig
 from t2i.sampling import SamplingConfig, T2IPipeline, generate_codes
 from t2i.stages.configs import GPTStageConfig
 from t2i.stages.scaling import weight_decay_groups
+from lora_factors import move_from_zero
 
 TINY = dict(n_image_codes=40, n_text_tokens=30, text_len=6, image_len=9, n_layer=2, n_head=2, n_embd=32)
 BLOCKS = {"classic": {}, "llama": dict(norm_type="rms", mlp="swiglu", pos="rope2d", bias=False)}
@@ -31,11 +32,7 @@ def base_gpt(style: str) -> GPT:
 def trained_adapter(gpt: GPT) -> GPT:
     """The GPT with an adapter on every target whose B is not zero (a new adapter changes nothing)."""
     add_lora(gpt, EVERYWHERE)
-    generator = torch.Generator().manual_seed(1)
-    for name, p in gpt.named_parameters():
-        if "lora_B" in name or "lora_embedding_A" in name:  # the factor that starts at zero
-            p.data.normal_(0, 0.2, generator=generator)
-    return gpt.eval()
+    return move_from_zero(gpt, std=0.2, seed=1).eval()
 
 
 def record_of(gpt: GPT, adapter=None) -> GPTRecord:
@@ -137,11 +134,7 @@ def test_several_adapters_on_one_gpt_switch_per_call(style, tmp_path):
     save_gpt(tmp_path / "base.ckpt", base, record_of(base))
     alone = {}
     for seed, (name, config) in enumerate([("ink", EVERYWHERE), ("pastel", LoraConfig(rank=2, targets=["mlp"]))]):
-        adapted = add_lora(copy.deepcopy(base), config)
-        generator = torch.Generator().manual_seed(seed)
-        for weight_name, weight in adapted.named_parameters():
-            if "lora_B" in weight_name:
-                weight.data.normal_(0, 0.2, generator=generator)
+        adapted = move_from_zero(add_lora(copy.deepcopy(base), config), std=0.2, seed=seed)
         save_adapter(tmp_path / f"{name}.ckpt", adapted, record_of(base, adapter_record(config, base, None)))
         alone[name] = adapted.eval()
     gpt, _ = load_gpt(tmp_path / "base.ckpt")

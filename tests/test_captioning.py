@@ -22,6 +22,7 @@ from t2i.data.shapes import WORDS, caption, random_attributes, read_caption, ren
 from t2i.eval.captioning import caption_scores, characters, run_captioning
 from t2i.models.gpt import GPT, GPTConfig
 from t2i.sampling import CaptionConfig, generate_text
+from lora_factors import move_from_zero
 
 REPO = Path(__file__).parents[1]
 
@@ -275,11 +276,7 @@ def test_an_adapter_is_merged_in_and_must_have_learned_captioning(codes_root, gp
     base_path = gpt_run / "checkpoints" / "last.ckpt"
     base, record = load_gpt(base_path)
     config = LoraConfig(rank=2, targets=["attention", "mlp", "head"])
-    adapted = add_lora(copy.deepcopy(base), config)
-    generator = torch.Generator().manual_seed(0)
-    for name, p in adapted.named_parameters():
-        if "lora_B" in name:  # away from zero: a new adapter changes nothing
-            p.data.normal_(0, 0.5, generator=generator)
+    adapted = move_from_zero(add_lora(copy.deepcopy(base), config), std=0.5, seed=0)
     entry = adapter_record(config, base, base_path)
     save_adapter(tmp_path / "adapter.ckpt", adapted, replace(record, adapter=entry))
     no_captions = replace(record, adapter=entry, training=replace(record.training, caption_prob=0.0))

@@ -48,6 +48,7 @@ from t2i.models.gpt import GPT
 from t2i.models.vqgan import VQModel
 from t2i.sampling import SamplingConfig, T2IPipeline, prompt_seeds
 from t2i.scorers import CaptionScorer
+from lora_factors import move_from_zero
 
 REPO = Path(__file__).parents[1]
 PROMPT = "画面左上角有一个红色的小圆形"
@@ -307,11 +308,7 @@ def _make_adapter(ckpt: str, path: Path, targets: list[str], seed: int, base_sha
     gpt, record = load_gpt(ckpt)
     config = LoraConfig(rank=2, targets=targets)
     entry = adapter_record(config, base_sha256_of or gpt, ckpt)
-    add_lora(gpt, config)
-    generator = torch.Generator().manual_seed(seed)
-    for name, weight in gpt.named_parameters():
-        if "lora_B" in name:  # a new adapter's B is zero: it would change nothing
-            weight.data.normal_(0, 0.5, generator=generator)
+    move_from_zero(add_lora(gpt, config), std=0.5, seed=seed)
     save_adapter(path, gpt, dataclasses.replace(record, adapter=entry))
     return path
 

@@ -24,6 +24,7 @@ from t2i.interop.paipainter import TAMING_KEYS, export_paipainter, import_paipai
 from t2i.models.gpt import GPT, GPTConfig
 from t2i.models.vqgan import VQGANConfig, VQModel
 from t2i.sampling import T2IPipeline, SamplingConfig
+from lora_factors import move_from_zero
 
 REPO = Path(__file__).parents[1]
 VQGAN = VQGANConfig(resolution=32, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8], z_channels=16,
@@ -208,11 +209,7 @@ def lora_adapter(imported):
     _, ckpt = imported
     base, record = load_gpt(ckpt)
     config = LoraConfig(rank=4, targets=["attention", "mlp", "head"])
-    adapted = add_lora(copy.deepcopy(base), config)
-    generator = torch.Generator().manual_seed(1)
-    for name, p in adapted.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.3, generator=generator)
+    adapted = move_from_zero(add_lora(copy.deepcopy(base), config), std=0.3, seed=1)
     path = ckpt.with_name("pai.adapter.ckpt")
     save_adapter(path, adapted, replace(record, adapter=adapter_record(config, base, ckpt)))
     return path

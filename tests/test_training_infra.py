@@ -28,6 +28,7 @@ from t2i.models.gpt import GPT, GPTConfig
 from t2i.stages.configs import GPTStageConfig
 from t2i.stages.gpt_stage import GPTStage
 from t2i.stages.scaling import grad_norm, run_steps, warmup_cosine, weight_decay_groups
+from lora_factors import move_from_zero
 
 REPO = Path(__file__).parents[1]
 TINY = dict(n_image_codes=40, n_text_tokens=30, text_len=4, image_len=6, n_layer=2, n_head=2, n_embd=16)
@@ -138,10 +139,8 @@ def _fsdp_process(rank: int, world_size: int, port: int, out: str, lora: bool) -
         torch.manual_seed(0)  # the same model and batch in both processes
         model = GPT(GPTConfig(**TINY))
         if lora:  # frozen base weights and trainable adapter weights in the same FSDP units
-            add_lora(model, LoraConfig(rank=2, targets=["attention", "mlp", "head"]))
-            for name, p in model.named_parameters():
-                if "lora_B" in name:  # zero at the start: moved, so that every adapter weight gets a gradient
-                    p.data.normal_()
+            # moved from zero, so that every adapter weight gets a gradient
+            move_from_zero(add_lora(model, LoraConfig(rank=2, targets=["attention", "mlp", "head"])), std=1.0, seed=0)
         reference = copy.deepcopy(model)
         tokens = torch.randint(0, model.cfg.vocab_size, (4, 10))
         wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"),  # Lightning's kwargs

@@ -68,10 +68,10 @@ def sjd_codes(model: GPT, prefix: torch.Tensor, n: int, cfg: SamplingConfig, sca
     held = (nullcontext((None, model.new_cache(len(prefix)))) if step == "eager"
             else fixed_shape_step(model, step, len(prefix), cfg.sjd_window))
     with held as (forward_at, cache):
-        return sjd_loop(model, forward_at, cache, prefix, n, cfg, scales, guided_until, generators, stats, progress)
+        return _sjd_loop(model, forward_at, cache, prefix, n, cfg, scales, guided_until, generators, stats, progress)
 
 
-def sjd_loop(model: GPT, forward_at, cache, prefix: torch.Tensor, n: int, cfg: SamplingConfig, scales: torch.Tensor,
+def _sjd_loop(model: GPT, forward_at, cache, prefix: torch.Tensor, n: int, cfg: SamplingConfig, scales: torch.Tensor,
              guided_until: int, generators: list[torch.Generator], stats: SamplingStats,
              progress: Progress | None) -> torch.Tensor:
     """sjd_codes' loop, its windows through `forward_at` (a fixed-shape step on `cache`), or eager (None)."""

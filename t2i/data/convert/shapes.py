@@ -47,12 +47,12 @@ def read_splits(args) -> dict:
     if args.size < shapes.MIN_IMAGE_SIZE:
         raise ValueError(f"--size must be >= {shapes.MIN_IMAGE_SIZE} for shapes, got {args.size}")
     counts = {"train": args.train, "val": args.val, "test": args.test}
-    if args.replay < 0 or (args.replay and not args.only):
-        raise ValueError(f"--replay N (N >= 0) adds samples without the --only value to its training split: got "
-                         f"--replay {args.replay}{'' if args.only else ' without --only'}")
-    for split, n in counts.items():
+    for name, n in {**counts, "replay": args.replay}.items():
         if n < 0:
-            raise ValueError(f"--{split} must be >= 0, got {n}")
+            raise ValueError(f"--{name} must be >= 0, got {n}")
+    if args.replay and not args.only:
+        raise ValueError(f"--replay N adds samples without the --only value to its training split: got --replay "
+                         f"{args.replay} without --only")
     return {split: _rows(split, n, args) for split, n in counts.items() if n > 0 or (split == "train" and args.replay)}
 
 
