@@ -225,6 +225,12 @@ DOCUMENTED = {
         'generate shapes 1x1',
     'python train.py experiment=vqgan_shapes_2x init_ckpt=logs/quickstart/vqgan/checkpoints/last.ckpt':
         'vqgan 512codes shapes:shapes 1x1 single-device 32-true',
+    'python train.py experiment=shapes_captioner init_ckpt=logs/quickstart/gpt/checkpoints/last.ckpt hydra.run.dir=logs/quickstart/captioner':
+        "gpt init_ckpt's shapes_codes:shapes_codes 1x1 single-device 32-true (built)",
+    'python eval.py task=caption ckpt=logs/quickstart/captioner/checkpoints/last.ckpt data=shapes split=test':
+        'caption shapes 1x1',
+    'python eval.py ckpt=logs/quickstart/gpt/checkpoints/last.ckpt data=shapes eval.num_prompts=200 eval.rerank=4 caption_ckpt=logs/quickstart/captioner/checkpoints/last.ckpt':
+        't2i shapes 1x1',
 }
 
 
@@ -264,7 +270,7 @@ def _placeholders(fixtures: dict) -> dict:
     gpt, vqgan, data = fixtures["gpt"], fixtures["vqgan"], fixtures["data_dir"]
     return {"<name>": "shapes", "<source>": "muge", "<size>": "base", "<config>": "f16_16384",
             "<run dir>/checkpoints/last.ckpt": gpt, "logs/quickstart/gpt/checkpoints/last.ckpt": gpt,
-            "GPT_CKPT": gpt, "GPT.ckpt": gpt, "MUGE_T2I.ckpt": gpt, "ckpt/pai_base.ckpt": gpt, "SR.ckpt": gpt,
+            "logs/quickstart/captioner/checkpoints/last.ckpt": gpt, "GPT_CKPT": gpt, "GPT.ckpt": gpt, "MUGE_T2I.ckpt": gpt, "ckpt/pai_base.ckpt": gpt, "SR.ckpt": gpt,
             "logs/paipainter_finetune/.../checkpoints/last.ckpt": gpt, "CKPT": vqgan, "VQGAN.ckpt": vqgan,
             "VQGAN_2X.ckpt": vqgan, "TAMING.ckpt": vqgan, "ckpt/pai_base.vqgan.ckpt": vqgan,
             "logs/quickstart/vqgan/checkpoints/last.ckpt": vqgan, "last.ckpt": vqgan, "$SLURM_NNODES": "4",
@@ -327,7 +333,9 @@ def train_facts(args: list[str], run_dir: Path, monkeypatch) -> str:
     else:
         model = f"{cfg.vqgan.n_embed}codes"
     facts = f"{cfg.stage.name} {model} {cfg.data.name}:{Path(cfg.data.root).name} {world} {trainer.precision}"
-    cpu_sized = model in ("4/4/96", "512codes") and not wants_gpus and "-m" not in args and not cfg.init_ckpt
+    # a CPU-size model, or a CPU fine-tune of the tests' GPT (the shapes recipes' init_ckpt)
+    cpu_sized = not wants_gpus and "-m" not in args and (model in ("4/4/96", "512codes") and not cfg.init_ckpt
+                                                         or model == "init_ckpt's" and trainer.accelerator == "cpu")
     if cpu_sized and Path(cfg.data.root).is_dir():
         monkeypatch.syspath_prepend(str(REPO))
         import train
