@@ -49,6 +49,11 @@ def test_cond_drop_pkeep_and_caption_direction():
     inputs, targets = _stage(cond_drop=0, caption_prob=1.0).sequences(codes, text, train=True)
     assert (inputs[:, 0] == cfg.special("I2T")).all() and torch.equal(targets[:, :6], codes)
     assert (targets[:, 6] == cfg.special("BOT")).all() and torch.equal(targets[:, 7:], text + cfg.text_offset)
+    # validation scores what the run trains: a captioner's (caption_prob 1) captions, else text to image
+    _, captioner = _stage(cond_drop=0, caption_prob=1.0).sequences(codes, text, train=False)
+    assert torch.equal(captioner, targets)
+    _, mixed = _stage(cond_drop=0, caption_prob=0.5).sequences(codes, text, train=False)
+    assert torch.equal(mixed[:, :4], text + cfg.text_offset)
     with pytest.raises(ValueError, match="stage.pkeep"):
         _stage(pkeep=1.5)
 

@@ -7,6 +7,9 @@ Each batch becomes token sequences of the model's token layout (t2i.models.layou
     image to text:  [I2T] codes [BOT] text      (with prob. caption_prob: the captioning direction
                                                  that Caption Loss and reranking use; t2i layout only)
 
+Validation scores text to image, except a captioner's (caption_prob 1, experiment=shapes_captioner): its
+captions, so that its val/loss and the checkpoint monitor follow what it learns.
+
 Loss: CogView's per-token weighting, sum(w * CE) / sum(w) over the image tokens (w = 1) and the
 text tokens (w = txt_loss_scale; padding excluded, except with `caption_end` the first padding after
 a caption, so that captioning learns where to stop), each position competing only within its own id
@@ -195,8 +198,11 @@ class GPTStage(L.LightningModule):
         if train and options.pkeep < 1:
             random = torch.rand(codes.shape, device=codes.device) > options.pkeep
             inputs_codes = torch.where(random, torch.randint_like(codes, layout.n_image_codes), codes)
-        captions = (torch.rand(b, device=codes.device) < options.caption_prob if train and options.caption_prob
-                    else None)
+        captions = None  # validation scores text to image, except a captioner's (caption_prob 1): its captions
+        if options.caption_prob >= 1:
+            captions = torch.ones(b, dtype=torch.bool, device=codes.device)
+        elif train and options.caption_prob:
+            captions = torch.rand(b, device=codes.device) < options.caption_prob
 
         def sequence(image: torch.Tensor) -> torch.Tensor:
             t2i = layout.text_to_image(text, image, low, 0 if window is None else window)
