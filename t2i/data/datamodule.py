@@ -173,8 +173,9 @@ class DataConfig:
 class ImageTextDecoder:
     """Raw webdataset sample -> {image, text, caption, key, meta}. Picklable for worker processes.
 
-    `extra_sizes`: the image is also decoded at each of these sizes, as `image_<size>` (after `image`, so
-    that `image` and its random crop are what they are without them; random crops differ between sizes).
+    `extra_sizes`: the image is also decoded at each of these sizes, as `image_<size>`. With centre crops
+    and no flips these are exactly the images data.image_size=size gives; random crops and flips are
+    drawn for each size apart (so they also move the draws of the samples after).
     """
 
     def __init__(self, tokenizer: FixedLengthTokenizer | None, image_size: int, crop: str = "center",
