@@ -274,3 +274,4 @@ def test_superres_recipes_compose(recipe, window, context, layers):
     assert cfg.stage.caption_prob == 0 and cfg.stage.sample_every_n_steps == 0 and cfg.model.n_layer == layers
     assert cfg.data.root.endswith("superres_codes") and cfg.trainer.max_steps > 0
     assert vqgan_2x.data.image_size == 64 and vqgan_2x.stage.name == "vqgan"
+    assert set(vqgan_2x.stage.image_sizes) == {32, 64}  # one VQGAN for both grids

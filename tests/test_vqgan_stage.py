@@ -242,3 +242,84 @@ def test_codebook_options_from_the_hydra_config():
     assert "vqgan.quantize.projection.weight" in dict(stage.named_parameters())
     plain = VQGANStage.from_config(_compose(["stage=vqgan", "vqgan=shapes", "stage.loss.perceptual_weight=0"]))
     assert plain.vqgan.cfg.codebook == "plain" and plain.vqgan.cfg.entropy_weight == 0
+
+
+# -- one VQGAN for several image sizes (stage.image_sizes) ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shapes_root_64(tmp_path_factory):
+    """Shapes stored at 64x64 (as the quickstart's): 32x32 images are made by resizing them."""
+    root = tmp_path_factory.mktemp("data64") / "shapes"
+    convert(["shapes", "--out", str(root), "--train", "32", "--val", "16", "--test", "0", "--size", "64", "--quiet"])
+    return root
+
+
+def _sized_datamodule(root, image_size: int):
+    datamodule = ShardDataModule({"name": "shapes", "root": str(root), "image_size": image_size, "batch_size": 16,
+                                  "num_workers": 0, "shuffle_buffer": 16,
+                                  "splits": {"train": "train", "val": "val", "test": None}})
+    datamodule.use_tokenizer(None)  # pixels only: no tokenizer model in this folder
+    return datamodule
+
+
+def test_images_at_other_sizes_are_the_ones_data_image_size_gives(shapes_root_64):
+    several = _sized_datamodule(shapes_root_64, 64)
+    several.decode_also_at([32, 64])
+    batch = next(iter(several.loader("val")))
+    one = _sized_datamodule(shapes_root_64, 32)
+    alone = next(iter(one.loader("val")))
+    assert "image_64" not in batch  # data.image_size's images are `image`
+    assert batch["image_32"].shape == (16, 3, 32, 32) and batch["image"].shape == (16, 3, 64, 64)
+    assert torch.equal(batch["image_32"], alone["image"])  # bit for bit: one resize, the data pipeline's
+    moved = several.on_after_batch_transfer(batch)
+    assert moved["image_32"].dtype == torch.float32
+    assert torch.equal(moved["image_32"], one.on_after_batch_transfer(alone)["image"])
+
+
+def test_image_sizes_train_each_size_in_turn_and_validate_each(shapes_root_64, tmp_path):
+    settings = VQGANStageConfig(loss=VQGANLossConfig(perceptual_weight=0, disc_start=0), image_sizes=[32, 64, 64],
+                                log_images=2)
+    stage = VQGANStage(VQGANConfig(**TINY), settings, lambda params: torch.optim.Adam(params, lr=1e-3))
+    trained = []  # the image size of each training step's batch, as the model sees it
+    latents = stage.vqgan.latents
+
+    def record(x):
+        if torch.is_grad_enabled():
+            trained.append(x.shape[-1])
+        return latents(x)
+
+    stage.vqgan.latents = record
+    trainer = _trainer(tmp_path, max_steps=4, val_check_interval=2, limit_val_batches=1)
+    trainer.fit(stage, datamodule=_sized_datamodule(shapes_root_64, 32))
+    assert trained == [32, 64, 64, 32]
+    metrics = trainer.callback_metrics
+    for size in (32, 64):
+        assert 0 < float(metrics[f"val/psnr_{size}"]) < 100 and 0 < float(metrics[f"val/ssim_{size}"]) <= 1
+        assert f"val/reconstruction_{size}" in metrics
+    mean = (float(metrics["val/psnr_32"]) + float(metrics["val/psnr_64"])) / 2
+    assert float(metrics["val/psnr"]) == pytest.approx(mean)  # what stage.monitor keeps the best of
+    # the throughput callback counts the size the step trained at
+    batch = {"image": torch.zeros(2, 3, 32, 32), "image_64": torch.zeros(2, 3, 64, 64)}
+    stage._trained_size = 64
+    assert stage.throughput_counts(batch)[:2] == (2, 2 * 32 * 32)
+
+
+def test_bad_image_sizes_are_refused_with_the_setting(shapes_root_64, tmp_path):
+    for sizes in ([], [0, 32]):
+        with pytest.raises(ValueError, match="stage.image_sizes must be null or a list of sizes >= 1"):
+            VQGANStageConfig(image_sizes=sizes)
+    def make(sizes):
+        settings = VQGANStageConfig(loss=VQGANLossConfig(perceptual_weight=0), image_sizes=sizes)
+        return VQGANStage(VQGANConfig(**TINY), settings, lambda params: torch.optim.Adam(params, lr=1e-3))
+
+    with pytest.raises(ValueError, match=r"stage.image_sizes \[33\] are not multiples of the VQGAN's downsampling"):
+        make([32, 33])
+    stage = make([32, 64])
+    with pytest.raises(ValueError, match="the batch has no 48x48 images"):
+        stage.images_at({"image": torch.zeros(1, 3, 32, 32)}, 48)
+    loader = _sized_datamodule(shapes_root_64, 32).loader("train")
+    with pytest.raises(ValueError, match="stage.image_sizes needs the images at each size from t2i's ShardDataModule"):
+        _trainer(tmp_path, max_steps=1).fit(stage, train_dataloaders=loader)
+    with pytest.raises(ValueError, match="image sizes must be >= 1"):
+        _sized_datamodule(shapes_root_64, 32).decode_also_at([0])

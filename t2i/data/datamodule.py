@@ -1,7 +1,9 @@
 """The LightningDataModule over image or code shards: config, shard lists, decoding, loaders.
 
 Batches are dicts: `image` [B, 3, S, S], `text` long [B, text_len] (token ids, 0 = padding),
-`caption` list of str, `key` list of str, `meta` list of dict (the sample JSON). Images leave the
+`caption` list of str, `key` list of str, `meta` list of dict (the sample JSON); after
+`decode_also_at(sizes)`, also `image_<size>` [B, 3, size, size] for each of those sizes (the same
+images, each decoded and resized from the stored one as `image` is). Images leave the
 loader as uint8 and become float in [-1, 1] once on the training device
 (`on_after_batch_transfer`, which Lightning calls; call it yourself when you iterate a loader
 without a Trainer).
@@ -169,12 +171,18 @@ class DataConfig:
 
 
 class ImageTextDecoder:
-    """Raw webdataset sample -> {image, text, caption, key, meta}. Picklable for worker processes."""
+    """Raw webdataset sample -> {image, text, caption, key, meta}. Picklable for worker processes.
+
+    `extra_sizes`: the image is also decoded at each of these sizes, as `image_<size>`. With centre crops
+    and no flips these are exactly the images data.image_size=size gives; random crops and flips are
+    drawn for each size apart (so they also move the draws of the samples after).
+    """
 
     def __init__(self, tokenizer: FixedLengthTokenizer | None, image_size: int, crop: str = "center",
-                 crop_scale: float = 0.8, hflip: bool = False):
+                 crop_scale: float = 0.8, hflip: bool = False, extra_sizes: tuple[int, ...] = ()):
         self.tokenizer = tokenizer
         self.image_size, self.crop, self.crop_scale, self.hflip = image_size, crop, crop_scale, hflip
+        self.extra_sizes = extra_sizes
 
     def __call__(self, sample: dict, rng: random.Random) -> dict:
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
@@ -187,6 +195,8 @@ class ImageTextDecoder:
             "key": sample["__key__"],
             "meta": json.loads(sample["json"]) if "json" in sample else {},
         }
+        for size in self.extra_sizes:
+            out[f"image_{size}"] = decode_image(sample[ext], size, self.crop, self.crop_scale, self.hflip, rng)
         if self.tokenizer is not None:  # None: no token ids (ShardDataModule.use_tokenizer)
             out["text"] = self.tokenizer(caption)
         return out
@@ -221,9 +231,15 @@ class CodeTextDecoder:
         return out
 
 
+def image_keys(batch: dict) -> list[str]:
+    """The batch's pixel tensors: `image`, and `image_<size>` at the sizes of `decode_also_at`."""
+    return [key for key in batch if key == "image" or key.startswith("image_")]
+
+
 def collate_image_batch(samples: list[dict]) -> dict:
     batch = collate(samples)
-    batch["image"] = batch["image"].permute(0, 3, 1, 2)  # [B, 3, H, W] view of channels-last pixels
+    for key in image_keys(batch):
+        batch[key] = batch[key].permute(0, 3, 1, 2)  # [B, 3, H, W] view of channels-last pixels
     return batch
 
 
@@ -234,6 +250,7 @@ class ShardDataModule(L.LightningDataModule):
         self.save_hyperparameters({"data": asdict(self.cfg)})
         self._tokenizer: FixedLengthTokenizer | None = None
         self._text_ids = True  # batches carry token ids ("text"); off for tasks that read only pixels or codes
+        self._extra_sizes: tuple[int, ...] = ()  # image_<size> keys beside `image` (decode_also_at)
         self._train_loader: ResumableLoader | None = None  # the current epoch's
         self._resume_position: dict | None = None  # from a checkpoint, for the loader of its epoch
 
@@ -252,6 +269,16 @@ class ShardDataModule(L.LightningDataModule):
         if tokenizer is not None:
             self.cfg.text_len = tokenizer.text_len
 
+    def decode_also_at(self, sizes) -> None:
+        """Image batches also carry `image_<size>` [B, 3, size, size] for each size (besides `image` at
+        data.image_size): each decoded and resized from the stored image exactly as data.image_size=size
+        would make it, so that one model can train on several sizes of the same data (VQGANStage's
+        stage.image_sizes)."""
+        sizes = [int(size) for size in sizes]
+        if any(size < 1 for size in sizes):
+            raise ValueError(f"image sizes must be >= 1, got {sizes}")
+        self._extra_sizes = tuple(sorted(set(sizes) - {self.cfg.image_size}))
+
     def dataset(self, role: str, rank: int | None = None, world_size: int | None = None) -> ShardStream:
         """The stream for `role` (train/val/test); rank and world default to the trainer's."""
         if rank is None and self.trainer is not None:
@@ -264,11 +291,14 @@ class ShardDataModule(L.LightningDataModule):
                 raise ValueError(
                     f"{cfg.root} holds code shards: data.hflip and data.crop=random need images (flipped copies "
                     "are made when pre-tokenizing, with --hflip); set data.hflip=false data.crop=center")
+            if self._extra_sizes:
+                raise ValueError(f"{cfg.root} holds code shards: images at other sizes ({list(self._extra_sizes)}) "
+                                 "need image shards (set data.root to the converter's --out)")
             decoder, collate_fn = CodeTextDecoder(tokenizer), collate
         else:
             decoder = ImageTextDecoder(tokenizer, cfg.image_size,
                                        crop=cfg.crop if training else "center", crop_scale=cfg.crop_scale,
-                                       hflip=cfg.hflip and training)
+                                       hflip=cfg.hflip and training, extra_sizes=self._extra_sizes)
             collate_fn = collate_image_batch
         mode = ("resampled" if cfg.resampled else "train") if training else "eval"
         return ShardStream(
@@ -335,6 +365,7 @@ class ShardDataModule(L.LightningDataModule):
         return self.loader_for(self.dataset("test"))
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int = 0) -> dict:
-        if "image" in batch and batch["image"].dtype == torch.uint8:  # code batches have no image
-            batch["image"] = to_unit_range(batch["image"])
+        for key in image_keys(batch):  # code batches have no image
+            if batch[key].dtype == torch.uint8:
+                batch[key] = to_unit_range(batch[key])
         return batch

@@ -129,12 +129,16 @@ class VQGANStageConfig:
     warmup_steps: int = 0
     lr_schedule: str = "constant"
     log_images: int = 8  # inputs/reconstructions pairs in the validation grid
+    image_sizes: list[int] | None = None  # train at these sizes, one a step in turn (null: data.image_size)
     monitor: MonitorConfig = field(default_factory=lambda: MonitorConfig("val/psnr", "max"))
     strategy: Any = "auto"  # the trainer strategy the trainer presets take (a _target_ node in the YAML)
 
     def __post_init__(self):
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"stage.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.image_sizes is not None and (not self.image_sizes or any(size < 1 for size in self.image_sizes)):
+            raise ValueError(f"stage.image_sizes must be null or a list of sizes >= 1 (e.g. [32, 32, 64]: two steps "
+                             f"at 32x32, then one at 64x64), got {self.image_sizes}")
 
 
 def typed_stage_config(node: DictConfig) -> GPTStageConfig | VQGANStageConfig:

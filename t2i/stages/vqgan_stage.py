@@ -8,6 +8,11 @@ gradients (clipping right after `manual_backward` would clip the scaled ones).
 the lr schedule count): the autoencoder steps through its LightningOptimizer, which Lightning
 counts; the discriminator through `trainer.strategy.optimizer_step`, which it does not.
 Validation logs PSNR, SSIM, codebook usage and a grid of inputs above reconstructions.
+With `stage.image_sizes` (e.g. [32, 32, 64]) each training step trains at one size, in turn through
+the list, on the data module's images at that size (`ShardDataModule.decode_also_at`: the same
+decoding and resize as data.image_size=size), so that one VQGAN serves several code grids;
+validation then reports each size (val/psnr_32, val/ssim_32, val/reconstruction_32, ...) and
+val/psnr, val/ssim as their means over the sizes.
 With `vqgan.entropy_weight` > 0 the generator loss adds the quantizer's entropy (usage) loss, logged
 as train/entropy with its two terms (computed on each process's own batch under DDP).
 """
@@ -83,10 +88,20 @@ class VQGANStage(L.LightningModule):
         self._total_steps = 0  # the run's autoencoder steps (set with the optimizers)
         self.register_buffer("code_usage", torch.zeros(vqgan.n_embed))
         self.register_buffer("val_code_counts", torch.zeros(vqgan.n_embed), persistent=False)
-        self._flops_per_image: int | None = None  # counted at the first batch (t2i.callbacks.TrainingThroughput)
+        self.image_sizes = list(stage.image_sizes or [])  # one a step, in turn; empty: the batches' `image`
+        off_grid = [size for size in self.image_sizes if size % self.vqgan.cfg.downsample]
+        if off_grid:
+            raise ValueError(f"stage.image_sizes {off_grid} are not multiples of the VQGAN's downsampling factor "
+                             f"{self.vqgan.cfg.downsample}: give sizes that it maps onto whole code grids")
+        self._trained_size: int | None = None  # the size of the last training step (throughput_counts)
+        self._flops_per_image: dict[int, int] = {}  # by image size, counted at its first batch (TrainingThroughput)
         self._image_dir: Path | None = None  # <log dir>/images, set when fitting starts
         self.val_psnr = image_psnr()  # each image's PSNR, averaged (t2i.eval.reconstruction.PSNR)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+        self.val_sizes = sorted(set(self.image_sizes))
+        self.val_psnr_at = torch.nn.ModuleDict({str(size): image_psnr() for size in self.val_sizes})
+        self.val_ssim_at = torch.nn.ModuleDict({str(size): StructuralSimilarityIndexMeasure(data_range=1.0)
+                                                for size in self.val_sizes})
 
     @classmethod
     def from_config(cls, cfg: DictConfig, datamodule=None) -> "VQGANStage":
@@ -98,6 +113,30 @@ class VQGANStage(L.LightningModule):
                              "data.batch_size or trainer.devices)")
         return cls(VQGANConfig(**OmegaConf.to_container(cfg.vqgan, resolve=True)), typed_stage_config(cfg.stage),
                    instantiate(cfg.optim), init_ckpt=cfg.init_ckpt)
+
+    # -- image sizes -------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        if not self.image_sizes:
+            return
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "decode_also_at"):
+            raise ValueError("stage.image_sizes needs the images at each size from t2i's ShardDataModule: pass it as "
+                             "trainer.fit(stage, datamodule=...), or set stage.image_sizes=null")
+        datamodule.decode_also_at(self.image_sizes)
+
+    def size_at(self, step: int) -> int:
+        """The image size training step `step` trains at (stage.image_sizes, in turn)."""
+        return self.image_sizes[step % len(self.image_sizes)]
+
+    def images_at(self, batch: dict, size: int) -> torch.Tensor:
+        """The batch's images at `size`: `image` (data.image_size) or `image_<size>` (decode_also_at)."""
+        if batch["image"].shape[-1] == size:
+            return batch["image"]
+        if f"image_{size}" not in batch:
+            raise ValueError(f"the batch has no {size}x{size} images (image_{size}): the data module decodes them "
+                             f"when stage.image_sizes names {size} (ShardDataModule.decode_also_at, called in setup)")
+        return batch[f"image_{size}"]
 
     # -- optimisation ------------------------------------------------------------------------
 
@@ -143,9 +182,10 @@ class VQGANStage(L.LightningModule):
         return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        x = batch["image"]
         opt_ae, opt_disc = self.optimizers()
         step = self.global_step  # autoencoder steps so far (see the module docstring)
+        x = self.images_at(batch, self.size_at(step)) if self.image_sizes else batch["image"]
+        self._trained_size = x.shape[-1]
         z = self.vqgan.latents(x)
         x_hat, codebook_loss, codes = self.vqgan.reconstruct(z)
         loss, logs = self.loss.generator_loss(x, x_hat, codebook_loss, step, self.vqgan.decoder.last_layer,
@@ -176,14 +216,15 @@ class VQGANStage(L.LightningModule):
         """(images, codes, FLOPs) of a batch on this device (t2i.callbacks.TrainingThroughput). FLOPs: the
         autoencoder's forward and backward, counted once on the meta device (no memory, no time); the
         discriminator and LPIPS are not counted, so MFU is a lower bound."""
-        images = batch["image"]
-        if self._flops_per_image is None:
+        images = self.images_at(batch, self._trained_size) if self._trained_size else batch["image"]
+        size = images.shape[-1]
+        if size not in self._flops_per_image:
             with torch.device("meta"):
                 model = VQModel(self.vqgan.cfg)
             x = torch.empty(1, *images.shape[1:], device="meta")
-            self._flops_per_image = measure_flops(model, lambda: model(x)[0], lambda y: y.sum())
-        grid = images.shape[-1] // self.vqgan.cfg.downsample
-        return len(images), len(images) * grid * grid, len(images) * self._flops_per_image
+            self._flops_per_image[size] = measure_flops(model, lambda: model(x)[0], lambda y: y.sum())
+        grid = size // self.vqgan.cfg.downsample
+        return len(images), len(images) * grid * grid, len(images) * self._flops_per_image[size]
 
     # -- codebook usage and restarts ---------------------------------------------------------
 
@@ -213,34 +254,46 @@ class VQGANStage(L.LightningModule):
     # -- validation --------------------------------------------------------------------------
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        x = batch["image"]
+        if not self.image_sizes:
+            self._validate(batch["image"], self.val_psnr, self.val_ssim, "", batch_idx)
+        for size in self.val_sizes:
+            self._validate(self.images_at(batch, size), self.val_psnr_at[str(size)], self.val_ssim_at[str(size)],
+                           f"_{size}", batch_idx)
+
+    def _validate(self, x: torch.Tensor, psnr, ssim, suffix: str, batch_idx: int) -> None:
+        """Reconstruct `x`; log its metrics under val/<name><suffix>."""
         x_hat, codebook_loss, codes = self.vqgan(x)
         rec, _ = self.loss.reconstruction(x, x_hat)
         real, fake = (x.float() + 1) / 2, (x_hat.float().clamp(-1, 1) + 1) / 2
-        self.val_psnr(fake, real)
-        self.val_ssim(fake, real)
+        psnr(fake, real)
+        ssim(fake, real)
         self.val_code_counts += torch.bincount(codes.flatten(), minlength=self.val_code_counts.numel()).float()
-        self.log("val/reconstruction", rec, sync_dist=True, batch_size=len(x))
-        self.log("val/psnr", self.val_psnr)
-        self.log("val/ssim", self.val_ssim)
+        self.log(f"val/reconstruction{suffix}", rec, sync_dist=True, batch_size=len(x))
+        self.log(f"val/psnr{suffix}", psnr)
+        self.log(f"val/ssim{suffix}", ssim)
         if batch_idx == 0 and self.stage_config.log_images:
-            self._log_grid(real[: self.stage_config.log_images], fake[: self.stage_config.log_images])
+            self._log_grid(real[: self.stage_config.log_images], fake[: self.stage_config.log_images], suffix)
 
     def on_validation_epoch_end(self) -> None:
+        if self.val_sizes:  # the means over the sizes: what stage.monitor (val/psnr) keeps the best of
+            # compute() keeps its result, which Lightning logs for each size when the epoch ends
+            self.log("val/psnr", torch.stack([metric.compute() for metric in self.val_psnr_at.values()]).mean())
+            self.log("val/ssim", torch.stack([metric.compute() for metric in self.val_ssim_at.values()]).mean())
         counts = self.trainer.strategy.reduce(self.val_code_counts, reduce_op="sum")
         usage = codebook_usage(counts)
         self.log("val/codebook_used", usage["used"])
         self.log("val/codebook_perplexity", usage["perplexity"])
         self.val_code_counts.zero_()
 
-    def _log_grid(self, real: torch.Tensor, fake: torch.Tensor) -> None:
+    def _log_grid(self, real: torch.Tensor, fake: torch.Tensor, suffix: str = "") -> None:
         """Inputs above their reconstructions: a PNG in the run folder, and to W&B when it logs."""
         grid = torchvision.utils.make_grid(torch.cat([real, fake]).cpu(), nrow=len(real), padding=1)
         if self.trainer.is_global_zero and self._image_dir is not None:
             self._image_dir.mkdir(parents=True, exist_ok=True)
-            torchvision.utils.save_image(grid, self._image_dir / f"reconstructions-step{self.global_step:07d}.png")
+            name = f"reconstructions{suffix}-step{self.global_step:07d}.png"
+            torchvision.utils.save_image(grid, self._image_dir / name)
         if hasattr(self.logger, "log_image"):
-            self.logger.log_image("val/reconstructions", [grid], step=self.global_step,
+            self.logger.log_image(f"val/reconstructions{suffix}", [grid], step=self.global_step,
                                   caption=["top: inputs, bottom: reconstructions"])
 
     # -- checkpoints: carry the config so `load_vqgan(path)` needs nothing else ----------------
