@@ -25,7 +25,9 @@ row samples the same prompts from scratch (task=generate's path, no image). --wi
 code cells on every side (clipped to the image): fewer known codes near the old object. --erase adds a diagnostic
 edit row: the known codes taken from the image with its object painted over (its background over the region's
 cells), which says how much of the old object the codes outside the region carry (the VQGAN's encoder and decoder
-have a global attention layer, so any code may).
+have a global attention layer, so any code may). --ceiling adds a diagnostic row per task: the prompted object drawn
+by the data's renderer (no jitter) and encoded, its codes spliced into the region and the image's own codes kept
+outside, decoded: the best any sampler can reach while the codes outside the region stay the image's.
 """
 
 from __future__ import annotations
@@ -145,7 +147,7 @@ def outside_psnr(completed: torch.Tensor, images: list[np.ndarray], masks: torch
 
 
 def run_task(pipeline: T2IPipeline, name: str, tasks, sampling, candidates: list[int], reranks: list[int],
-             scorer: CaptionScorer | None, batch_size: int, erase: bool = False,
+             scorer: CaptionScorer | None, batch_size: int, erase: bool = False, ceiling: bool = False,
              reference: bool = True) -> list[dict]:
     images = [image for image, _, _, _, _ in tasks]
     regions = [pipeline.region(box=box, box_units="pixels") for _, box, _, _, _ in tasks]
@@ -164,6 +166,15 @@ def run_task(pipeline: T2IPipeline, name: str, tasks, sampling, candidates: list
         rows.append({"task": name, "how": "generated from scratch (reference)",
                      **score(generated.images, wanted, originals), "kept": float("nan"), "outside dB": float("nan"),
                      "s": time.perf_counter() - start})
+    if ceiling:  # diagnostic: the best a sampler can do with the image's codes kept outside the region
+        drawn = torch.stack([check_image(shapes.render(attrs, pipeline.image_size), pipeline.image_size)
+                             for attrs in wanted]).to(pipeline.device)
+        drawn_codes = pipeline.vqgan.encode(drawn.float() / 127.5 - 1).cpu()
+        spliced = torch.where(mask, drawn_codes, truth)
+        rows.append({"task": name, "how": "diagnostic: the prompted object drawn and encoded, its codes in the "
+                     "region, the image's outside", **score(pipeline.decode(spliced, batch_size), wanted, originals),
+                     "kept": 100.0, "outside dB": outside_psnr(pipeline.decode(spliced, batch_size), images, mask),
+                     "s": 0.0})
     if erase:  # diagnostic: the known codes of the image without its object (not the image's own codes)
         blank = [erased(image, region, attrs["background"]) for image, region, attrs in zip(images, regions, originals)]
         pixels = torch.stack([check_image(image, pipeline.image_size) for image in blank]).to(pipeline.device)
@@ -211,6 +222,9 @@ def main(argv=None) -> None:
     parser.add_argument("--erase", action="store_true",
                         help="edit: add a diagnostic row completing the image with its object erased (painted its "
                              "background over the region's cells) before encoding")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="add a diagnostic row: the prompted object drawn by the renderer and encoded, its codes "
+                             "spliced into the region, the image's codes outside (what kept codes allow at best)")
     parser.add_argument("--no-reference", action="store_true", help="skip the row generated from scratch")
     parser.add_argument("--seed", type=int, default=0, help="the sampling seed (and the prompts' draws)")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -232,7 +246,8 @@ def main(argv=None) -> None:
     for name in args.tasks:
         tasks = makers[name]()
         rows += run_task(pipeline, name, tasks, sampling, args.candidates, args.rerank, scorer, args.batch_size,
-                         erase=args.erase and name == "edit", reference=not args.no_reference)
+                         erase=args.erase and name == "edit", reference=not args.no_reference,
+                         ceiling=args.ceiling)
         print(f"{name}: {len(tasks)} {args.split} images", flush=True)
     print(f"\nsampling: temperature {sampling.temperature}, top-k {sampling.top_k}, "
           f"guidance {sampling.guidance_scale}, seed {sampling.seed}; split {args.split}, edit box widened by "
