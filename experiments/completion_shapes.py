@@ -211,7 +211,8 @@ def main(argv=None) -> None:
                         help="whose images: choose settings on val, report on test")
     parser.add_argument("--tasks", nargs="+", choices=("edit", "outpaint"), default=["edit", "outpaint"])
     parser.add_argument("--images", type=int, default=200, help="images per task")
-    parser.add_argument("--candidates", type=int, nargs="+", default=[1, 4], help="region_candidates to compare")
+    parser.add_argument("--candidates", type=int, nargs="*", default=[1, 4],
+                        help="region_candidates to compare (none: only the diagnostic rows)")
     parser.add_argument("--rerank", type=int, nargs="+", default=[1],
                         help="Caption-Loss rerank sizes to compare (> 1 needs --caption-ckpt or a self-captioning GPT)")
     parser.add_argument("--caption-ckpt", help="the captioning GPT that reranks (over the same VQGAN)")
