@@ -139,3 +139,30 @@ def test_reranking_takes_the_best_completion_by_the_scorer(pipeline, image):
     assert torch.equal(ranked.codes[:, 0, 0], best.flatten()) and torch.equal(ranked.scores, best.flatten().float())
     with pytest.raises(ValueError, match="region_candidates must be an integer >= 1"):
         pipeline.complete(PROMPTS[:1], [image], [region], cfg, region_candidates=0)
+
+
+def test_completion_finetune_splices_another_object_into_the_region_only():
+    """experiments/completion_finetune.py's examples: the new drawing differs from the train image only inside the
+    region (the old object lies wholly in it), and the caption names the new object."""
+    import importlib.util
+    from pathlib import Path
+
+    from t2i.data import shapes
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "completion_finetune.py"
+    spec = importlib.util.spec_from_file_location("completion_finetune", path)
+    finetune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finetune)
+    size, grid, checked = 32, 8, 0
+    for index in range(12):
+        original, caption, new, (x0, y0, x1, y1), new_caption = finetune.spliced_example(index, 0, size, grid)
+        assert caption == shapes.sample(index, "train", 0, 16)[1]
+        cell = size // grid
+        outside = np.ones((size, size), dtype=bool)
+        outside[y0 * cell:y1 * cell, x0 * cell:x1 * cell] = False
+        assert not (original[~outside] == new[~outside]).all()  # a new object was drawn in the region
+        assert shapes.read_caption(new_caption)["background"] == shapes.read_caption(caption)["background"]
+        if outside.any():  # (a centred object fits no half: its region is the whole image)
+            assert (original[outside] == new[outside]).all()
+            checked += 1
+    assert checked >= 6
