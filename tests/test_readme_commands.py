@@ -229,7 +229,7 @@ DOCUMENTED = {
         "gpt init_ckpt's shapes_codes:shapes_codes 1x1 single-device 32-true (built)",
     'python eval.py task=caption ckpt=logs/quickstart/captioner/checkpoints/last.ckpt data=shapes split=test':
         'caption shapes 1x1',
-    'python eval.py ckpt=logs/quickstart/gpt/checkpoints/last.ckpt data=shapes eval.num_prompts=200 eval.rerank=4 caption_ckpt=logs/quickstart/captioner/checkpoints/last.ckpt':
+    'python eval.py ckpt=logs/quickstart/gpt/checkpoints/last.ckpt data=shapes eval.num_prompts=200 eval.fid=false eval.clip=false eval.rerank=4 caption_ckpt=logs/quickstart/captioner/checkpoints/last.ckpt':
         't2i shapes 1x1',
 }
 
