@@ -170,11 +170,10 @@ def run_task(pipeline: T2IPipeline, name: str, tasks, sampling, candidates: list
         drawn = torch.stack([check_image(shapes.render(attrs, pipeline.image_size), pipeline.image_size)
                              for attrs in wanted]).to(pipeline.device)
         drawn_codes = pipeline.vqgan.encode(drawn.float() / 127.5 - 1).cpu()
-        spliced = torch.where(mask, drawn_codes, truth)
+        spliced = pipeline.decode(torch.where(mask, drawn_codes, truth), batch_size)
         rows.append({"task": name, "how": "diagnostic: the prompted object drawn and encoded, its codes in the "
-                     "region, the image's outside", **score(pipeline.decode(spliced, batch_size), wanted, originals),
-                     "kept": 100.0, "outside dB": outside_psnr(pipeline.decode(spliced, batch_size), images, mask),
-                     "s": 0.0})
+                     "region, the image's outside", **score(spliced, wanted, originals),
+                     "kept": 100.0, "outside dB": outside_psnr(spliced, images, mask), "s": 0.0})
     if erase:  # diagnostic: the known codes of the image without its object (not the image's own codes)
         blank = [erased(image, region, attrs["background"]) for image, region, attrs in zip(images, regions, originals)]
         pixels = torch.stack([check_image(image, pipeline.image_size) for image in blank]).to(pipeline.device)
