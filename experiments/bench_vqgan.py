@@ -3,6 +3,8 @@
     python experiments/bench_vqgan.py            # encode/decode images/s, fp32 CPU, batch 16 (~5 min)
     python experiments/bench_vqgan.py --train    # instead: train.py experiment=vqgan_shapes, timed,
                                                  # then eval.py task=reconstruct on the val split
+    python experiments/bench_vqgan.py --compile  # instead: the shapes recipe's training step (autoencoder
+                                                 # forward, loss, backward, Adam), eager vs stage.compile
 
 Throughput uses random weights (speed does not depend on them): the f16_16384 architecture at
 256x256 and the shapes VQGAN at 64x64. The target run needs the shapes dataset in
@@ -52,6 +54,44 @@ def throughput(batch_size: int, repeats: int) -> None:
               f"| {encode:>12.1f} | {decode:>12.1f} |")
 
 
+def training_steps(steps: int) -> None:
+    """Seconds per training step of the shapes VQGAN recipe (experiment=vqgan_shapes, its batch of 32),
+    eager and with stage.compile: the stage's own autoencoder pass and generator loss, on random images."""
+    from hydra import compose, initialize_config_dir
+    from t2i.stages.vqgan_stage import VQGANStage
+
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=vqgan_shapes"])
+    images = torch.rand(cfg.data.batch_size, 3, cfg.vqgan.resolution, cfg.vqgan.resolution) * 2 - 1
+    print(f"\nshapes VQGAN training step, fp32, {torch.get_num_threads()} threads, batch {len(images)}, "
+          f"{steps} steps after 5 warm-up steps\n")
+    print("| stage.compile | s/step | speed-up |")
+    print("|---|---|---|")
+    eager = None
+    for compiled in (False, True):
+        cfg.stage.compile = compiled
+        torch.manual_seed(0)
+        stage = VQGANStage.from_config(cfg)
+        stage.configure_model()
+        optimizer = stage.optimizer(stage.vqgan.parameters())
+
+        def step():
+            _, x_hat, codebook_loss, _ = stage.autoencode(images)
+            loss, _ = stage.loss.generator_loss(images, x_hat, codebook_loss, 0, stage.vqgan.decoder.last_layer)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        for _ in range(5):  # compilation, allocations
+            step()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        seconds = (time.perf_counter() - start) / steps
+        eager = eager or seconds
+        print(f"| {str(compiled).lower()} | {seconds:.3f} | {eager / seconds:.2f}x |")
+
+
 def target_run(run_dir: Path, overrides: list[str]) -> None:
     """Train the shapes VQGAN as the recipe says, then score its last checkpoint on the whole val split."""
     train = [sys.executable, "train.py", "experiment=vqgan_shapes", f"hydra.run.dir={run_dir}",
@@ -81,11 +121,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--train", action="store_true", help="run the shapes target training (~10 min) instead")
+    parser.add_argument("--compile", action="store_true", help="time the shapes training step, eager vs compiled")
+    parser.add_argument("--steps", type=int, default=100, help="timed training steps (--compile)")
     parser.add_argument("--run-dir", type=Path, default=REPO / "logs" / "bench_vqgan")
     parser.add_argument("overrides", nargs="*", help="extra train.py overrides for the target run")
     args = parser.parse_args()
     if args.train:
         target_run(args.run_dir, args.overrides)
+    elif args.compile:
+        training_steps(args.steps)
     else:
         throughput(args.batch_size, args.repeats)
 

@@ -575,6 +575,50 @@ def test_page_in_a_browser(server, ckpt, pipeline):
         browser.close()
 
 
+def _gallery_sampling(page) -> SamplingConfig:
+    """The sampling options the gallery's captions say its images were drawn with (Settings.describe)."""
+    text = page.inner_text("#gallery")
+    number = lambda name: re.search(rf"{name} ([\d.]+)", text).group(1)
+    return SamplingConfig(guidance_scale=float(number("guidance")), temperature=float(number("temperature")),
+                          top_k=int(number("top-k")), top_p=float(number("top-p")))
+
+
+@pytest.mark.slow
+def test_a_style_picked_in_the_browser_samples_as_its_adapter(ckpt, styles, tmp_path_factory):
+    """The Style menu in a real browser: "ink" gives the images of the base with ink's adapter for the prompt, seed
+    and settings the page shows (task=generate's path, T2IPipeline.from_checkpoint(adapter=..., merge=False)),
+    the caption names the style, and "base" afterwards gives the base's images again."""
+    browser_path = _chromium()
+    from playwright.sync_api import sync_playwright
+
+    run = tmp_path_factory.mktemp("styled_demo")
+    with start_demo(ckpt, run, f"adapters=[{styles['ink']},{styles['pastel']}]") as (url, _, _), \
+            sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(url)
+        page.wait_for_selector("#prompt textarea")
+        page.fill("#seed input", "7")
+        page.fill("#samples input[type=number]", "2")
+        page.press("#samples input[type=number]", "Enter")
+        shown = {}
+        for style in ("base", "ink", "base"):
+            page.click("#style input")
+            page.get_by_role("option", name=style, exact=True).click()
+            _generate(page, PROMPT, 2)
+            shown.setdefault(style, []).append(_gallery_pngs(page))
+            assert ("style ink" in page.inner_text("#gallery")) == (style == "ink")
+        sampling = dataclasses.replace(_gallery_sampling(page), samples_per_prompt=2)
+        browser.close()
+    assert shown["base"][0] == shown["base"][1]  # the style left no trace
+    assert shown["ink"][0] != shown["base"][0]
+    styled = T2IPipeline.from_checkpoint(ckpt, adapter=styles["ink"], merge=False)
+    expected = styled.sample([PROMPT], sampling, seeds=prompt_seeds(7, [PROMPT])).images
+    assert len(shown["ink"][0]) == len(expected) == 2
+    for png, image in zip(shown["ink"][0], expected):
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), image.permute(1, 2, 0).numpy())
+
+
 @pytest.mark.slow
 def test_gradio_client_calls_the_same_endpoint(server, pipeline):
     from gradio_client import Client

@@ -149,6 +149,21 @@ def test_restart_picks_are_broadcast_as_a_tensor(tmp_path):
     assert broadcast_from_rank_zero(single) is single  # one process: nothing to do
 
 
+def test_compiled_autoencoder_pass_trains_as_eager_with_the_same_keys(shapes_root, tmp_path):
+    losses, keys = {}, {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        stage = VQGANStage(VQGANConfig(**TINY), VQGANStageConfig(loss=VQGANLossConfig(perceptual_weight=0, disc_weight=0),
+                                                                 compile=compiled),
+                           lambda params: torch.optim.Adam(params, lr=1e-3))
+        trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=0)
+        trainer.fit(stage, datamodule=_datamodule(shapes_root))
+        assert (stage._compiled_autoencode is not None) == compiled
+        losses[compiled], keys[compiled] = float(trainer.callback_metrics["train/loss"]), list(stage.state_dict())
+    assert keys[True] == keys[False]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
 def test_bf16_mixed_steps_run(shapes_root, tmp_path):
     # (Lightning runs "16-mixed" as bf16 on a CPU; fp16 autocast itself is tested in test_vqgan.py)
     stage = _stage(disc_start=0)

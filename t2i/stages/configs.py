@@ -130,6 +130,7 @@ class VQGANStageConfig:
     lr_schedule: str = "constant"
     log_images: int = 8  # inputs/reconstructions pairs in the validation grid
     image_sizes: list[int] | None = None  # train at these sizes, one a step in turn (null: data.image_size)
+    compile: bool = False  # torch.compile of the training step's autoencoder pass (speed only)
     monitor: MonitorConfig = field(default_factory=lambda: MonitorConfig("val/psnr", "max"))
     strategy: Any = "auto"  # the trainer strategy the trainer presets take (a _target_ node in the YAML)
 

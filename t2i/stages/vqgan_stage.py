@@ -96,6 +96,7 @@ class VQGANStage(L.LightningModule):
         self._trained_size: int | None = None  # the size of the last training step (throughput_counts)
         self._flops_per_image: dict[int, int] = {}  # by image size, counted at its first batch (TrainingThroughput)
         self._image_dir: Path | None = None  # <log dir>/images, set when fitting starts
+        self._compiled_autoencode = None  # autoencode through torch.compile (configure_model, stage.compile)
         self.val_psnr = image_psnr()  # each image's PSNR, averaged (t2i.eval.reconstruction.PSNR)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self.val_sizes = sorted(set(self.image_sizes))
@@ -181,13 +182,28 @@ class VQGANStage(L.LightningModule):
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
+    def autoencode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Latents, reconstruction, codebook loss and codes of a training batch (one compiled graph with
+        stage.compile; validation stays eager)."""
+        if self._compiled_autoencode is not None:
+            return self._compiled_autoencode(x)
+        return self._autoencode(x)
+
+    def _autoencode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        z = self.vqgan.latents(x)
+        return (z, *self.vqgan.reconstruct(z))
+
+    def configure_model(self) -> None:
+        if self.stage_config.compile and self._compiled_autoencode is None:
+            # a compiled function, not a compiled module: parameter names and checkpoints stay as they are
+            self._compiled_autoencode = torch.compile(self._autoencode)
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
         opt_ae, opt_disc = self.optimizers()
         step = self.global_step  # autoencoder steps so far (see the module docstring)
         x = self.images_at(batch, self.size_at(step)) if self.image_sizes else batch["image"]
         self._trained_size = x.shape[-1]
-        z = self.vqgan.latents(x)
-        x_hat, codebook_loss, codes = self.vqgan.reconstruct(z)
+        z, x_hat, codebook_loss, codes = self.autoencode(x)
         loss, logs = self.loss.generator_loss(x, x_hat, codebook_loss, step, self.vqgan.decoder.last_layer,
                                               loss_scale=self._loss_scale())
         if self.vqgan.cfg.entropy_weight > 0:  # the usage loss (vqgan.entropy_weight), beside the codebook loss
