@@ -46,10 +46,8 @@ def resized(image: np.ndarray, size: int) -> np.ndarray:
 
 def object_box_cells(attrs: dict, grid: int) -> tuple[int, int, int, int]:
     """[x0, y0, x1, y1) in code cells: every cell an object of this position and size can touch (jitter bounds)."""
-    cx, cy = shapes.POSITION_CENTRES[attrs["position"]]
-    half = shapes.SIZE_RADIUS[attrs["size"]] * (1 + shapes.SCALE_JITTER) + shapes.CENTRE_JITTER
-    return (max(0, math.floor((cx - half) * grid)), max(0, math.floor((cy - half) * grid)),
-            min(grid, math.ceil((cx + half) * grid)), min(grid, math.ceil((cy + half) * grid)))
+    x0, y0, x1, y1 = shapes.object_bounds(attrs)
+    return math.floor(x0 * grid), math.floor(y0 * grid), math.ceil(x1 * grid), math.ceil(y1 * grid)
 
 
 def inside(box: tuple[int, int, int, int], region: tuple[int, int, int, int]) -> bool:

@@ -61,10 +61,7 @@ def split_images(data: str, split: str, size: int) -> tuple[list[np.ndarray], li
 
 def object_box(attrs: dict, size: int) -> list[float]:
     """[x0, y0, x1, y1] in pixels: where an object of this position and size can lie (the jitter's bounds)."""
-    cx, cy = shapes.POSITION_CENTRES[attrs["position"]]
-    half = shapes.SIZE_RADIUS[attrs["size"]] * (1 + shapes.SCALE_JITTER) + shapes.CENTRE_JITTER
-    return [max(0.0, (cx - half) * size), max(0.0, (cy - half) * size), min(size, (cx + half) * size),
-            min(size, (cy + half) * size)]
+    return [size * edge for edge in shapes.object_bounds(attrs)]
 
 
 def other(values, value, rng) -> str:
@@ -113,9 +110,7 @@ def score(images: torch.Tensor, wanted: list[dict], originals: list[dict]) -> di
     reads the original's colour / shape where the prompt asked for another (an image whose colour or shape the
     prompt kept counts as not old)."""
     reads = [shapes.read_attributes(image.permute(1, 2, 0).numpy()) for image in images]
-    hits = {name: np.mean([read[name] == want[name] for read, want in zip(reads, wanted)]) for name in NAMES}
-    hits["all"] = np.mean([all(read[n] == want[n] for n in ("color", "shape", "position"))
-                           for read, want in zip(reads, wanted)])
+    hits = shapes.attribute_accuracy(reads, wanted)  # each attribute, and "all": colour, shape and position
     hits["all 5"] = np.mean([all(read[n] == want[n] for n in NAMES) for read, want in zip(reads, wanted)])
     for name in ("color", "shape"):
         hits[f"old {name}"] = np.mean([read[name] == old[name] != want[name]

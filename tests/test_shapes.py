@@ -55,6 +55,19 @@ def test_images_have_the_requested_size_and_keep_the_shape_inside(size):
         assert (image != background).any(axis=-1).sum() >= 3  # and is always visible
 
 
+def test_object_bounds_hold_every_drawn_object_and_are_tight():
+    size, reach = 64, {}
+    for attrs, _, image in shapes.generate(600, "train", 5, size):
+        background = np.array(shapes.BACKGROUND_RGB[attrs["background"]], dtype=np.uint8)
+        rows, cols = np.nonzero((image != background).any(axis=-1))
+        x0, y0, x1, y1 = (size * edge for edge in shapes.object_bounds(attrs))
+        # a pixel is drawn when its centre lies inside the object
+        assert cols.min() + 0.5 >= x0 and cols.max() + 0.5 <= x1 and rows.min() + 0.5 >= y0 and rows.max() + 0.5 <= y1
+        kind = (attrs["position"], attrs["size"])
+        reach[kind] = min(reach.get(kind, size), cols.min() + 0.5 - x0)
+    assert len(reach) == 10 and max(reach.values()) < 2  # some object of each kind comes within 2 pixels of its bounds
+
+
 def test_render_refuses_tiny_images():
     with pytest.raises(ValueError):
         shapes.render({"shape": "circle", "color": "red", "position": "center", "size": "large",

@@ -124,6 +124,14 @@ SCALE_JITTER = 0.08  # +- relative: large and small stay far apart in area
 # Sampling, drawing and describing
 
 
+def object_bounds(attrs: dict) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) as fractions of the image side: where an object of this position and size can lie, its
+    jitter included (render's), clipped to the image."""
+    cx, cy = POSITION_CENTRES[attrs["position"]]
+    half = SIZE_RADIUS[attrs["size"]] * (1 + SCALE_JITTER) + CENTRE_JITTER
+    return max(0.0, cx - half), max(0.0, cy - half), min(1.0, cx + half), min(1.0, cy + half)
+
+
 def random_attributes(rng: np.random.Generator) -> dict:
     """Each attribute uniformly and independently."""
     return {name: values[rng.integers(len(values))] for name, values in ATTRIBUTES.items()}
