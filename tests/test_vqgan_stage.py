@@ -149,12 +149,13 @@ def test_restart_picks_are_broadcast_as_a_tensor(tmp_path):
     assert broadcast_from_rank_zero(single) is single  # one process: nothing to do
 
 
-def test_compiled_autoencoder_pass_trains_as_eager_with_the_same_keys(shapes_root, tmp_path):
+@pytest.mark.parametrize("disc_weight", [0.0, 0.75])  # with the GAN: its adaptive weight differentiates twice
+def test_compiled_autoencoder_pass_trains_as_eager_with_the_same_keys(shapes_root, tmp_path, disc_weight):
     losses, keys = {}, {}
     for compiled in (False, True):
         torch.manual_seed(0)
-        stage = VQGANStage(VQGANConfig(**TINY), VQGANStageConfig(loss=VQGANLossConfig(perceptual_weight=0, disc_weight=0),
-                                                                 compile=compiled),
+        loss = VQGANLossConfig(perceptual_weight=0, disc_weight=disc_weight, disc_start=1)
+        stage = VQGANStage(VQGANConfig(**TINY), VQGANStageConfig(loss=loss, compile=compiled),
                            lambda params: torch.optim.Adam(params, lr=1e-3))
         trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=0)
         trainer.fit(stage, datamodule=_datamodule(shapes_root))

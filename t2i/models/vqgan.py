@@ -191,6 +191,10 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(channels, cfg.out_ch, 3, 1, 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(self.features(z))
+
+    def features(self, z: torch.Tensor) -> torch.Tensor:
+        """Everything before the last layer (conv_out): what it maps to pixels."""
         h = self.conv_in(z)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         for stage in reversed(self.up):
@@ -200,7 +204,7 @@ class Decoder(nn.Module):
                     h = stage.attn[i](h)
             if hasattr(stage, "upsample"):
                 h = stage.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return F.silu(self.norm_out(h))
 
     @property
     def last_layer(self) -> torch.Tensor:

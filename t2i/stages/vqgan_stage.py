@@ -183,15 +183,18 @@ class VQGANStage(L.LightningModule):
         return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
     def autoencode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Latents, reconstruction, codebook loss and codes of a training batch (one compiled graph with
-        stage.compile; validation stays eager)."""
-        if self._compiled_autoencode is not None:
-            return self._compiled_autoencode(x)
-        return self._autoencode(x)
+        """Latents, reconstruction, codebook loss and codes of a training batch (VQModel.latents, then
+        .reconstruct). With stage.compile all but the decoder's last layer run as one compiled graph: the GAN's
+        adaptive weight differentiates the loss by that layer's weight with retain_graph, which a compiled
+        backward refuses, and outside the graph that derivative never reaches it. Validation stays eager."""
+        autoencoder = self._compiled_autoencode or self._autoencode
+        z, features, codebook_loss, codes = autoencoder(x)
+        return z, self.vqgan.decoder.conv_out(features), codebook_loss, codes
 
     def _autoencode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         z = self.vqgan.latents(x)
-        return (z, *self.vqgan.reconstruct(z))
+        z_q, codebook_loss, codes = self.vqgan.quantize(z)
+        return z, self.vqgan.decoder.features(self.vqgan.post_quant_conv(z_q)), codebook_loss, codes
 
     def configure_model(self) -> None:
         if self.stage_config.compile and self._compiled_autoencode is None:
