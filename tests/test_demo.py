@@ -478,6 +478,18 @@ def _chromium() -> str:
     return browser
 
 
+def _open_page(playwright, browser_path: str, url: str, seed: int, samples: int):
+    """(browser, page): chromium on the demo's page, its seed and samples per prompt filled in."""
+    browser = playwright.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(url)
+    page.wait_for_selector("#prompt textarea")
+    page.fill("#seed input", str(seed))
+    page.fill("#samples input[type=number]", str(samples))
+    page.press("#samples input[type=number]", "Enter")
+    return browser, page
+
+
 def _gallery_pngs(page) -> list[bytes]:
     sources = page.eval_on_selector_all("#gallery img", "els => els.map(e => e.src)")
     return [page.request.get(src).body() for src in sources]
@@ -522,13 +534,7 @@ def test_page_in_a_browser(server, ckpt, pipeline):
     url, _, _ = server
     image_len = pipeline.gpt.cfg.image_len
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.goto(url)
-        page.wait_for_selector("#prompt textarea")
-        page.fill("#seed input", "11")
-        page.fill("#samples input[type=number]", "3")
-        page.press("#samples input[type=number]", "Enter")
+        browser, page = _open_page(p, browser_path, url, seed=11, samples=3)
         progress = _generate(page, PROMPT, 3)
         note = page.inner_text("#note")
         seconds = float(re.search(r"sampled in ([\d.]+) s", note).group(1))
@@ -594,13 +600,7 @@ def test_a_style_picked_in_the_browser_samples_as_its_adapter(ckpt, styles, tmp_
     run = tmp_path_factory.mktemp("styled_demo")
     with start_demo(ckpt, run, f"adapters=[{styles['ink']},{styles['pastel']}]") as (url, _, _), \
             sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.goto(url)
-        page.wait_for_selector("#prompt textarea")
-        page.fill("#seed input", "7")
-        page.fill("#samples input[type=number]", "2")
-        page.press("#samples input[type=number]", "Enter")
+        browser, page = _open_page(p, browser_path, url, seed=7, samples=2)
         shown = {}
         for style in ("base", "ink", "base"):
             page.click("#style input")
