@@ -22,6 +22,7 @@ from t2i.checkpoints import load_vqgan
 from t2i.data import shapes
 from t2i.data.datamodule import ShardDataModule
 from t2i.sampling import T2IPipeline, resolve_sampling
+from t2i.sampling.pipeline import decode_to_uint8, pixels_to_uint8
 
 
 def table(title: str, reads: list[dict], truths: list[dict]) -> None:
@@ -52,9 +53,9 @@ def reconstructions(vqgan_ckpt: str, data: str, count: int) -> None:
         x = dm.on_after_batch_transfer(batch)["image"]  # in [-1, 1]
         z = model.latents(x)
         unquantised = F.normalize(z, dim=1) if model.cfg.l2_normalize else z
-        for images, out in ((model.reconstruct(z)[0], quantised),
-                            (model.decoder(model.post_quant_conv(unquantised)), continuous)):
-            out += oracle_reads(((images.clamp(-1, 1) + 1) * 127.5).round().byte())
+        codes = model.quantize.nearest(unquantised.permute(0, 2, 3, 1))  # VQModel.encode's codes
+        quantised += oracle_reads(decode_to_uint8(model, codes))  # as task=reconstruct decodes them
+        continuous += oracle_reads(pixels_to_uint8(model.decoder(model.post_quant_conv(unquantised))))
         truths += [meta["attributes"] for meta in batch["meta"]]
         if len(truths) >= count:
             break

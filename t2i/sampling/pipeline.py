@@ -36,8 +36,12 @@ log = logging.getLogger(__name__)
 
 def decode_to_uint8(vqgan: VQModel, codes: torch.Tensor) -> torch.Tensor:
     """Codes [B, h, w] -> uint8 images [B, 3, H, W]."""
-    pixels = vqgan.decode(codes).float()
-    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels_to_uint8(vqgan.decode(codes))
+
+
+def pixels_to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """A decoder's output [B, 3, H, W], roughly in [-1, 1] -> uint8 images."""
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def sampling_batches(n_prompts: int, samples_per_prompt: int, batch_size: int) -> list[tuple[range, range]]:
